@@ -1,0 +1,9 @@
+"""butterfly: the Butterfly Transform (BFT) as a fast, drop-in PyTorch layer."""
+from .modules import BFT, BFTLinear, is_bft
+from .ops import available_backends, bft, current_backend, use_backend
+from .plan import BFTPlan, make_plan
+from .surgery import param_groups, replace_pointwise
+
+__all__ = ["BFT", "BFTLinear", "BFTPlan", "available_backends", "bft", "current_backend",
+           "is_bft", "make_plan", "param_groups", "replace_pointwise", "use_backend"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Fast implementations of the BFT operator (imported for their backend registration)."""
