@@ -7,3 +7,5 @@ from .surgery import param_groups, replace_pointwise
 __all__ = ["BFT", "BFTLinear", "BFTPlan", "available_backends", "bft", "current_backend",
            "is_bft", "make_plan", "param_groups", "replace_pointwise", "use_backend"]
 __version__ = "0.1.0"
+
+from . import kernels  # noqa: E402,F401  (registers the compiled backends with the operator)
