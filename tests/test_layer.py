@@ -1,0 +1,233 @@
+"""The BFT layer against the paper's definition, autograd, and its structural promises."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import butterfly
+from butterfly import BFT, BFTLinear, use_backend
+from butterfly.plan import choose_radices, make_plan
+from butterfly.reference import bft_reference, bft_reference_backward
+from oracle import hadamard, paper_butterfly, paper_layer_matrix, split_stages
+
+# (in, out, base): square powers, mixed radix, padded, expand, contract, tiny and odd shapes
+SHAPES = [(16, 16, 2), (64, 64, 4), (27, 27, 3), (64, 64, 8), (24, 24, 4), (116, 116, 4),
+          (12, 40, 4), (3, 10, 4), (40, 12, 4), (100, 24, 2), (7, 5, 3), (5, 5, 4), (1, 4, 4)]
+
+
+def _layer(cin, cout, base, residual=True, bias=False):
+    return BFT(cin, cout, base=base, residual=residual, bias=bias).double()
+
+
+@pytest.mark.parametrize("cin,cout,base", SHAPES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_dense_matrix_matches_paper_definition(cin, cout, base, residual):
+    layer = _layer(cin, cout, base, residual)
+    torch.testing.assert_close(layer.to_dense(), paper_layer_matrix(layer), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cin,cout,base", SHAPES)
+def test_forward_equals_dense_matrix(cin, cout, base):
+    layer = _layer(cin, cout, base, bias=True)
+    nn.init.normal_(layer.bias)
+    x = torch.randn(2, cin, 5, 3, dtype=torch.float64)
+    expected = torch.einsum("oi,nihw->nohw", paper_layer_matrix(layer), x) + layer.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    y = layer(xcl)
+    if not xcl.is_contiguous():  # unambiguously channels-last: the output keeps the format
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_binding_weight_layout():
+    """Stage s mixes channels seg*k*t + j*t + r with weight[s, seg*t + r] (shared/BFT.md sec. 2)."""
+    n, k = 64, 4
+    layer = BFT(n, n, base=k, residual=False, bias=False).double()
+    assert layer.weight.shape == (3, n // k, k, k)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[:, :, range(k), range(k)] = 1.0  # every stage the identity
+        s, seg, r, i, j = 1, 2, 3, 1, 3
+        t = n // k ** (s + 1)
+        layer.weight[s, seg * t + r, i, i] = 0.0
+        layer.weight[s, seg * t + r, i, j] = 5.0
+    dense = layer.to_dense()
+    out_c, in_c = seg * k * t + i * t + r, seg * k * t + j * t + r
+    expected = torch.eye(n, dtype=torch.float64)
+    expected[out_c, out_c] = 0.0
+    expected[out_c, in_c] = 5.0
+    torch.testing.assert_close(dense, expected)
+
+
+@pytest.mark.parametrize("cin,cout,base", [(16, 16, 2), (16, 16, 4), (12, 20, 4), (20, 6, 3), (10, 10, 4)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_gradcheck(cin, cout, base, residual):
+    layer = _layer(cin, cout, base, residual)
+    x = torch.randn(2, cin, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = layer.weight.detach().clone().requires_grad_()
+    plan = layer.plan
+
+    def f(x, w):
+        return butterfly.bft(x.reshape(2, cin, 6), w, plan, residual)
+
+    with use_backend("reference"):
+        assert torch.autograd.gradcheck(f, (x, w))
+
+
+@pytest.mark.parametrize("cin,cout,base", SHAPES)
+def test_hand_written_backward_equals_autograd(cin, cout, base):
+    plan = make_plan(cin, cout, base)
+    x = torch.randn(3, cin, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(plan.num_blocks, plan.weights_per_block, dtype=torch.float64, requires_grad=True)
+    y = bft_reference(x, w, plan.radices, cout, True)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), g, allow_unused=True, materialize_grads=True)
+    hx, hw = bft_reference_backward(g, x.detach(), w.detach(), plan.radices, cout, True)
+    torch.testing.assert_close(hx, gx)
+    torch.testing.assert_close(hw, gw)
+
+
+@pytest.mark.parametrize("n,k", [(16, 2), (64, 4), (81, 3), (512, 8), (1024, 4)])
+def test_structure_of_square_power(n, k):
+    layer = BFT(n, n, base=k, residual=False)
+    L = round(math.log(n, k))
+    assert layer.weight.shape == (L, n // k, k, k)
+    assert layer.weight.numel() == k * n * L
+    assert layer.macs_per_pixel == k * n * L
+    if n <= 128:  # exactly one path joins every input to every output: no zero entry
+        assert (layer.to_dense() != 0).all()
+
+
+def test_macs_for_every_shape_class():
+    assert make_plan(1024, 1024, 4).macs_per_pixel == 20480  # BFT.md: n=1024, k=4
+    assert make_plan(24, 24, 4).macs_per_pixel == 24 * (4 + 3 + 2)  # mixed radix 4*3*2
+    plan = make_plan(116, 232, 4)  # 116 pads to 120 = 4*5*3*2, two blocks
+    assert (plan.size, plan.num_blocks, plan.macs_per_pixel) == (120, 2, 2 * 120 * 14)
+    plan = make_plan(1024, 116, 4)  # contract: 9 chunks of 116
+    assert (plan.num_blocks, plan.macs_per_pixel) == (9, 9 * 120 * 14)
+    assert make_plan(3, 1000, 4).macs_per_pixel == 334 * 9
+
+
+def test_padding_only_when_cheaper():
+    assert choose_radices(64, 4) == (4, 4, 4)
+    assert choose_radices(24, 4) == (4, 3, 2)  # 216 MACs; padding to 32 would cost 320
+    assert choose_radices(29, 4) == (5, 3, 2)  # a prime: pads to 30, 300 MACs (32 would cost 320)
+
+
+def test_walsh_hadamard_is_a_base2_bft():
+    n = 32
+    layer = BFT(n, n, base=2, residual=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]).expand_as(layer.weight))
+    torch.testing.assert_close(layer.to_dense(), hadamard(n))
+    x = torch.randn(4, n, 1, 1, dtype=torch.float64)
+    torch.testing.assert_close(layer(x).flatten(1), x.flatten(1) @ hadamard(n).t())
+
+
+def test_paper_init_statistics():
+    n, L = 256, 4
+    layer = BFT(n, n, base=4, residual=False, init="paper").double()
+    xavier = math.sqrt(6 / (2 * n))
+    bound = xavier ** (1 / L) * 2 ** ((L - 1) / L)
+    assert layer.weight.abs().max() <= bound
+    assert layer.weight.abs().max() > 0.9 * bound
+    mean_abs = layer.to_dense().abs().mean().item()
+    assert abs(mean_abs - xavier / 2) / (xavier / 2) < 0.1
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("cin,cout,base", [(64, 64, 4), (24, 24, 4), (12, 12, 4)])
+def test_identity_init(cin, cout, base, residual):
+    layer = BFT(cin, cout, base=base, residual=residual, init="identity").double()
+    torch.testing.assert_close(layer.to_dense(), torch.eye(cin, dtype=torch.float64))
+    if residual:  # the last stage is zero but still receives gradient
+        layer(torch.randn(2, cin, 3, 3, dtype=torch.float64)).square().sum().backward()
+        assert layer.weight.grad.abs().sum() > 0
+
+
+def test_identity_init_repeats_input_when_expanding():
+    layer = BFT(8, 20, base=2, init="identity").double()
+    eye = torch.eye(8, dtype=torch.float64)
+    torch.testing.assert_close(layer.to_dense(), torch.cat([eye, eye, eye])[:20])
+
+
+@pytest.mark.parametrize("n,k", [(64, 4), (24, 4), (16, 2)])
+def test_ortho_init_gives_orthogonal_butterfly(n, k):
+    layer = BFT(n, n, base=k, residual=False, init="ortho").double()
+    d = layer.to_dense()
+    torch.testing.assert_close(d @ d.t(), torch.eye(n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(dtype):
+    layer = BFT(32, 48, base=4)
+    x = torch.randn(2, 32, 3, 3)
+    expected = layer(x)
+    layer_d = layer.to(dtype)
+    y = layer_d(x.to(dtype))
+    assert y.dtype == dtype
+    tol = {torch.float64: 1e-6, torch.float32: 1e-6, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(y.float(), expected, rtol=tol, atol=tol)
+
+
+def test_reduced_precision_input_with_float32_weights_accumulates_in_float32():
+    layer = BFT(64, 64, base=4)
+    x = torch.randn(2, 64, 4, 4)
+    y = layer(x.half())
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), layer(x.half().float()), rtol=2e-3, atol=2e-3)
+
+
+def test_non_contiguous_input():
+    layer = BFT(16, 16, base=4).double()
+    x = torch.randn(2, 16, 6, 8, dtype=torch.float64)
+    sliced = x[:, :, ::2, 1::2]
+    transposed = x.transpose(2, 3)
+    for view in (sliced, transposed):
+        assert not view.is_contiguous()
+        torch.testing.assert_close(layer(view), layer(view.contiguous()))
+
+
+def test_bft_linear_matches_dense_and_replaces_linear():
+    layer = BFTLinear(24, 40, base=4, bias=True).double()
+    nn.init.normal_(layer.bias)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    y = layer(x)
+    assert y.shape == (3, 5, 40)
+    torch.testing.assert_close(y, x @ paper_layer_matrix(layer).t() + layer.bias)
+    assert (layer.in_features, layer.out_features) == (24, 40)
+    assert layer(torch.randn(24, dtype=torch.float64)).shape == (40,)
+
+
+def test_repr_and_attributes():
+    layer = BFT(116, 232)
+    assert (layer.in_channels, layer.out_channels) == (116, 232)
+    assert "116, 232, base=4, radices=(4, 5, 3, 2), blocks=2, padded=116->120" in repr(layer)
+
+
+@pytest.mark.parametrize("make,match,exc", [
+    (lambda: BFT(16, 16)(torch.randn(1, 8, 2, 2)), "expects 16 input channels, got 8", ValueError),
+    (lambda: BFT(16, 16)(torch.randn(16, 2)), "4-D", ValueError),
+    (lambda: BFT(16, 16)(torch.ones(1, 16, 2, 2, dtype=torch.int64)), "floating-point", TypeError),
+    (lambda: BFT(16, 16, base=1), "base must be an integer >= 2", ValueError),
+    (lambda: BFT(0, 16), "at least one input and one output channel", ValueError),
+    (lambda: BFT(16, 16.0), "must be an int", TypeError),
+    (lambda: BFT(16, 16, init="xavier"), "unknown BFT init", ValueError),
+    (lambda: BFT(16, 16)(torch.randn(1, 16, 2, 2, device="meta")), "move one of them", ValueError),
+    (lambda: BFTLinear(16, 4)(torch.randn(3, 15)), "expects 16 input channels, got 15", ValueError),
+])
+def test_bad_input_gets_clear_error(make, match, exc):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_use_backend_selects_and_restores():
+    assert butterfly.current_backend() == "auto"
+    with use_backend("reference"):
+        assert butterfly.current_backend() == "reference"
+    assert butterfly.current_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown BFT backend"):
+        with use_backend("fpga"):
+            pass
