@@ -231,3 +231,18 @@ def test_use_backend_selects_and_restores():
     with pytest.raises(ValueError, match="unknown BFT backend"):
         with use_backend("fpga"):
             pass
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(cin=st.integers(1, 70), cout=st.integers(1, 70), base=st.integers(2, 9),
+       residual=st.booleans())
+def test_any_shape_matches_paper_tiling(cin, cout, base, residual):
+    """Property: for any channel counts and base, the layer is the paper's tiled butterfly."""
+    layer = _layer(cin, cout, base, residual)
+    x = torch.randn(2, cin, 3, 1, dtype=torch.float64)
+    expected = torch.einsum("oi,nihw->nohw", paper_layer_matrix(layer), x)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-9)
+    assert layer.weight.numel() == layer.macs_per_pixel  # every edge has its own weight
