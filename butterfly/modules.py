@@ -100,6 +100,18 @@ class BFT(_BFTBase):
         y = self._apply_bft(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1))
         return y.view(N, H, W, self.out_channels).permute(0, 3, 1, 2)
 
+    def to_conv2d(self) -> nn.Conv2d:
+        """The exactly equivalent ``nn.Conv2d(in, out, 1)`` (residual and bias folded in)."""
+        from .deploy import dense_equivalent
+        return dense_equivalent(self)
+
+    @classmethod
+    def from_dense(cls, weight, bias: Optional[Tensor] = None, **kwargs) -> "BFT":
+        """A BFT fitted to a 1x1 conv (its ``(out, in[, 1, 1])`` weight or the ``nn.Conv2d``);
+        keyword arguments and the fit are those of :func:`butterfly.convert.from_dense`."""
+        from .convert import from_dense
+        return from_dense(weight, bias, linear=False, **kwargs)
+
 
 class BFTLinear(_BFTBase):
     """The BFT on the last dimension: a drop-in replacement for ``nn.Linear(in, out)``."""
@@ -116,6 +128,18 @@ class BFTLinear(_BFTBase):
         lead = x.shape[:-1]
         y = self._apply_bft(x.reshape(-1, self.in_features, 1))
         return y.view(*lead, self.out_features)
+
+    def to_linear(self) -> nn.Linear:
+        """The exactly equivalent ``nn.Linear(in, out)`` (residual and bias folded in)."""
+        from .deploy import dense_equivalent
+        return dense_equivalent(self)
+
+    @classmethod
+    def from_dense(cls, weight, bias: Optional[Tensor] = None, **kwargs) -> "BFTLinear":
+        """A BFTLinear fitted to a linear layer (its ``(out, in)`` weight or the ``nn.Linear``);
+        keyword arguments and the fit are those of :func:`butterfly.convert.from_dense`."""
+        from .convert import from_dense
+        return from_dense(weight, bias, linear=True, **kwargs)
 
 
 def is_bft(module: nn.Module) -> bool:

@@ -1,1 +1,2 @@
 """Fast implementations of the BFT operator (imported for their backend registration)."""
+from . import cpu  # noqa: F401

@@ -1,0 +1,109 @@
+"""ONNX export of BFT networks, checking with onnxruntime, and counting an ONNX graph's MACs.
+
+Two forms:
+
+* structured: every BFT becomes its stages as standard ONNX ops (Pad, Reshape, Einsum, ReduceSum),
+  so the graph keeps the O(n log n) cost; ``butterfly.ops.bft`` traces the pure-PyTorch reference
+  while ``torch.onnx.export`` runs.
+* dense: the BFTs are first replaced by their exact dense 1x1 convolutions (:func:`densify`), for
+  runtimes whose fastest pointwise layer is a dense one.
+
+Uses the ``torch.export``-based exporter (``dynamo=True``, PyTorch's default since 2.9), which needs
+the ``onnxscript`` package; the legacy TorchScript exporter produces a graph that onnxruntime
+rejects for the block tiling (shape inference of the broadcast ``Expand``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Dict, Union
+
+import torch
+from torch import nn
+
+from .deploy import densify
+
+PathLike = Union[str, os.PathLike]
+
+
+def export_onnx(model: nn.Module, example, path: PathLike, structured: bool = True,
+                dynamic_batch: bool = False, opset_version: int | None = None) -> str:
+    """Export ``model`` to ONNX at ``path`` and return the path.
+
+    ``example``: an input tensor (or tuple of inputs) with the shape to export. ``structured=True``
+    keeps the butterfly stages; ``False`` exports the dense equivalent (the model itself is not
+    changed). ``dynamic_batch``: the first dimension of every input is left symbolic. The model is
+    exported in eval mode (its mode is restored afterwards)."""
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError("butterfly.export_onnx uses torch.onnx.export(dynamo=True), which needs "
+                          "onnxscript: pip install onnxscript onnx onnxruntime") from err
+    args = example if isinstance(example, tuple) else (example,)
+    if not structured:
+        model = densify(model, inplace=False)
+    was_training = model.training
+    model.eval()
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = tuple({0: batch} for _ in args)
+    try:
+        torch.onnx.export(model, args, str(path), dynamo=True, verbose=False,
+                          dynamic_shapes=dynamic_shapes, opset_version=opset_version,
+                          external_data=False)
+    finally:
+        model.train(was_training)
+    return str(path)
+
+
+def check_onnx(path: PathLike, model: nn.Module, example) -> float:
+    """Run the ONNX file with onnxruntime (CPU) on ``example`` and return the largest absolute
+    difference from ``model``'s output in eval mode (single-output models)."""
+    import onnxruntime as ort
+    args = example if isinstance(example, tuple) else (example,)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {inp.name: a.detach().cpu().numpy() for inp, a in zip(session.get_inputs(), args)}
+    got = torch.from_numpy(session.run(None, feeds)[0])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        want = model(*args).cpu()
+    model.train(was_training)
+    return (got.to(want.dtype) - want).abs().max().item()
+
+
+def onnx_macs(path: PathLike) -> Dict[str, int]:
+    """Multiply-adds of the Einsum, MatMul, Gemm and Conv nodes of an ONNX graph with static shapes,
+    by op type (from ONNX shape inference). An Einsum costs the product of the sizes of all its
+    indices."""
+    import onnx
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    shapes = {}
+    for v in list(graph.value_info) + list(graph.input) + list(graph.output):
+        shapes[v.name] = [d.dim_value for d in v.type.tensor_type.shape.dim]
+    for init in graph.initializer:
+        shapes[init.name] = list(init.dims)
+    macs: Dict[str, int] = {}
+    for node in graph.node:
+        ins = [shapes.get(name) for name in node.input]
+        out = shapes.get(node.output[0])
+        if node.op_type == "Einsum":
+            equation = next(onnx.helper.get_attribute_value(a) for a in node.attribute
+                            if a.name == "equation").decode().replace(" ", "")
+            sizes = {}
+            for term, shape in zip(equation.split("->")[0].split(","), ins):
+                sizes.update(zip(term, shape))
+            count = math.prod(sizes.values())
+        elif node.op_type == "MatMul":
+            count = math.prod(out) * ins[0][-1]
+        elif node.op_type == "Gemm":
+            trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+            count = math.prod(out) * ins[0][0 if trans_a else 1]
+        elif node.op_type == "Conv":
+            count = math.prod(out) * math.prod(ins[1][1:])
+        else:
+            continue
+        macs[node.op_type] = macs.get(node.op_type, 0) + count
+    return macs

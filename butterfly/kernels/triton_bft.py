@@ -1,0 +1,170 @@
+"""The "triton" backend of the BFT operator: launch code for :mod:`.triton_kernels`.
+
+One launch computes every stage of every block for the forward pass and for the input gradient;
+the weight gradient is one launch of per-program partial sums and a ``sum`` over programs (fused
+with the input gradient when the layer is a single square block). Kernels are launched through
+``torch.library.wrap_triton`` so that ``torch.compile`` traces them inside ``butterfly::bft``.
+
+On CPU tensors the backend runs only under ``TRITON_INTERPRET=1``, which must be set before
+``butterfly`` (and so triton's ``@jit``) is imported; that is how the tests check the kernels.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
+
+from ..ops import Backend, register_backend
+from ..plan import BFTPlan
+from ..reference import bft_reference, bft_reference_backward
+from .triton_kernels import bft_kernel, bft_wgrad_kernel
+
+# Decided when triton's @jit ran (at import): interpreted kernels run on CPU tensors.
+INTERPRETED = not isinstance(bft_kernel, JITFunction)
+
+MAX_RADIX = 16      # padded radix: the [BP, A, K, K, TT] stage product grows with K
+MAX_TILE = 1 << 14  # padded channels a program keeps on chip
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The plan in the kernels' terms (see :mod:`.triton_kernels`)."""
+
+    rad: int     # real radices, 5 bits each
+    klog: int    # log2 of the padded radices, 3 bits each
+    stages: int
+    padded_size: int
+    size: int
+    padded: bool
+    max_radix: int
+
+    @staticmethod
+    def of(radices: Tuple[int, ...]) -> "Geometry":
+        logs = [(k - 1).bit_length() for k in radices]
+        return Geometry(rad=sum(k << (5 * s) for s, k in enumerate(radices)),
+                        klog=sum(lg << (3 * s) for s, lg in enumerate(logs)),
+                        stages=len(radices), padded_size=1 << sum(logs), size=math.prod(radices),
+                        padded=any(k & (k - 1) for k in radices),
+                        max_radix=1 << max(logs, default=0))
+
+    def constexprs(self) -> dict:
+        return dict(RAD=self.rad, KLOG=self.klog, L=self.stages, NP=self.padded_size, N=self.size,
+                    PADDED=self.padded)
+
+
+def _unsupported(radices: Tuple[int, ...]) -> str:
+    """Why the kernels do not take this plan ('' when they do)."""
+    geo = Geometry.of(radices)
+    if any(k > 31 for k in radices) or geo.max_radix > MAX_RADIX:
+        return (f"radices {radices} contain a radix above {MAX_RADIX}: the kernel's per-stage "
+                f"product grows with the radix; choose a plan with smaller radices (base 2 or 4)")
+    if geo.padded_size > MAX_TILE:
+        return (f"a butterfly of {geo.padded_size} (padded) channels does not fit on chip "
+                f"(limit {MAX_TILE})")
+    return ""
+
+
+_warned: set = set()
+
+
+def _delegate(radices: Tuple[int, ...]) -> bool:
+    """True (with a one-time warning per plan) when the reference must run this plan."""
+    reason = _unsupported(tuple(radices))
+    if reason and tuple(radices) not in _warned:
+        _warned.add(tuple(radices))
+        warnings.warn(f"BFT triton backend: {reason}; running the reference implementation "
+                      f"for this layer instead (same result, slower)", stacklevel=3)
+    return bool(reason)
+
+
+def _pixels_per_program(geo: Geometry, npix: int, budget: int) -> int:
+    """Pixels per tile: ``budget`` elements of the largest stage product ``BP * NP * K``.
+    Under the interpreter (serial programs, vectorised numpy) bigger tiles are faster."""
+    if INTERPRETED:
+        budget = 1 << 18
+    bp = max(1, budget // (geo.padded_size * geo.max_radix))
+    return max(1, min(triton.next_power_of_2(max(npix, 1)), 1 << (bp.bit_length() - 1), 256))
+
+
+def _layout(x: Tensor) -> Tuple[bool, int, int]:
+    """(channels_last, pixels per image or rows, images): P == 1 means channels are contiguous."""
+    B, _, P = x.shape
+    return (True, B, 1) if P == 1 else (False, P, B)
+
+
+def _launch_bft(src: Tensor, weight: Tensor, dst: Tensor, plan: BFTPlan, geo: Geometry,
+                expand: bool, transpose: bool, residual: bool) -> None:
+    channels_last, npix, images = _layout(src)
+    bp = _pixels_per_program(geo, npix, budget=1 << 15)
+    grid = (triton.cdiv(npix, bp), images)
+    wrap_triton(bft_kernel)[grid](
+        src, weight, dst, npix, src.shape[1], dst.shape[1], plan.block, plan.num_blocks,
+        weight.shape[1], BP=bp, CHANNELS_LAST=channels_last, EXPAND=expand, TRANSPOSE=transpose,
+        RESIDUAL=residual, F64=dst.dtype == torch.float64 or weight.dtype == torch.float64,
+        num_warps=4, **geo.constexprs())
+
+
+def _num_partials(x: Tensor, tiles: int, blocks: int) -> int:
+    """Programs per block of the weight gradient: enough to fill the device, no more (each
+    writes a full partial weight row)."""
+    if INTERPRETED:
+        return min(tiles, 2)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    return max(1, min(tiles, -(-2 * sms // blocks)))
+
+
+def triton_forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
+                   residual: bool) -> Tensor:
+    if _delegate(tuple(radices)):
+        return bft_reference(x, weight, radices, out_channels, residual)
+    plan, geo = BFTPlan(x.shape[1], out_channels, tuple(radices)), Geometry.of(tuple(radices))
+    y = torch.empty(x.shape[0], out_channels, x.shape[2], dtype=x.dtype, device=x.device)
+    if y.numel():
+        _launch_bft(x, weight.contiguous(), y, plan, geo, plan.expand, False, residual)
+    return y
+
+
+def triton_backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int],
+                    out_channels: int, residual: bool) -> Tuple[Tensor, Tensor]:
+    if _delegate(tuple(radices)):
+        return bft_reference_backward(grad, x, weight, radices, out_channels, residual)
+    plan, geo = BFTPlan(x.shape[1], out_channels, tuple(radices)), Geometry.of(tuple(radices))
+    weight = weight.contiguous()
+    f64 = x.dtype == torch.float64 or weight.dtype == torch.float64
+    grad_x = torch.empty_like(x)
+    if x.numel() == 0:
+        return grad_x, torch.zeros_like(weight)
+    channels_last, npix, images = _layout(x)
+    fuse_dx = plan.num_blocks == 1
+    if not fuse_dx:  # the transposed butterfly maps output-grad blocks the other way round
+        _launch_bft(grad, weight, grad_x, plan, geo, not plan.expand, True, residual)
+    bp = _pixels_per_program(geo, npix, budget=1 << 13)
+    tiles_per_img = triton.cdiv(npix, bp)
+    tiles = tiles_per_img * images
+    programs = _num_partials(x, tiles, plan.num_blocks)
+    partial = torch.empty(programs, plan.num_blocks, weight.shape[1], device=x.device,
+                          dtype=torch.float64 if f64 else torch.float32)
+    wrap_triton(bft_wgrad_kernel)[(programs, plan.num_blocks)](
+        x, grad, weight, partial, grad_x, npix, tiles_per_img, tiles, x.shape[1], out_channels,
+        plan.block, weight.shape[1], BP=bp, CHANNELS_LAST=channels_last, EXPAND=plan.expand,
+        RESIDUAL=residual, FUSE_DX=fuse_dx, F64=f64, num_warps=4, **geo.constexprs())
+    return grad_x, partial.sum(0).to(weight.dtype)
+
+
+def triton_available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    # The interpreter runs the same kernels on host tensors (tests on machines without a GPU).
+    return device.type == "cpu" and INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+register_backend(Backend("triton", triton_forward, triton_backward, triton_available,
+                         auto_devices=("cuda",), auto_priority=20))

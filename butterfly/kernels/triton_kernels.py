@@ -1,0 +1,353 @@
+"""Triton kernels of the BFT operator (the launch code is in :mod:`butterfly.kernels.triton_bft`).
+
+A program owns a tile of ``BP`` pixels x all ``NP`` channels of a square block and keeps it on chip
+across every stage: the input is read once and the output written once.
+
+Triton tensor dimensions must be powers of two, so a stage of radix ``k`` runs as a stage of radix
+``K = next_pow2(k)``: the tile holds the channel index in *padded digits* (digit ``s`` in
+``[0, K_s)``, the last stage's digit least significant, ``NP = prod K_s``). Positions whose digit is
+``>= k_s`` hold zeros and get zero weights, so they never reach a real channel. For power-of-two
+radices the padded layout is the real one and ``PADDED`` is off.
+
+The plan's radices arrive packed into two integers (so the launch only passes scalars):
+``RAD`` holds ``k_s`` in bits ``5s..5s+4`` and ``KLOG`` holds ``log2 K_s`` in bits ``3s..3s+2``.
+``N`` is the real size ``prod k_s``.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _real_index(idx, RAD: tl.constexpr, KLOG: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr):
+    """Mixed-radix value of the padded digits ``LO..HI-1`` of ``idx`` (digit ``HI-1`` least
+    significant) and whether every digit is below its real radix."""
+    real = idx * 0
+    valid = idx >= 0
+    mult = idx * 0 + 1
+    for i in tl.static_range(HI - LO):
+        u = HI - 1 - i
+        k = (RAD >> (5 * u)) & 31
+        klog = (KLOG >> (3 * u)) & 7
+        d = idx & ((1 << klog) - 1)
+        idx = idx >> klog
+        real += d * mult
+        valid = valid & (d < k)
+        mult = mult * k
+    return real, valid
+
+
+@triton.jit
+def _channels(NP: tl.constexpr, M, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr,
+              PADDED: tl.constexpr):
+    """Real channel of each tile row and whether it is one of the block's ``M`` channels."""
+    q = tl.arange(0, NP)
+    if PADDED:
+        c, valid = _real_index(q, RAD, KLOG, 0, L)
+        return c, valid & (c < M)
+    return q, q < M
+
+
+@triton.constexpr_function
+def _radix(RAD, S):
+    return (RAD >> (5 * S)) & 31
+
+
+@triton.constexpr_function
+def _klog(KLOG, S):
+    return (KLOG >> (3 * S)) & 7
+
+
+@triton.constexpr_function
+def _prefix_log(KLOG, S):
+    """log2 of the padded segment count ``A`` of stage ``S``: ``sum log2 K_u, u < S``."""
+    return sum((KLOG >> (3 * u)) & 7 for u in range(S))
+
+
+@triton.constexpr_function
+def _stage_offset(RAD, S, N):
+    """Offset of stage ``S`` in a block's weight row: ``N * (k_0 + .. + k_{S-1})``."""
+    return N * sum((RAD >> (5 * u)) & 31 for u in range(S))
+
+
+@triton.constexpr_function
+def _real_stride(RAD, S, L):
+    """Real stride ``t_S = k_{S+1} * .. * k_{L-1}``."""
+    t = 1
+    for u in range(S + 1, L):
+        t *= (RAD >> (5 * u)) & 31
+    return t
+
+
+@triton.constexpr_function
+def _bitrev(p, bits):
+    return int(format(p, f"0{bits}b")[::-1], 2) if bits else 0
+
+
+@triton.jit
+def _weight_offsets(RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, S: tl.constexpr,
+                    NP: tl.constexpr, N: tl.constexpr, PADDED: tl.constexpr):
+    """Offsets ``[A, TT]`` (within a block's weight row) of ``w_S[g, 0, 0]`` for every padded
+    segment ``a`` and remainder ``r``, and which of them are real groups."""
+    A: tl.constexpr = 1 << _prefix_log(KLOG, S)
+    TT: tl.constexpr = NP // (A << _klog(KLOG, S))
+    a = tl.arange(0, A)[:, None]
+    r = tl.arange(0, TT)[None, :]
+    k: tl.constexpr = _radix(RAD, S)
+    if PADDED:
+        seg, va = _real_index(a, RAD, KLOG, 0, S)
+        rr, vr = _real_index(r, RAD, KLOG, S + 1, L)
+        return _stage_offset(RAD, S, N) + (seg * _real_stride(RAD, S, L) + rr) * (k * k), va & vr
+    return _stage_offset(RAD, S, N) + (a * TT + r) * (k * k), (a < A) & (r < TT)
+
+
+@triton.jit
+def _split(z, KLOG: tl.constexpr, S: tl.constexpr, NP: tl.constexpr, BP: tl.constexpr):
+    """``[BP, NP]`` tile -> tuple of ``K`` tensors ``[BP, A, TT]``: entry ``p`` holds the
+    stage's input ``j = bitrev(p)`` of every group."""
+    E: tl.constexpr = _klog(KLOG, S)
+    A: tl.constexpr = 1 << _prefix_log(KLOG, S)
+    TT: tl.constexpr = NP // (A << E)
+    parts = (tl.reshape(tl.permute(tl.reshape(z, [BP, A, 1 << E, TT]), [0, 1, 3, 2]),
+                        [BP, A, TT, 1 << E]),)
+    for level in tl.static_range(E):
+        new = ()
+        for p in tl.static_range(1 << level):
+            lo, hi = tl.split(tl.reshape(parts[p], [BP, A, TT, 1 << (E - level - 1), 2]))
+            new = new + (lo, hi)
+        parts = new
+    out = ()
+    for p in tl.static_range(1 << E):
+        out = out + (tl.reshape(parts[p], [BP, A, TT]),)
+    return out
+
+
+@triton.jit
+def _join(parts, KLOG: tl.constexpr, S: tl.constexpr, NP: tl.constexpr, BP: tl.constexpr):
+    """Inverse of :func:`_split`."""
+    E: tl.constexpr = _klog(KLOG, S)
+    A: tl.constexpr = 1 << _prefix_log(KLOG, S)
+    TT: tl.constexpr = NP // (A << E)
+    for i in tl.static_range(E):
+        new = ()
+        for p in tl.static_range(1 << (E - 1 - i)):
+            new = new + (tl.reshape(tl.join(parts[2 * p], parts[2 * p + 1]),
+                                    [BP, A, TT, 2 << i]),)
+        parts = new
+    return tl.reshape(tl.permute(parts[0], [0, 1, 3, 2]), [BP, NP])
+
+
+@triton.jit
+def _mix(xs, w_ptr, offs, wmask, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.constexpr,
+         TRANSPOSE: tl.constexpr):
+    """``y_i = sum_j w[g, i, j] x_j`` (or ``y_j = sum_i w[g, i, j] x_i``) on split tensors.
+    Padding rows and columns (``i`` or ``j >= k``) are skipped at compile time."""
+    E: tl.constexpr = _klog(KLOG, S)
+    k: tl.constexpr = _radix(RAD, S)
+    ys = ()
+    for p in tl.static_range(1 << E):
+        o = _bitrev(p, E)
+        y = xs[p] * 0
+        if o < k:
+            for q in tl.static_range(1 << E):
+                n = _bitrev(q, E)
+                if n < k:
+                    if TRANSPOSE:
+                        w = tl.load(w_ptr + offs + n * k + o, mask=wmask, other=0.0)
+                    else:
+                        w = tl.load(w_ptr + offs + o * k + n, mask=wmask, other=0.0)
+                    y += w.to(y.dtype)[None] * xs[q]
+        ys = ys + (y,)
+    return ys
+
+
+@triton.jit
+def _stage(z, w_ptr, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, S: tl.constexpr,
+           NP: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
+           TRANSPOSE: tl.constexpr):
+    """Stage ``S`` on a ``[BP, NP]`` tile: ``out[c_i] = sum_j w[g, i, j] in[c_j]``, or the
+    transposed stage ``out[c_j] = sum_i w[g, i, j] in[c_i]``."""
+    offs, wmask = _weight_offsets(RAD, KLOG, L, S, NP, N, PADDED)
+    xs = _split(z, KLOG, S, NP, BP)
+    return _join(_mix(xs, w_ptr, offs, wmask, RAD, KLOG, S, TRANSPOSE), KLOG, S, NP, BP)
+
+
+@triton.jit
+def _butterfly(z, w_ptr, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr,
+               NP: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
+               TRANSPOSE: tl.constexpr):
+    """All stages of one block (in reverse order, transposed, for ``TRANSPOSE``)."""
+    for i in tl.static_range(L):
+        if TRANSPOSE:
+            z = _stage(z, w_ptr, RAD, KLOG, L, L - 1 - i, NP, N, BP, PADDED, TRANSPOSE)
+        else:
+            z = _stage(z, w_ptr, RAD, KLOG, L, i, NP, N, BP, PADDED, TRANSPOSE)
+    return z
+
+
+@triton.jit
+def _acc(v, F64: tl.constexpr):
+    """Accumulation dtype: float64 for float64 operands, float32 for every other dtype."""
+    if F64:
+        return v.to(tl.float64)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _tile_offsets(pid_p, pid_b, c, NPIX, C, BP: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Element offsets ``[BP, NP]`` of channels ``c`` for this program's pixels, and the pixel
+    mask. NCHW (``CHANNELS_LAST`` off): pixels of image ``pid_b`` are contiguous, ``NPIX = P``.
+    Channels-last: rows of ``C`` contiguous channels, ``NPIX`` rows."""
+    pix = pid_p * BP + tl.arange(0, BP)
+    if CHANNELS_LAST:
+        offs = pix.to(tl.int64)[:, None] * C + c[None, :]
+    else:
+        pix = tl.max_contiguous(tl.multiple_of(pix, BP), BP)
+        offs = pid_b.to(tl.int64) * C * NPIX + pix[:, None] + c[None, :].to(tl.int64) * NPIX
+    return offs, (pix < NPIX)[:, None]
+
+
+@triton.jit
+def bft_kernel(src_ptr, w_ptr, dst_ptr, NPIX, C_SRC, C_DST, M, T, W,
+               RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, NP: tl.constexpr,
+               N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
+               CHANNELS_LAST: tl.constexpr, EXPAND: tl.constexpr, TRANSPOSE: tl.constexpr,
+               RESIDUAL: tl.constexpr, F64: tl.constexpr):
+    """``dst = BFT(src)`` for ``T`` blocks of ``M`` channels; with ``TRANSPOSE``, the input
+    gradient. ``EXPAND``: every block reads channels ``0..M`` of ``src`` and writes channels
+    ``t*M..t*M+M`` of ``dst``; otherwise block ``t`` reads ``t*M..t*M+M`` and the blocks' outputs
+    are summed into channels ``0..M``. The input is read once, the output written once."""
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    c, cvalid = _channels(NP, M, RAD, KLOG, L, PADDED)
+    offs_src, pmask = _tile_offsets(pid_p, pid_b, c, NPIX, C_SRC, BP, CHANNELS_LAST)
+    offs_dst, _ = _tile_offsets(pid_p, pid_b, c, NPIX, C_DST, BP, CHANNELS_LAST)
+    if EXPAND:
+        u = _acc(tl.load(src_ptr + offs_src, mask=pmask & cvalid[None, :], other=0.0), F64)
+        for t in range(T):
+            z = _butterfly(u, w_ptr + t * W, RAD, KLOG, L, NP, N, BP, PADDED, TRANSPOSE)
+            if RESIDUAL:
+                z += u
+            cmask = cvalid & (t * M + c < C_DST)
+            tl.store(dst_ptr + offs_dst + t * M * (1 if CHANNELS_LAST else NPIX),
+                     z.to(dst_ptr.dtype.element_ty), mask=pmask & cmask[None, :])
+    else:
+        acc = _acc(tl.zeros([BP, NP], tl.float32), F64)
+        for t in range(T):
+            cmask = cvalid & (t * M + c < C_SRC)
+            u = _acc(tl.load(src_ptr + offs_src + t * M * (1 if CHANNELS_LAST else NPIX),
+                             mask=pmask & cmask[None, :], other=0.0), F64)
+            acc += _butterfly(u, w_ptr + t * W, RAD, KLOG, L, NP, N, BP, PADDED, TRANSPOSE)
+            if RESIDUAL:
+                acc += u
+        tl.store(dst_ptr + offs_dst, acc.to(dst_ptr.dtype.element_ty),
+                 mask=pmask & cvalid[None, :])
+
+
+@triton.jit
+def _stage_grads(gs, xs, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.constexpr,
+                 NP: tl.constexpr, F64: tl.constexpr):
+    """Stage ``S``'s weight gradient summed over the tile's pixels from the split output grad
+    ``gs`` and input ``xs``: entry ``p * K + q`` is ``sum_pixels g_{bitrev p} * x_{bitrev q}``,
+    shape ``[A, TT]`` (zero for padding rows and columns)."""
+    E: tl.constexpr = _klog(KLOG, S)
+    A: tl.constexpr = 1 << _prefix_log(KLOG, S)
+    TT: tl.constexpr = NP // (A << E)
+    k: tl.constexpr = _radix(RAD, S)
+    out = ()
+    for p in tl.static_range(1 << E):
+        for q in tl.static_range(1 << E):
+            if _bitrev(p, E) < k and _bitrev(q, E) < k:
+                out = out + (tl.sum(gs[p] * xs[q], axis=0),)
+            else:
+                out = out + (_acc(tl.zeros([A, TT], tl.float32), F64),)
+    return out
+
+
+@triton.jit
+def _zero_grads(RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, NP: tl.constexpr,
+                F64: tl.constexpr):
+    """Weight-gradient accumulators: per stage, ``K * K`` zero tensors ``[A, TT]``."""
+    accs = ()
+    for s in tl.static_range(L):
+        stage = ()
+        for p in tl.static_range(1 << (2 * _klog(KLOG, s))):
+            stage = stage + (_acc(tl.zeros([1 << _prefix_log(KLOG, s),
+                                            NP >> (_prefix_log(KLOG, s) + _klog(KLOG, s))],
+                                           tl.float32), F64),)
+        accs = accs + (stage,)
+    return accs
+
+
+@triton.jit
+def _store_grads(part_ptr, accs, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr,
+                 NP: tl.constexpr, N: tl.constexpr, PADDED: tl.constexpr):
+    for s in tl.static_range(L):
+        offs, wmask = _weight_offsets(RAD, KLOG, L, s, NP, N, PADDED)
+        for p in tl.static_range(1 << _klog(KLOG, s)):
+            for q in tl.static_range(1 << _klog(KLOG, s)):
+                if _bitrev(p, _klog(KLOG, s)) < _radix(RAD, s):
+                    if _bitrev(q, _klog(KLOG, s)) < _radix(RAD, s):
+                        tl.store(part_ptr + offs + _bitrev(p, _klog(KLOG, s)) * _radix(RAD, s)
+                                 + _bitrev(q, _klog(KLOG, s)),
+                                 accs[s][p * (1 << _klog(KLOG, s)) + q], mask=wmask)
+
+
+@triton.jit
+def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG, NUM_TILES,
+                     C_IN, C_OUT, M, W,
+                     RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, NP: tl.constexpr,
+                     N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
+                     CHANNELS_LAST: tl.constexpr, EXPAND: tl.constexpr, RESIDUAL: tl.constexpr,
+                     FUSE_DX: tl.constexpr, F64: tl.constexpr):
+    """Weight gradient of block ``program_id(1)``: program ``program_id(0)`` walks the pixel tiles
+    ``pid, pid + G, ...``, recomputes every stage's input on chip, back-propagates the output
+    gradient through the stages and accumulates ``sum_p g_s[c_i] * a_s[c_j]`` in registers; it
+    writes its partial sums to ``part[pid, t]`` (a second reduction sums them: deterministic, no
+    atomics). ``FUSE_DX`` (single block): also writes the input gradient ``dx``."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    G = tl.num_programs(0)
+    wt_ptr = w_ptr + t * W
+    c, cvalid = _channels(NP, M, RAD, KLOG, L, PADDED)
+    # Expand: every block reads x's first M channels and produces output channels t*M..;
+    # contract: block t reads x's channels t*M.. and produces (a summand of) the whole output.
+    if EXPAND:
+        cx = c
+        cg = t * M + c
+    else:
+        cx = t * M + c
+        cg = c
+    xmask = cvalid & (cx < C_IN)
+    gmask = cvalid & (cg < C_OUT)
+    accs = _zero_grads(RAD, KLOG, L, NP, F64)
+    for tile in range(pid, NUM_TILES, G):
+        offs_x, pmask = _tile_offsets(tile % TILES_PER_IMG, tile // TILES_PER_IMG, cx, NPIX,
+                                      C_IN, BP, CHANNELS_LAST)
+        offs_g, _ = _tile_offsets(tile % TILES_PER_IMG, tile // TILES_PER_IMG, cg, NPIX,
+                                  C_OUT, BP, CHANNELS_LAST)
+        z = _acc(tl.load(x_ptr + offs_x, mask=pmask & xmask[None, :], other=0.0), F64)
+        acts = (z,)
+        for s in tl.static_range(L - 1):
+            z = _stage(z, wt_ptr, RAD, KLOG, L, s, NP, N, BP, PADDED, False)
+            acts = acts + (z,)
+        g0 = _acc(tl.load(g_ptr + offs_g, mask=pmask & gmask[None, :], other=0.0), F64)
+        g = g0
+        new_accs = ()
+        for i in tl.static_range(L):
+            gs = _split(g, KLOG, L - 1 - i, NP, BP)
+            grads = _stage_grads(gs, _split(acts[L - 1 - i], KLOG, L - 1 - i, NP, BP), RAD,
+                                 KLOG, L - 1 - i, NP, F64)
+            stage = ()
+            for p in tl.static_range(1 << (2 * _klog(KLOG, L - 1 - i))):
+                stage = stage + (accs[L - 1 - i][p] + grads[p],)
+            new_accs = (stage,) + new_accs
+            if FUSE_DX or i < L - 1:
+                offs, wmask = _weight_offsets(RAD, KLOG, L, L - 1 - i, NP, N, PADDED)
+                g = _join(_mix(gs, wt_ptr, offs, wmask, RAD, KLOG, L - 1 - i, True), KLOG,
+                          L - 1 - i, NP, BP)
+        accs = new_accs
+        if FUSE_DX:
+            if RESIDUAL:
+                g += g0
+            tl.store(dx_ptr + offs_x, g.to(dx_ptr.dtype.element_ty), mask=pmask & xmask[None, :])
+    _store_grads(part_ptr + (pid * tl.num_programs(1) + t) * W, accs, RAD, KLOG, L, NP, N, PADDED)

@@ -1,0 +1,112 @@
+// PyTorch binding of the fused BFT CPU kernel (bft_cpu_kernel.h): the operators
+// butterfly_cpu::forward and butterfly_cpu::backward, loaded by butterfly/kernels/cpu.py.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "bft_cpu_kernel.h"
+
+namespace bft {
+namespace {
+
+Plan plan_for(int64_t cin, int64_t cout, c10::IntArrayRef radices, bool residual, const char* what) {
+  Plan p;
+  std::string err = make_plan(cin, cout, radices.data(), (int64_t)radices.size(), residual, p);
+  TORCH_CHECK(err.empty(), what, ": ", err, " (in_channels=", cin, ", out_channels=", cout,
+              ", radices=", radices, ")");
+  return p;
+}
+
+Options options() {
+  Options o;
+  o.threads = at::get_num_threads();
+  return o;
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& weight, const Plan& pl, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), what,
+              ": the cpu kernel takes CPU tensors, got ", x.device(), " and ", weight.device());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == pl.T && weight.size(1) == pl.W, what,
+              ": expected weight of shape (", pl.T, ", ", pl.W, ") for ", pl.cin, " -> ",
+              pl.cout, " channels, got ", weight.sizes());
+  auto wt = weight.scalar_type();
+  auto xt = x.scalar_type();
+  TORCH_CHECK((xt == at::kDouble) == (wt == at::kDouble) && (wt == at::kFloat || wt == at::kDouble),
+              what, ": weight must be float64 for float64 input and float32 otherwise, got x ", xt,
+              " and weight ", wt, " (the Python wrapper converts it)");
+}
+
+// Calls body(S*, A*) with null pointers naming the (input, compute) types of dtype t.
+template <class F>
+void dispatch(at::ScalarType t, const char* what, F&& body) {
+  switch (t) {
+    case at::kFloat: body((float*)nullptr, (float*)nullptr); break;
+    case at::kDouble: body((double*)nullptr, (double*)nullptr); break;
+    case at::kBFloat16: body((c10::BFloat16*)nullptr, (float*)nullptr); break;
+    case at::kHalf: body((c10::Half*)nullptr, (float*)nullptr); break;
+    default: TORCH_CHECK(false, what, ": unsupported dtype ", t,
+                         "; use float32/float64/bfloat16/float16 or the reference backend");
+  }
+}
+
+at::Tensor bft_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                       c10::IntArrayRef radices, int64_t out_channels, bool residual) {
+  TORCH_CHECK(x_in.dim() == 3, "butterfly_cpu::forward: expected x of shape (B, C_in, P), got ",
+              x_in.sizes());
+  Plan pl = plan_for(x_in.size(1), out_channels, radices, residual, "butterfly_cpu::forward");
+  check_args(x_in, weight_in, pl, "butterfly_cpu::forward");
+  at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t B = x.size(0), P = x.size(2);
+  at::Tensor y = at::empty({B, out_channels, P}, x.options());
+  dispatch(x.scalar_type(), "butterfly_cpu::forward", [&](auto* s_tag, auto* a_tag) {
+    using S = std::remove_pointer_t<decltype(s_tag)>;
+    using A = std::remove_pointer_t<decltype(a_tag)>;
+    forward_impl<S, A>(pl, (const S*)x.data_ptr(), (const A*)weight.data_ptr(), (S*)y.data_ptr(),
+                       B, P, options());
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bft_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                const at::Tensor& weight_in,
+                                                c10::IntArrayRef radices, int64_t out_channels,
+                                                bool residual) {
+  TORCH_CHECK(x_in.dim() == 3, "butterfly_cpu::backward: expected x of shape (B, C_in, P), got ",
+              x_in.sizes());
+  Plan pl = plan_for(x_in.size(1), out_channels, radices, residual, "butterfly_cpu::backward");
+  check_args(x_in, weight_in, pl, "butterfly_cpu::backward");
+  at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
+  const int64_t B = x.size(0), P = x.size(2);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == out_channels &&
+                  grad.size(2) == P,
+              "butterfly_cpu::backward: expected grad of shape (", B, ", ", out_channels, ", ", P,
+              "), got ", grad.sizes());
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gw = at::empty_like(weight);
+  dispatch(x.scalar_type(), "butterfly_cpu::backward", [&](auto* s_tag, auto* a_tag) {
+    using S = std::remove_pointer_t<decltype(s_tag)>;
+    using A = std::remove_pointer_t<decltype(a_tag)>;
+    backward_impl<S, A>(pl, (const S*)grad.data_ptr(), (const S*)x.data_ptr(),
+                        (const A*)weight.data_ptr(), (S*)gx.data_ptr(), (A*)gw.data_ptr(), B, P, options());
+  });
+  return {gx, gw};
+}
+
+}  // namespace
+}  // namespace bft
+
+TORCH_LIBRARY(butterfly_cpu, m) {
+  m.def("forward(Tensor x, Tensor weight, int[] radices, int out_channels, bool residual) -> Tensor");
+  m.def("backward(Tensor grad, Tensor x, Tensor weight, int[] radices, int out_channels, "
+        "bool residual) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(butterfly_cpu, CPU, m) {
+  m.impl("forward", &bft::bft_forward);
+  m.impl("backward", &bft::bft_backward);
+}

@@ -1,0 +1,125 @@
+// Portable SIMD helpers for the BFT CPU kernel: GCC/Clang vector extensions, so the same code
+// compiles to AVX-512, AVX2, SSE or NEON (whatever -march=native offers).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
+#define BFT_VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define BFT_VECTOR_BYTES 32
+#else
+#define BFT_VECTOR_BYTES 16
+#endif
+
+#define BFT_INLINE inline __attribute__((always_inline))
+#define BFT_INLINE_LAMBDA __attribute__((always_inline))
+
+namespace bft {
+
+template <class A>
+struct Vec {
+  typedef A type __attribute__((vector_size(BFT_VECTOR_BYTES)));
+  static constexpr int lanes = BFT_VECTOR_BYTES / sizeof(A);
+};
+template <class A>
+using vec_t = typename Vec<A>::type;
+
+template <class A>
+BFT_INLINE vec_t<A> vload(const A* p) {
+  vec_t<A> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <class A>
+BFT_INLINE void vstore(A* p, vec_t<A> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// A store that bypasses the caches (p aligned to the vector size): for outputs too large to
+// stay in cache, it saves reading every output line before writing it.
+template <class A>
+BFT_INLINE void vstream(A* p, vec_t<A> v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float>) return _mm512_stream_ps(p, (__m512)v);
+  if constexpr (std::is_same_v<A, double>) return _mm512_stream_pd(p, (__m512d)v);
+#elif defined(__AVX__)
+  if constexpr (std::is_same_v<A, float>) return _mm256_stream_ps(p, (__m256)v);
+  if constexpr (std::is_same_v<A, double>) return _mm256_stream_pd(p, (__m256d)v);
+#endif
+  vstore(p, v);
+}
+
+// Orders streamed stores before later loads and stores (call once per thread after streaming).
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+// Calls f(std::integral_constant<int, I>{}) for I = 0..N-1, fully unrolled at compile time.
+template <int N, class F>
+BFT_INLINE void unroll(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) BFT_INLINE_LAMBDA {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+// One step of a transposing reduction: a and b hold VL / w partial sums of width w each; the
+// result holds 2 * VL / w sums of width w / 2 (block 2i: a's i-th, block 2i + 1: b's i-th).
+template <class A, int W, int... L>
+BFT_INLINE vec_t<A> fold(vec_t<A> a, vec_t<A> b, std::integer_sequence<int, L...>) {
+  constexpr int VL = Vec<A>::lanes, H = W / 2;
+  auto lo = __builtin_shufflevector(a, b, (((L / H) % 2 ? VL : 0) + (L / H / 2) * W + L % H)...);
+  auto hi = __builtin_shufflevector(a, b, (((L / H) % 2 ? VL : 0) + (L / H / 2) * W + H + L % H)...);
+  return lo + hi;
+}
+
+// Reduces `count` (a power of two <= VL) vectors acc[0..count) whose blocks have width W into
+// one vector: after log2(count) folds, block j holds the full sum of acc[j] (natural order).
+template <class A, int Count, int W = Vec<A>::lanes>
+BFT_INLINE vec_t<A> fold_all(const vec_t<A>* acc) {
+  if constexpr (Count == 1) {
+    return acc[0];
+  } else {
+    constexpr int Half = Count / 2;
+    vec_t<A> next[Half];
+    unroll<Half>([&](auto i) BFT_INLINE_LAMBDA {
+      next[i] = fold<A, W>(acc[i], acc[i + Half], std::make_integer_sequence<int, Vec<A>::lanes>{});
+    });
+    return fold_all<A, Half, W / 2>(next);
+  }
+}
+
+// out[i] += (sum of the lanes of acc[i]) for i < N, in a fixed order (deterministic).
+template <class A, int N>
+BFT_INLINE void add_lane_sums(const vec_t<A>* acc, A* out) {
+  constexpr int VL = Vec<A>::lanes;
+  unroll<(N + VL - 1) / VL>([&](auto c) BFT_INLINE_LAMBDA {
+    constexpr int first = c * VL, count = std::min(VL, N - first);
+    constexpr int pow2 = count <= 1 ? 1 : 1 << (32 - __builtin_clz(count - 1));
+    vec_t<A> part[pow2];
+    unroll<pow2>([&](auto i) BFT_INLINE_LAMBDA { part[i] = i < count ? acc[first + i] : vec_t<A>{}; });
+    vec_t<A> s = fold_all<A, pow2>(part);
+    constexpr int width = VL / pow2;  // lanes still summed per accumulator
+    if constexpr (width == 1 && count == VL) {
+      vstore(out + first, vload(out + first) + s);
+    } else {
+      unroll<count>([&](auto i) BFT_INLINE_LAMBDA {
+        A v = 0;
+        for (int l = 0; l < width; ++l) v += s[i * width + l];
+        out[first + i] += v;
+      });
+    }
+  });
+}
+
+}  // namespace bft

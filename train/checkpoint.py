@@ -1,0 +1,162 @@
+"""Training checkpoints: written atomically, verified on load, with everything an exact resume needs.
+
+A checkpoint is a ``torch.save`` file (loadable with ``torch.load(path, weights_only=True)``) holding
+plain containers and CPU tensors: ``model``, ``optimizer``, ``scheduler``, ``ema`` state dicts, the
+position (``epoch``, ``step_in_epoch``, ``global_step``), the RNG states of every rank, the metric
+history and the run's arguments, plus a SHA-256 over all of it. The file is written to a temporary
+name in the same folder and renamed over the old one (``os.replace``), so a kill leaves either the
+previous checkpoint or the new one, never half a file; a file damaged later fails the digest check.
+
+timm's ``CheckpointSaver`` keeps no scheduler, RNG or mid-epoch position, so it cannot resume
+exactly; its ``unwrap_model`` / ``clean_state_dict`` are used for the model weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+FORMAT = "butterfly-train/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, corrupted or of another format."""
+
+
+def to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor moved to the CPU (containers rebuilt, other leaves kept)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 over a nested structure of containers, tensors and plain values (order matters)."""
+    h = hashlib.sha256()
+
+    def feed(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}".encode())
+            for k, v in o.items():
+                feed(k)
+                feed(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"L{len(o)}".encode())
+            for v in o:
+                feed(v)
+        else:
+            h.update(f"V{type(o).__name__}:{o!r};".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """Write ``state`` (tensors are copied to the CPU) to ``path`` atomically, with its digest."""
+    state = to_cpu(dict(state, format=FORMAT))
+    state["sha256"] = digest(state)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def read_file(path: str) -> Any:
+    """``torch.load`` (CPU, ``weights_only``) with a clear error for missing or unreadable files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            f"checkpoint {path} ({size} bytes) is truncated or corrupted and cannot be read "
+            f"({type(err).__name__}: {str(err).split('. ')[0]}). It was not resumed from; use an "
+            "intact checkpoint (e.g. best.pth or a copy) or start again without --resume") from err
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Load and verify a checkpoint written by :func:`save_checkpoint`."""
+    state = read_file(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "sha256" not in state:
+        raise CheckpointError(f"{path} is not a training checkpoint written by 'python -m train' "
+                              f"(format {FORMAT}); load plain weights with 'python -m train.evaluate'")
+    expected = state.pop("sha256")
+    if digest(state) != expected:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its content does not match the "
+                              "SHA-256 recorded when it was written. It was not resumed from")
+    return state
+
+
+def model_weights(state: Any, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model ``state_dict`` inside a checkpoint of ours, of timm's ``train.py``, or a plain one."""
+    from timm.models import clean_state_dict
+    if isinstance(state, dict):
+        for key in (("ema", "state_dict_ema") if ema else ("model", "state_dict")):
+            if isinstance(state.get(key), dict):
+                return clean_state_dict(state[key])
+        if ema:
+            raise CheckpointError("the checkpoint holds no EMA weights (train with --model-ema)")
+    return clean_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------ RNG states
+def rng_state() -> Dict[str, Any]:
+    """Every global RNG this process draws from, as plain containers and tensors."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_args(args) -> Dict[str, Any]:
+    """The run's arguments as plain values (what is stored, and reused by --resume/evaluate)."""
+    skip = {"resume", "resume_state", "stop_after_steps", "print_digest", "output"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def list_ranks(values: List[Any], world: int) -> List[Any]:
+    if len(values) != world:
+        raise CheckpointError(f"the checkpoint was written by {len(values)} processes; resume it "
+                              f"with the same number (got {world}) to continue exactly")
+    return values

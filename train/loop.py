@@ -1,0 +1,268 @@
+"""The training run behind ``python -m train``: model, timm optimizer/scheduler/EMA/mixup, the
+epoch loop, checkpoints and an exact resume."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from timm.data import Mixup, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, unwrap_model
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from butterfly import param_groups
+
+from .checkpoint import (CheckpointError, checkpoint_args, digest, list_ranks, rng_state, save_checkpoint,
+                         set_rng_state)
+from .data import build_datasets, describe, eval_loader, steps_per_epoch, train_loader
+from .distributed import Context, barrier, cleanup, gather_objects, setup, sum_across
+from .evaluate import autocast, evaluate
+from .metrics import summary_line, write_history
+from .model import count_macs, count_params, create_model
+
+_log = logging.getLogger("train")
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+
+
+class Trainer:
+    """One training run. ``run()`` trains every remaining epoch and returns the final metrics."""
+
+    def __init__(self, args, ctx: Context):
+        self.args, self.ctx = args, ctx
+        self.amp = args.amp if args.amp is not None else ctx.device.type == "cuda"
+        seed_all(args.seed)  # the same initial weights on every rank
+        info = describe(args, ctx.rank, lambda: barrier(ctx))
+        small = args.small_input if args.small_input is not None else args.dataset == "fashion-mnist"
+        model = create_model(args.model, info.num_classes, info.in_chans, small, args.drop)
+        if info.img_size is None:
+            info.img_size = resolve_data_config({}, model=model)["input_size"][-1]
+        self.input_size = (info.in_chans, info.img_size, info.img_size)
+        self.macs, self.params = count_macs(model, self.input_size), count_params(model)
+        model.to(ctx.device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if args.sync_bn and ctx.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+
+        self.global_batch = args.batch_size * ctx.world
+        self.lr = args.lr if args.lr_explicit else args.lr_base * self.global_batch / args.lr_base_size
+        self.optimizer = create_optimizer_v2(param_groups(model, args.weight_decay), opt=args.opt,
+                                             lr=self.lr, momentum=args.momentum,
+                                             weight_decay=args.weight_decay)
+        self.ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+
+        train_set, val_set = build_datasets(args, info, model)
+        pin = ctx.device.type == "cuda"
+        self.loader, self.sampler = train_loader(train_set, args.batch_size, args.workers,
+                                                 ctx.world, ctx.rank, args.seed, pin)
+        self.val_loader = eval_loader(val_set, args.eval_batch_size, args.workers, ctx.world,
+                                      ctx.rank, pin)
+        self.steps = steps_per_epoch(len(train_set), args.batch_size, ctx.world)
+        self.scheduler, self.epochs = create_scheduler_v2(
+            self.optimizer, sched=args.sched, num_epochs=args.epochs,
+            decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+            warmup_prefix=args.warmup_prefix, step_on_epochs=False, updates_per_epoch=self.steps)
+
+        self.mixup = None
+        if args.mixup > 0 or args.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                               label_smoothing=args.smoothing, num_classes=info.num_classes)
+            self.criterion = SoftTargetCrossEntropy()
+        elif args.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(args.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+        wrapped = DistributedDataParallel(model, device_ids=[ctx.device.index] if pin else None) \
+            if ctx.distributed else model
+        self.train_model = torch.compile(wrapped) if args.compile else wrapped
+        self.eval_model = torch.compile(model) if args.compile else model
+
+        # Position: the next step to take is step `step_in_epoch` of epoch `epoch`.
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history: list = []
+        self.best_top1 = -1.0
+        self.partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of the epoch so far (all ranks)
+        self.output = args.output
+        if args.resume_state is not None:
+            self._restore(args.resume_state)
+        else:
+            seed_all(args.seed + ctx.rank)  # dropout and mixup draw differently on every rank
+        if ctx.is_main:
+            os.makedirs(self.output, exist_ok=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, partial) -> Dict:
+        rngs = gather_objects(self.ctx, rng_state())
+        return {"model_name": self.args.model, "args": checkpoint_args(self.args),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "world_size": self.ctx.world,
+                "model": unwrap_model(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "ema_rng": self.ema._sr_generator.get_state() if self.ema is not None else None,
+                "rng": rngs, "history": self.history, "best_top1": self.best_top1,
+                "partial": partial}
+
+    def save(self, best: bool = False, partial=(0.0, 0.0, 0.0)) -> None:
+        """Write ``last.pth`` (all ranks take part: they hand over their RNG states). ``partial``:
+        the summed training metrics of the epoch so far, for a checkpoint taken mid-epoch."""
+        state = self._state(list(partial))
+        if self.ctx.is_main:
+            path = os.path.join(self.output, "last.pth")
+            save_checkpoint(state, path)
+            if best:
+                tmp = os.path.join(self.output, f".best.pth.tmp{os.getpid()}")
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, os.path.join(self.output, "best.pth"))
+
+    def _restore(self, state: Dict) -> None:
+        if state["model_name"] != self.args.model:
+            raise CheckpointError(f"the checkpoint holds {state['model_name']}, not {self.args.model}")
+        list_ranks(state["rng"], self.ctx.world)
+        if state["args"]["batch_size"] != self.args.batch_size:
+            raise CheckpointError(f"the checkpoint was trained with --batch-size "
+                                  f"{state['args']['batch_size']}; resume with the same batch size")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise CheckpointError("the checkpoint has no EMA weights: resume without --model-ema")
+            self.ema.load_state_dict(state["ema"])
+            self.ema._sr_generator.set_state(state["ema_rng"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.history = state["global_step"], list(state["history"])
+        self.best_top1 = state["best_top1"]
+        self.partial = list(state["partial"]) if self.ctx.is_main else [0.0, 0.0, 0.0]
+        set_rng_state(state["rng"][self.ctx.rank])
+        if self.ctx.is_main:
+            _log.info("resumed from epoch %d step %d (global step %d)", self.epoch + 1,
+                      self.step_in_epoch, self.global_step)
+
+    # ------------------------------------------------------------------------ training
+    def train_epoch(self) -> Dict[str, float]:
+        args, ctx = self.args, self.ctx
+        self.sampler.set_position(self.epoch, self.step_in_epoch * args.batch_size)
+        self.train_model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, images
+        bar = tqdm(total=self.steps, initial=self.step_in_epoch, unit="step", dynamic_ncols=True,
+                   desc=f"epoch {self.epoch + 1}/{self.epochs}", file=sys.stderr,
+                   disable=not ctx.is_main or args.no_progress)
+        start, images = time.perf_counter(), 0
+        for x, y in self.loader:
+            x = x.to(ctx.device, non_blocking=True)
+            y = y.to(ctx.device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            target = y
+            if self.mixup is not None:
+                x, target = self.mixup(x, y)
+            self.scheduler.step_update(num_updates=self.global_step)
+            with autocast(ctx, self.amp):
+                out = self.train_model(x)
+                loss = self.criterion(out, target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.global_step + 1)
+            self.global_step += 1
+            self.step_in_epoch += 1
+            with torch.no_grad():
+                sums += torch.stack([loss.detach().double() * y.numel(),
+                                     (out.argmax(1) == y).sum().double(),
+                                     torch.tensor(y.numel(), dtype=torch.float64, device=ctx.device)])
+            images += y.numel()
+            bar.update()
+            if ctx.is_main and (self.step_in_epoch % 10 == 0 or self.step_in_epoch == self.steps):
+                loss_sum, correct, n = sums.tolist()
+                bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}%",
+                                img_s=f"{images * ctx.world / (time.perf_counter() - start):.0f}")
+            if (args.checkpoint_every and self.global_step % args.checkpoint_every == 0
+                    and self.step_in_epoch < self.steps):
+                reduced = sum_across(ctx, sums.tolist())
+                self.save(partial=[a + b for a, b in zip(self.partial, reduced)])
+            if args.stop_after_steps is not None and self.global_step >= args.stop_after_steps:
+                bar.close()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.kill(os.getpid(), signal.SIGKILL)  # a hard kill, as a crash or preemption would
+        bar.close()
+        elapsed = time.perf_counter() - start
+        loss_sum, correct, n = [a + b for a, b in zip(self.partial, sum_across(ctx, sums.tolist()))]
+        self.partial = [0.0, 0.0, 0.0]
+        return {"train_loss": loss_sum / n, "train_top1": 100 * correct / n,
+                "train_images_per_s": images * ctx.world / elapsed}
+
+    def run(self) -> Dict[str, float]:
+        args, ctx = self.args, self.ctx
+        record: Dict[str, float] = dict(self.history[-1]) if self.history else {}
+        while self.epoch < self.epochs:
+            record = {"epoch": self.epoch + 1, **self.train_epoch(),
+                      "lr": self.optimizer.param_groups[0]["lr"]}  # of the epoch's last step
+            val = evaluate(self.eval_model, self.val_loader, ctx, self.amp, args.channels_last)
+            record.update({f"val_{k}": v for k, v in val.items() if k != "images"})
+            if self.ema is not None:
+                ema = evaluate(self.ema.module, self.val_loader, ctx, self.amp, args.channels_last)
+                record.update({f"ema_val_{k}": v for k, v in ema.items() if k != "images"})
+            self.history.append(record)
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            best = record["val_top1"] > self.best_top1
+            self.best_top1 = max(self.best_top1, record["val_top1"])
+            self.save(best=best)
+            if ctx.is_main:
+                write_history(self.history, self.output)
+                _log.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%%, top-5 %.2f%%",
+                          self.epoch, self.epochs, record["train_loss"], record["val_top1"],
+                          record["val_top5"])
+        if args.print_digest:
+            params = {k: v for k, v in unwrap_model(self.model).named_parameters()}
+            print(f"digest rank={ctx.rank} {digest(params)}", flush=True)
+        result = dict(record, macs=self.macs, params=self.params, output=self.output)
+        if ctx.is_main and record:
+            extra = {"ema_top1": record["ema_val_top1"]} if "ema_val_top1" in record else {}
+            print(summary_line(args.model, record["val_top1"], record["val_top5"], self.macs,
+                               self.params, **extra,
+                               images_per_s=record["train_images_per_s"]), flush=True)
+        return result
+
+
+def default_output(args) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{args.model}-{args.dataset}-{stamp}")
+
+
+def run(args, ctx: Optional[Context] = None) -> Dict[str, float]:
+    """Train as ``args`` say (see :func:`train.args.parse_args`); returns the last epoch's metrics
+    plus ``macs``, ``params`` and ``output`` (the folder with checkpoints and metrics)."""
+    own = ctx is None
+    ctx = ctx or setup(args.device)
+    try:
+        if args.output is None:
+            args.output = gather_objects(ctx, default_output(args))[0]  # rank 0's clock
+        return Trainer(args, ctx).run()
+    finally:
+        if own:
+            cleanup(ctx)
