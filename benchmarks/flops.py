@@ -48,9 +48,10 @@ NOTES = """\
   from the architecture: the same network is 41 MFLOPs at 224 (matched within 0.1%), and the
   count scales with the pixels, 41 * (192/224)^2 = 30. Every other baseline figure matches within
   3.1%, so this is the paper's figure, not our counting.
-* **BFT models come out 2-12% below the paper** (within the tolerance): our BFT layers factor each
-  block into mixed radices (or pad it, whichever executes fewer multiply-adds) and count what they
-  execute, `n * sum(radices)` per pixel, while the paper counted `4 * m * ceil(log4 m)` per block.
+* **MobileNet BFT models come out 2-12% below the paper** (within the tolerance): our BFT layers
+  factor each block into mixed radices (or pad it, whichever executes fewer multiply-adds) and
+  count what they execute, `n * sum(radices)` per pixel, while the paper counted
+  `4 * m * ceil(log4 m)` per block.
   The "paper-style" column recounts the same layers the paper's way: MobileNetV1+BFT then lands
   within -5.4%..+3.8% of the paper and MobileNetV3-Small 0.5+BFT moves from -12.2% to -5.4%.
 * **MobileNetV3-Small 0.5+BFT** has the largest gap because its BFT blocks are small and sit
@@ -114,7 +115,8 @@ def fmt(value, spec: str, suffix: str = "") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | res | MACs (M) | params (M) | paper MFLOPs | diff | paper-style BFT count (M) | diff |",
+    lines = ["| model | res | MACs (M) | params (M) | paper MFLOPs | diff "
+             "| paper-style BFT count (M) | diff |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         paper = r["paper"]
@@ -134,7 +136,8 @@ def main() -> int:
     rows = measure()
     text = table(rows)
     print(text)
-    outside = [f"{r['model']}@{r['res']}" for r in rows if r["paper"] is not None and not within_tolerance(r)]
+    outside = [f"{r['model']}@{r['res']}" for r in rows
+               if r["paper"] is not None and not within_tolerance(r)]
     header = ("# Multiply-adds of the model zoo\n\nMeasured with `python benchmarks/flops.py` "
               f"(torch {torch.__version__}, timm {timm.__version__}); batch 1, 1000 classes, "
               "MACs = multiply-adds of conv, linear and BFT layers (BN, activations, pooling not "

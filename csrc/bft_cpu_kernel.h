@@ -96,66 +96,97 @@ Tiling make_tiling(int64_t B, int64_t P, int64_t rows, int64_t budget, int64_t c
   return tl;
 }
 
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
-};
+// Per-thread scratch buffers, kept between calls: allocating them per call would fault in
+// (and zero) fresh pages every time. Slot i of the calling thread, at least `elems` long.
 template <class A>
-std::unique_ptr<A[], AlignedFree> alloc_buffer(int64_t elems) {
+A* scratch(int slot, int64_t elems) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buffers[4];
+  Buffer& b = buffers[slot];
   const size_t bytes = ((size_t)std::max<int64_t>(elems, 1) * sizeof(A) + 63) / 64 * 64;
-  A* p = static_cast<A*>(std::aligned_alloc(64, bytes));
-  if (!p) throw std::bad_alloc();
-  return std::unique_ptr<A[], AlignedFree>(p);
+  if (b.bytes < bytes) {
+    std::free(b.p);
+    b.p = std::aligned_alloc(64, bytes);
+    b.bytes = b.p ? bytes : 0;
+    if (!b.p) throw std::bad_alloc();
+  }
+  return static_cast<A*>(b.p);
 }
 
-// buf[c][p] = src(c, p) for c < valid, p < np; zero for the other rows < rows and pixels < ld.
+// buf[c][p] = src[c * cs + p * ps] for c < valid, p < np; zero for the other rows < rows and
+// pixels < ld. ps == 1: NCHW rows; cs == 1: a channels-last tile, transposed on the way.
 template <class S, class A>
 void load_rows(A* buf, int64_t ld, int64_t rows, const S* src, int64_t valid, int64_t cs,
                int64_t ps, int64_t np) {
+  constexpr int64_t VL = Vec<A>::lanes;
   if (ps == 1) {
     for (int64_t c = 0; c < valid; ++c) {
-      const S* s = src + c * cs;
-      A* d = buf + c * ld;
-      for (int64_t p = 0; p < np; ++p) d[p] = static_cast<A>(s[p]);
-      for (int64_t p = np; p < ld; ++p) d[p] = A(0);
+      for (int64_t p = 0; p < np; ++p) buf[c * ld + p] = static_cast<A>(src[c * cs + p]);
+      for (int64_t p = np; p < ld; ++p) buf[c * ld + p] = A(0);
     }
   } else {
-    constexpr int64_t BL = 16;  // cache-blocked transpose of a channels-last tile
-    for (int64_t p0 = 0; p0 < np; p0 += BL)
-      for (int64_t c0 = 0; c0 < valid; c0 += BL) {
-        const int64_t pe = std::min(np, p0 + BL), ce = std::min(valid, c0 + BL);
-        for (int64_t p = p0; p < pe; ++p)
-          for (int64_t c = c0; c < ce; ++c) buf[c * ld + p] = static_cast<A>(src[p * ps + c]);
+    int64_t p0 = 0;
+    if constexpr (std::is_same_v<S, A>) {
+      for (; p0 + VL <= np; p0 += VL) {
+        int64_t c0 = 0;
+        for (; c0 + VL <= valid; c0 += VL) {
+          vec_t<A> r[VL];
+          for (int64_t k = 0; k < VL; ++k) r[k] = vload(src + (p0 + k) * ps + c0);
+          transpose<A>(r);
+          for (int64_t k = 0; k < VL; ++k) vstore(buf + (c0 + k) * ld + p0, r[k]);
+        }
+        for (int64_t c = c0; c < valid; ++c)
+          for (int64_t p = p0; p < p0 + VL; ++p) buf[c * ld + p] = src[p * ps + c];
       }
-    for (int64_t c = 0; c < valid; ++c)
+    }
+    for (int64_t c = 0; c < valid; ++c) {
+      for (int64_t p = p0; p < np; ++p) buf[c * ld + p] = static_cast<A>(src[p * ps + c]);
       for (int64_t p = np; p < ld; ++p) buf[c * ld + p] = A(0);
+    }
   }
   for (int64_t c = valid; c < rows; ++c)
     for (int64_t p = 0; p < ld; ++p) buf[c * ld + p] = A(0);
 }
 
-// buf[c][p] += src(c, p) for c < rows, p < np.
-template <class S, class A>
-void add_rows(A* buf, int64_t ld, const S* src, int64_t rows, int64_t cs, int64_t ps, int64_t np) {
-  for (int64_t c = 0; c < rows; ++c)
-    for (int64_t p = 0; p < np; ++p) buf[c * ld + p] += static_cast<A>(src[c * cs + p * ps]);
-}
-
-// dst(c, p) = buf[c][p] for c < rows, p < np.
+// dst[c * cs + p * ps] = buf[c][p] for c < rows, p < np.
 template <class S, class A>
 void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_t rows,
                 int64_t np) {
+  constexpr int64_t VL = Vec<A>::lanes;
   if (ps == 1) {
     for (int64_t c = 0; c < rows; ++c)
       for (int64_t p = 0; p < np; ++p) dst[c * cs + p] = static_cast<S>(buf[c * ld + p]);
-  } else {
-    constexpr int64_t BL = 16;
-    for (int64_t p0 = 0; p0 < np; p0 += BL)
-      for (int64_t c0 = 0; c0 < rows; c0 += BL) {
-        const int64_t pe = std::min(np, p0 + BL), ce = std::min(rows, c0 + BL);
-        for (int64_t p = p0; p < pe; ++p)
-          for (int64_t c = c0; c < ce; ++c) dst[p * ps + c] = static_cast<S>(buf[c * ld + p]);
-      }
+    return;
   }
+  int64_t p0 = 0;
+  if constexpr (std::is_same_v<S, A>) {
+    for (; p0 + VL <= np; p0 += VL) {
+      int64_t c0 = 0;
+      for (; c0 + VL <= rows; c0 += VL) {
+        vec_t<A> r[VL];
+        for (int64_t k = 0; k < VL; ++k) r[k] = vload(buf + (c0 + k) * ld + p0);
+        transpose<A>(r);
+        for (int64_t k = 0; k < VL; ++k) vstore(dst + (p0 + k) * ps + c0, r[k]);
+      }
+      for (int64_t p = p0; p < p0 + VL; ++p)
+        for (int64_t c = c0; c < rows; ++c) dst[p * ps + c] = buf[c * ld + p];
+    }
+  }
+  for (int64_t p = p0; p < np; ++p)
+    for (int64_t c = 0; c < rows; ++c) dst[p * ps + c] = static_cast<S>(buf[c * ld + p]);
+}
+
+// dst[c][p] (+)= src[c][p] for c < rows, p < np (accumulate: add instead of copy).
+template <class A>
+void copy_rows(A* dst, int64_t dld, const A* src, int64_t sld, int64_t rows, int64_t np,
+               bool accumulate) {
+  for (int64_t c = 0; c < rows; ++c)
+    for (int64_t p = 0; p < np; ++p)
+      dst[c * dld + p] = accumulate ? dst[c * dld + p] + src[c * sld + p] : src[c * sld + p];
 }
 
 // The forward stages grouped into runs, each with its kernel and packed weights.
@@ -195,14 +226,20 @@ struct Runs {
       }
   }
 
-  // Applies every run to block t: the first reads src, the last writes dst (adding res), the
-  // others work in place in mid.
-  void apply(const Plan& pl, int64_t t, Rows<const A> src, Rows<A> mid, Rows<A> dst,
-             Rows<const A> res, int64_t nv, bool stream = false) const {
+  // Block t: out = B(src) + res. The first run reads src, the last writes out (adding res),
+  // the others work in place in mid.
+  void apply(const Plan& pl, int64_t t, Rows<const A> src, Rows<A> mid, Rows<A> out,
+             Rows<const A> res, int64_t nv, bool stream) const {
+    if (runs.empty()) {  // n == 1: the identity
+      for (int64_t c = 0; c < pl.n; ++c)
+        for (int64_t p = 0; p < nv * Vec<A>::lanes; ++p)
+          out.row(c)[p] = src.row(c)[p] + (res.base ? res.row(c)[p] : A(0));
+      return;
+    }
     for (size_t i = 0; i < runs.size(); ++i) {
       const Run& r = runs[i];
       const bool last = i + 1 == runs.size();
-      RunArgs<A> args{i == 0 ? src : Rows<const A>{mid.base, mid.ld}, last ? dst : mid,
+      RunArgs<A> args{i == 0 ? src : Rows<const A>{mid.base, mid.ld}, last ? out : mid,
                       last ? res : Rows<const A>{}, nv, packed.data() + t * pl.W + r.woff,
                       pl.segs[r.s0], pl.stride[r.s0 + r.len - 1], last && stream};
       if (r.fn) r.fn(args);
@@ -213,83 +250,84 @@ struct Runs {
 
 struct Options {
   int threads = 1;
-  int max_run = 4;                          // stages fused per run (1: stage by stage)
-  int64_t fwd_budget = 32 * 1024;           // bytes of the forward tile buffer
-  int64_t bwd_budget = 768 * 1024;          // bytes of the backward buffers
-  int64_t fwd_cap = 256, bwd_cap = 128;     // most pixels per tile
-  int64_t stream_bytes = 4 << 20;           // outputs at least this large bypass the caches
+  int max_run = 4;                   // stages fused per run (1: stage by stage)
+  int64_t fwd_budget = 256 * 1024;   // bytes of the forward tile buffers
+  int64_t bwd_budget = 1024 * 1024;  // bytes of the backward tile buffers
+  int64_t fwd_cap = 4096, bwd_cap = 512;  // most pixels per tile
+  int64_t stream_bytes = 4 << 20;    // outputs at least this large bypass the caches
+  bool direct = true;                // runs read x / write y in place when possible
+  bool prefetch = true;              // prefetch the next tile of x
 };
 
-// Asks for the next tile's rows (np elements each) in the L2 cache ahead of use (`write`: in
-// a writable state, so that storing to them later does not wait for memory).
+// Asks for a tile's rows (np elements each) in the L2 cache ahead of use.
 template <class S>
 void prefetch_rows(const S* src, int64_t rows, int64_t cs, int64_t np, bool write) {
   const int64_t bytes = np * (int64_t)sizeof(S);
   for (int64_t c = 0; c < rows; ++c) {
     const char* row = reinterpret_cast<const char*>(src + c * cs);
-    for (int64_t b = 0; b < bytes + 63; b += 64) {
-      const char* at = row + std::min(b, bytes - 1);
-      if (write) __builtin_prefetch(at, 1, 2);
-      else __builtin_prefetch(at, 0, 2);
-    }
+    for (int64_t b = 0; b < bytes + 63; b += 64) prefetch_line(row + std::min(b, bytes - 1), write);
   }
+}
+
+// Where tile i's part starting at pixel p0 lives in a (B, C, P) tensor.
+template <class S>
+struct View {
+  S* base;
+  int64_t cs, ps;
+  View at(int64_t c) const { return {base + c * cs, cs, ps}; }
+};
+
+template <class S>
+View<S> view(S* data, const Tiling& tl, int64_t i, int64_t p0, int64_t C) {
+  return {data + tl.offset(i, C) + p0 * tl.ps(C), tl.cs(C), tl.ps(C)};
 }
 
 template <class S, class A>
 void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64_t P,
                   const Options& opt) {
   constexpr int64_t VL = Vec<A>::lanes;
-  const Tiling tl = make_tiling<A>(B, P, pl.n, opt.fwd_budget, opt.fwd_cap, opt.threads);
+  constexpr bool same = std::is_same_v<S, A>;
+  const Tiling tl = make_tiling<A>(B, P, 2 * pl.n, opt.fwd_budget, opt.fwd_cap, opt.threads);
   const int64_t ld = tl.tp;
   const bool sum_blocks = !pl.expand && pl.T > 1;
   const Runs<A> runs(pl, w, opt.max_run);
-  // x and y rows are read and written directly when no conversion, padding or summing is needed
-  bool direct = std::is_same_v<S, A> && P > 1 && pl.stages() > 0 && !sum_blocks;
-  for (int64_t t = 0; t < pl.T; ++t)
-    direct = direct && pl.in_rows(t) == pl.n && pl.out_rows(t) == pl.n;
-  const int64_t xcs = tl.cs(pl.cin), xps = tl.ps(pl.cin);
-  const int64_t ycs = tl.cs(pl.cout), yps = tl.ps(pl.cout);
-  // stream y past the caches when it is too large to stay there and its rows are aligned
+  const bool direct = opt.direct && same && P > 1;
   const bool stream = direct && B * pl.cout * P * (int64_t)sizeof(S) >= opt.stream_bytes &&
                       reinterpret_cast<uintptr_t>(y) % BFT_VECTOR_BYTES == 0 &&
                       (P * (int64_t)sizeof(S)) % BFT_VECTOR_BYTES == 0;
 #pragma omp parallel num_threads(opt.threads)
   {
-    auto buf = alloc_buffer<A>(pl.n * ld);
-    auto acc = alloc_buffer<A>(sum_blocks ? pl.m * ld : 0);
-    const Rows<A> brows{buf.get(), ld};
+    A* ubuf = scratch<A>(0, pl.n * ld);
+    A* buf = scratch<A>(1, pl.n * ld);
+    A* acc = scratch<A>(2, sum_blocks ? pl.m * ld : 0);
+    // One part of tile i: `fast` parts hold whole vectors and read/write x and y in place.
+    auto part = [&](int64_t i, int64_t p0, int64_t np, bool fast) {
+      const int64_t nv = (np + VL - 1) / VL;
+      const View<const S> xv = view(x, tl, i, p0, pl.cin);
+      const View<S> yv = view(y, tl, i, p0, pl.cout);
+      for (int64_t t = 0; t < pl.T; ++t) {
+        const View<const S> xb = xv.at(pl.in_off(t));
+        const View<S> yb = yv.at(pl.out_off(t));
+        Rows<const A> in{ubuf, ld};
+        if (fast && pl.in_rows(t) == pl.n) in = {reinterpret_cast<const A*>(xb.base), xb.cs};
+        else load_rows(ubuf, ld, pl.n, xb.base, pl.in_rows(t), xb.cs, xb.ps, np);
+        const bool to_y = fast && pl.out_rows(t) == pl.n && !sum_blocks;
+        Rows<A> out = to_y ? Rows<A>{reinterpret_cast<A*>(yb.base), yb.cs} : Rows<A>{buf, ld};
+        runs.apply(pl, t, in, Rows<A>{buf, ld}, out, pl.residual ? in : Rows<const A>{}, nv,
+                   to_y && stream);
+        if (to_y) continue;
+        if (sum_blocks) copy_rows(acc, ld, buf, ld, pl.m, nv * VL, t > 0);
+        else store_rows(yb.base, yb.cs, yb.ps, buf, ld, pl.out_rows(t), np);
+      }
+      if (sum_blocks) store_rows(yv.base, yv.cs, yv.ps, acc, ld, pl.m, np);
+    };
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < tl.ntiles; ++i) {
-      const int64_t np = tl.count(i), nv = (np + VL - 1) / VL;
-      const S* xt = x + tl.offset(i, pl.cin);
-      S* yt = y + tl.offset(i, pl.cout);
-      for (int64_t t = 0; t < pl.T; ++t) {
-        const S* xb = xt + pl.in_off(t) * xcs;
-        S* yb = yt + pl.out_off(t) * ycs;
-        if (direct && np == ld) {
-          if constexpr (std::is_same_v<S, A>) {
-            const Rows<const A> xr{xb, xcs};
-            if (i + 1 < tl.ntiles) {
-              prefetch_rows(x + tl.offset(i + 1, pl.cin), pl.cin, xcs, np, false);
-              if (!stream) prefetch_rows(y + tl.offset(i + 1, pl.cout), pl.cout, ycs, np, true);
-            }
-            runs.apply(pl, t, xr, brows, Rows<A>{yb, ycs}, pl.residual ? xr : Rows<const A>{}, nv,
-                       stream);
-          }
-          continue;
-        }
-        load_rows(buf.get(), ld, pl.n, xb, pl.in_rows(t), xcs, xps, np);
-        runs.apply(pl, t, Rows<const A>{buf.get(), ld}, brows, brows, Rows<const A>{}, nv);
-        if (pl.residual) add_rows(buf.get(), ld, xb, pl.in_rows(t), xcs, xps, np);
-        if (!sum_blocks) {
-          store_rows(yb, ycs, yps, buf.get(), ld, pl.out_rows(t), np);
-        } else if (t == 0) {
-          std::memcpy(acc.get(), buf.get(), sizeof(A) * pl.m * ld);
-        } else {
-          for (int64_t e = 0; e < pl.m * ld; ++e) acc[e] += buf[e];
-        }
-      }
-      if (sum_blocks) store_rows(yt, ycs, yps, acc.get(), ld, pl.m, np);
+      const int64_t np = tl.count(i), whole = direct ? np / VL * VL : 0;
+      if (opt.prefetch && direct && i + 1 < tl.ntiles)
+        prefetch_rows(x + tl.offset(i + 1, pl.cin), pl.cin, tl.cs(pl.cin), tl.count(i + 1), false);
+      if (whole) part(i, 0, whole, true);
+      if (np > whole) part(i, whole, np - whole, false);
     }
     if (stream) stream_fence();
   }
@@ -300,78 +338,68 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
                    int64_t B, int64_t P, const Options& opt) {
   constexpr int64_t VL = Vec<A>::lanes;
   const int L = pl.stages();
-  const Tiling tl = make_tiling<A>(B, P, pl.n * (L + 1), opt.bwd_budget, opt.bwd_cap, opt.threads);
+  const Tiling tl = make_tiling<A>(B, P, pl.n * (L + 2), opt.bwd_budget, opt.bwd_cap, opt.threads);
   const int64_t ld = tl.tp, slot = pl.n * ld;
   const bool sum_blocks = pl.expand && pl.T > 1;  // grad_x sums over the blocks
+  const bool direct = opt.direct && std::is_same_v<S, A> && P > 1;
+  // weight-gradient partials: chunk c owns tiles [c * per, (c + 1) * per)
   const int64_t chunks = std::min<int64_t>(tl.ntiles, 32), gwn = pl.T * pl.W;
   const int64_t per = chunks ? (tl.ntiles + chunks - 1) / chunks : 0;
   std::vector<A> partial((size_t)std::max<int64_t>(chunks, 1) * gwn, A(0));
-  bool direct = std::is_same_v<S, A> && P > 1 && L > 0 && !sum_blocks;
-  for (int64_t t = 0; t < pl.T; ++t)
-    direct = direct && pl.in_rows(t) == pl.n && pl.out_rows(t) == pl.n;
-  const int64_t xcs = tl.cs(pl.cin), xps = tl.ps(pl.cin);
-  const int64_t ycs = tl.cs(pl.cout), yps = tl.ps(pl.cout);
 #pragma omp parallel num_threads(opt.threads)
   {
-    auto acts = alloc_buffer<A>(L * slot);  // the input of every stage
-    auto g = alloc_buffer<A>(slot);
-    auto acc = alloc_buffer<A>(sum_blocks ? pl.m * ld : 0);
-    const Rows<A> grows{g.get(), ld};
+    A* acts = scratch<A>(0, std::max(L, 1) * slot);  // the input of every stage
+    A* gbuf = scratch<A>(1, slot);                    // the incoming gradient
+    A* work = scratch<A>(2, slot);                    // the gradient between stages
+    A* acc = scratch<A>(3, sum_blocks ? pl.m * ld : 0);
+    auto part = [&](A* gwc, int64_t i, int64_t p0, int64_t np, bool fast) {
+      const int64_t nv = (np + VL - 1) / VL;
+      const View<const S> xv = view(x, tl, i, p0, pl.cin);
+      const View<S> gxv = view(gx, tl, i, p0, pl.cin);
+      const View<const S> gv = view(grad, tl, i, p0, pl.cout);
+      for (int64_t t = 0; t < pl.T; ++t) {
+        const A* wt = w + t * pl.W;
+        const View<const S> xb = xv.at(pl.in_off(t)), gb = gv.at(pl.out_off(t));
+        const View<S> gxb = gxv.at(pl.in_off(t));
+        // act(s): the input of stage s, recomputed
+        auto act = [&](int s) { return Rows<const A>{acts + s * slot, ld}; };
+        Rows<const A> act0 = act(0);
+        if (fast && pl.in_rows(t) == pl.n) act0 = {reinterpret_cast<const A*>(xb.base), xb.cs};
+        else if (L > 0) load_rows(acts, ld, pl.n, xb.base, pl.in_rows(t), xb.cs, xb.ps, np);
+        for (int s = 0; s + 1 < L; ++s) {
+          RunArgs<A> args{s ? act(s) : act0, Rows<A>{acts + (s + 1) * slot, ld}, Rows<const A>{},
+                          nv, wt + pl.woff[s], pl.segs[s], pl.stride[s], false};
+          if (RunFn<A> fn = find_run<A>(&pl.radix[s], 1)) fn(args);
+          else stage_fwd_any(args, pl.radix[s]);
+        }
+        Rows<const A> gin{gbuf, ld};
+        if (fast && pl.out_rows(t) == pl.n) gin = {reinterpret_cast<const A*>(gb.base), gb.cs};
+        else load_rows(gbuf, ld, pl.n, gb.base, pl.out_rows(t), gb.cs, gb.ps, np);
+        const bool to_gx = fast && pl.in_rows(t) == pl.n && !sum_blocks;
+        const Rows<A> out = to_gx ? Rows<A>{reinterpret_cast<A*>(gxb.base), gxb.cs} : Rows<A>{work, ld};
+        const Rows<const A> res = pl.residual ? gin : Rows<const A>{};
+        if (L == 0) {  // n == 1: the identity
+          for (int64_t p = 0; p < nv * VL; ++p) out.row(0)[p] = gin.row(0)[p] + (res.base ? res.row(0)[p] : A(0));
+        }
+        for (int s = L - 1; s >= 0; --s) {
+          BwdArgs<A> args{s == L - 1 ? gin : Rows<const A>{work, ld}, s == 0 ? out : Rows<A>{work, ld},
+                          s ? act(s) : act0, s == 0 ? res : Rows<const A>{}, nv, wt + pl.woff[s],
+                          gwc + t * pl.W + pl.woff[s], pl.segs[s], pl.stride[s]};
+          stage_backward(args, pl.radix[s]);
+        }
+        if (to_gx) continue;
+        if (sum_blocks) copy_rows(acc, ld, work, ld, pl.m, nv * VL, t > 0);
+        else store_rows(gxb.base, gxb.cs, gxb.ps, work, ld, pl.in_rows(t), np);
+      }
+      if (sum_blocks) store_rows(gxv.base, gxv.cs, gxv.ps, acc, ld, pl.m, np);
+    };
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       A* gwc = partial.data() + c * gwn;
       for (int64_t i = c * per; i < std::min(tl.ntiles, (c + 1) * per); ++i) {
-        const int64_t np = tl.count(i), nv = (np + VL - 1) / VL;
-        const bool fast = direct && np == ld;
-        const S* xt = x + tl.offset(i, pl.cin);
-        S* gxt = gx + tl.offset(i, pl.cin);
-        const S* gt = grad + tl.offset(i, pl.cout);
-        for (int64_t t = 0; t < pl.T; ++t) {
-          const A* wt = w + t * pl.W;
-          const S* xb = xt + pl.in_off(t) * xcs;
-          S* gxb = gxt + pl.in_off(t) * xcs;
-          const S* gb = gt + pl.out_off(t) * ycs;
-          // stage inputs: act(s) is the input of stage s
-          auto act = [&](int s) {
-            if (s == 0 && fast) return Rows<const A>{reinterpret_cast<const A*>(xb), xcs};
-            return Rows<const A>{acts.get() + s * slot, ld};
-          };
-          if (L > 0 && !fast) load_rows(acts.get(), ld, pl.n, xb, pl.in_rows(t), xcs, xps, np);
-          for (int s = 0; s + 1 < L; ++s) {
-            RunArgs<A> args{act(s), Rows<A>{acts.get() + (s + 1) * slot, ld}, Rows<const A>{},
-                            nv, wt + pl.woff[s], pl.segs[s], pl.stride[s]};
-            RunFn<A> fn = find_run<A>(&pl.radix[s], 1);
-            if (fn) fn(args);
-            else stage_fwd_any(args, pl.radix[s]);
-          }
-          Rows<const A> gin{reinterpret_cast<const A*>(gb), ycs};
-          if (!fast) {
-            load_rows(g.get(), ld, pl.n, gb, pl.out_rows(t), ycs, yps, np);
-            gin = Rows<const A>{g.get(), ld};
-          }
-          for (int s = L - 1; s >= 0; --s) {
-            const bool to_gx = fast && s == 0;
-            BwdArgs<A> args{gin,
-                            to_gx ? Rows<A>{reinterpret_cast<A*>(gxb), xcs} : grows,
-                            act(s),
-                            to_gx && pl.residual ? Rows<const A>{reinterpret_cast<const A*>(gb), ycs}
-                                                 : Rows<const A>{},
-                            nv, wt + pl.woff[s], gwc + t * pl.W + pl.woff[s], pl.segs[s],
-                            pl.stride[s]};
-            stage_backward(args, pl.radix[s]);
-            gin = Rows<const A>{g.get(), ld};
-          }
-          if (fast) continue;
-          if (pl.residual) add_rows(g.get(), ld, gb, pl.out_rows(t), ycs, yps, np);
-          if (!sum_blocks) {
-            store_rows(gxb, xcs, xps, g.get(), ld, pl.in_rows(t), np);
-          } else if (t == 0) {
-            std::memcpy(acc.get(), g.get(), sizeof(A) * pl.m * ld);
-          } else {
-            for (int64_t e = 0; e < pl.m * ld; ++e) acc[e] += g[e];
-          }
-        }
-        if (sum_blocks) store_rows(gxt, xcs, xps, acc.get(), ld, pl.m, np);
+        const int64_t np = tl.count(i), whole = direct ? np / VL * VL : 0;
+        if (whole) part(gwc, i, 0, whole, true);
+        if (np > whole) part(gwc, i, whole, np - whole, false);
       }
     }
   }

@@ -65,6 +65,18 @@ inline void stream_fence() {
 #endif
 }
 
+// Prefetches the cache line at p into L2 (`write`: in a writable state). Inline assembly on
+// x86, because GCC deletes loops that contain nothing but __builtin_prefetch.
+inline void prefetch_line(const char* p, bool write) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (write) asm volatile("prefetchw %0" : : "m"(*p));
+  else asm volatile("prefetcht1 %0" : : "m"(*p));
+#else
+  if (write) __builtin_prefetch(p, 1, 2);
+  else __builtin_prefetch(p, 0, 2);
+#endif
+}
+
 // Calls f(std::integral_constant<int, I>{}) for I = 0..N-1, fully unrolled at compile time.
 template <int N, class F>
 BFT_INLINE void unroll(F&& f) {
@@ -119,6 +131,34 @@ BFT_INLINE void add_lane_sums(const vec_t<A>* acc, A* out) {
         out[first + i] += v;
       });
     }
+  });
+}
+
+}  // namespace bft
+
+namespace bft {
+
+// One step of an in-register transpose: swaps the off-diagonal B x B sub-blocks of the pair
+// (a, b) = (rows i, i + B).
+template <class A, int B, int... L>
+BFT_INLINE void swap_blocks(vec_t<A>& a, vec_t<A>& b, std::integer_sequence<int, L...>) {
+  constexpr int VL = Vec<A>::lanes;
+  vec_t<A> lo = __builtin_shufflevector(a, b, ((L & B) ? VL + L - B : L)...);
+  vec_t<A> hi = __builtin_shufflevector(a, b, ((L & B) ? VL + L : L + B)...);
+  a = lo;
+  b = hi;
+}
+
+// Transposes the VL x VL block held in r[0..VL) (r[i][j] <-> r[j][i]).
+template <class A>
+BFT_INLINE void transpose(vec_t<A>* r) {
+  constexpr int VL = Vec<A>::lanes;
+  unroll<__builtin_ctz(VL)>([&](auto s) BFT_INLINE_LAMBDA {
+    constexpr int B = 1 << decltype(s)::value;
+    unroll<VL / 2>([&](auto k) BFT_INLINE_LAMBDA {
+      constexpr int K = decltype(k)::value, i = (K / B) * 2 * B + K % B;
+      swap_blocks<A, B>(r[i], r[i + B], std::make_integer_sequence<int, VL>{});
+    });
   });
 }
 

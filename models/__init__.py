@@ -3,7 +3,8 @@
 Importing ``butterfly`` registers the models; build them with ``timm.create_model(name, ...)``.
 ``small_input=True`` adapts any of them to 28x28 / 32x32 images (stride-1 stem).
 """
-from . import mobilenetv1, mobilenetv2, mobilenetv3, shufflenetv2  # noqa: F401  (register with timm)
+# importing a family registers its models with timm
+from . import mobilenetv1, mobilenetv2, mobilenetv3, shufflenetv2  # noqa: F401
 from .builder import registered_models
 from .layers import create_pointwise
 

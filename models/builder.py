@@ -19,8 +19,9 @@ def untrained_cfg(**overrides) -> dict:
             "license": "mit", **overrides}
 
 
-def build(model_cls: Type[nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """Build ``variant`` through timm's ``build_model_with_cfg`` (``kwargs`` go to ``model_cls``)."""
+def build(model_cls: Type[nn.Module], variant: str, pretrained: bool = False,
+          **kwargs) -> nn.Module:
+    """Build ``variant`` with timm's ``build_model_with_cfg``; ``kwargs`` go to ``model_cls``."""
     if pretrained:
         raise RuntimeError(
             f"no pretrained weights are published for {variant!r}: create it with pretrained=False "

@@ -29,7 +29,7 @@ def create_pointwise(in_chs: int, out_chs: int, bft: bool = False, bias: bool = 
 
 
 def pointwise_factory(bft: bool, bft_kwargs: Optional[dict] = None) -> Callable[..., nn.Module]:
-    """``create_pointwise`` with the model-wide choice bound: call it as ``layer(in_chs, out_chs)``."""
+    """``create_pointwise`` with the model-wide choice bound; call it as ``pw(in_chs, out_chs)``."""
     return partial(create_pointwise, bft=bft, **(bft_kwargs or {}))
 
 

@@ -13,7 +13,8 @@ from .mobilenet import Block, MobileNet, scale_blocks
 
 # The 13 depthwise-separable blocks (no expansion): (out channels, stride).
 _V1 = [Block(3, 1, out, stride) for out, stride in (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5, (1024, 2), (1024, 1))]
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5, (1024, 2),
+    (1024, 1))]
 
 
 def _mobilenetv1(variant: str, width: float, bft: bool, pretrained: bool = False, **kwargs):

@@ -21,12 +21,12 @@ REPEATS = (4, 8, 4)
 
 class ShuffleBlock(nn.Module):
     """Stride 1: split the channels, transform one half, concatenate, shuffle.
-    Stride 2: both branches see the whole input and halve the resolution."""
+    Stride 2: both branches see the whole input and halve the resolution.
+    ``first_pw`` builds the pointwise layers that read the block's input (default: ``pw``)."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, pw, first_pw=None):
         super().__init__()
         mid, first_pw = out_chs // 2, first_pw or pw
-        self.stride = stride
         if stride == 2:
             self.branch1 = nn.Sequential(conv_bn_act(in_chs, in_chs, 3, 2, groups=in_chs, act=None),
                                          ConvBnAct(first_pw(in_chs, mid), mid))
@@ -43,7 +43,8 @@ class ShuffleBlock(nn.Module):
             out = torch.cat((keep, self.branch2(x)), dim=1)
         else:
             out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
-        return nn.functional.channel_shuffle(out, 2)
+        n, c, h, w = out.shape  # shuffle: interleave the two halves (exports to ONNX as reshapes)
+        return out.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
 class ShuffleNetV2(ZooModel):

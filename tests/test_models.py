@@ -1,12 +1,9 @@
 """The model zoo: every model builds through timm, runs forward and backward at 224 and, with
 ``small_input=True``, on 28x28 one-channel images; BFT variants have BFTs where the papers put
 them and nowhere else; timm's own names are left alone."""
-import warnings
-
 import pytest
 import timm
 import torch
-from torch import nn
 
 import butterfly
 from butterfly.models import create_pointwise, registered_models
@@ -124,8 +121,11 @@ def test_bft_twin_has_the_same_structure():
     b_names = {n for n, m in base.named_modules() if is_pointwise_conv(m)}
     t_names = {n for n, m in twin.named_modules() if butterfly.is_bft(m)}
     assert t_names == b_names - {"stages.0.0.branch1.1.conv", "stages.0.0.branch2.0.conv"}
-    strip = lambda m: [type(x).__name__ for x in m.modules() if not (is_pointwise_conv(x) or butterfly.is_bft(x))]
-    assert strip(base) == strip(twin)
+    def others(model):
+        return [type(m).__name__ for m in model.modules()
+                if not (is_pointwise_conv(m) or butterfly.is_bft(m))]
+
+    assert others(base) == others(twin)
 
 
 def test_bft_kwargs_reach_every_layer():

@@ -79,6 +79,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bfloat16 autocast (default: on for GPU, off for CPU)")
+    g.add_argument("--bft-backend", default="auto",
+                   help="implementation of the BFT layers: auto, reference, cpu, triton")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decay-milestones", type=_positive_int, nargs="+", default=[90, 180, 270])
     g.add_argument("--decay-rate", type=_non_negative_float, default=0.1,
                    help="multistep/step factor; the power for poly")
-    g.add_argument("--warmup-epochs", type=_non_negative_int)
+    g.add_argument("--warmup-epochs", type=_non_negative_float, help="may be a fraction")
     g.add_argument("--warmup-lr", type=_non_negative_float, default=1e-5)
     g.add_argument("--warmup-prefix", action=argparse.BooleanOptionalAction, default=False,
                    help="warm-up comes before the --epochs of the schedule")
@@ -177,6 +179,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:8]
         parser.error(f"unknown model '{args.model}'. Close names: {', '.join(close) or 'none'}; "
                      "see timm.list_models() for all registered models")
+    from butterfly import available_backends
+    if args.bft_backend not in available_backends():
+        parser.error(f"--bft-backend {args.bft_backend}: choose one of {available_backends()}")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} does not exist or is not a folder")
     if args.dataset == "imagefolder":

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from butterfly import use_backend
+
 from .args import add_data_args, check_args
 from .checkpoint import CheckpointError, model_weights, read_file
 from .data import build_datasets, describe, eval_loader
@@ -108,7 +110,8 @@ def run(args) -> Dict[str, float]:
         amp = args.amp if args.amp is not None else ctx.device.type == "cuda"
         loader = eval_loader(val_set, args.eval_batch_size, args.workers, ctx.world, ctx.rank,
                              ctx.device.type == "cuda")
-        result = evaluate(model, loader, ctx, amp, args.channels_last)
+        with use_backend(args.bft_backend):
+            result = evaluate(model, loader, ctx, amp, args.channels_last)
         result.update(macs=macs, params=params)
         if ctx.is_main:
             print(summary_line(args.model, result["top1"], result["top5"], macs, params,

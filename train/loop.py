@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from butterfly import param_groups
+from butterfly import param_groups, use_backend
 
 from .checkpoint import (CheckpointError, checkpoint_args, digest, list_ranks, rng_state, save_checkpoint,
                          set_rng_state)
@@ -262,7 +262,8 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, float]:
     try:
         if args.output is None:
             args.output = gather_objects(ctx, default_output(args))[0]  # rank 0's clock
-        return Trainer(args, ctx).run()
+        with use_backend(args.bft_backend):
+            return Trainer(args, ctx).run()
     finally:
         if own:
             cleanup(ctx)

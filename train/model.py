@@ -33,9 +33,9 @@ def create_model(name: str, num_classes: int, in_chans: int, small_input: bool =
 
 def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     """Multiply-adds of one image (``input_size`` = (C, H, W)), counted as the papers count them."""
-    from butterfly.flops import count_macs as _count
-    with warnings.catch_warnings():  # fvcore traces with torch.jit, which warns about itself
+    with warnings.catch_warnings():  # fvcore uses torch.jit, which warns that it is deprecated
         warnings.simplefilter("ignore", FutureWarning)
+        from butterfly.flops import count_macs as _count
         return _count(model, input_size)
 
 

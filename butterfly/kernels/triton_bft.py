@@ -19,6 +19,7 @@ from typing import List, Tuple
 import torch
 import triton
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
@@ -85,17 +86,21 @@ def _delegate(radices: Tuple[int, ...]) -> bool:
     return bool(reason)
 
 
-def _pixels_per_program(geo: Geometry, npix: int, budget: int) -> int:
-    """Pixels per tile: ``budget`` elements of the largest stage product ``BP * NP * K``.
-    Under the interpreter (serial programs, vectorised numpy) bigger tiles are faster."""
-    if INTERPRETED:
-        budget = 1 << 18
-    bp = max(1, budget // (geo.padded_size * geo.max_radix))
-    return max(1, min(triton.next_power_of_2(max(npix, 1)), 1 << (bp.bit_length() - 1), 256))
+def _launch_config(geo: Geometry, npix: int, backward: bool) -> Tuple[int, int]:
+    """(pixels per program, warps). A program keeps ``BP x NP`` float32 values per live tile:
+    about 16 per thread for the forward pass and 8 for the weight gradient (which also keeps
+    every stage's input), from register counts of sm_90 builds (not tuned on a GPU). Under the
+    interpreter (serial programs, vectorised numpy) bigger tiles are faster."""
+    warps = 8 if geo.padded_size >= 512 else 4
+    per_thread = 8 if backward else 16
+    elems = 1 << 16 if INTERPRETED else per_thread * 32 * warps
+    bp = max(1, elems // geo.padded_size)
+    return min(triton.next_power_of_2(max(npix, 1)), bp, 256), warps
 
 
 def _layout(x: Tensor) -> Tuple[bool, int, int]:
-    """(channels_last, pixels per image or rows, images): P == 1 means channels are contiguous."""
+    """(channels_last, pixels per image (or rows), images): ``P == 1`` means channels are
+    contiguous, so a tile is ``BP`` rows of channels; otherwise ``BP`` contiguous pixels."""
     B, _, P = x.shape
     return (True, B, 1) if P == 1 else (False, P, B)
 
@@ -103,13 +108,14 @@ def _layout(x: Tensor) -> Tuple[bool, int, int]:
 def _launch_bft(src: Tensor, weight: Tensor, dst: Tensor, plan: BFTPlan, geo: Geometry,
                 expand: bool, transpose: bool, residual: bool) -> None:
     channels_last, npix, images = _layout(src)
-    bp = _pixels_per_program(geo, npix, budget=1 << 15)
-    grid = (triton.cdiv(npix, bp), images)
-    wrap_triton(bft_kernel)[grid](
-        src, weight, dst, npix, src.shape[1], dst.shape[1], plan.block, plan.num_blocks,
-        weight.shape[1], BP=bp, CHANNELS_LAST=channels_last, EXPAND=expand, TRANSPOSE=transpose,
-        RESIDUAL=residual, F64=dst.dtype == torch.float64 or weight.dtype == torch.float64,
-        num_warps=4, **geo.constexprs())
+    bp, warps = _launch_config(geo, npix, backward=False)
+    tiles_per_img = triton.cdiv(npix, bp)
+    wrap_triton(bft_kernel)[(tiles_per_img * images,)](
+        src, weight, dst, npix, tiles_per_img, src.shape[1], dst.shape[1], plan.block,
+        plan.num_blocks, weight.shape[1], BP=bp, CHANNELS_LAST=channels_last, EXPAND=expand,
+        TRANSPOSE=transpose, RESIDUAL=residual,
+        F64=dst.dtype == torch.float64 or weight.dtype == torch.float64, num_warps=warps,
+        **geo.constexprs())
 
 
 def _num_partials(x: Tensor, tiles: int, blocks: int) -> int:
@@ -121,8 +127,17 @@ def _num_partials(x: Tensor, tiles: int, blocks: int) -> int:
     return max(1, min(tiles, -(-2 * sms // blocks)))
 
 
+def _check_traceable(x: Tensor) -> None:
+    if INTERPRETED and is_fake(x):
+        raise RuntimeError(
+            "the 'triton' BFT backend under TRITON_INTERPRET=1 runs the kernels eagerly and "
+            "cannot be traced (torch.compile, opcheck, make_fx); trace with "
+            "use_backend('reference') or on a GPU without TRITON_INTERPRET")
+
+
 def triton_forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
                    residual: bool) -> Tensor:
+    _check_traceable(x)
     if _delegate(tuple(radices)):
         return bft_reference(x, weight, radices, out_channels, residual)
     plan, geo = BFTPlan(x.shape[1], out_channels, tuple(radices)), Geometry.of(tuple(radices))
@@ -134,6 +149,7 @@ def triton_forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: 
 
 def triton_backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int],
                     out_channels: int, residual: bool) -> Tuple[Tensor, Tensor]:
+    _check_traceable(x)
     if _delegate(tuple(radices)):
         return bft_reference_backward(grad, x, weight, radices, out_channels, residual)
     plan, geo = BFTPlan(x.shape[1], out_channels, tuple(radices)), Geometry.of(tuple(radices))
@@ -146,7 +162,7 @@ def triton_backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int],
     fuse_dx = plan.num_blocks == 1
     if not fuse_dx:  # the transposed butterfly maps output-grad blocks the other way round
         _launch_bft(grad, weight, grad_x, plan, geo, not plan.expand, True, residual)
-    bp = _pixels_per_program(geo, npix, budget=1 << 13)
+    bp, warps = _launch_config(geo, npix, backward=True)
     tiles_per_img = triton.cdiv(npix, bp)
     tiles = tiles_per_img * images
     programs = _num_partials(x, tiles, plan.num_blocks)
@@ -155,7 +171,7 @@ def triton_backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int],
     wrap_triton(bft_wgrad_kernel)[(programs, plan.num_blocks)](
         x, grad, weight, partial, grad_x, npix, tiles_per_img, tiles, x.shape[1], out_channels,
         plan.block, weight.shape[1], BP=bp, CHANNELS_LAST=channels_last, EXPAND=plan.expand,
-        RESIDUAL=residual, FUSE_DX=fuse_dx, F64=f64, num_warps=4, **geo.constexprs())
+        RESIDUAL=residual, FUSE_DX=fuse_dx, F64=f64, num_warps=warps, **geo.constexprs())
     return grad_x, partial.sum(0).to(weight.dtype)
 
 

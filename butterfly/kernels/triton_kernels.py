@@ -207,7 +207,7 @@ def _tile_offsets(pid_p, pid_b, c, NPIX, C, BP: tl.constexpr, CHANNELS_LAST: tl.
 
 
 @triton.jit
-def bft_kernel(src_ptr, w_ptr, dst_ptr, NPIX, C_SRC, C_DST, M, T, W,
+def bft_kernel(src_ptr, w_ptr, dst_ptr, NPIX, TILES_PER_IMG, C_SRC, C_DST, M, T, W,
                RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, NP: tl.constexpr,
                N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
                CHANNELS_LAST: tl.constexpr, EXPAND: tl.constexpr, TRANSPOSE: tl.constexpr,
@@ -216,8 +216,8 @@ def bft_kernel(src_ptr, w_ptr, dst_ptr, NPIX, C_SRC, C_DST, M, T, W,
     gradient. ``EXPAND``: every block reads channels ``0..M`` of ``src`` and writes channels
     ``t*M..t*M+M`` of ``dst``; otherwise block ``t`` reads ``t*M..t*M+M`` and the blocks' outputs
     are summed into channels ``0..M``. The input is read once, the output written once."""
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_p = tl.program_id(0) % TILES_PER_IMG
+    pid_b = tl.program_id(0) // TILES_PER_IMG
     c, cvalid = _channels(NP, M, RAD, KLOG, L, PADDED)
     offs_src, pmask = _tile_offsets(pid_p, pid_b, c, NPIX, C_SRC, BP, CHANNELS_LAST)
     offs_dst, _ = _tile_offsets(pid_p, pid_b, c, NPIX, C_DST, BP, CHANNELS_LAST)

@@ -1,0 +1,74 @@
+"""ONNX export in both forms, checked with onnxruntime; the structured graph's cost is O(n log n)."""
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import butterfly
+from butterfly.export import check_onnx, export_onnx, onnx_macs
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def _net():
+    """Every shape class: expand with bias, padded mixed radix, contract, a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), butterfly.BFT(16, 40, bias=True), nn.ReLU(),
+        butterfly.BFT(40, 24), nn.BatchNorm2d(24), butterfly.BFT(24, 13, residual=False),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), butterfly.BFTLinear(13, 10, bias=True))
+
+
+def _ops(path):
+    graph = onnx.load(str(path)).graph
+    return {(node.domain or "", node.op_type) for node in graph.node}
+
+
+def test_structured_export_runs_in_onnxruntime(tmp_path):
+    net = _net().train()
+    path = export_onnx(net, torch.randn(2, 3, 8, 8), tmp_path / "net.onnx", dynamic_batch=True)
+    assert net.training  # mode restored
+    ops = _ops(path)
+    assert all(domain == "" for domain, _ in ops), f"non-standard ops in the graph: {ops}"
+    assert ("", "Einsum") in ops
+    for batch in (2, 5):
+        assert check_onnx(path, net, torch.randn(batch, 3, 8, 8)) < 1e-5
+    onnx.checker.check_model(str(path))
+
+
+def test_dense_export_runs_in_onnxruntime(tmp_path):
+    net = _net()
+    x = torch.randn(2, 3, 8, 8)
+    path = export_onnx(net, x, tmp_path / "dense.onnx", structured=False)
+    assert sum(butterfly.is_bft(m) for m in net.modules()) == 4  # the model is not changed
+    ops = {op for _, op in _ops(path)}
+    assert "Einsum" not in ops and "Conv" in ops
+    assert check_onnx(path, net, x) < 1e-5
+
+
+def test_structured_graph_cost_grows_like_n_log_n(tmp_path):
+    """MACs counted from the ONNX graphs: the structured one executes exactly the layer's
+    ``macs_per_pixel`` (k n log_k n) and the dense one n^2."""
+    sizes = (64, 256, 1024)
+    structured, dense = [], []
+    for n in sizes:
+        layer = butterfly.BFT(n, n)
+        x = torch.randn(1, n, 1, 1)
+        macs = onnx_macs(export_onnx(layer, x, tmp_path / f"s{n}.onnx"))
+        assert set(macs) == {"Einsum"} and macs["Einsum"] == layer.macs_per_pixel
+        structured.append(macs["Einsum"])
+        dense_macs = onnx_macs(export_onnx(layer, x, tmp_path / f"d{n}.onnx", structured=False))
+        dense.append(sum(dense_macs.values()))
+    assert dense == [n * n for n in sizes]
+    growth = structured[-1] / structured[0]                 # 20480 / 768 = 26.7
+    n_log_n = (1024 * 5) / (64 * 3)                          # log4: 5 vs 3 stages
+    assert growth == pytest.approx(n_log_n, rel=0.01)
+    assert growth < (dense[-1] / dense[0]) / 9               # n^2 grows 256x
+
+
+def test_missing_onnxscript_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(ImportError, match="pip install onnxscript"):
+        export_onnx(butterfly.BFT(8, 8), torch.randn(1, 8, 2, 2), tmp_path / "x.onnx")
