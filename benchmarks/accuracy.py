@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--train-subset", type=int, default=10000, help="training images (60000: all)")
     p.add_argument("--val-subset", type=int, default=5000, help="validation images (10000: all)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0, help="loader processes (0 suits 2 cores)")
     p.add_argument("--data-dir", default=None, help="where the Fashion-MNIST files are, if not standard")
     p.add_argument("--latency-repeats", type=int, default=200)

@@ -132,7 +132,8 @@ def fit_weights(weight: Tensor, plan: BFTPlan, residual: bool = True, cov: Optio
     weight = weight.detach().to(torch.float64)
     expected = (plan.out_channels, plan.in_channels)
     if tuple(weight.shape) != expected:
-        raise ValueError(f"expected a dense weight of shape {expected} for {plan}, got {tuple(weight.shape)}")
+        raise ValueError(f"expected a dense weight of shape {expected} for {plan}, "
+                         f"got {tuple(weight.shape)}")
     targets, known = block_targets(weight, plan, residual)
 
     def hierarchical(matrices: Tensor) -> Tensor:
@@ -186,7 +187,8 @@ def input_covariance(x: Tensor, linear: bool) -> Tensor:
         flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
     else:
         if x.dim() != 4:
-            raise ValueError(f"conv calibration inputs must be (N, C, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(f"conv calibration inputs must be (N, C, H, W), "
+                             f"got shape {tuple(x.shape)}")
         flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).t().to(torch.float64)
     return flat.t() @ flat
 
@@ -200,7 +202,8 @@ def _dense_weight(weight: Union[Tensor, nn.Module], bias: Optional[Tensor]):
     if weight.dim() == 4 and weight.shape[2:] == (1, 1):
         weight = weight.flatten(1)
     if weight.dim() != 2:
-        raise ValueError(f"expected an (out, in) or (out, in, 1, 1) weight, got shape {tuple(weight.shape)}")
+        raise ValueError(f"expected an (out, in) or (out, in, 1, 1) weight, "
+                         f"got shape {tuple(weight.shape)}")
     return weight.detach(), bias
 
 
@@ -226,18 +229,20 @@ def _fit_layer(weight: Tensor, bias: Optional[Tensor], linear: bool, base: int,
 
 
 def from_dense(weight: Union[Tensor, nn.Module], bias: Optional[Tensor] = None, *,
-               linear: bool = False, base: int = 4, residual: Union[bool, str] = "auto",
+               linear: Optional[bool] = None, base: int = 4, residual: Union[bool, str] = "auto",
                calib: Optional[Tensor] = None, steps: int = 100) -> Union[BFT, BFTLinear]:
-    """A ``BFT`` (or ``BFTLinear`` with ``linear=True``) fitted to a dense pointwise layer.
+    """A ``BFT`` (or a ``BFTLinear`` with ``linear=True``, the default for an ``nn.Linear``) fitted
+    to a dense pointwise layer.
 
-    ``weight``: ``(out, in)`` or ``(out, in, 1, 1)`` tensor, or the ``nn.Conv2d``/``nn.Linear`` itself
-    (its bias is copied). ``calib``: inputs of that layer (``(N, C, H, W)`` or ``(..., C)``) for a
-    least-squares fit of its outputs. ``residual``: ``True`` fits ``W - I`` (a BFT computing ``Bx + x``),
-    ``False`` fits ``W``, ``"auto"`` fits both and keeps the smaller error. The layer has the weight's
-    device and dtype; the relative error of the fit is in ``layer.fit_error`` (see
-    :func:`fit_weights`)."""
-    if isinstance(weight, nn.Linear):
-        linear = True
+    ``weight``: ``(out, in)`` or ``(out, in, 1, 1)`` tensor, or the ``nn.Conv2d``/``nn.Linear``
+    itself (its bias is copied). ``calib``: inputs of that layer (``(N, C, H, W)`` or ``(..., C)``)
+    for a least-squares fit of its outputs. ``residual``: ``True`` fits ``W - I`` (a BFT computing
+    ``Bx + x``), ``False`` fits ``W``, ``"auto"`` fits both and keeps the smaller error. The layer
+    has the weight's device and dtype; the relative error of the fit is in ``layer.fit_error``
+    (see :func:`fit_weights`). Note: ``butterfly.convert`` is the function :func:`convert`; import
+    this module's helpers with ``from butterfly.convert import ...``."""
+    if linear is None:
+        linear = isinstance(weight, nn.Linear)
     weight, bias = _dense_weight(weight, bias)
     cov = None if calib is None else input_covariance(calib.to(weight.device), linear)
     return _fit_layer(weight, bias, linear, base, residual, cov, steps)

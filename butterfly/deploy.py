@@ -26,7 +26,8 @@ def dense_equivalent(layer: nn.Module) -> nn.Module:
     an ``nn.Conv2d(in, out, 1)`` or an ``nn.Linear(in, out)`` on the same device and dtype, with
     ``layer.to_dense()`` (residual included) as its weight and the layer's bias, if any."""
     if not is_bft(layer):
-        raise TypeError(f"dense_equivalent expects a BFT or BFTLinear layer, got {type(layer).__name__}")
+        raise TypeError(f"dense_equivalent expects a BFT or BFTLinear layer, "
+                        f"got {type(layer).__name__}")
     matrix = layer.to_dense()
     factory = {"device": matrix.device, "dtype": matrix.dtype}
     has_bias = layer.bias is not None

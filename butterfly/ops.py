@@ -160,10 +160,11 @@ def check_input(x: Tensor, weight: Tensor, in_channels: int, received: int, laye
 def bft(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool) -> Tensor:
     """Apply the BFT of ``plan`` to ``x`` of shape ``(B, C_in, P)``; returns ``(B, C_out, P)``.
 
-    Under ``torch.onnx.export`` the stage-by-stage reference is traced instead of the operator, so
-    the exported graph is made of standard ONNX ops (Pad, Reshape, Einsum) and keeps O(n log n)."""
+    Under ``torch.onnx.export`` the stages are traced as plain PyTorch ops instead of the operator
+    (``butterfly.export.bft_matmul``), so the graph has standard ONNX ops and keeps O(n log n)."""
     weight = weight.reshape(plan.num_blocks, plan.weights_per_block)
     if torch.onnx.is_in_onnx_export():
-        return bft_reference(x.contiguous(), weight, list(plan.radices), plan.out_channels, residual)
+        from .export import bft_matmul  # noqa: PLC0415 (lazy: export imports modules -> ops)
+        return bft_matmul(x.contiguous(), weight, list(plan.radices), plan.out_channels, residual)
     return torch.ops.butterfly.bft(x.contiguous(), weight, list(plan.radices), plan.out_channels,
                                    residual)

@@ -58,22 +58,38 @@ BFT_INLINE void vstream(A* p, vec_t<A> v) {
   vstore(p, v);
 }
 
+// Stores the first `count` (< VL) lanes of v to p.
+template <class A>
+BFT_INLINE void vstore_part(A* p, vec_t<A> v, int count) {
+#if defined(__AVX512F__)
+  const __mmask16 m = (__mmask16)((1u << count) - 1);
+  if constexpr (std::is_same_v<A, float>) return _mm512_mask_storeu_ps(p, m, (__m512)v);
+  if constexpr (std::is_same_v<A, double>) return _mm512_mask_storeu_pd(p, (__mmask8)m, (__m512d)v);
+#endif
+  for (int l = 0; l < count; ++l) p[l] = v[l];
+}
+
+// dst[p] = src[p] for p < np, with streaming stores for the vector-aligned part of dst when
+// `stream` (src is read unaligned to realign it).
+template <class A>
+void copy_out(A* dst, const A* src, int64_t np, bool stream) {
+  constexpr int64_t VL = Vec<A>::lanes;
+  int64_t p = 0;
+  if (stream) {
+    const int64_t head = std::min<int64_t>(
+        np, (VL - (int64_t)(reinterpret_cast<uintptr_t>(dst) / sizeof(A)) % VL) % VL);
+    if (head) vstore_part(dst, vload(src), (int)head);
+    for (p = head; p + VL <= np; p += VL) vstream(dst + p, vload(src + p));
+  } else {
+    for (; p + VL <= np; p += VL) vstore(dst + p, vload(src + p));
+  }
+  if (p < np) vstore_part(dst + p, vload(src + p), (int)(np - p));
+}
+
 // Orders streamed stores before later loads and stores (call once per thread after streaming).
 inline void stream_fence() {
 #if defined(__AVX__)
   _mm_sfence();
-#endif
-}
-
-// Prefetches the cache line at p into L2 (`write`: in a writable state). Inline assembly on
-// x86, because GCC deletes loops that contain nothing but __builtin_prefetch.
-inline void prefetch_line(const char* p, bool write) {
-#if defined(__x86_64__) || defined(__i386__)
-  if (write) asm volatile("prefetchw %0" : : "m"(*p));
-  else asm volatile("prefetcht1 %0" : : "m"(*p));
-#else
-  if (write) __builtin_prefetch(p, 1, 2);
-  else __builtin_prefetch(p, 0, 2);
 #endif
 }
 

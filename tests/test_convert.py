@@ -175,9 +175,9 @@ def test_converted_model_keeps_most_accuracy_after_one_epoch(one_thread):
     model, report = butterfly.convert(model, x_train[:512])
     assert len(report) == 4 and all(butterfly.is_bft(model[int(f.name)]) for f in report)
     converted = _accuracy(model, x_test, y_test)
-    _train(model, x_train, y_train, epochs=1, lr=1e-3)
+    _train(model, x_train, y_train, epochs=1, lr=3e-3)
     tuned = _accuracy(model, x_test, y_test)
     print(f"\n{report}\nFashion-MNIST accuracy: dense {dense:.4f}, converted {converted:.4f}, "
           f"after 1 epoch {tuned:.4f}")
     assert dense > 0.75
-    assert tuned > 0.85 * dense
+    assert tuned > 0.9 * dense  # measured: dense 0.80, converted 0.20, after 1 epoch 0.77

@@ -100,8 +100,10 @@ def test_no_residual():
 @pytest.mark.parametrize("case", [CASES[3], CASES[9]], ids=[CASES[3][0], CASES[9][0]])
 def test_many_programs_deterministic(case, monkeypatch):
     """Small tiles: several programs, ragged last tile, two partial weight-gradient rows per
-    block; the weight gradient is bit-identical on repeated runs."""
+    block, one weight-gradient launch per stage (as for wide butterflies on a GPU); the
+    gradients are bit-identical on repeated runs."""
     monkeypatch.setattr(triton_bft, "_launch_config", lambda geo, npix, backward: (2, 4))
+    monkeypatch.setattr(triton_bft, "ACC_PER_THREAD", 0)
     _, batch, cin, cout, pixels, radices = case
     x, w, grad = _inputs(batch, cin, cout, max(pixels, 5) if pixels > 1 else 1, radices,
                          torch.float32)
@@ -172,8 +174,7 @@ def test_interpreter():
     """Runs the ``interpreted`` tests of this file in a TRITON_INTERPRET=1 subprocess."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p",
-                          "no:cacheprovider", "-W", "ignore::pytest.PytestUnraisableExceptionWarning"],
-                         env=env, capture_output=True, text=True, timeout=600)
+                          "no:cacheprovider"], env=env, capture_output=True, text=True, timeout=600)
     summary = run.stdout[-3000:] + run.stderr[-3000:]
     assert run.returncode == 0, summary
     passed = re.search(r"(\d+) passed", run.stdout)
@@ -208,7 +209,8 @@ def test_kernels_build_for_sm90(radices, dtype, channels_last):
     wgrad = _sm90_compile(bft_wgrad_kernel, {"x_ptr": "*" + dtype, "g_ptr": "*" + dtype,
                                              "w_ptr": "*fp32", "part_ptr": "*fp32",
                                              "dx_ptr": "*" + dtype, **ints},
-                          {**geo, **flags, "EXPAND": True, "FUSE_DX": True})
+                          {**geo, **flags, "EXPAND": True, "LO": int(channels_last),
+                           "HI": len(radices), "FUSE_DX": not channels_last})
     for kernel in (fwd, wgrad):
         assert kernel.asm["cubin"]
 
@@ -247,7 +249,7 @@ def test_traced_for_torch_compile(monkeypatch):
 
 
 @compiled
-@pytest.mark.parametrize("shape", [(2, 16, 16, 5), (3, 12, 20, 1), (2, 20, 12, 4)])
+@pytest.mark.parametrize("shape", [(3, 12, 20, 1), (2, 20, 12, 4)])
 def test_opcheck_reference(shape):
     """opcheck (schema, fake tensor, autograd registration, AOT dispatch) with the CPU
     reference backend; the triton backend needs a GPU for it."""

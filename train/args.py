@@ -19,8 +19,8 @@ _PAPER = {"opt": "sgd", "momentum": 0.9, "weight_decay": 1e-5, "lr_base": 0.5, "
 RECIPES: Dict[str, Dict] = {
     # Short schedule for Fashion-MNIST and other small datasets (the default).
     "fashion-mnist": {"opt": "sgd", "momentum": 0.9, "weight_decay": 5e-5, "lr_base": 0.1,
-                      "lr_base_size": 64, "batch_size": 64, "epochs": 5, "sched": "cosine",
-                      "warmup_epochs": 0, "min_lr": 0.0, "smoothing": 0.0},
+                      "lr_base_size": 32, "batch_size": 32, "epochs": 5, "sched": "cosine",
+                      "warmup_epochs": 0.1, "warmup_lr": 0.01, "min_lr": 0.0, "smoothing": 0.0},
     # 170 epochs, lr 0.5 constant, x0.1 at epochs 140 and 160.
     "mobilenetv1": dict(_PAPER, epochs=170, sched="multistep", decay_milestones=[140, 160],
                         decay_rate=0.1),

@@ -30,7 +30,7 @@ from .data import build_datasets, describe, eval_loader, steps_per_epoch, train_
 from .distributed import Context, barrier, cleanup, gather_objects, setup, sum_across
 from .evaluate import autocast, evaluate
 from .metrics import summary_line, write_history
-from .model import count_macs, count_params, create_model
+from .model import count_macs, count_params, create_model, to_channels_last
 
 _log = logging.getLogger("train")
 
@@ -49,53 +49,20 @@ class Trainer:
         self.amp = args.amp if args.amp is not None else ctx.device.type == "cuda"
         seed_all(args.seed)  # the same initial weights on every rank
         info = describe(args, ctx.rank, lambda: barrier(ctx))
-        small = args.small_input if args.small_input is not None else args.dataset == "fashion-mnist"
-        model = create_model(args.model, info.num_classes, info.in_chans, small, args.drop)
-        if info.img_size is None:
-            info.img_size = resolve_data_config({}, model=model)["input_size"][-1]
-        self.input_size = (info.in_chans, info.img_size, info.img_size)
-        self.macs, self.params = count_macs(model, self.input_size), count_params(model)
-        model.to(ctx.device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if args.sync_bn and ctx.distributed:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model
-
-        self.global_batch = args.batch_size * ctx.world
-        self.lr = args.lr if args.lr_explicit else args.lr_base * self.global_batch / args.lr_base_size
-        self.optimizer = create_optimizer_v2(param_groups(model, args.weight_decay), opt=args.opt,
-                                             lr=self.lr, momentum=args.momentum,
-                                             weight_decay=args.weight_decay)
-        self.ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-
-        train_set, val_set = build_datasets(args, info, model)
+        self.model = self._build_model(info)
+        train_set, val_set = build_datasets(args, info, self.model)
         pin = ctx.device.type == "cuda"
         self.loader, self.sampler = train_loader(train_set, args.batch_size, args.workers,
                                                  ctx.world, ctx.rank, args.seed, pin)
         self.val_loader = eval_loader(val_set, args.eval_batch_size, args.workers, ctx.world,
                                       ctx.rank, pin)
         self.steps = steps_per_epoch(len(train_set), args.batch_size, ctx.world)
-        self.scheduler, self.epochs = create_scheduler_v2(
-            self.optimizer, sched=args.sched, num_epochs=args.epochs,
-            decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
-            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-            warmup_prefix=args.warmup_prefix, step_on_epochs=False, updates_per_epoch=self.steps)
+        self._build_optimization(info.num_classes)
 
-        self.mixup = None
-        if args.mixup > 0 or args.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                               label_smoothing=args.smoothing, num_classes=info.num_classes)
-            self.criterion = SoftTargetCrossEntropy()
-        elif args.smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(args.smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
-
-        wrapped = DistributedDataParallel(model, device_ids=[ctx.device.index] if pin else None) \
-            if ctx.distributed else model
+        wrapped = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if pin else None) \
+            if ctx.distributed else self.model
         self.train_model = torch.compile(wrapped) if args.compile else wrapped
-        self.eval_model = torch.compile(model) if args.compile else model
+        self.eval_model = torch.compile(self.model) if args.compile else self.model
 
         # Position: the next step to take is step `step_in_epoch` of epoch `epoch`.
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -109,6 +76,45 @@ class Trainer:
             seed_all(args.seed + ctx.rank)  # dropout and mixup draw differently on every rank
         if ctx.is_main:
             os.makedirs(self.output, exist_ok=True)
+
+    def _build_model(self, info) -> nn.Module:
+        args = self.args
+        small = args.small_input if args.small_input is not None else args.dataset == "fashion-mnist"
+        model = create_model(args.model, info.num_classes, info.in_chans, small, args.drop)
+        if info.img_size is None:
+            info.img_size = resolve_data_config({}, model=model)["input_size"][-1]
+        self.input_size = (info.in_chans, info.img_size, info.img_size)
+        self.macs, self.params = count_macs(model, self.input_size), count_params(model)
+        model.to(self.ctx.device)
+        if args.channels_last:
+            to_channels_last(model)
+        if args.sync_bn and self.ctx.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def _build_optimization(self, num_classes: int) -> None:
+        """timm's optimizer, per-step scheduler, EMA and mixup; BFT weights get no weight decay."""
+        args = self.args
+        self.global_batch = args.batch_size * self.ctx.world
+        self.lr = args.lr if args.lr_explicit else args.lr_base * self.global_batch / args.lr_base_size
+        self.optimizer = create_optimizer_v2(param_groups(self.model, args.weight_decay),
+                                             opt=args.opt, lr=self.lr, momentum=args.momentum,
+                                             weight_decay=args.weight_decay)
+        self.scheduler, self.epochs = create_scheduler_v2(
+            self.optimizer, sched=args.sched, num_epochs=args.epochs,
+            decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, min_lr=args.min_lr,
+            warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+            warmup_prefix=args.warmup_prefix, step_on_epochs=False, updates_per_epoch=self.steps)
+        self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay) if args.model_ema else None
+        self.mixup = None
+        if args.mixup > 0 or args.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                               label_smoothing=args.smoothing, num_classes=num_classes)
+            self.criterion = SoftTargetCrossEntropy()
+        elif args.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(args.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self, partial) -> Dict:
@@ -160,6 +166,33 @@ class Trainer:
                       self.step_in_epoch, self.global_step)
 
     # ------------------------------------------------------------------------ training
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch; returns ``[loss sum, correct, images]`` of the batch."""
+        args, ctx = self.args, self.ctx
+        x = x.to(ctx.device, non_blocking=True)
+        y = y.to(ctx.device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = y
+        if self.mixup is not None:
+            x, target = self.mixup(x, y)
+        self.scheduler.step_update(num_updates=self.global_step)
+        with autocast(ctx, self.amp):
+            out = self.train_model(x)
+            loss = self.criterion(out, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+        self.optimizer.step()
+        self.global_step += 1
+        self.step_in_epoch += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        with torch.no_grad():
+            n = torch.tensor(float(y.numel()), dtype=torch.float64, device=ctx.device)
+            return torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(), n])
+
     def train_epoch(self) -> Dict[str, float]:
         args, ctx = self.args, self.ctx
         self.sampler.set_position(self.epoch, self.step_in_epoch * args.batch_size)
@@ -170,33 +203,10 @@ class Trainer:
                    disable=not ctx.is_main or args.no_progress)
         start, images = time.perf_counter(), 0
         for x, y in self.loader:
-            x = x.to(ctx.device, non_blocking=True)
-            y = y.to(ctx.device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            target = y
-            if self.mixup is not None:
-                x, target = self.mixup(x, y)
-            self.scheduler.step_update(num_updates=self.global_step)
-            with autocast(ctx, self.amp):
-                out = self.train_model(x)
-                loss = self.criterion(out, target)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.model, step=self.global_step + 1)
-            self.global_step += 1
-            self.step_in_epoch += 1
-            with torch.no_grad():
-                sums += torch.stack([loss.detach().double() * y.numel(),
-                                     (out.argmax(1) == y).sum().double(),
-                                     torch.tensor(y.numel(), dtype=torch.float64, device=ctx.device)])
+            sums += self._step(x, y)
             images += y.numel()
             bar.update()
-            if ctx.is_main and (self.step_in_epoch % 10 == 0 or self.step_in_epoch == self.steps):
+            if not bar.disable and (self.step_in_epoch % 10 == 0 or self.step_in_epoch == self.steps):
                 loss_sum, correct, n = sums.tolist()
                 bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{100 * correct / n:.1f}%",
                                 img_s=f"{images * ctx.world / (time.perf_counter() - start):.0f}")

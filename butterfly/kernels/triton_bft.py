@@ -10,8 +10,8 @@ On CPU tensors the backend runs only under ``TRITON_INTERPRET=1``, which must be
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import List, Tuple
@@ -31,8 +31,9 @@ from .triton_kernels import bft_kernel, bft_wgrad_kernel
 # Decided when triton's @jit ran (at import): interpreted kernels run on CPU tensors.
 INTERPRETED = not isinstance(bft_kernel, JITFunction)
 
-MAX_RADIX = 16      # padded radix: the [BP, A, K, K, TT] stage product grows with K
+MAX_RADIX = 16      # padded radix: a stage unrolls K * K weight terms
 MAX_TILE = 1 << 14  # padded channels a program keeps on chip
+ACC_PER_THREAD = 64  # float32 weight-gradient accumulators per thread and launch
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Geometry:
     padded_size: int
     size: int
     padded: bool
-    max_radix: int
+    padded_radices: Tuple[int, ...]
 
     @staticmethod
     def of(radices: Tuple[int, ...]) -> "Geometry":
@@ -54,7 +55,7 @@ class Geometry:
                         klog=sum(lg << (3 * s) for s, lg in enumerate(logs)),
                         stages=len(radices), padded_size=1 << sum(logs), size=math.prod(radices),
                         padded=any(k & (k - 1) for k in radices),
-                        max_radix=1 << max(logs, default=0))
+                        padded_radices=tuple(1 << lg for lg in logs))
 
     def constexprs(self) -> dict:
         return dict(RAD=self.rad, KLOG=self.klog, L=self.stages, NP=self.padded_size, N=self.size,
@@ -64,9 +65,9 @@ class Geometry:
 def _unsupported(radices: Tuple[int, ...]) -> str:
     """Why the kernels do not take this plan ('' when they do)."""
     geo = Geometry.of(radices)
-    if any(k > 31 for k in radices) or geo.max_radix > MAX_RADIX:
-        return (f"radices {radices} contain a radix above {MAX_RADIX}: the kernel's per-stage "
-                f"product grows with the radix; choose a plan with smaller radices (base 2 or 4)")
+    if any(k > MAX_RADIX for k in geo.padded_radices):
+        return (f"radices {radices} contain a radix above {MAX_RADIX} (a stage unrolls radix^2 "
+                f"terms); choose a plan with smaller radices (base 2 or 4)")
     if geo.padded_size > MAX_TILE:
         return (f"a butterfly of {geo.padded_size} (padded) channels does not fit on chip "
                 f"(limit {MAX_TILE})")
@@ -88,11 +89,11 @@ def _delegate(radices: Tuple[int, ...]) -> bool:
 
 def _launch_config(geo: Geometry, npix: int, backward: bool) -> Tuple[int, int]:
     """(pixels per program, warps). A program keeps ``BP x NP`` float32 values per live tile:
-    about 16 per thread for the forward pass and 8 for the weight gradient (which also keeps
+    about 16 per thread for the forward pass and 4 for the weight gradient (which also keeps
     every stage's input), from register counts of sm_90 builds (not tuned on a GPU). Under the
     interpreter (serial programs, vectorised numpy) bigger tiles are faster."""
     warps = 8 if geo.padded_size >= 512 else 4
-    per_thread = 8 if backward else 16
+    per_thread = 4 if backward else 16
     elems = 1 << 16 if INTERPRETED else per_thread * 32 * warps
     bp = max(1, elems // geo.padded_size)
     return min(triton.next_power_of_2(max(npix, 1)), bp, 256), warps
@@ -127,37 +128,66 @@ def _num_partials(x: Tensor, tiles: int, blocks: int) -> int:
     return max(1, min(tiles, -(-2 * sms // blocks)))
 
 
-def _check_traceable(x: Tensor) -> None:
+def _stage_groups(geo: Geometry, warps: int) -> List[Tuple[int, int]]:
+    """Consecutive stage ranges ``[lo, hi)`` whose weight-gradient accumulators (``NP * K`` per
+    stage) fit in ``ACC_PER_THREAD`` registers per thread: one weight-gradient launch each."""
+    budget = ACC_PER_THREAD * 32 * warps
+    groups, lo, used = [], 0, 0
+    for s, k in enumerate(geo.padded_radices):
+        cost = geo.padded_size * k
+        if s > lo and used + cost > budget:
+            groups.append((lo, s))
+            lo, used = s, 0
+        used += cost
+    return groups + [(lo, geo.stages)]
+
+
+def _device_of(x: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``x``'s (when tracing, the compiler
+    places the kernels itself)."""
     if INTERPRETED and is_fake(x):
         raise RuntimeError(
             "the 'triton' BFT backend under TRITON_INTERPRET=1 runs the kernels eagerly and "
             "cannot be traced (torch.compile, opcheck, make_fx); trace with "
             "use_backend('reference') or on a GPU without TRITON_INTERPRET")
+    if x.is_cuda and not is_fake(x):
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def triton_forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
                    residual: bool) -> Tensor:
-    _check_traceable(x)
+    device = _device_of(x)
     if _delegate(tuple(radices)):
         return bft_reference(x, weight, radices, out_channels, residual)
     plan, geo = BFTPlan(x.shape[1], out_channels, tuple(radices)), Geometry.of(tuple(radices))
     y = torch.empty(x.shape[0], out_channels, x.shape[2], dtype=x.dtype, device=x.device)
     if y.numel():
-        _launch_bft(x, weight.contiguous(), y, plan, geo, plan.expand, False, residual)
+        with device:
+            _launch_bft(x.contiguous(), weight.contiguous(), y, plan, geo, plan.expand, False,
+                        residual)
     return y
 
 
 def triton_backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int],
                     out_channels: int, residual: bool) -> Tuple[Tensor, Tensor]:
-    _check_traceable(x)
+    device = _device_of(x)
     if _delegate(tuple(radices)):
         return bft_reference_backward(grad, x, weight, radices, out_channels, residual)
     plan, geo = BFTPlan(x.shape[1], out_channels, tuple(radices)), Geometry.of(tuple(radices))
-    weight = weight.contiguous()
+    grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
     f64 = x.dtype == torch.float64 or weight.dtype == torch.float64
     grad_x = torch.empty_like(x)
     if x.numel() == 0:
         return grad_x, torch.zeros_like(weight)
+    with device:
+        partial = _backward_launches(grad, x, weight, grad_x, plan, geo, residual, f64)
+    return grad_x, partial.sum(0).to(weight.dtype)
+
+
+def _backward_launches(grad: Tensor, x: Tensor, weight: Tensor, grad_x: Tensor, plan: BFTPlan,
+                       geo: Geometry, residual: bool, f64: bool) -> Tensor:
+    """Writes ``grad_x``; returns the per-program partial weight gradients."""
     channels_last, npix, images = _layout(x)
     fuse_dx = plan.num_blocks == 1
     if not fuse_dx:  # the transposed butterfly maps output-grad blocks the other way round
@@ -168,18 +198,20 @@ def triton_backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int],
     programs = _num_partials(x, tiles, plan.num_blocks)
     partial = torch.empty(programs, plan.num_blocks, weight.shape[1], device=x.device,
                           dtype=torch.float64 if f64 else torch.float32)
-    wrap_triton(bft_wgrad_kernel)[(programs, plan.num_blocks)](
-        x, grad, weight, partial, grad_x, npix, tiles_per_img, tiles, x.shape[1], out_channels,
-        plan.block, weight.shape[1], BP=bp, CHANNELS_LAST=channels_last, EXPAND=plan.expand,
-        RESIDUAL=residual, FUSE_DX=fuse_dx, F64=f64, num_warps=warps, **geo.constexprs())
-    return grad_x, partial.sum(0).to(weight.dtype)
+    for lo, hi in _stage_groups(geo, warps):
+        wrap_triton(bft_wgrad_kernel)[(programs, plan.num_blocks)](
+            x, grad, weight, partial, grad_x, npix, tiles_per_img, tiles, x.shape[1],
+            plan.out_channels, plan.block, weight.shape[1], BP=bp, CHANNELS_LAST=channels_last,
+            EXPAND=plan.expand, RESIDUAL=residual, LO=lo, HI=hi, FUSE_DX=fuse_dx and lo == 0,
+            F64=f64, num_warps=warps, **geo.constexprs())
+    return partial
 
 
 def triton_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     # The interpreter runs the same kernels on host tensors (tests on machines without a GPU).
-    return device.type == "cpu" and INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and INTERPRETED
 
 
 register_backend(Backend("triton", triton_forward, triton_backward, triton_available,

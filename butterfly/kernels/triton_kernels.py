@@ -264,11 +264,12 @@ def _stage_grads(gs, xs, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.constexpr,
 
 
 @triton.jit
-def _zero_grads(RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, NP: tl.constexpr,
+def _zero_grads(KLOG: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, NP: tl.constexpr,
                 F64: tl.constexpr):
-    """Weight-gradient accumulators: per stage, ``K * K`` zero tensors ``[A, TT]``."""
+    """Weight-gradient accumulators of stages ``LO..HI-1``: per stage, ``K * K`` zero tensors
+    ``[A, TT]``."""
     accs = ()
-    for s in tl.static_range(L):
+    for s in tl.static_range(LO, HI):
         stage = ()
         for p in tl.static_range(1 << (2 * _klog(KLOG, s))):
             stage = stage + (_acc(tl.zeros([1 << _prefix_log(KLOG, s),
@@ -280,8 +281,9 @@ def _zero_grads(RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, NP: tl.c
 
 @triton.jit
 def _store_grads(part_ptr, accs, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr,
-                 NP: tl.constexpr, N: tl.constexpr, PADDED: tl.constexpr):
-    for s in tl.static_range(L):
+                 LO: tl.constexpr, HI: tl.constexpr, NP: tl.constexpr, N: tl.constexpr,
+                 PADDED: tl.constexpr):
+    for s in tl.static_range(LO, HI):
         offs, wmask = _weight_offsets(RAD, KLOG, L, s, NP, N, PADDED)
         for p in tl.static_range(1 << _klog(KLOG, s)):
             for q in tl.static_range(1 << _klog(KLOG, s)):
@@ -289,7 +291,7 @@ def _store_grads(part_ptr, accs, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.co
                     if _bitrev(q, _klog(KLOG, s)) < _radix(RAD, s):
                         tl.store(part_ptr + offs + _bitrev(p, _klog(KLOG, s)) * _radix(RAD, s)
                                  + _bitrev(q, _klog(KLOG, s)),
-                                 accs[s][p * (1 << _klog(KLOG, s)) + q], mask=wmask)
+                                 accs[s - LO][p * (1 << _klog(KLOG, s)) + q], mask=wmask)
 
 
 @triton.jit
@@ -298,12 +300,16 @@ def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG,
                      RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, NP: tl.constexpr,
                      N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, EXPAND: tl.constexpr, RESIDUAL: tl.constexpr,
-                     FUSE_DX: tl.constexpr, F64: tl.constexpr):
-    """Weight gradient of block ``program_id(1)``: program ``program_id(0)`` walks the pixel tiles
-    ``pid, pid + G, ...``, recomputes every stage's input on chip, back-propagates the output
-    gradient through the stages and accumulates ``sum_p g_s[c_i] * a_s[c_j]`` in registers; it
-    writes its partial sums to ``part[pid, t]`` (a second reduction sums them: deterministic, no
-    atomics). ``FUSE_DX`` (single block): also writes the input gradient ``dx``."""
+                     LO: tl.constexpr, HI: tl.constexpr, FUSE_DX: tl.constexpr,
+                     F64: tl.constexpr):
+    """Weight gradient of stages ``LO..HI-1`` of block ``program_id(1)``.
+
+    Program ``program_id(0)`` walks the pixel tiles ``pid, pid + G, ...``: it recomputes the
+    stages' inputs on chip, back-propagates the output gradient through the stages and
+    accumulates ``sum_p g_s[c_i] * a_s[c_j]`` in registers, then writes its partial sums to
+    ``part[pid, t]`` (a second reduction sums them: deterministic, no atomics). Wide butterflies
+    split their stages over several launches so that the accumulators fit in registers.
+    ``FUSE_DX`` (single block, ``LO == 0``): also writes the input gradient ``dx``."""
     pid = tl.program_id(0)
     t = tl.program_id(1)
     G = tl.num_programs(0)
@@ -319,35 +325,41 @@ def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG,
         cg = c
     xmask = cvalid & (cx < C_IN)
     gmask = cvalid & (cg < C_OUT)
-    accs = _zero_grads(RAD, KLOG, L, NP, F64)
+    accs = _zero_grads(KLOG, LO, HI, NP, F64)
     for tile in range(pid, NUM_TILES, G):
         offs_x, pmask = _tile_offsets(tile % TILES_PER_IMG, tile // TILES_PER_IMG, cx, NPIX,
                                       C_IN, BP, CHANNELS_LAST)
         offs_g, _ = _tile_offsets(tile % TILES_PER_IMG, tile // TILES_PER_IMG, cg, NPIX,
                                   C_OUT, BP, CHANNELS_LAST)
         z = _acc(tl.load(x_ptr + offs_x, mask=pmask & xmask[None, :], other=0.0), F64)
-        acts = (z,)
-        for s in tl.static_range(L - 1):
-            z = _stage(z, wt_ptr, RAD, KLOG, L, s, NP, N, BP, PADDED, False)
-            acts = acts + (z,)
+        acts = ()  # the inputs of stages LO..HI-1
+        for s in tl.static_range(HI):
+            if s >= LO:
+                acts = acts + (z,)
+            if s < HI - 1:
+                z = _stage(z, wt_ptr, RAD, KLOG, L, s, NP, N, BP, PADDED, False)
         g0 = _acc(tl.load(g_ptr + offs_g, mask=pmask & gmask[None, :], other=0.0), F64)
         g = g0
         new_accs = ()
-        for i in tl.static_range(L):
-            gs = _split(g, KLOG, L - 1 - i, NP, BP)
-            grads = _stage_grads(gs, _split(acts[L - 1 - i], KLOG, L - 1 - i, NP, BP), RAD,
-                                 KLOG, L - 1 - i, NP, F64)
-            stage = ()
-            for p in tl.static_range(1 << (2 * _klog(KLOG, L - 1 - i))):
-                stage = stage + (accs[L - 1 - i][p] + grads[p],)
-            new_accs = (stage,) + new_accs
-            if FUSE_DX or i < L - 1:
-                offs, wmask = _weight_offsets(RAD, KLOG, L, L - 1 - i, NP, N, PADDED)
-                g = _join(_mix(gs, wt_ptr, offs, wmask, RAD, KLOG, L - 1 - i, True), KLOG,
-                          L - 1 - i, NP, BP)
+        for i in tl.static_range(L - LO):
+            if L - 1 - i >= HI:
+                g = _stage(g, wt_ptr, RAD, KLOG, L, L - 1 - i, NP, N, BP, PADDED, True)
+            else:
+                gs = _split(g, KLOG, L - 1 - i, NP, BP)
+                grads = _stage_grads(gs, _split(acts[L - 1 - i - LO], KLOG, L - 1 - i, NP, BP),
+                                     RAD, KLOG, L - 1 - i, NP, F64)
+                stage = ()
+                for p in tl.static_range(1 << (2 * _klog(KLOG, L - 1 - i))):
+                    stage = stage + (accs[L - 1 - i - LO][p] + grads[p],)
+                new_accs = (stage,) + new_accs
+                if FUSE_DX or L - 1 - i > LO:
+                    offs, wmask = _weight_offsets(RAD, KLOG, L, L - 1 - i, NP, N, PADDED)
+                    g = _join(_mix(gs, wt_ptr, offs, wmask, RAD, KLOG, L - 1 - i, True), KLOG,
+                              L - 1 - i, NP, BP)
         accs = new_accs
         if FUSE_DX:
             if RESIDUAL:
                 g += g0
             tl.store(dx_ptr + offs_x, g.to(dx_ptr.dtype.element_ty), mask=pmask & xmask[None, :])
-    _store_grads(part_ptr + (pid * tl.num_programs(1) + t) * W, accs, RAD, KLOG, L, NP, N, PADDED)
+    _store_grads(part_ptr + (pid * tl.num_programs(1) + t) * W, accs, RAD, KLOG, L, LO, HI, NP,
+                 N, PADDED)

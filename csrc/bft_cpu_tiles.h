@@ -1,0 +1,251 @@
+// The shape of a BFT layer (Plan), how a tensor's pixels are cut into tiles (Tiling), and the
+// copies between a tensor and a tile buffer buf[c][lane] (pixels contiguous, one row per channel).
+#pragma once
+
+#include <cstdlib>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "bft_cpu_simd.h"
+
+namespace bft {
+
+// Block size m, T blocks of n = prod(radices) channels; see butterfly/plan.py.
+struct Plan {
+  int64_t cin = 0, cout = 0, m = 0, n = 1, T = 1, W = 0;
+  bool expand = true, residual = false;
+  std::vector<int> radix, segs, stride;  // per stage: radix, segments, stride
+  std::vector<int64_t> woff;             // per stage: offset of its weights in a block's W
+
+  // rows of block t that carry input (zero beyond), and where they start in x
+  int64_t in_rows(int64_t t) const { return expand ? cin : std::min(m, cin - t * m); }
+  int64_t in_off(int64_t t) const { return expand ? 0 : t * m; }
+  // rows of block t that reach the output, and where they go in y
+  int64_t out_rows(int64_t t) const { return expand ? std::min(m, cout - t * m) : m; }
+  int64_t out_off(int64_t t) const { return expand ? t * m : 0; }
+  int stages() const { return (int)radix.size(); }
+};
+
+// Fills p; returns an empty string, or what is wrong with the arguments.
+inline std::string make_plan(int64_t cin, int64_t cout, const int64_t* radices, int64_t len,
+                             bool residual, Plan& p) {
+  if (cin < 1 || cout < 1) return "need at least one input and one output channel";
+  p = Plan{};
+  p.cin = cin;
+  p.cout = cout;
+  p.m = std::min(cin, cout);
+  p.T = (std::max(cin, cout) + p.m - 1) / p.m;
+  p.expand = cin <= cout;
+  p.residual = residual;
+  for (int64_t s = 0; s < len; ++s) {
+    if (radices[s] < 2) return "every radix must be >= 2";
+    p.n *= radices[s];
+    if (p.n > (int64_t{1} << 24)) return "the product of the radices is too large";
+  }
+  if (p.n < p.m) return "the product of the radices must be >= min(in_channels, out_channels)";
+  int64_t a = 1, off = 0;
+  for (int64_t s = 0; s < len; ++s) {
+    const int64_t k = radices[s];
+    p.radix.push_back((int)k);
+    p.segs.push_back((int)a);
+    p.stride.push_back((int)(p.n / (a * k)));
+    p.woff.push_back(off);
+    off += p.n * k;
+    a *= k;
+  }
+  p.W = off;
+  return "";
+}
+
+// np pixels of image b starting at pixel p0 (NCHW), or rows p0.. (P == 1), at buffer lane `lane`.
+struct Segment {
+  int64_t b, p0, np, lane;
+};
+
+// NCHW (P > 1): body tiles of up to tp pixels (whole vectors) inside one image; the last P % VL
+// pixels of every image ("tails") are packed, several images per tile, into the lanes of one
+// buffer. P == 1: tiles of tp rows. Element (c, p) of a segment of a (B, C, P) tensor sits at
+// data[offset + c * cs + p * ps].
+struct Tiling {
+  int64_t B, P, tp, whole, per_image, nbody, rem, per_tail, ntiles;
+
+  bool body(int64_t i) const { return i < nbody; }
+  template <class F>
+  void segments(int64_t i, F&& f) const {
+    if (P == 1) return f(Segment{0, i * tp, std::min(tp, B - i * tp), 0});
+    if (i < nbody) {
+      const int64_t p0 = (i % per_image) * tp;
+      return f(Segment{i / per_image, p0, std::min(tp, whole - p0), 0});
+    }
+    const int64_t first = (i - nbody) * per_tail;
+    for (int64_t k = 0; k < per_tail && first + k < B; ++k) f(Segment{first + k, whole, rem, k * rem});
+  }
+  Segment first(int64_t i) const {
+    Segment first{};
+    bool seen = false;
+    segments(i, [&](const Segment& s) { if (!seen) first = s, seen = true; });
+    return first;
+  }
+  // lanes of tile i's buffer that hold pixels
+  int64_t used(int64_t i) const {
+    if (P == 1) return std::min(tp, B - i * tp);
+    if (i < nbody) return std::min(tp, whole - (i % per_image) * tp);
+    return std::min(per_tail, B - (i - nbody) * per_tail) * rem;
+  }
+  int64_t offset(const Segment& s, int64_t C) const { return P > 1 ? s.b * C * P + s.p0 : s.p0 * C; }
+  int64_t cs(int64_t C) const { return P > 1 ? P : 1; }
+  int64_t ps(int64_t C) const { return P > 1 ? 1 : C; }
+};
+
+// Pixels per tile: `rows` buffer rows should fit in `budget` bytes; a multiple of the vector
+// length, at most `cap`, and enough tiles to keep `threads` threads busy.
+template <class A>
+Tiling make_tiling(int64_t B, int64_t P, int64_t rows, int64_t budget, int64_t cap, int threads) {
+  constexpr int64_t VL = Vec<A>::lanes;
+  auto up = [](int64_t v) { return (v + VL - 1) / VL * VL; };
+  int64_t tp = std::min<int64_t>(budget / (rows * (int64_t)sizeof(A)), cap) / VL * VL;
+  tp = std::max(VL, std::min(tp, up(P > 1 ? P : B)));
+  Tiling tl{};
+  for (;; tp = std::max(VL, tp / 2 / VL * VL)) {
+    tl = Tiling{B, P, tp, 0, 0, 0, 0, 0, 0};
+    if (P > 1) {
+      tl.whole = P / VL * VL;
+      tl.per_image = (tl.whole + tp - 1) / tp;
+      tl.nbody = B * tl.per_image;
+      tl.rem = P - tl.whole;
+      tl.per_tail = tl.rem ? std::max<int64_t>(1, tp / tl.rem) : 0;
+      tl.ntiles = tl.nbody + (tl.rem ? (B + tl.per_tail - 1) / tl.per_tail : 0);
+    } else {
+      tl.nbody = tl.ntiles = (B + tp - 1) / tp;
+    }
+    if (tp == VL || tl.ntiles >= 4 * threads) break;
+  }
+  return tl;
+}
+
+// Per-thread scratch buffers, kept between calls: allocating them per call would fault in
+// (and zero) fresh pages every time. Slot `slot` of the calling thread, at least `elems` long.
+template <class A>
+A* scratch(int slot, int64_t elems) {
+  struct Buffer {
+    void* p = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buffers[4];
+  Buffer& b = buffers[slot];
+  // one spare vector: partial-vector copies may read (never use) up to a vector past the end
+  const size_t bytes = ((size_t)std::max<int64_t>(elems, 1) * sizeof(A) + 63) / 64 * 64 + 64;
+  if (b.bytes < bytes) {
+    std::free(b.p);
+    b.p = std::aligned_alloc(64, bytes);
+    b.bytes = b.p ? bytes : 0;
+    if (!b.p) throw std::bad_alloc();
+  }
+  return static_cast<A*>(b.p);
+}
+
+// buf[c][0..lw) = 0 for valid <= c < rows, buf[c][used..lw) = 0 for c < valid.
+template <class A>
+void zero_rest(A* buf, int64_t ld, int64_t rows, int64_t valid, int64_t used, int64_t lw) {
+  for (int64_t c = 0; c < rows; ++c)
+    for (int64_t p = c < valid ? used : 0; p < lw; ++p) buf[c * ld + p] = A(0);
+}
+
+// buf[c][p] = src[c * cs + p * ps] for c < rows, p < np. ps == 1: NCHW rows; otherwise a
+// channels-last segment (cs == 1), transposed on the way.
+template <class S, class A>
+void load_rows(A* buf, int64_t ld, const S* src, int64_t rows, int64_t cs, int64_t ps, int64_t np) {
+  constexpr int64_t VL = Vec<A>::lanes;
+  if (ps == 1) {
+    for (int64_t c = 0; c < rows; ++c)
+      for (int64_t p = 0; p < np; ++p) buf[c * ld + p] = static_cast<A>(src[c * cs + p]);
+    return;
+  }
+  int64_t p0 = 0;
+  if constexpr (std::is_same_v<S, A>) {
+    for (; p0 + VL <= np; p0 += VL) {
+      int64_t c0 = 0;
+      for (; c0 + VL <= rows; c0 += VL) {
+        vec_t<A> r[VL];
+        for (int64_t k = 0; k < VL; ++k) r[k] = vload(src + (p0 + k) * ps + c0);
+        transpose<A>(r);
+        for (int64_t k = 0; k < VL; ++k) vstore(buf + (c0 + k) * ld + p0, r[k]);
+      }
+      for (int64_t c = c0; c < rows; ++c)
+        for (int64_t p = p0; p < p0 + VL; ++p) buf[c * ld + p] = src[p * ps + c];
+    }
+  }
+  for (int64_t c = 0; c < rows; ++c)
+    for (int64_t p = p0; p < np; ++p) buf[c * ld + p] = static_cast<A>(src[p * ps + c]);
+}
+
+// dst[c * cs + p * ps] = buf[c][p] for c < rows, p < np (buf rows readable up to a whole
+// vector). `stream`: streaming stores where dst is vector-aligned.
+template <class S, class A>
+void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_t rows,
+                int64_t np, bool stream) {
+  constexpr int64_t VL = Vec<A>::lanes;
+  if (ps == 1) {
+    if constexpr (std::is_same_v<S, A>) {
+      for (int64_t c = 0; c < rows; ++c) copy_out(dst + c * cs, buf + c * ld, np, stream);
+    } else {
+      for (int64_t c = 0; c < rows; ++c)
+        for (int64_t p = 0; p < np; ++p) dst[c * cs + p] = static_cast<S>(buf[c * ld + p]);
+    }
+    return;
+  }
+  int64_t p0 = 0;
+  if constexpr (std::is_same_v<S, A>) {
+    const bool aligned = stream && reinterpret_cast<uintptr_t>(dst) % BFT_VECTOR_BYTES == 0 &&
+                         (ps * (int64_t)sizeof(A)) % BFT_VECTOR_BYTES == 0;
+    for (; p0 + VL <= np; p0 += VL) {
+      int64_t c0 = 0;
+      for (; c0 + VL <= rows; c0 += VL) {
+        vec_t<A> r[VL];
+        for (int64_t k = 0; k < VL; ++k) r[k] = vload(buf + (c0 + k) * ld + p0);
+        transpose<A>(r);
+        if (aligned) for (int64_t k = 0; k < VL; ++k) vstream(dst + (p0 + k) * ps + c0, r[k]);
+        else for (int64_t k = 0; k < VL; ++k) vstore(dst + (p0 + k) * ps + c0, r[k]);
+      }
+      for (int64_t p = p0; p < p0 + VL; ++p)
+        for (int64_t c = c0; c < rows; ++c) dst[p * ps + c] = buf[c * ld + p];
+    }
+  }
+  for (int64_t p = p0; p < np; ++p)
+    for (int64_t c = 0; c < rows; ++c) dst[p * ps + c] = static_cast<S>(buf[c * ld + p]);
+}
+
+// dst[c][p] (+)= src[c][p] for c < rows, p < np (accumulate: add instead of copy).
+template <class A>
+void copy_rows(A* dst, int64_t dld, const A* src, int64_t sld, int64_t rows, int64_t np,
+               bool accumulate) {
+  for (int64_t c = 0; c < rows; ++c)
+    for (int64_t p = 0; p < np; ++p)
+      dst[c * dld + p] = accumulate ? dst[c * dld + p] + src[c * sld + p] : src[c * sld + p];
+}
+
+// Loads block rows of every segment of tile i into buf (zero elsewhere, up to lw lanes).
+// `valid` rows come from the tensor (data + row_off * cs), the other rows < n are zero.
+template <class S, class A>
+void load_tile(A* buf, int64_t ld, int64_t n, int64_t lw, const Tiling& tl, int64_t i,
+               const S* data, int64_t C, int64_t row_off, int64_t valid) {
+  const int64_t cs = tl.cs(C), ps = tl.ps(C);
+  tl.segments(i, [&](const Segment& s) {
+    load_rows(buf + s.lane, ld, data + tl.offset(s, C) + row_off * cs, valid, cs, ps, s.np);
+  });
+  zero_rest(buf, ld, n, valid, tl.used(i), lw);
+}
+
+// Stores `rows` buffer rows of every segment of tile i to data + row_off * cs.
+template <class S, class A>
+void store_tile(S* data, int64_t C, int64_t row_off, int64_t rows, const Tiling& tl, int64_t i,
+                const A* buf, int64_t ld, bool stream) {
+  const int64_t cs = tl.cs(C), ps = tl.ps(C);
+  tl.segments(i, [&](const Segment& s) {
+    store_rows(data + tl.offset(s, C) + row_off * cs, cs, ps, buf + s.lane, ld, rows, s.np, stream);
+  });
+}
+
+}  // namespace bft

@@ -1,0 +1,214 @@
+"""The fused C++ CPU kernel ("cpu" backend) against the pure-PyTorch reference.
+
+The oracle is autograd through ``bft_reference``: outputs, input gradients and weight gradients
+must match for every shape class of the layer (square power, mixed radix, padded, expand,
+contract), both layouts (NCHW: P > 1; channels-last and linear: P == 1), odd spatial sizes, and
+float64 / float32 / bfloat16. The first test to run compiles the kernel (cached afterwards).
+"""
+import warnings
+
+import pytest
+import torch
+
+from butterfly import BFT, BFTLinear, use_backend
+from butterfly.kernels import cpu
+from butterfly.ops import backend_for
+from butterfly.plan import BFTPlan, make_plan
+from butterfly.reference import bft_reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernel():
+    if cpu.load_extension() is None:
+        pytest.fail("the CPU kernel did not build; see the warning above")
+
+
+def oracle(x, w, radices, out_channels, residual, grad):
+    """(y, grad_x, grad_w) by autograd through the reference."""
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    y = bft_reference(x, w, radices, out_channels, residual)
+    y.backward(grad)
+    return y.detach(), x.grad, w.grad
+
+
+def kernel(x, w, radices, out_channels, residual, grad):
+    """(y, grad_x, grad_w) through the butterfly::bft operator on the "cpu" backend."""
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    with use_backend("cpu"):
+        y = torch.ops.butterfly.bft(x, w, list(radices), out_channels, residual)
+        y.backward(grad)
+    return y.detach(), x.grad, w.grad
+
+
+def assert_close(got, want, dtype):
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        scale = r.double().abs().max().item() if r.numel() else 0.0
+        err = (g.double() - r.double()).abs().max().item() if r.numel() else 0.0
+        assert err <= tol * (1 + scale), f"max error {err} (scale {scale})"
+
+
+# (name, in, out, radices): every shape class of the layer, and radices the planner never picks
+SHAPES = [
+    ("square-base4", 16, 16, (4, 4)),
+    ("square-base2", 16, 16, (2, 2, 2, 2)),
+    ("square-base3", 27, 27, (3, 3, 3)),
+    ("square-base8", 64, 64, (8, 8)),
+    ("mixed-radix", 120, 120, (4, 5, 3, 2)),
+    ("mixed-radix-base2", 24, 24, (2, 2, 2, 3)),
+    ("padded", 13, 13, (4, 4)),
+    ("padded-planned", 37, 37, (4, 5, 2)),
+    ("expand", 12, 40, (4, 3)),
+    ("expand-padded", 5, 23, (2, 3)),
+    ("contract", 40, 12, (4, 3)),
+    ("contract-padded", 23, 5, (2, 3)),
+    ("single-radix", 3, 3, (3,)),
+    ("large-prime-radix", 11, 11, (13,)),
+    ("radix-7", 7, 7, (7,)),
+    ("identity-size-1", 1, 3, ()),
+]
+# (batch, pixels): 1x1, 7x7, 13x17 images, and channels-last / linear rows (pixels == 1)
+LAYOUTS = [(1, 1), (2, 49), (1, 221), (37, 1), (3, 4)]
+
+
+@pytest.mark.parametrize("name,cin,cout,radices", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("residual", [True, False])
+def test_operator_matches_reference(name, cin, cout, radices, residual):
+    plan = BFTPlan(cin, cout, radices)
+    for batch, pixels in LAYOUTS:
+        x = torch.randn(batch, cin, pixels, dtype=torch.float64)
+        w = torch.randn(plan.num_blocks, plan.weights_per_block, dtype=torch.float64) / 2
+        g = torch.randn(batch, cout, pixels, dtype=torch.float64)
+        assert_close(kernel(x, w, radices, cout, residual, g),
+                     oracle(x, w, radices, cout, residual, g), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,cin,cout,radices", [SHAPES[0], SHAPES[4], SHAPES[8], SHAPES[10]],
+                         ids=["square", "mixed-radix", "expand", "contract"])
+def test_low_precision(dtype, name, cin, cout, radices):
+    """float32 runs in float32; bfloat16 / float16 accumulate in float32 like the reference."""
+    plan = BFTPlan(cin, cout, radices)
+    for batch, pixels in [(2, 49), (40, 1)]:
+        x = torch.randn(batch, cin, pixels).to(dtype)
+        w = (torch.randn(plan.num_blocks, plan.weights_per_block) / 2).to(dtype)
+        g = torch.randn(batch, cout, pixels).to(dtype)
+        got = kernel(x, w, radices, cout, True, g)
+        want = oracle(x, w, radices, cout, True, g)
+        assert_close(got, want, torch.bfloat16 if dtype != torch.float32 else dtype)
+
+
+@pytest.mark.parametrize("base", [2, 3, 4, 8])
+@pytest.mark.parametrize("cin,cout", [(32, 32), (24, 40), (40, 24)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_module_matches_reference(base, cin, cout, channels_last):
+    layer = BFT(cin, cout, base=base).double()
+    for batch, (h, w) in [(1, (1, 1)), (2, (7, 7)), (1, (13, 17))]:
+        x = torch.randn(batch, cin, h, w, dtype=torch.float64)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        results = []
+        for backend in ("cpu", "reference"):
+            xi = x.clone().requires_grad_()
+            layer.zero_grad()
+            with use_backend(backend):
+                y = layer(xi)
+                y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+            results.append((y.detach(), xi.grad, layer.weight.grad.clone()))
+        assert results[0][0].is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert_close(results[0], results[1], torch.float64)
+
+
+def test_non_contiguous_input():
+    layer = BFT(24, 24, base=4).double()
+    x = torch.randn(2, 24, 9, 14, dtype=torch.float64)[:, :, :, ::2]  # strided view
+    lin = BFTLinear(24, 40).double()
+    z = torch.randn(24, 5, dtype=torch.float64).t()  # (5, 24), transposed
+    for module, inp in ((layer, x), (lin, z)):
+        assert not inp.is_contiguous()
+        with use_backend("cpu"):
+            got = module(inp)
+        with use_backend("reference"):
+            want = module(inp)
+        assert_close([got], [want], torch.float64)
+    w = torch.randn(1, BFTPlan(24, 24, (4, 3, 2)).weights_per_block, dtype=torch.float64)
+    xt = torch.randn(24, 3, 5, dtype=torch.float64).transpose(0, 1)  # (3, 24, 5), strided
+    got = torch.ops.butterfly.bft_cpu_forward(xt, w, [4, 3, 2], 24, True)
+    assert_close([got], [bft_reference(xt, w, (4, 3, 2), 24, True)], torch.float64)
+
+
+def test_weight_gradient_is_deterministic():
+    """Bit-identical weight gradients over repeated runs and for any thread count."""
+    plan = make_plan(64, 64, 4)
+    x = torch.randn(16, 64, 20 * 20)
+    w = torch.randn(1, plan.weights_per_block)
+    g = torch.randn(16, 64, 400)
+    threads = torch.get_num_threads()
+    try:
+        grads = []
+        for n in (2, 2, 2, 1):
+            torch.set_num_threads(n)
+            grads.append(torch.ops.butterfly.bft_cpu_backward(g, x, w, list(plan.radices), 64, True)[1])
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        assert torch.equal(grads[0], other)
+
+
+def test_auto_picks_the_kernel_for_cpu_tensors():
+    assert backend_for(torch.device("cpu")).name == "cpu"
+
+
+def test_other_dtypes_run_the_reference():
+    """A float64 weight with float32 input computes in float64, like the reference."""
+    plan = BFTPlan(16, 16, (4, 4))
+    x = torch.randn(2, 16, 5)
+    w = torch.randn(1, plan.weights_per_block, dtype=torch.float64)
+    with use_backend("cpu"):
+        got = torch.ops.butterfly.bft(x, w, [4, 4], 16, True)
+    assert torch.equal(got, bft_reference(x, w, (4, 4), 16, True))
+
+
+def test_bad_arguments_say_what_is_expected():
+    w = torch.randn(1, 100)
+    with pytest.raises(RuntimeError, match="expected weight of shape"):
+        torch.ops.butterfly.bft_cpu_forward(torch.randn(2, 16, 3), w, [4, 4], 16, True)
+    with pytest.raises(RuntimeError, match="product of the radices"):
+        torch.ops.butterfly.bft_cpu_forward(torch.randn(2, 16, 3), w, [2, 2], 16, True)
+
+
+def test_fake_tensor_registration():
+    plan = BFTPlan(12, 20, (4, 3))
+    x = torch.randn(2, 12, 5)
+    w = torch.randn(plan.num_blocks, plan.weights_per_block)
+    g = torch.randn(2, 20, 5)
+    torch.library.opcheck(torch.ops.butterfly.bft_cpu_forward.default, (x, w, [4, 3], 20, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.butterfly.bft_cpu_backward.default, (g, x, w, [4, 3], 20, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_unavailable_kernel_warns_once_and_falls_back(monkeypatch):
+    layer = BFT(24, 24, base=4)
+    x = torch.randn(2, 24, 5, 5)
+    with use_backend("reference"):
+        want = layer(x)
+    monkeypatch.setenv(cpu.DISABLE_ENV, "1")
+    cpu.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="fused CPU kernel is unavailable.*BUTTERFLY_DISABLE"):
+            with use_backend("cpu"):
+                got = layer(x)
+        assert torch.equal(got, want)
+        assert backend_for(torch.device("cpu")).name == "reference"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with use_backend("cpu"):
+                layer(x)
+    finally:
+        monkeypatch.delenv(cpu.DISABLE_ENV)
+        cpu.reset()
+    assert backend_for(torch.device("cpu")).name == "cpu"
