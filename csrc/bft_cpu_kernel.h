@@ -4,9 +4,10 @@
 // Tiling) is computed block by block in per-thread buffers that stay in cache: all stages run
 // there and the result is written once. NCHW body tiles in the compute dtype are read and
 // written in place by the first and last runs (no copy). Outputs too large for the cache are
-// written with streaming stores. Weight gradients: one partial per chunk of tiles (a fixed
-// number of chunks, whatever the thread count), reduced in chunk order: the same inputs give
-// bit-identical gradients.
+// written with streaming stores. Tiles go to threads dynamically (a thread the OS preempts
+// holds up one tile, not a share). Weight gradients: one partial per chunk of tiles (a fixed
+// number of chunks, whatever the thread count or schedule), reduced in chunk order: the same
+// inputs give bit-identical gradients.
 #pragma once
 
 #include <omp.h>
@@ -107,7 +108,7 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
     A* ubuf = scratch<A>(0, pl.n * ld);  // the block's input
     A* buf = scratch<A>(1, pl.n * ld);   // its output
     A* acc = scratch<A>(2, sum_blocks ? pl.m * ld : 0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < tl.ntiles; ++i) {
       const int64_t lw = (tl.used(i) + VL - 1) / VL * VL, nv = lw / VL;
       // NCHW body tiles in the compute dtype: whole vectors, read and written in place
@@ -195,14 +196,14 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
       }
       if (sum_blocks) store_tile(gx, pl.cin, 0, pl.m, tl, i, acc, ld, stream);
     };
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; ++c)
       for (int64_t i = c * per; i < std::min(tl.ntiles, (c + 1) * per); ++i)
         tile(partial.data() + c * gwn, i);
     stream_fence();
   }
   // fixed-order reduction of the chunk partials
-#pragma omp parallel for num_threads(opt.threads) schedule(static)
+#pragma omp parallel for num_threads(opt.threads) schedule(static) if (gwn * chunks >= (1 << 18))
   for (int64_t e = 0; e < gwn; ++e) {
     A s = chunks ? partial[e] : A(0);
     for (int64_t c = 1; c < chunks; ++c) s += partial[c * gwn + e];

@@ -32,6 +32,7 @@ RECIPES: Dict[str, Dict] = {
 }
 
 DATASETS = ("fashion-mnist", "imagefolder")
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
 
 
 def _positive_int(text: str) -> int:
@@ -71,7 +72,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--img-size", type=_positive_int, default=None,
                    help="input resolution (default: 28 for Fashion-MNIST, the model's for ImageFolder)")
     g.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
-                   help="small-input stem for 28x32-pixel inputs (default: on for Fashion-MNIST); "
+                   help="small-input stem for 28x28 or 32x32 inputs (default: on for Fashion-MNIST); "
                         "only passed to models that accept it")
     g.add_argument("--workers", type=_non_negative_int, default=2, help="data loader processes per rank")
     g.add_argument("--eval-batch-size", type=_positive_int, default=256)
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=_non_negative_float)
     g.add_argument("--weight-decay", type=_non_negative_float,
                    help="for conv/linear weights; BFT weights, norms and biases get none")
-    g.add_argument("--sched", help="timm scheduler: cosine, multistep, poly, step, constant, ...")
+    g.add_argument("--sched", choices=SCHEDULERS, help="timm scheduler, stepped every iteration")
     g.add_argument("--decay-milestones", type=_positive_int, nargs="+", default=[90, 180, 270])
     g.add_argument("--decay-rate", type=_non_negative_float, default=0.1,
                    help="multistep/step factor; the power for poly")
@@ -173,13 +174,15 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
                training: bool = False) -> None:
     """Fail before any work: unknown model, missing folders or files, inconsistent options."""
     import timm  # imported here so that --help stays fast
+    from timm.optim import list_optimizers
 
-    import butterfly  # noqa: F401  (registers the project's models with timm)
+    from butterfly import available_backends  # importing butterfly registers its models with timm
     if not timm.is_model(args.model):
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:8]
         parser.error(f"unknown model '{args.model}'. Close names: {', '.join(close) or 'none'}; "
                      "see timm.list_models() for all registered models")
-    from butterfly import available_backends
+    if training and args.opt.lower() not in list_optimizers():
+        parser.error(f"--opt {args.opt}: not a timm optimizer (see timm.optim.list_optimizers())")
     if args.bft_backend not in available_backends():
         parser.error(f"--bft-backend {args.bft_backend}: choose one of {available_backends()}")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
@@ -192,5 +195,5 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
             if not os.path.isdir(os.path.join(args.data_dir, split)):
                 parser.error(f"{os.path.join(args.data_dir, split)} is missing: an ImageFolder "
                              "dataset needs one subfolder per split, each with a folder per class")
-    if getattr(args, "sched", None) == "multistep" and args.decay_milestones != sorted(args.decay_milestones):
+    if training and args.sched == "multistep" and args.decay_milestones != sorted(args.decay_milestones):
         parser.error(f"--decay-milestones must be increasing, got {args.decay_milestones}")

@@ -265,7 +265,7 @@ def train_loader(dataset: SeededSamples, batch_size: int, workers: int, world: i
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, world: int, rank: int,
                 pin: bool) -> DataLoader:
     return DataLoader(dataset, batch_size, sampler=ShardSampler(len(dataset), world, rank),
-                      num_workers=workers, pin_memory=pin)
+                      num_workers=workers, pin_memory=pin, generator=torch.Generator())
 
 
 def steps_per_epoch(dataset_len: int, batch_size: int, world: int) -> int:

@@ -25,14 +25,11 @@ def _real_index(idx, RAD: tl.constexpr, KLOG: tl.constexpr, LO: tl.constexpr, HI
     valid = idx >= 0
     mult = idx * 0 + 1
     for i in tl.static_range(HI - LO):
-        u = HI - 1 - i
-        k = (RAD >> (5 * u)) & 31
-        klog = (KLOG >> (3 * u)) & 7
-        d = idx & ((1 << klog) - 1)
-        idx = idx >> klog
+        d = idx & ((1 << _klog(KLOG, HI - 1 - i)) - 1)
+        idx = idx >> _klog(KLOG, HI - 1 - i)
         real += d * mult
-        valid = valid & (d < k)
-        mult = mult * k
+        valid = valid & (d < _radix(RAD, HI - 1 - i))
+        mult = mult * _radix(RAD, HI - 1 - i)
     return real, valid
 
 

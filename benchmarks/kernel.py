@@ -1,0 +1,232 @@
+"""Wall-clock benchmark of the fused CPU kernel: BFT against the 1x1 convolution it replaces.
+
+    python benchmarks/kernel.py                 # full run; writes benchmarks/results/kernel_cpu.md
+    python benchmarks/kernel.py --quick         # three shapes, fewer repetitions
+    python benchmarks/kernel.py --out FILE.md   # write the results elsewhere
+
+For batch 32 at every shape it times, interleaved round by round (so load from other processes
+hits all variants alike), and reports the median after warm-up:
+
+* ``nn.Conv2d(in, out, 1, bias=False)`` on NCHW and on channels_last input; the faster of the two
+  is the baseline;
+* ``BFT(in, out, base)`` for bases 4 and 2 on the "cpu" backend (the fused kernel), NCHW and
+  channels_last;
+* the stage-by-stage pure-PyTorch reference (base 4, NCHW);
+* a copy of an output-sized tensor: the memory traffic every layer of this shape needs at least.
+
+Inference is the forward pass under ``torch.no_grad()``; training is forward + backward with
+gradients for the input and the weights. GMAC/s count the layer's useful multiply-adds: for BFT
+``macs_per_pixel * pixels`` per forward (the MACs it executes), for the conv ``in * out * pixels``;
+training counts three times the forward (forward, input gradient, weight gradient). Threads =
+cores. When CUDA is present, the GPU section of ``benchmarks/kernel_gpu.py`` is appended.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+import butterfly
+from butterfly import BFT, use_backend
+from butterfly.kernels import cpu
+
+BATCH = 32
+# (name, in, out, H = W)
+SHAPES: List[Tuple[str, int, int, int]] = [
+    ("square 64", 64, 64, 56), ("square 128", 128, 128, 28), ("square 256", 256, 256, 14),
+    ("square 512", 512, 512, 14), ("square 1024", 1024, 1024, 7),
+    ("ShuffleNetV2 116", 116, 116, 28), ("ShuffleNetV2 232", 232, 232, 14),
+    ("ShuffleNetV2 464", 464, 464, 7),
+    ("MobileNetV1 32->64", 32, 64, 112), ("MobileNetV1 512->1024", 512, 1024, 14),
+]
+QUICK_SHAPES = [SHAPES[0], SHAPES[4], SHAPES[6]]
+# ratio targets of the issue (base 4, best BFT format): inference, training
+TARGETS = {64: (2.0, 1.5), 128: (2.0, 1.5), 256: (4.0, 2.5), 512: (6.0, 2.5), 1024: (10.0, 2.5)}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(f for f in ("avx512f", "avx2", "fma") if f in flags) or "none of avx512f/avx2/fma"
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def make_step(module: nn.Module, x: torch.Tensor, backend: str, train: bool) -> Callable[[], None]:
+    """One inference (no grad) or training (forward + backward) step of ``module`` on ``x``."""
+    if not train:
+        def step():
+            with torch.no_grad(), use_backend(backend):
+                module(x)
+        return step
+    x = x.detach().requires_grad_()
+    with torch.no_grad():
+        grad = torch.randn_like(module(x))
+
+    def step():
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        with use_backend(backend):
+            module(x).backward(grad)
+    return step
+
+
+def time_interleaved(steps: Dict[str, Callable[[], None]], rounds: int, warmup: int,
+                     budget_s: float) -> Dict[str, float]:
+    """Median milliseconds of every step; each round runs every step once. A step slower than
+    ``budget_s`` per call gets fewer repetitions (at least 3)."""
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+    for name, step in steps.items():
+        for _ in range(warmup):
+            step()
+    for r in range(rounds):
+        for name, step in steps.items():
+            if r >= 3 and times[name] and statistics.median(times[name]) > budget_s * 1e3:
+                continue
+            t0 = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure(cin: int, cout: int, hw: int, train: bool, rounds: int) -> Dict[str, float]:
+    x = torch.randn(BATCH, cin, hw, hw)
+    xl = x.contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(cin, cout, 1, bias=False)
+    conv_cl = nn.Conv2d(cin, cout, 1, bias=False).to(memory_format=torch.channels_last)
+    bft4, bft2 = BFT(cin, cout, base=4), BFT(cin, cout, base=2)
+    steps = {
+        "conv NCHW": make_step(conv, x, "auto", train),
+        "conv CL": make_step(conv_cl, xl, "auto", train),
+        "BFT-4 NCHW": make_step(bft4, x, "cpu", train),
+        "BFT-4 CL": make_step(bft4, xl, "cpu", train),
+        "BFT-2 NCHW": make_step(bft2, x, "cpu", train),
+        "BFT-2 CL": make_step(bft2, xl, "cpu", train),
+        "reference": make_step(bft4, x, "reference", train),
+    }
+    out, src = torch.empty(BATCH, cout, hw, hw), torch.randn(BATCH, cout, hw, hw)
+    steps["copy"] = lambda: out.copy_(src)
+    ms = time_interleaved(steps, rounds, warmup=2, budget_s=0.5)
+    pixels = BATCH * hw * hw
+    ms["_macs_conv"] = cin * cout * pixels
+    ms["_macs_bft4"], ms["_macs_bft2"] = bft4.macs_per_pixel * pixels, bft2.macs_per_pixel * pixels
+    return ms
+
+
+def table(results: List[Tuple[Tuple[str, int, int, int], Dict[str, float]]], train: bool) -> str:
+    factor = 3 if train else 1  # training: forward, input gradient, weight gradient
+
+    def cell(ms: float, macs: float, best: float) -> str:
+        return f"{ms:.2f} ms, {factor * macs / ms / 1e6:.1f} GMAC/s, **{best / ms:.2f}x**"
+
+    lines = ["| layer | H=W | conv NCHW | conv channels_last | BFT base 4, NCHW | "
+             "BFT base 4, channels_last | BFT base 2, NCHW | BFT base 2, channels_last | "
+             "reference (base 4) | copy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (name, cin, cout, hw), r in results:
+        best = min(r["conv NCHW"], r["conv CL"])
+        conv = [f"{r[k]:.2f} ms, {factor * r['_macs_conv'] / r[k] / 1e6:.1f} GMAC/s"
+                for k in ("conv NCHW", "conv CL")]
+        bft = [cell(r[f"BFT-{b} {f}"], r[f"_macs_bft{b}"], best)
+               for b in (4, 2) for f in ("NCHW", "CL")]
+        lines.append(f"| {name} | {hw} | {conv[0]} | {conv[1]} | {' | '.join(bft)} | "
+                     f"{r['reference']:.1f} ms, {best / r['reference']:.2f}x | {r['copy']:.2f} ms |")
+    return "\n".join(lines)
+
+
+def targets(results, train: bool) -> str:
+    lines = ["| C | target | reached (best BFT format, base 4) | |", "|---|---|---|---|"]
+    for (name, cin, cout, hw), r in results:
+        if cin != cout or cin not in TARGETS:
+            continue
+        target = TARGETS[cin][1 if train else 0]
+        ratio = min(r["conv NCHW"], r["conv CL"]) / min(r["BFT-4 NCHW"], r["BFT-4 CL"])
+        lines.append(f"| {cin} | >= {target}x | {ratio:.2f}x | {'met' if ratio >= target else 'missed'} |")
+    return "\n".join(lines)
+
+
+def gpu_section(args) -> str:
+    try:
+        from benchmarks.kernel_gpu import run_gpu_section
+    except ImportError:
+        try:
+            from kernel_gpu import run_gpu_section
+        except ImportError:
+            return "GPU section skipped: benchmarks/kernel_gpu.py is not available.\n"
+    return run_gpu_section(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="three shapes, fewer repetitions")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15, quick 5)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_cpu.md"),
+                        help="markdown file to write")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (5 if args.quick else 15)
+    torch.set_num_threads(cores())
+    if cpu.load_extension() is None:
+        print("the CPU kernel is unavailable (see the warning); nothing to benchmark", file=sys.stderr)
+        return 1
+    command = "python benchmarks/kernel.py" + (" --quick" if args.quick else "") + \
+        (f" --rounds {args.rounds}" if args.rounds else "")
+    sections = [
+        "# BFT CPU kernel vs 1x1 convolution",
+        "",
+        f"CPU: {cpu_model()}, {cores()} cores ({cpu_flags()}); torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), butterfly {butterfly.__version__}. Batch {BATCH}, "
+        f"residual on, float32. Median of {rounds} interleaved rounds after 2 warm-up calls.",
+        f"Reproduce: `{command}`.",
+        "",
+        "Each cell: median time, achieved GMAC/s (useful multiply-adds; training counts 3x the "
+        "forward) and, in bold, the ratio best-conv-time / time (> 1: faster than the faster of "
+        "the two convolutions). *copy*: copying an output-sized tensor, the least memory traffic "
+        "of any layer of this shape; a BFT time close to it is memory-bound.",
+    ]
+    for train in (False, True):
+        results = []
+        for shape in (QUICK_SHAPES if args.quick else SHAPES):
+            r = measure(*shape[1:], train=train, rounds=rounds)
+            results.append((shape, r))
+            print(f"{'training' if train else 'inference'} {shape[0]}: " + ", ".join(
+                f"{k} {v:.2f} ms" for k, v in r.items() if not k.startswith("_")), flush=True)
+        title = "Training (forward + backward)" if train else "Inference (forward, no grad)"
+        sections += ["", f"## {title}", "", table(results, train), "", "Targets of the issue:", "",
+                     targets(results, train)]
+    text = "\n".join(sections) + "\n"
+    if torch.cuda.is_available():
+        text += "\n" + gpu_section(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
