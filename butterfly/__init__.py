@@ -1,5 +1,5 @@
 """butterfly: the Butterfly Transform (BFT) as a fast, drop-in PyTorch layer."""
-from .convert import convert, from_dense
+from .conversion import convert, from_dense
 from .deploy import densify, optimize_for_inference
 from .export import export_onnx
 from .modules import BFT, BFTLinear, is_bft

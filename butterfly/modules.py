@@ -108,8 +108,8 @@ class BFT(_BFTBase):
     @classmethod
     def from_dense(cls, weight, bias: Optional[Tensor] = None, **kwargs) -> "BFT":
         """A BFT fitted to a 1x1 conv (its ``(out, in[, 1, 1])`` weight or the ``nn.Conv2d``);
-        keyword arguments and the fit are those of :func:`butterfly.convert.from_dense`."""
-        from .convert import from_dense
+        keyword arguments and the fit are those of :func:`butterfly.conversion.from_dense`."""
+        from .conversion import from_dense
         return from_dense(weight, bias, linear=False, **kwargs)
 
 
@@ -137,8 +137,8 @@ class BFTLinear(_BFTBase):
     @classmethod
     def from_dense(cls, weight, bias: Optional[Tensor] = None, **kwargs) -> "BFTLinear":
         """A BFTLinear fitted to a linear layer (its ``(out, in)`` weight or the ``nn.Linear``);
-        keyword arguments and the fit are those of :func:`butterfly.convert.from_dense`."""
-        from .convert import from_dense
+        keyword arguments and the fit are those of :func:`butterfly.conversion.from_dense`."""
+        from .conversion import from_dense
         return from_dense(weight, bias, linear=True, **kwargs)
 
 

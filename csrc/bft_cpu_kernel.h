@@ -98,8 +98,9 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   const bool sum_blocks = !pl.expand && pl.T > 1;
   const Runs<A> runs(pl, w, opt.max_run);
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
-  // y too large to stay in cache: write it with streaming stores
-  const bool stream = same && B * pl.cout * P * (int64_t)sizeof(S) >= opt.stream_bytes;
+  // y too large to stay in cache (and already in memory): write it with streaming stores
+  const int64_t ybytes = B * pl.cout * P * (int64_t)sizeof(S);
+  const bool stream = same && ybytes >= opt.stream_bytes && pages_resident(y, ybytes);
   // the last run may write y rows itself when they are vector-aligned
   const bool aligned_rows = reinterpret_cast<uintptr_t>(y) % BFT_VECTOR_BYTES == 0 &&
                             (P * (int64_t)sizeof(S)) % BFT_VECTOR_BYTES == 0;
@@ -144,7 +145,8 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
   const int64_t ld = tl.tp, slot = pl.n * ld;
   const bool sum_blocks = pl.expand && pl.T > 1;  // grad_x sums over the blocks
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
-  const bool stream = same && B * pl.cin * P * (int64_t)sizeof(S) >= opt.stream_bytes;
+  const int64_t gxbytes = B * pl.cin * P * (int64_t)sizeof(S);
+  const bool stream = same && gxbytes >= opt.stream_bytes && pages_resident(gx, gxbytes);
   const bool aligned_rows = reinterpret_cast<uintptr_t>(gx) % BFT_VECTOR_BYTES == 0 &&
                             (P * (int64_t)sizeof(S)) % BFT_VECTOR_BYTES == 0;
   // weight-gradient partials: chunk c owns tiles [c * per, (c + 1) * per)

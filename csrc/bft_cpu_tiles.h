@@ -9,6 +9,11 @@
 
 #include "bft_cpu_simd.h"
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 namespace bft {
 
 // Block size m, T blocks of n = prod(radices) channels; see butterfly/plan.py.
@@ -124,6 +129,26 @@ Tiling make_tiling(int64_t B, int64_t P, int64_t rows, int64_t budget, int64_t c
   return tl;
 }
 
+// Whether the first and last pages of [p, p + bytes) are in memory. Fresh allocations from
+// the OS are not: their first write faults the page in (zeroing it through the cache), after
+// which streaming stores are slower than plain ones.
+inline bool pages_resident(const void* p, size_t bytes) {
+#if defined(__unix__) || defined(__APPLE__)
+  const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  for (uintptr_t at : {(uintptr_t)p, (uintptr_t)p + bytes - 1}) {
+    unsigned char in_core = 0;
+#if defined(__APPLE__)
+    const int rc = mincore(reinterpret_cast<caddr_t>(at / page * page), 1, reinterpret_cast<char*>(&in_core));
+#else
+    const int rc = mincore(reinterpret_cast<void*>(at / page * page), 1, &in_core);
+#endif
+    if (rc != 0) return true;  // cannot tell: assume resident
+    if (!(in_core & 1)) return false;
+  }
+#endif
+  return true;
+}
+
 // Per-thread scratch buffers, kept between calls: allocating them per call would fault in
 // (and zero) fresh pages every time. Slot `slot` of the calling thread, at least `elems` long.
 template <class A>
@@ -133,7 +158,7 @@ A* scratch(int slot, int64_t elems) {
     size_t bytes = 0;
     ~Buffer() { std::free(p); }
   };
-  thread_local Buffer buffers[4];
+  thread_local Buffer buffers[5];
   Buffer& b = buffers[slot];
   // one spare vector: partial-vector copies may read (never use) up to a vector past the end
   const size_t bytes = ((size_t)std::max<int64_t>(elems, 1) * sizeof(A) + 63) / 64 * 64 + 64;
@@ -198,19 +223,24 @@ void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_
   }
   int64_t p0 = 0;
   if constexpr (std::is_same_v<S, A>) {
-    const bool aligned = stream && reinterpret_cast<uintptr_t>(dst) % BFT_VECTOR_BYTES == 0 &&
-                         (ps * (int64_t)sizeof(A)) % BFT_VECTOR_BYTES == 0;
+    // VL pixels at a time: transpose into a staging block laid out like dst, then copy it out
+    // with whole aligned vectors (rows of dst are rarely vector-aligned themselves)
+    A* stage = scratch<A>(4, VL * ps);
     for (; p0 + VL <= np; p0 += VL) {
       int64_t c0 = 0;
       for (; c0 + VL <= rows; c0 += VL) {
         vec_t<A> r[VL];
         for (int64_t k = 0; k < VL; ++k) r[k] = vload(buf + (c0 + k) * ld + p0);
         transpose<A>(r);
-        if (aligned) for (int64_t k = 0; k < VL; ++k) vstream(dst + (p0 + k) * ps + c0, r[k]);
-        else for (int64_t k = 0; k < VL; ++k) vstore(dst + (p0 + k) * ps + c0, r[k]);
+        for (int64_t k = 0; k < VL; ++k) vstore(stage + k * ps + c0, r[k]);
       }
-      for (int64_t p = p0; p < p0 + VL; ++p)
-        for (int64_t c = c0; c < rows; ++c) dst[p * ps + c] = buf[c * ld + p];
+      for (int64_t k = 0; k < VL; ++k)
+        for (int64_t c = c0; c < rows; ++c) stage[k * ps + c] = buf[c * ld + p0 + k];
+      if (rows == ps) {
+        copy_out(dst + p0 * ps, stage, VL * ps, stream);
+      } else {
+        for (int64_t k = 0; k < VL; ++k) std::memcpy(dst + (p0 + k) * ps, stage + k * ps, rows * sizeof(A));
+      }
     }
   }
   for (int64_t p = p0; p < np; ++p)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import butterfly
-from butterfly.convert import factor_butterfly, fit_weights, relative_error
+from butterfly.conversion import factor_butterfly, fit_weights, relative_error
 
 SHAPES = {
     "square-power": (64, 64, 4),

@@ -9,9 +9,7 @@ import butterfly
 from butterfly.export import bft_matmul, check_onnx, export_onnx, onnx_macs
 from butterfly.reference import bft_reference
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+import onnx  # noqa: E402  (test extras: onnx, onnxruntime, onnxscript; a missing one must fail)
 
 
 def _net():

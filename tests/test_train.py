@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 from butterfly import is_bft
 from train.args import parse_args
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.data import FASHION_MNIST_FILES, FashionMNIST, find_fashion_mnist
+from train.data import FashionMNIST, find_fashion_mnist
 from train.loop import Trainer, run
 from train.distributed import setup
 

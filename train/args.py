@@ -60,7 +60,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     """Options shared by training and evaluation: dataset, model input, loader."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="fashion-mnist",
-                   help="fashion-mnist (default) or an ImageFolder tree (--data-dir with train/ and val/)")
+                   help="fashion-mnist, or an ImageFolder tree (--data-dir with train/ and val/)")
     g.add_argument("--data-dir", default=None,
                    help="ImageFolder root, or where to look first for the Fashion-MNIST IDX files")
     g.add_argument("--train-split", default="train", help="ImageFolder subfolder for training")
@@ -119,19 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoothing", type=_non_negative_float, help="label smoothing")
     g.add_argument("--mixup", type=_non_negative_float, default=0.0, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=_non_negative_float, default=0.0, help="cutmix alpha (0: off)")
-    g.add_argument("--drop", type=_non_negative_float, default=None, help="dropout before the classifier")
-    g.add_argument("--aa", default=None, help="timm auto-augment policy (ImageFolder), e.g. rand-m9-mstd0.5")
+    g.add_argument("--drop", type=_non_negative_float, default=None,
+                   help="dropout before the classifier")
+    g.add_argument("--aa", default=None,
+                   help="timm auto-augment policy (ImageFolder), e.g. rand-m9-mstd0.5")
     g.add_argument("--color-jitter", type=_non_negative_float, default=0.4, help="(ImageFolder)")
-    g.add_argument("--reprob", type=_non_negative_float, default=0.0, help="random erasing prob (ImageFolder)")
+    g.add_argument("--reprob", type=_non_negative_float, default=0.0,
+                   help="random erasing probability (ImageFolder)")
     g.add_argument("--no-aug", action="store_true", help="no training augmentation")
-    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm ModelEmaV3)")
+    g.add_argument("--model-ema", action="store_true",
+                   help="keep an EMA of the weights (timm ModelEmaV3)")
     g.add_argument("--model-ema-decay", type=_non_negative_float, default=0.9998)
 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output", default=None,
-                   help="output directory (default: runs/<model>-<dataset>-<time>, or the --resume folder)")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from exactly (e.g. runs/x/last.pth)")
+                   help="output folder (default: runs/<model>-<dataset>-<time>, or the --resume one)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue from exactly (e.g. runs/x/last.pth)")
     g.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
                    help="also write last.pth every N steps (0: only at the end of every epoch)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -26,7 +26,7 @@ SUBSET_SEED = 20240601  # subsets are the same for every --seed, so seeds differ
 
 
 class DataError(RuntimeError):
-    pass
+    """The dataset is missing, cannot be fetched, or does not fit the options."""
 
 
 # ----------------------------------------------------------------------------------- Fashion-MNIST
@@ -252,8 +252,8 @@ def train_loader(dataset: SeededSamples, batch_size: int, workers: int, world: i
                  seed: int, pin: bool) -> Tuple[DataLoader, ResumableSampler]:
     """Loader over full batches; call ``sampler.set_position(epoch, start)`` before each epoch."""
     if len(dataset) < batch_size * world:
-        raise DataError(f"the training set has {len(dataset)} images, fewer than one global batch "
-                         f"({batch_size} x {world} processes); lower --batch-size")
+        raise DataError(f"the training set has {len(dataset)} images, fewer than one global "
+                        f"batch ({batch_size} x {world} processes); lower --batch-size")
     sampler = ResumableSampler(dataset, world, rank, seed)
     # A private generator: the loader must not draw from the global RNG (resume would diverge).
     loader = DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=True,

@@ -43,8 +43,9 @@ def setup(device: Optional[str] = None) -> Context:
     else:
         dev = torch.device(kind)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None)
+        cuda = dev.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30),
+                                device_id=dev if cuda else None)
     return Context(rank, world, local_rank, dev)
 
 

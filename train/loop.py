@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from butterfly import param_groups, use_backend
 
-from .checkpoint import (CheckpointError, checkpoint_args, digest, list_ranks, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (CheckpointError, checkpoint_args, digest, list_ranks, rng_state,
+                         save_checkpoint, set_rng_state)
 from .data import build_datasets, describe, eval_loader, steps_per_epoch, train_loader
 from .distributed import Context, barrier, cleanup, gather_objects, setup, sum_across
 from .evaluate import autocast, evaluate

@@ -239,8 +239,7 @@ def from_dense(weight: Union[Tensor, nn.Module], bias: Optional[Tensor] = None, 
     for a least-squares fit of its outputs. ``residual``: ``True`` fits ``W - I`` (a BFT computing
     ``Bx + x``), ``False`` fits ``W``, ``"auto"`` fits both and keeps the smaller error. The layer
     has the weight's device and dtype; the relative error of the fit is in ``layer.fit_error``
-    (see :func:`fit_weights`). Note: ``butterfly.convert`` is the function :func:`convert`; import
-    this module's helpers with ``from butterfly.convert import ...``."""
+    (see :func:`fit_weights`)."""
     if linear is None:
         linear = isinstance(weight, nn.Linear)
     weight, bias = _dense_weight(weight, bias)
