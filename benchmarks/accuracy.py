@@ -51,7 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results", default=RESULTS, help="folder for the markdown table and the plot")
     p.add_argument("--runs", default=None, help="keep the training runs here (default: a temp dir)")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    for name in ("epochs", "train_subset", "batch_size", "latency_repeats"):
+        if getattr(opts, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
+    return opts
 
 
 def train_model(model: str, seed: int, opts, out_dir: str) -> Dict:
@@ -129,10 +133,17 @@ def markdown(rows: List[Dict], cond: Dict[str, str], opts, argv: List[str]) -> s
             f"{r['params'] / 1e6:.3f} | {r['top1']:.2f}{spread} | "
             f"{', '.join(f'{v:.2f}' for v in r['seeds'])} | {r['images_per_s']:.0f} | "
             f"{r['latency_ms']:.2f} |")
+    lines.append("")
+    for family in dict.fromkeys(r["family"] for r in rows):
+        base, bft = (next(r for r in rows if r["family"] == family and r["kind"] == k)
+                     for k in ("baseline", "BFT"))
+        lines.append(f"{LABELS[family]}: the BFT model executes {bft['macs'] / base['macs']:.2f}x "
+                     "the baseline's multiply-adds at this one resolution (the paper pairs the "
+                     "two at different resolutions to match them).")
     lines += ["", "Conditions (the machine may have been shared with other jobs; these are the "
               "numbers it measured):", ""]
     lines += [f"- {k}: {v}" for k, v in cond.items()]
-    lines += ["", "Reproduce: `python -m benchmarks.accuracy " + " ".join(argv) + "`", ""]
+    lines += ["", "Reproduce: `" + " ".join(["python -m benchmarks.accuracy", *argv]) + "`", ""]
     return "\n".join(lines)
 
 
@@ -157,7 +168,7 @@ def plot(rows: List[Dict], path: str) -> None:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Fashion-MNIST: top-1 vs MACs")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.margins(x=0.25, y=0.2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -185,7 +196,7 @@ def main(argv=None) -> None:
             rows.append(dict(summarize(runs), family=family, model=model, kind=kind,
                              latency_ms=latency_ms(model, opts.latency_repeats)))
     cond["load average after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    cond["wall time of the benchmark"] = f"{time.perf_counter() - started:.0f} s"
+    cond["wall time of the training and measurements"] = f"{time.perf_counter() - started:.0f} s"
     os.makedirs(opts.results, exist_ok=True)
     md_path = os.path.join(opts.results, "accuracy_fashion_mnist.md")
     png_path = os.path.join(opts.results, "accuracy_vs_macs.png")

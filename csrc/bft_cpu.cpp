@@ -92,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor> bft_backward(const at::Tensor& grad_in, const
     using S = std::remove_pointer_t<decltype(s_tag)>;
     using A = std::remove_pointer_t<decltype(a_tag)>;
     backward_impl<S, A>(pl, (const S*)grad.data_ptr(), (const S*)x.data_ptr(),
-                        (const A*)weight.data_ptr(), (S*)gx.data_ptr(), (A*)gw.data_ptr(), B, P, options());
+                        (const A*)weight.data_ptr(), (S*)gx.data_ptr(), (A*)gw.data_ptr(), B, P,
+                        options());
   });
   return {gx, gw};
 }

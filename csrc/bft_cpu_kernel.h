@@ -93,6 +93,7 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
                   const Options& opt) {
   constexpr int64_t VL = Vec<A>::lanes;
   constexpr bool same = std::is_same_v<S, A>;
+  if (B * P == 0) return;
   const Tiling tl = make_tiling<A>(B, P, 2 * pl.n, opt.fwd_budget, opt.fwd_cap, opt.threads);
   const int64_t ld = tl.tp;
   const bool sum_blocks = !pl.expand && pl.T > 1;
@@ -141,6 +142,7 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
   constexpr int64_t VL = Vec<A>::lanes;
   constexpr bool same = std::is_same_v<S, A>;
   const int L = pl.stages();
+  if (B * P == 0) return (void)std::fill(gw, gw + pl.T * pl.W, A(0));
   const Tiling tl = make_tiling<A>(B, P, pl.n * (L + 2), opt.bwd_budget, opt.bwd_cap, opt.threads);
   const int64_t ld = tl.tp, slot = pl.n * ld;
   const bool sum_blocks = pl.expand && pl.T > 1;  // grad_x sums over the blocks
@@ -153,6 +155,8 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
   const int64_t chunks = std::min<int64_t>(tl.ntiles, 32), gwn = pl.T * pl.W;
   const int64_t per = chunks ? (tl.ntiles + chunks - 1) / chunks : 0;
   std::vector<A> partial((size_t)std::max<int64_t>(chunks, 1) * gwn, A(0));
+  std::vector<RunFn<A>> stage_fn(L);  // the forward of every stage alone (nullptr: any radix)
+  for (int s = 0; s < L; ++s) stage_fn[s] = find_run<A>(&pl.radix[s], 1);
 #pragma omp parallel num_threads(opt.threads)
   {
     A* acts = scratch<A>(0, std::max(L, 1) * slot);  // the input of every stage
@@ -174,7 +178,7 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
         for (int s = 0; s + 1 < L; ++s) {
           RunArgs<A> args{s ? act(s) : act0, Rows<A>{acts + (s + 1) * slot, ld}, Rows<const A>{},
                           nv, wt + pl.woff[s], pl.segs[s], pl.stride[s], false};
-          if (RunFn<A> fn = find_run<A>(&pl.radix[s], 1)) fn(args);
+          if (stage_fn[s]) stage_fn[s](args);
           else stage_fwd_any(args, pl.radix[s]);
         }
         Rows<const A> gin{gbuf, ld};
@@ -183,8 +187,8 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
         const bool to_gx = fast && pl.in_rows(t) == pl.n && !sum_blocks && aligned_rows;
         const Rows<A> out = to_gx ? Rows<A>{reinterpret_cast<A*>(gx + xoff), xcs} : Rows<A>{work, ld};
         const Rows<const A> res = pl.residual ? gin : Rows<const A>{};
-        if (L == 0)  // n == 1: the identity
-          for (int64_t p = 0; p < lw; ++p) out.row(0)[p] = gin.row(0)[p] + (res.base ? res.row(0)[p] : A(0));
+        for (int64_t p = 0; L == 0 && p < lw; ++p)  // n == 1: the identity
+          out.row(0)[p] = gin.row(0)[p] + (res.base ? res.row(0)[p] : A(0));
         for (int s = L - 1; s >= 0; --s) {
           BwdArgs<A> args{s == L - 1 ? gin : Rows<const A>{work, ld}, s == 0 ? out : Rows<A>{work, ld},
                           s ? act(s) : act0, s == 0 ? res : Rows<const A>{}, nv, wt + pl.woff[s],

@@ -101,13 +101,25 @@ BFT_INLINE void unroll(F&& f) {
   }(std::make_integer_sequence<int, N>{});
 }
 
+// Lanes I... of the concatenation (a, b) (GCC before 12 lacks __builtin_shufflevector).
+template <class A, int... I>
+BFT_INLINE vec_t<A> shuffle2(vec_t<A> a, vec_t<A> b) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, I...);
+#else
+  typedef std::conditional_t<sizeof(A) == 4, int32_t, int64_t> M;
+  typedef M mask_t __attribute__((vector_size(BFT_VECTOR_BYTES)));
+  return __builtin_shuffle(a, b, mask_t{I...});
+#endif
+}
+
 // One step of a transposing reduction: a and b hold VL / w partial sums of width w each; the
 // result holds 2 * VL / w sums of width w / 2 (block 2i: a's i-th, block 2i + 1: b's i-th).
 template <class A, int W, int... L>
 BFT_INLINE vec_t<A> fold(vec_t<A> a, vec_t<A> b, std::integer_sequence<int, L...>) {
   constexpr int VL = Vec<A>::lanes, H = W / 2;
-  auto lo = __builtin_shufflevector(a, b, (((L / H) % 2 ? VL : 0) + (L / H / 2) * W + L % H)...);
-  auto hi = __builtin_shufflevector(a, b, (((L / H) % 2 ? VL : 0) + (L / H / 2) * W + H + L % H)...);
+  auto lo = shuffle2<A, (((L / H) % 2 ? VL : 0) + (L / H / 2) * W + L % H)...>(a, b);
+  auto hi = shuffle2<A, (((L / H) % 2 ? VL : 0) + (L / H / 2) * W + H + L % H)...>(a, b);
   return lo + hi;
 }
 
@@ -159,8 +171,8 @@ namespace bft {
 template <class A, int B, int... L>
 BFT_INLINE void swap_blocks(vec_t<A>& a, vec_t<A>& b, std::integer_sequence<int, L...>) {
   constexpr int VL = Vec<A>::lanes;
-  vec_t<A> lo = __builtin_shufflevector(a, b, ((L & B) ? VL + L - B : L)...);
-  vec_t<A> hi = __builtin_shufflevector(a, b, ((L & B) ? VL + L : L + B)...);
+  vec_t<A> lo = shuffle2<A, ((L & B) ? VL + L - B : L)...>(a, b);
+  vec_t<A> hi = shuffle2<A, ((L & B) ? VL + L : L + B)...>(a, b);
   a = lo;
   b = hi;
 }

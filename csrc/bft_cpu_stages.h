@@ -127,8 +127,9 @@ struct RunKernel {
 
 template <class A>
 const std::vector<RunKernel<A>>& run_kernels() {
-#define BFT_ENTRY(...) \
-  RunKernel<A>{{__VA_ARGS__}, (int)std::initializer_list<int>{__VA_ARGS__}.size(), &run_fwd<A, __VA_ARGS__>},
+#define BFT_ENTRY(...)                                                                \
+  RunKernel<A>{{__VA_ARGS__}, (int)std::initializer_list<int>{__VA_ARGS__}.size(), \
+               &run_fwd<A, __VA_ARGS__>},
   if constexpr (std::is_same_v<A, double>) {
     static const std::vector<RunKernel<A>> table{BFT_SINGLE_STAGES(BFT_ENTRY)};
     return table;

@@ -138,7 +138,8 @@ inline bool pages_resident(const void* p, size_t bytes) {
   for (uintptr_t at : {(uintptr_t)p, (uintptr_t)p + bytes - 1}) {
     unsigned char in_core = 0;
 #if defined(__APPLE__)
-    const int rc = mincore(reinterpret_cast<caddr_t>(at / page * page), 1, reinterpret_cast<char*>(&in_core));
+    const int rc = mincore(reinterpret_cast<caddr_t>(at / page * page), 1,
+                           reinterpret_cast<char*>(&in_core));
 #else
     const int rc = mincore(reinterpret_cast<void*>(at / page * page), 1, &in_core);
 #endif
@@ -239,7 +240,8 @@ void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_
       if (rows == ps) {
         copy_out(dst + p0 * ps, stage, VL * ps, stream);
       } else {
-        for (int64_t k = 0; k < VL; ++k) std::memcpy(dst + (p0 + k) * ps, stage + k * ps, rows * sizeof(A));
+        for (int64_t k = 0; k < VL; ++k)
+          std::memcpy(dst + (p0 + k) * ps, stage + k * ps, rows * sizeof(A));
       }
     }
   }

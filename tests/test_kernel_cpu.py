@@ -213,3 +213,13 @@ def test_unavailable_kernel_warns_once_and_falls_back(monkeypatch):
         monkeypatch.delenv(cpu.DISABLE_ENV)
         cpu.reset()
     assert backend_for(torch.device("cpu")).name == "cpu"
+
+
+def test_empty_batch_and_image():
+    plan = BFTPlan(16, 16, (4, 4))
+    w = torch.randn(1, plan.weights_per_block)
+    for shape in ((0, 16, 5), (3, 16, 0)):
+        x = torch.randn(shape)
+        assert torch.ops.butterfly.bft_cpu_forward(x, w, [4, 4], 16, True).shape == shape
+        gx, gw = torch.ops.butterfly.bft_cpu_backward(x, x, w, [4, 4], 16, True)
+        assert gx.shape == shape and torch.equal(gw, torch.zeros_like(w))

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -40,6 +41,12 @@ def _cli(args, timeout=240, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _train(argv):
@@ -85,7 +92,7 @@ def test_imagefolder_end_to_end(tmp_path):
 
 def test_torchrun_two_gloo_ranks_agree_on_weights(tmp_path):
     proc = _cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                 "--master_port", "29517", "-m", "train", *TINY, "--train-subset", "256",
+                 "--master_port", str(_free_port()), "-m", "train", *TINY, "--train-subset", "256",
                  "--val-subset", "64", "--batch-size", "16", "--epochs", "1", "--print-digest",
                  "--output", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -187,3 +194,24 @@ def test_bft_weights_get_no_weight_decay(tmp_path):
     assert convs and all(decay[id(w)] == 0.1 for w in convs)
     # The recipe's lr is for a batch of 32; it scales with the global batch.
     assert trainer.lr == pytest.approx(0.1 * 32 / 32)
+
+
+def test_fashion_mnist_lookup_order_and_missing_data_error(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    from train import data
+    raw = tmp_path / "FashionMNIST" / "raw"  # torchvision's layout inside --data-dir
+    raw.mkdir(parents=True)
+    for pair in data.FASHION_MNIST_FILES.values():
+        for name in pair:
+            (raw / f"{name}.gz").symlink_to(os.path.join(DATA, f"{name}.gz"))
+    assert data.find_fashion_mnist(str(tmp_path)) == str(tmp_path)
+    assert data.find_fashion_mnist(str(tmp_path / "FashionMNIST")) == DATA  # falls back
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "not-installed"))
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    args = parse_args(["--data-dir", str(tmp_path / "FashionMNIST")])
+    with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist"):
+        data.describe(args)

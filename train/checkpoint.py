@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 from typing import Any, Dict, List
 
@@ -95,6 +96,12 @@ def read_file(path: str) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds Python objects besides tensors (e.g. a timm train.py checkpoint with its "
+            "arguments); it was not loaded, since unpickling objects can run code. If you trust "
+            "it, save its weights alone: torch.save(torch.load(path, weights_only=False)"
+            "['state_dict'], 'weights.pth')") from err
     except Exception as err:
         size = os.path.getsize(path)
         raise CheckpointError(

@@ -200,6 +200,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, images
         bar = tqdm(total=self.steps, initial=self.step_in_epoch, unit="step", dynamic_ncols=True,
                    desc=f"epoch {self.epoch + 1}/{self.epochs}", file=sys.stderr,
+                   mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets few lines
                    disable=not ctx.is_main or args.no_progress)
         start, images = time.perf_counter(), 0
         for x, y in self.loader:

@@ -14,7 +14,7 @@ The kernel is exposed as the custom ops ``butterfly::bft_cpu_forward`` and
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
+import importlib.util
 import os
 import platform
 import sys
@@ -33,15 +33,19 @@ DISABLE_ENV = "BUTTERFLY_DISABLE_CPU_KERNEL"
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()
-_state: dict = {}  # "library": path of the loaded library, or "error": why there is none
+_state: dict = {}  # "library": name of the loaded extension, or "error": why there is none
 
 
 def _source_dir() -> Path:
-    """``csrc/``: the ``butterfly.csrc`` package of an install, or the checkout's folder."""
+    """``csrc/``: the ``butterfly.csrc`` package data of an install, or the checkout's folder."""
     try:
-        return Path(str(importlib.resources.files("butterfly.csrc")))
-    except ModuleNotFoundError:  # an editable install made before csrc/ had files
-        return Path(__file__).resolve().parents[2] / "csrc"
+        spec = importlib.util.find_spec("butterfly.csrc")
+    except ModuleNotFoundError:
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "bft_cpu.cpp").is_file():
+            return Path(location)
+    return Path(__file__).resolve().parents[2] / "csrc"  # an editable install made before csrc/
 
 
 def _compile_flags() -> List[List[str]]:
@@ -86,7 +90,8 @@ def _build() -> str:
             return name
         except Exception as exc:  # noqa: BLE001 - any build failure means: try the next flags
             lines = str(exc).strip().splitlines()
-            why = next((ln.strip() for ln in lines if "error" in ln.lower()), lines[-1] if lines else "")
+            why = next((ln.strip() for ln in lines if "error" in ln.lower()),
+                       lines[-1] if lines else "")
             errors.append(f"with flags {' '.join(flags)}: {why}")
     raise RuntimeError("; ".join(errors))
 
@@ -105,13 +110,13 @@ def load_extension() -> Optional[str]:
             except Exception as exc:  # noqa: BLE001
                 _state["error"] = f"could not be built: {exc}"
         if "error" in _state:
+            fix = (f"unset {DISABLE_ENV}" if "environment" in _state["error"] else
+                   "install a C++20 compiler with OpenMP (e.g. `apt install g++`; on macOS the Xcode "
+                   "command line tools and `brew install libomp`) and ninja (`pip install ninja`)")
             warnings.warn(
-                f"butterfly: the fused CPU kernel is unavailable ({_state['error']}). BFT layers fall "
-                "back to the pure-PyTorch reference, which gives the same results but is several "
-                "times slower. To use the kernel, install a C++20 compiler with OpenMP (e.g. "
-                "`apt install g++`, or Xcode command line tools and `brew install libomp` on macOS) "
-                f"and ninja (`pip install ninja`), and unset {DISABLE_ENV}.",
-                RuntimeWarning, stacklevel=3)
+                f"butterfly: the fused CPU kernel is unavailable ({_state['error']}). BFT layers "
+                "fall back to the pure-PyTorch reference: the same results, several times slower. "
+                f"To use the kernel, {fix}.", RuntimeWarning, stacklevel=3)
         return _state.get("library")
 
 
