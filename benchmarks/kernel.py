@@ -4,6 +4,7 @@
     python benchmarks/kernel.py --quick         # three shapes, fewer repetitions
     python benchmarks/kernel.py --out FILE.md   # write the results elsewhere
     python benchmarks/kernel.py --threads 2 1   # one set of tables per thread count
+    python benchmarks/kernel.py --cpu-time      # also: 1 thread, timed by process CPU time
 
 For batch 32 at every shape it times, interleaved round by round (so load from other processes
 hits all variants alike), and reports the median after warm-up:
@@ -19,8 +20,11 @@ Inference is the forward pass under ``torch.no_grad()``; training is forward + b
 gradients for the input and the weights. GMAC/s count the layer's useful multiply-adds: for BFT
 ``macs_per_pixel * pixels`` per forward (the MACs it executes), for the conv ``in * out * pixels``;
 training counts three times the forward (forward, input gradient, weight gradient). Threads =
-cores unless ``--threads`` says otherwise. When CUDA is present, the GPU section of
-``benchmarks/kernel_gpu.py`` is appended.
+cores unless ``--threads`` says otherwise. On a machine shared with other work, wall-clock times
+of short multi-threaded calls mostly measure the scheduler (a call waits for its slowest thread);
+``--cpu-time`` adds tables timed by the process's CPU time with one thread, which time spent
+descheduled does not inflate. When CUDA is present, the GPU section of ``benchmarks/kernel_gpu.py``
+is appended.
 """
 from __future__ import annotations
 
@@ -99,7 +103,7 @@ def make_step(module: nn.Module, x: torch.Tensor, backend: str, train: bool) -> 
 
 
 def time_interleaved(steps: Dict[str, Callable[[], None]], rounds: int, warmup: int,
-                     budget_s: float) -> Dict[str, List[float]]:
+                     budget_s: float, clock: Callable[[], float]) -> Dict[str, List[float]]:
     """Milliseconds of every call of every step; each round runs every step once. A step slower
     than ``budget_s`` per call gets fewer repetitions (at least 3)."""
     times: Dict[str, List[float]] = {k: [] for k in steps}
@@ -110,13 +114,14 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], rounds: int, warmup: 
         for name, step in steps.items():
             if r >= 3 and times[name] and statistics.median(times[name]) > budget_s * 1e3:
                 continue
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append((clock() - t0) * 1e3)
     return times
 
 
-def measure(cin: int, cout: int, hw: int, train: bool, rounds: int) -> Dict[str, float]:
+def measure(cin: int, cout: int, hw: int, train: bool, rounds: int,
+            clock: Callable[[], float]) -> Dict[str, float]:
     x = torch.randn(BATCH, cin, hw, hw)
     xl = x.contiguous(memory_format=torch.channels_last)
     conv = nn.Conv2d(cin, cout, 1, bias=False)
@@ -133,7 +138,7 @@ def measure(cin: int, cout: int, hw: int, train: bool, rounds: int) -> Dict[str,
     }
     out, src = torch.empty(BATCH, cout, hw, hw), torch.randn(BATCH, cout, hw, hw)
     steps["copy"] = lambda: out.copy_(src)
-    times = time_interleaved(steps, rounds, warmup=2, budget_s=0.5)
+    times = time_interleaved(steps, rounds, warmup=2, budget_s=0.5, clock=clock)
     ms = {k: statistics.median(v) for k, v in times.items()}
     ms.update({"_min " + k: min(v) for k, v in times.items()})
     pixels = BATCH * hw * hw
@@ -196,6 +201,8 @@ def main(argv=None) -> int:
                         help="markdown file to write")
     parser.add_argument("--threads", type=int, nargs="+", default=[cores()],
                         help="thread counts to run, one set of tables each (default: cores)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="also run with 1 thread, timed by the process's CPU time")
     args = parser.parse_args(argv)
     rounds = args.rounds or (5 if args.quick else 15)
     if cpu.load_extension() is None:
@@ -217,20 +224,23 @@ def main(argv=None) -> int:
         "compare the best BFT format (base 4) with the best conv, from medians and from the "
         "fastest call of each (the latter is less affected by other processes on the machine).",
     ]
-    for threads in args.threads:
+    configs = [(n, time.perf_counter, f"{n} thread{'s' * (n > 1)}, wall clock")
+               for n in args.threads]
+    if args.cpu_time:
+        configs.append((1, time.process_time, "1 thread, process CPU time"))
+    for threads, clock, label in configs:
         torch.set_num_threads(threads)
         for train in (False, True):
             results = []
             for shape in (QUICK_SHAPES if args.quick else SHAPES):
-                r = measure(*shape[1:], train=train, rounds=rounds)
+                r = measure(*shape[1:], train=train, rounds=rounds, clock=clock)
                 results.append((shape, r))
-                print(f"{threads} threads, {'training' if train else 'inference'} {shape[0]}: " +
+                print(f"{label}, {'training' if train else 'inference'} {shape[0]}: " +
                       ", ".join(f"{k} {v:.2f} ms" for k, v in r.items() if not k.startswith("_")),
                       flush=True)
             title = "Training (forward + backward)" if train else "Inference (forward, no grad)"
-            sections += ["", f"## {title}, {threads} thread{'s' * (threads > 1)}", "",
-                         table(results, train), "", "Targets of the issue:", "",
-                         targets(results, train)]
+            sections += ["", f"## {title}, {label}", "", table(results, train), "",
+                         "Targets of the issue:", "", targets(results, train)]
     text = "\n".join(sections) + "\n"
     if torch.cuda.is_available():
         text += "\n" + gpu_section(args)
