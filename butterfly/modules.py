@@ -42,6 +42,22 @@ class _BFTBase(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def _apply(self, fn, recurse=True):
+        # Memory formats are for activations: under model.to(memory_format=...) the weight keeps its
+        # contiguous binding layout (a 5-D weight would even make channels_last fail), so `fn`
+        # sees it as a flat vector.
+        w, shape = self.weight, self.weight.shape
+        w.data = w.data.reshape(-1)
+        if w.grad is not None:
+            w.grad = w.grad.reshape(-1)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            w = self.weight
+            w.data = w.data.view(shape)
+            if w.grad is not None:
+                w.grad = w.grad.view(shape)
+
     @property
     def radices(self) -> tuple:
         return self.plan.radices

@@ -246,3 +246,15 @@ def test_any_shape_matches_paper_tiling(cin, cout, base, residual):
     expected = torch.einsum("oi,nihw->nohw", paper_layer_matrix(layer), x)
     torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-9)
     assert layer.weight.numel() == layer.macs_per_pixel  # every edge has its own weight
+
+
+def test_module_memory_format_conversion_keeps_weight_layout():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), BFT(16, 40), BFT(40, 40, base=4))  # 5-D and 4-D weights
+    model(torch.randn(1, 3, 6, 6)).sum().backward()
+    shapes = [m.weight.shape for m in model[1:]]
+    model.to(memory_format=torch.channels_last).double()
+    assert [m.weight.shape for m in model[1:]] == shapes
+    assert all(m.weight.is_contiguous() and m.weight.grad.shape == m.weight.shape for m in model[1:])
+    assert model[1].weight.dtype == torch.float64
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert model(x).is_contiguous(memory_format=torch.channels_last)

@@ -21,7 +21,7 @@ from .checkpoint import CheckpointError, model_weights, read_file
 from .data import build_datasets, describe, eval_loader
 from .distributed import Context, barrier, cleanup, setup, sum_across
 from .metrics import summary_line
-from .model import count_macs, count_params, create_model, to_channels_last
+from .model import count_macs, count_params, create_model
 
 
 def autocast(ctx: Context, enabled: bool):
@@ -106,7 +106,7 @@ def run(args) -> Dict[str, float]:
         macs, params = count_macs(model, size), count_params(model)
         model.to(ctx.device)
         if args.channels_last:
-            to_channels_last(model)
+            model.to(memory_format=torch.channels_last)
         amp = args.amp if args.amp is not None else ctx.device.type == "cuda"
         loader = eval_loader(val_set, args.eval_batch_size, args.workers, ctx.world, ctx.rank,
                              ctx.device.type == "cuda")

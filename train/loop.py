@@ -30,7 +30,7 @@ from .data import build_datasets, describe, eval_loader, steps_per_epoch, train_
 from .distributed import Context, barrier, cleanup, gather_objects, setup, sum_across
 from .evaluate import autocast, evaluate
 from .metrics import summary_line, write_history
-from .model import count_macs, count_params, create_model, to_channels_last
+from .model import count_macs, count_params, create_model
 
 _log = logging.getLogger("train")
 
@@ -87,7 +87,7 @@ class Trainer:
         self.macs, self.params = count_macs(model, self.input_size), count_params(model)
         model.to(self.ctx.device)
         if args.channels_last:
-            to_channels_last(model)
+            model.to(memory_format=torch.channels_last)
         if args.sync_bn and self.ctx.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model

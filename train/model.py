@@ -42,12 +42,3 @@ def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """Channels-last weights for the convolutions only. ``model.to(memory_format=...)`` would also
-    restride the BFT weights, which are not images (and fails on 5-D tiled ones)."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            module.to(memory_format=torch.channels_last)
-    return model
