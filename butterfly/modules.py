@@ -73,6 +73,14 @@ class _BFTBase(nn.Module):
             y = y + self.bias.to(y.dtype).view(1, -1, 1)
         return y
 
+    @classmethod
+    def from_dense(cls, weight, bias: Optional[Tensor] = None, **kwargs) -> "_BFTBase":
+        """A layer of this class fitted to a dense one: a 1x1 ``nn.Conv2d`` / ``nn.Linear`` or its
+        ``(out, in[, 1, 1])`` weight; keyword arguments and the fit are those of
+        :func:`butterfly.conversion.from_dense`."""
+        from .conversion import from_dense
+        return from_dense(weight, bias, linear=issubclass(cls, BFTLinear), **kwargs)
+
     def to_dense(self) -> Tensor:
         """The exact ``(out, in)`` matrix the layer applies (residual included, bias excluded)."""
         eye = torch.eye(self.plan.in_channels, dtype=self.weight.dtype, device=self.weight.device)
@@ -121,13 +129,6 @@ class BFT(_BFTBase):
         from .deploy import dense_equivalent
         return dense_equivalent(self)
 
-    @classmethod
-    def from_dense(cls, weight, bias: Optional[Tensor] = None, **kwargs) -> "BFT":
-        """A BFT fitted to a 1x1 conv (its ``(out, in[, 1, 1])`` weight or the ``nn.Conv2d``);
-        keyword arguments and the fit are those of :func:`butterfly.conversion.from_dense`."""
-        from .conversion import from_dense
-        return from_dense(weight, bias, linear=False, **kwargs)
-
 
 class BFTLinear(_BFTBase):
     """The BFT on the last dimension: a drop-in replacement for ``nn.Linear(in, out)``."""
@@ -149,13 +150,6 @@ class BFTLinear(_BFTBase):
         """The exactly equivalent ``nn.Linear(in, out)`` (residual and bias folded in)."""
         from .deploy import dense_equivalent
         return dense_equivalent(self)
-
-    @classmethod
-    def from_dense(cls, weight, bias: Optional[Tensor] = None, **kwargs) -> "BFTLinear":
-        """A BFTLinear fitted to a linear layer (its ``(out, in)`` weight or the ``nn.Linear``);
-        keyword arguments and the fit are those of :func:`butterfly.conversion.from_dense`."""
-        from .conversion import from_dense
-        return from_dense(weight, bias, linear=True, **kwargs)
 
 
 def is_bft(module: nn.Module) -> bool:

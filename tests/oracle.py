@@ -52,3 +52,18 @@ def hadamard(n):
     while h.shape[0] < n:
         h = torch.kron(base, h)
     return h
+
+
+# (in, out, base) of every shape class of the plan, for tests that sweep them all
+SHAPE_CLASSES = {
+    "square-power": (64, 64, 4),
+    "square-base2": (32, 32, 2),
+    "mixed-radix": (24, 24, 4),
+    "base2-mixed": (96, 96, 2),
+    "padded": (13, 13, 4),
+    "expand": (16, 40, 4),
+    "expand-padded": (13, 40, 4),
+    "contract": (40, 16, 4),
+    "contract-padded": (60, 31, 4),
+    "one-channel": (1, 5, 4),
+}

@@ -8,18 +8,10 @@ import torch
 from torch import nn
 
 import butterfly
+from oracle import SHAPE_CLASSES
 from butterfly.conversion import factor_butterfly, fit_weights, relative_error
 
-SHAPES = {
-    "square-power": (64, 64, 4),
-    "mixed-radix": (24, 24, 4),
-    "base2-mixed": (96, 96, 2),
-    "padded": (13, 13, 4),
-    "expand": (16, 40, 4),
-    "expand-padded": (13, 40, 4),
-    "contract": (40, 16, 4),
-    "contract-padded": (60, 31, 4),
-}
+SHAPES = SHAPE_CLASSES
 F64 = {"dtype": torch.float64}
 
 

@@ -4,20 +4,10 @@ import torch
 from torch import nn
 
 import butterfly
+from oracle import SHAPE_CLASSES
 from butterfly.deploy import dense_equivalent, time_call
 
-# (in, out, base): every shape class of the plan
-SHAPES = {
-    "square-power": (64, 64, 4),
-    "square-base2": (32, 32, 2),
-    "mixed-radix": (24, 24, 4),
-    "padded": (13, 13, 4),
-    "expand": (16, 40, 4),
-    "expand-padded": (13, 40, 4),
-    "contract": (40, 16, 4),
-    "contract-padded": (60, 31, 4),
-    "one-channel": (1, 5, 4),
-}
+SHAPES = SHAPE_CLASSES
 F64 = {"dtype": torch.float64}
 
 
