@@ -30,21 +30,28 @@ struct Runs {
   std::vector<Run> runs;
   std::vector<A> packed;  // (T, W)
 
+  // Splits the stages into as few runs as possible and, among those splits, maximises the
+  // smallest run's channel count (a lone radix-2 stage does 2 FMAs per load: the weakest).
   Runs(const Plan& pl, const A* w, int max_len) {
     const int L = pl.stages();
-    int64_t off = 0;
-    for (int s = 0; s < L;) {
-      int len = std::min(max_len, L - s);
-      RunFn<A> fn = nullptr;
-      for (; len >= 1; --len) {
-        int prod = 1;
-        for (int q = 0; q < len; ++q) prod *= pl.radix[s + q];
-        if (prod <= 16 && (fn = find_run<A>(&pl.radix[s], len))) break;
+    // best[s] = (runs, smallest product) for stages s..L-1; next[s] = length of its first run
+    std::vector<std::pair<int, int>> best(L + 1, {0, 1 << 30});
+    std::vector<int> next(L + 1, 1);
+    for (int s = L - 1; s >= 0; --s) {
+      best[s] = {1 << 30, 0};
+      for (int len = 1, prod = 1; len <= std::min(max_len, L - s); ++len) {
+        prod *= pl.radix[s + len - 1];
+        if (len > 1 && (prod > 16 || !find_run<A>(&pl.radix[s], len))) continue;
+        const std::pair<int, int> cand{best[s + len].first + 1, std::min(prod, best[s + len].second)};
+        if (cand.first < best[s].first || (cand.first == best[s].first && cand.second > best[s].second))
+          best[s] = cand, next[s] = len;
       }
-      len = std::max(len, 1);
-      runs.push_back({s, len, pl.radix[s], fn, off});
+    }
+    int64_t off = 0;
+    for (int s = 0; s < L; s += next[s]) {
+      const int len = next[s];
+      runs.push_back({s, len, pl.radix[s], find_run<A>(&pl.radix[s], len), off});
       for (int q = 0; q < len; ++q) off += pl.n * pl.radix[s + q];
-      s += len;
     }
     packed.resize((size_t)(pl.T * pl.W));
     for (int64_t t = 0; t < pl.T; ++t)
@@ -84,7 +91,7 @@ struct Options {
   int64_t fwd_budget = 512 * 1024;        // bytes of the forward tile buffers
   int64_t bwd_budget = 1536 * 1024;       // bytes of the backward tile buffers
   int64_t fwd_cap = 4096, bwd_cap = 512;  // most pixels per tile
-  int64_t stream_bytes = 4 << 20;         // outputs at least this large bypass the caches
+  int64_t stream_bytes = 8 << 20;         // outputs at least this large bypass the caches
   bool direct = true;                     // runs read x / write y in place when possible
 };
 

@@ -68,23 +68,36 @@ struct Segment {
   int64_t b, p0, np, lane;
 };
 
-// NCHW (P > 1): body tiles of up to tp pixels (whole vectors) inside one image; the last P % VL
-// pixels of every image ("tails") are packed, several images per tile, into the lanes of one
-// buffer. P == 1: tiles of tp rows. Element (c, p) of a segment of a (B, C, P) tensor sits at
+// NCHW (P > 1): body tiles of up to tp pixels (whole vectors) inside one image; the last
+// rem = P % VL pixels ("tails") of a group of `group` images are packed into the lanes of one
+// tile, which follows the group's body tiles (their cache lines are still warm). P == 1: tiles
+// of tp rows. Element (c, p) of a segment of a (B, C, P) tensor sits at
 // data[offset + c * cs + p * ps].
 struct Tiling {
-  int64_t B, P, tp, whole, per_image, nbody, rem, per_tail, ntiles;
+  int64_t B, P, tp, whole, per_image, rem, group, per_group, ntiles;
 
-  bool body(int64_t i) const { return i < nbody; }
+  // (group, index in the group, images in the group) of tile i (NCHW)
+  void locate(int64_t i, int64_t& g, int64_t& j, int64_t& images) const {
+    g = std::min(i / per_group, (B - 1) / group);
+    j = i - g * per_group;
+    images = std::min(group, B - g * group);
+  }
+  bool body(int64_t i) const {
+    if (P == 1) return true;
+    int64_t g, j, images;
+    locate(i, g, j, images);
+    return j < images * per_image;
+  }
   template <class F>
   void segments(int64_t i, F&& f) const {
     if (P == 1) return f(Segment{0, i * tp, std::min(tp, B - i * tp), 0});
-    if (i < nbody) {
-      const int64_t p0 = (i % per_image) * tp;
-      return f(Segment{i / per_image, p0, std::min(tp, whole - p0), 0});
+    int64_t g, j, images;
+    locate(i, g, j, images);
+    if (j < images * per_image) {
+      const int64_t p0 = (j % per_image) * tp;
+      return f(Segment{g * group + j / per_image, p0, std::min(tp, whole - p0), 0});
     }
-    const int64_t first = (i - nbody) * per_tail;
-    for (int64_t k = 0; k < per_tail && first + k < B; ++k) f(Segment{first + k, whole, rem, k * rem});
+    for (int64_t k = 0; k < images; ++k) f(Segment{g * group + k, whole, rem, k * rem});
   }
   Segment first(int64_t i) const {
     Segment first{};
@@ -94,9 +107,9 @@ struct Tiling {
   }
   // lanes of tile i's buffer that hold pixels
   int64_t used(int64_t i) const {
-    if (P == 1) return std::min(tp, B - i * tp);
-    if (i < nbody) return std::min(tp, whole - (i % per_image) * tp);
-    return std::min(per_tail, B - (i - nbody) * per_tail) * rem;
+    int64_t used = 0;
+    segments(i, [&](const Segment& s) { used = std::max(used, s.lane + s.np); });
+    return used;
   }
   int64_t offset(const Segment& s, int64_t C) const { return P > 1 ? s.b * C * P + s.p0 : s.p0 * C; }
   int64_t cs(int64_t C) const { return P > 1 ? P : 1; }
@@ -113,16 +126,17 @@ Tiling make_tiling(int64_t B, int64_t P, int64_t rows, int64_t budget, int64_t c
   tp = std::max(VL, std::min(tp, up(P > 1 ? P : B)));
   Tiling tl{};
   for (;; tp = std::max(VL, tp / 2 / VL * VL)) {
-    tl = Tiling{B, P, tp, 0, 0, 0, 0, 0, 0};
+    tl = Tiling{B, P, tp, 0, 0, 0, 1, 0, 0};
     if (P > 1) {
       tl.whole = P / VL * VL;
       tl.per_image = (tl.whole + tp - 1) / tp;
-      tl.nbody = B * tl.per_image;
       tl.rem = P - tl.whole;
-      tl.per_tail = tl.rem ? std::max<int64_t>(1, tp / tl.rem) : 0;
-      tl.ntiles = tl.nbody + (tl.rem ? (B + tl.per_tail - 1) / tl.per_tail : 0);
+      tl.group = tl.rem ? std::max<int64_t>(1, VL / tl.rem) : B;  // tails fill one vector
+      tl.per_group = tl.group * tl.per_image + (tl.rem ? 1 : 0);
+      const int64_t groups = (B + tl.group - 1) / tl.group;
+      tl.ntiles = B * tl.per_image + (tl.rem ? groups : 0);
     } else {
-      tl.nbody = tl.ntiles = (B + tp - 1) / tp;
+      tl.ntiles = (B + tp - 1) / tp;
     }
     if (tp == VL || tl.ntiles >= 4 * threads) break;
   }
