@@ -12,11 +12,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, List, Sequence
 
+import warnings
+
 import torch
-from fvcore.nn import FlopCountAnalysis as _FvcoreFlopCountAnalysis
-from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
+
+with warnings.catch_warnings():  # fvcore's import touches torch.jit.script, deprecated in torch 2.9+
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis as _FvcoreFlopCountAnalysis
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
+    from fvcore.nn.jit_handles import get_shape
 
 from .plan import BFTPlan
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Optional, Sequence
 
 import timm
@@ -34,10 +33,8 @@ def create_model(name: str, num_classes: int, in_chans: int, small_input: bool =
 
 def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     """Multiply-adds of one image (``input_size`` = (C, H, W)), counted as the papers count them."""
-    with warnings.catch_warnings():  # fvcore uses torch.jit, which warns that it is deprecated
-        warnings.simplefilter("ignore", FutureWarning)
-        from butterfly.flops import count_macs as _count
-        return _count(model, input_size)
+    from butterfly.flops import count_macs as _count
+    return _count(model, input_size)
 
 
 def count_params(model: nn.Module) -> int:
