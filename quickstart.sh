@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything and run the main job: MobileNetV1 0.25 vs MobileNetV1-BFT 1.0 on Fashion-MNIST,
 # one epoch each (on a fixed 10,000-image subset, 2 seeds), then print the comparison table and where
-# the plot is. The benchmark took 7 min on 2 shared CPU cores (load average 2-3); add the downloads.
+# the plot is. The benchmark took 99 s on 2 idle CPU cores (7 min on busy ones); add the downloads.
 # Extra arguments go to the benchmark, e.g. `bash quickstart.sh --train-subset 60000`.
 set -euo pipefail
 cd "$(dirname "$0")"
