@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .deploy import densify
 from .plan import BFTPlan
-from .reference import _stage_shape, compute_dtype, merge_blocks, split_blocks, stage_weights
+from .reference import _stage_shape, bft_reference
 
 PathLike = Union[str, os.PathLike]
 
@@ -43,17 +43,9 @@ def _matmul_stage(u: Tensor, w: Tensor, plan: BFTPlan, s: int) -> Tensor:
 
 def bft_matmul(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
                residual: bool) -> Tensor:
-    """The BFT operator (same arguments and result as ``reference.bft_reference``) written with
-    ops that export to standard ONNX; what structured exports trace."""
-    plan = BFTPlan(x.shape[1], out_channels, tuple(radices))
-    dtype = compute_dtype(x, weight)
-    u = split_blocks(x.to(dtype), plan.in_channels, plan, broadcast=plan.expand)
-    z = u
-    for s, w in enumerate(stage_weights(weight.to(dtype), plan)):
-        z = _matmul_stage(z, w, plan, s)
-    if residual:
-        z = z + u
-    return merge_blocks(z, out_channels, plan, reduce=not plan.expand).to(x.dtype).contiguous()
+    """The BFT operator (same arguments and result as ``reference.bft_reference``) with stages
+    written as batched MatMuls, which export to standard ONNX; what structured exports trace."""
+    return bft_reference(x, weight, radices, out_channels, residual, stage=_matmul_stage)
 
 
 def export_onnx(model: nn.Module, example, path: PathLike, structured: bool = True,

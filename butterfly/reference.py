@@ -10,7 +10,7 @@ number of pixels for NCHW input and 1 for channels-last and linear input), and `
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,15 +90,16 @@ def stage_weight_grad(g: Tensor, u: Tensor, plan: BFTPlan, s: int) -> Tensor:
 
 
 def bft_reference(x: Tensor, weight: Tensor, radices: Sequence[int], out_channels: int,
-                  residual: bool) -> Tensor:
-    """``(B, C_in, P) -> (B, C_out, P)``; differentiable by autograd."""
+                  residual: bool, stage: Callable = apply_stage) -> Tensor:
+    """``(B, C_in, P) -> (B, C_out, P)``; differentiable by autograd. ``stage`` computes one stage
+    (the ONNX export passes one written with ops that export well)."""
     plan = BFTPlan(x.shape[1], out_channels, tuple(radices))
     dtype = compute_dtype(x, weight)
     w = weight.to(dtype)
     u = split_blocks(x.to(dtype), plan.in_channels, plan, broadcast=plan.expand)
     z = u
     for s, ws in enumerate(stage_weights(w, plan)):
-        z = apply_stage(z, ws, plan, s)
+        z = stage(z, ws, plan, s)
     if residual:
         z = z + u
     return merge_blocks(z, out_channels, plan, reduce=not plan.expand).to(x.dtype).contiguous()
