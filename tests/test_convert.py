@@ -1,5 +1,4 @@
 """from_dense / convert: fitting BFT weights to dense pointwise layers."""
-import gzip
 import os
 
 import numpy as np
@@ -9,6 +8,7 @@ from torch import nn
 
 import butterfly
 from oracle import SHAPE_CLASSES
+from train.data import read_idx
 from butterfly.conversion import factor_butterfly, fit_weights, relative_error
 
 SHAPES = SHAPE_CLASSES
@@ -103,12 +103,8 @@ FASHION = "/usr/share/datasets/fashion-mnist"
 
 
 def _idx(name: str, count: int) -> np.ndarray:
-    """The first ``count`` items of an IDX file (big-endian header: magic, then one u32 per dim)."""
-    with gzip.open(os.path.join(FASHION, name)) as f:
-        data = f.read()
-    ndim = data[3]
-    dims = np.frombuffer(data, ">u4", ndim, 4)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)[:count].copy()
+    """The first ``count`` items of one of the Debian package's IDX files."""
+    return read_idx(os.path.join(FASHION, name))[:count].copy()
 
 
 def _fashion(split: str, count: int):
