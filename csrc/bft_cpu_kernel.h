@@ -101,8 +101,10 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   constexpr int64_t VL = Vec<A>::lanes;
   constexpr bool same = std::is_same_v<S, A>;
   if (B * P == 0) return;
-  const Tiling tl = make_tiling<A>(B, P, 2 * pl.n, opt.fwd_budget, opt.fwd_cap, opt.threads);
-  const int64_t ld = tl.tp;
+  // NCHW tiles in the compute dtype read x in place: only the output buffer is in use
+  const int64_t rows = (same && P > 1 && opt.direct ? 1 : 2) * pl.n;
+  const Tiling tl = make_tiling<A>(B, P, rows, opt.fwd_budget, opt.fwd_cap, opt.threads);
+  const int64_t ld = padded_ld<A>(tl.tp);
   const bool sum_blocks = !pl.expand && pl.T > 1;
   const Runs<A> runs(pl, w, opt.max_run);
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
@@ -127,7 +129,8 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
         Rows<const A> in{ubuf, ld};
         const int64_t xoff = tl.offset(s0, pl.cin) + pl.in_off(t) * xcs;
         if (fast && pl.in_rows(t) == pl.n) in = {reinterpret_cast<const A*>(x + xoff), xcs};
-        else load_tile(ubuf, ld, pl.n, lw, tl, i, x, pl.cin, pl.in_off(t), pl.in_rows(t));
+        else if (t == 0 || !pl.expand)  // expanding blocks all read the same input
+          load_tile(ubuf, ld, pl.n, lw, tl, i, x, pl.cin, pl.in_off(t), pl.in_rows(t));
         const bool to_y = fast && pl.out_rows(t) == pl.n && !sum_blocks && aligned_rows;
         const int64_t yoff = tl.offset(s0, pl.cout) + pl.out_off(t) * ycs;
         Rows<A> out = to_y ? Rows<A>{reinterpret_cast<A*>(y + yoff), ycs} : Rows<A>{buf, ld};
@@ -151,7 +154,7 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
   const int L = pl.stages();
   if (B * P == 0) return (void)std::fill(gw, gw + pl.T * pl.W, A(0));
   const Tiling tl = make_tiling<A>(B, P, pl.n * (L + 2), opt.bwd_budget, opt.bwd_cap, opt.threads);
-  const int64_t ld = tl.tp, slot = pl.n * ld;
+  const int64_t ld = padded_ld<A>(tl.tp), slot = pl.n * ld;
   const bool sum_blocks = pl.expand && pl.T > 1;  // grad_x sums over the blocks
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
   const int64_t gxbytes = B * pl.cin * P * (int64_t)sizeof(S);

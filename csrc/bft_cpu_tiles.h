@@ -143,6 +143,15 @@ Tiling make_tiling(int64_t B, int64_t P, int64_t rows, int64_t budget, int64_t c
   return tl;
 }
 
+// Row stride of a tile buffer of tp pixels: an odd number of vectors, so that rows a power of
+// two apart do not all map to the same L1 set (with tp a multiple of 2 vectors they would, and
+// a run's 16 rows would evict each other on every access).
+template <class A>
+int64_t padded_ld(int64_t tp) {
+  constexpr int64_t VL = Vec<A>::lanes;
+  return (tp / VL) % 2 ? tp : tp + VL;
+}
+
 // Whether the first and last pages of [p, p + bytes) are in memory. Fresh allocations from
 // the OS are not: their first write faults the page in (zeroing it through the cache), after
 // which streaming stores are slower than plain ones.
@@ -238,8 +247,22 @@ void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_
   }
   int64_t p0 = 0;
   if constexpr (std::is_same_v<S, A>) {
-    // VL pixels at a time: transpose into a staging block laid out like dst, then copy it out
-    // with whole aligned vectors (rows of dst are rarely vector-aligned themselves)
+    if (!stream || rows != ps) {
+      // VL pixels at a time, transposed in registers and stored straight to dst
+      for (; p0 + VL <= np; p0 += VL) {
+        int64_t c0 = 0;
+        for (; c0 + VL <= rows; c0 += VL) {
+          vec_t<A> r[VL];
+          for (int64_t k = 0; k < VL; ++k) r[k] = vload(buf + (c0 + k) * ld + p0);
+          transpose<A>(r);
+          for (int64_t k = 0; k < VL; ++k) vstore(dst + (p0 + k) * ps + c0, r[k]);
+        }
+        for (int64_t k = 0; k < VL; ++k)
+          for (int64_t c = c0; c < rows; ++c) dst[(p0 + k) * ps + c] = buf[c * ld + p0 + k];
+      }
+    }
+    // streaming: transpose into a staging block laid out like dst, then copy it out with
+    // whole aligned vectors (rows of dst are rarely vector-aligned themselves)
     A* stage = scratch<A>(4, VL * ps);
     for (; p0 + VL <= np; p0 += VL) {
       int64_t c0 = 0;

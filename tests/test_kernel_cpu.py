@@ -101,6 +101,21 @@ def test_low_precision(dtype, name, cin, cout, radices):
         assert_close(got, want, torch.bfloat16 if dtype != torch.float32 else dtype)
 
 
+@pytest.mark.parametrize("cin,cout", [(32, 64), (64, 32), (48, 80), (64, 64)])
+def test_float32_whole_vector_blocks(cin, cout):
+    """float32 with blocks of whole 16-channel vectors: the in-register transposes of the
+    channels-last path (including blocks narrower than the output), and the expanding blocks
+    that share one loaded input tile."""
+    radices = make_plan(cin, cout, 4).radices
+    plan = BFTPlan(cin, cout, radices)
+    for batch, pixels in [(70, 1), (3, 49), (2, 256)]:
+        x = torch.randn(batch, cin, pixels)
+        w = torch.randn(plan.num_blocks, plan.weights_per_block) / 2
+        g = torch.randn(batch, cout, pixels)
+        assert_close(kernel(x, w, radices, cout, True, g), oracle(x, w, radices, cout, True, g),
+                     torch.float32)
+
+
 @pytest.mark.parametrize("base", [2, 3, 4, 8])
 @pytest.mark.parametrize("cin,cout", [(32, 32), (24, 40), (40, 24)])
 @pytest.mark.parametrize("channels_last", [False, True])
