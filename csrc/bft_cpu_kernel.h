@@ -119,11 +119,14 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
     A* ubuf = scratch<A>(0, pl.n * ld);  // the block's input
     A* buf = scratch<A>(1, pl.n * ld);   // its output
     A* acc = scratch<A>(2, sum_blocks ? pl.m * ld : 0);
+    // expanding blocks of a buffered tile: all outputs, stored together (whole rows of y)
+    A* gathered = scratch<A>(3, pl.expand && pl.T > 1 ? ((pl.T - 1) * pl.m + pl.n) * ld : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < tl.ntiles; ++i) {
       const int64_t lw = (tl.used(i) + VL - 1) / VL * VL, nv = lw / VL;
       // NCHW body tiles in the compute dtype: whole vectors, read and written in place
       const bool fast = opt.direct && same && P > 1 && tl.body(i);
+      const bool gather = pl.expand && pl.T > 1 && !fast;
       const Segment s0 = tl.first(i);  // the only segment of a body tile
       for (int64_t t = 0; t < pl.T; ++t) {
         Rows<const A> in{ubuf, ld};
@@ -131,16 +134,19 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
         if (fast && pl.in_rows(t) == pl.n) in = {reinterpret_cast<const A*>(x + xoff), xcs};
         else if (t == 0 || !pl.expand)  // expanding blocks all read the same input
           load_tile(ubuf, ld, pl.n, lw, tl, i, x, pl.cin, pl.in_off(t), pl.in_rows(t));
-        const bool to_y = fast && pl.out_rows(t) == pl.n && !sum_blocks && aligned_rows;
+        const bool to_y = fast && pl.out_rows(t) == pl.n && !sum_blocks && (aligned_rows || !stream);
         const int64_t yoff = tl.offset(s0, pl.cout) + pl.out_off(t) * ycs;
-        Rows<A> out = to_y ? Rows<A>{reinterpret_cast<A*>(y + yoff), ycs} : Rows<A>{buf, ld};
+        Rows<A> out = to_y     ? Rows<A>{reinterpret_cast<A*>(y + yoff), ycs}
+                      : gather ? Rows<A>{gathered + pl.out_off(t) * ld, ld}  // padding rows are
+                               : Rows<A>{buf, ld};                          // overwritten next
         runs.apply(pl, t, in, Rows<A>{buf, ld}, out, pl.residual ? in : Rows<const A>{}, nv,
                    to_y && stream);
-        if (to_y) continue;
+        if (to_y || gather) continue;
         if (sum_blocks) copy_rows(acc, ld, buf, ld, pl.m, lw, t > 0);
         else store_tile(y, pl.cout, pl.out_off(t), pl.out_rows(t), tl, i, buf, ld, stream);
       }
       if (sum_blocks) store_tile(y, pl.cout, 0, pl.m, tl, i, acc, ld, stream);
+      if (gather) store_tile(y, pl.cout, 0, pl.cout, tl, i, gathered, ld, stream);
     }
     stream_fence();
   }
@@ -194,7 +200,7 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
         Rows<const A> gin{gbuf, ld};
         if (fast && pl.out_rows(t) == pl.n) gin = {reinterpret_cast<const A*>(grad + goff), ycs};
         else load_tile(gbuf, ld, pl.n, lw, tl, i, grad, pl.cout, pl.out_off(t), pl.out_rows(t));
-        const bool to_gx = fast && pl.in_rows(t) == pl.n && !sum_blocks && aligned_rows;
+        const bool to_gx = fast && pl.in_rows(t) == pl.n && !sum_blocks && (aligned_rows || !stream);
         const Rows<A> out = to_gx ? Rows<A>{reinterpret_cast<A*>(gx + xoff), xcs} : Rows<A>{work, ld};
         const Rows<const A> res = pl.residual ? gin : Rows<const A>{};
         for (int64_t p = 0; L == 0 && p < lw; ++p)  // n == 1: the identity
