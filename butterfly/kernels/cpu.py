@@ -90,8 +90,10 @@ def _build() -> str:
             return name
         except Exception as exc:  # noqa: BLE001 - any build failure means: try the next flags
             lines = str(exc).strip().splitlines()
-            why = next((ln.strip() for ln in lines if "error" in ln.lower()),
-                       lines[-1] if lines else "")
+            # the compiler's own diagnostic ("file:line: error: ...") says most; else any error line
+            why = next((ln.strip() for ln in lines if "error:" in ln),
+                       next((ln.strip() for ln in lines if "error" in ln.lower()),
+                            lines[-1] if lines else ""))
             errors.append(f"with flags {' '.join(flags)}: {why}")
     raise RuntimeError("; ".join(errors))
 
