@@ -31,7 +31,9 @@ struct Runs {
   std::vector<A> packed;  // (T, W)
 
   // Splits the stages into as few runs as possible and, among those splits, maximises the
-  // smallest run's channel count (a lone radix-2 stage does 2 FMAs per load: the weakest).
+  // smallest run's channel count (a lone radix-2 stage does 2 FMAs per load: the weakest); among
+  // equals, the longest runs come first: the last run writes the output, and fewer rows written
+  // at once (4 instead of 16 streams to memory) made 64 channels at 56x56 25% faster.
   Runs(const Plan& pl, const A* w, int max_len) {
     const int L = pl.stages();
     // best[s] = (runs, smallest product) for stages s..L-1; next[s] = length of its first run
@@ -43,7 +45,7 @@ struct Runs {
         prod *= pl.radix[s + len - 1];
         if (len > 1 && (prod > 16 || !find_run<A>(&pl.radix[s], len))) continue;
         const std::pair<int, int> cand{best[s + len].first + 1, std::min(prod, best[s + len].second)};
-        if (cand.first < best[s].first || (cand.first == best[s].first && cand.second > best[s].second))
+        if (cand.first < best[s].first || (cand.first == best[s].first && cand.second >= best[s].second))
           best[s] = cand, next[s] = len;
       }
     }
