@@ -152,7 +152,7 @@ def test_non_contiguous_input():
         assert_close([got], [want], torch.float64)
     w = torch.randn(1, BFTPlan(24, 24, (4, 3, 2)).weights_per_block, dtype=torch.float64)
     xt = torch.randn(24, 3, 5, dtype=torch.float64).transpose(0, 1)  # (3, 24, 5), strided
-    got = torch.ops.butterfly.bft_cpu_forward(xt, w, [4, 3, 2], 24, True)
+    got = torch.ops.butterfly_cpu.forward(xt, w, [4, 3, 2], 24, True)
     assert_close([got], [bft_reference(xt, w, (4, 3, 2), 24, True)], torch.float64)
 
 
@@ -167,7 +167,7 @@ def test_weight_gradient_is_deterministic():
         grads = []
         for n in (2, 2, 2, 1):
             torch.set_num_threads(n)
-            grads.append(torch.ops.butterfly.bft_cpu_backward(g, x, w, list(plan.radices), 64, True)[1])
+            grads.append(torch.ops.butterfly_cpu.backward(g, x, w, list(plan.radices), 64, True)[1])
     finally:
         torch.set_num_threads(threads)
     for other in grads[1:]:
@@ -191,9 +191,9 @@ def test_other_dtypes_run_the_reference():
 def test_bad_arguments_say_what_is_expected():
     w = torch.randn(1, 100)
     with pytest.raises(RuntimeError, match="expected weight of shape"):
-        torch.ops.butterfly.bft_cpu_forward(torch.randn(2, 16, 3), w, [4, 4], 16, True)
+        torch.ops.butterfly_cpu.forward(torch.randn(2, 16, 3), w, [4, 4], 16, True)
     with pytest.raises(RuntimeError, match="product of the radices"):
-        torch.ops.butterfly.bft_cpu_forward(torch.randn(2, 16, 3), w, [2, 2], 16, True)
+        torch.ops.butterfly_cpu.forward(torch.randn(2, 16, 3), w, [2, 2], 16, True)
 
 
 def test_fake_tensor_registration():
@@ -201,9 +201,9 @@ def test_fake_tensor_registration():
     x = torch.randn(2, 12, 5)
     w = torch.randn(plan.num_blocks, plan.weights_per_block)
     g = torch.randn(2, 20, 5)
-    torch.library.opcheck(torch.ops.butterfly.bft_cpu_forward.default, (x, w, [4, 3], 20, True),
+    torch.library.opcheck(torch.ops.butterfly_cpu.forward.default, (x, w, [4, 3], 20, True),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.butterfly.bft_cpu_backward.default, (g, x, w, [4, 3], 20, True),
+    torch.library.opcheck(torch.ops.butterfly_cpu.backward.default, (g, x, w, [4, 3], 20, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -235,6 +235,6 @@ def test_empty_batch_and_image():
     w = torch.randn(1, plan.weights_per_block)
     for shape in ((0, 16, 5), (3, 16, 0)):
         x = torch.randn(shape)
-        assert torch.ops.butterfly.bft_cpu_forward(x, w, [4, 4], 16, True).shape == shape
-        gx, gw = torch.ops.butterfly.bft_cpu_backward(x, x, w, [4, 4], 16, True)
+        assert torch.ops.butterfly_cpu.forward(x, w, [4, 4], 16, True).shape == shape
+        gx, gw = torch.ops.butterfly_cpu.backward(x, x, w, [4, 4], 16, True)
         assert gx.shape == shape and torch.equal(gw, torch.zeros_like(w))

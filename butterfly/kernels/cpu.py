@@ -8,8 +8,10 @@ warns once and the operator runs the pure-PyTorch reference instead: the same re
 
 The kernel computes float32 (bfloat16 and float16 inputs accumulate in float32) and float64; any
 other input dtype, and a float64 weight with a non-float64 input, run the reference explicitly.
-The kernel is exposed as the custom ops ``butterfly::bft_cpu_forward`` and
-``butterfly::bft_cpu_backward`` (with fake implementations, so ``torch.compile`` can trace them).
+The kernel registers the operators ``butterfly_cpu::forward`` and ``butterfly_cpu::backward``
+(C++, ``TORCH_LIBRARY``); this module adds their fake implementations, so ``torch.compile`` can
+trace them. The backend calls them directly: a Python ``custom_op`` wrapper in between cost
+50-90 us per call, 10% of a 256-channel layer's time.
 """
 from __future__ import annotations
 
@@ -109,6 +111,7 @@ def load_extension() -> Optional[str]:
         else:
             try:
                 _state["library"] = _build()
+                _register_fake_kernels()
             except Exception as exc:  # noqa: BLE001
                 _state["error"] = f"could not be built: {exc}"
         if "error" in _state:
@@ -132,30 +135,25 @@ def _available(device: torch.device) -> bool:
     return device.type == "cpu" and load_extension() is not None
 
 
-@torch.library.custom_op("butterfly::bft_cpu_forward", mutates_args=())
-def bft_cpu_forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
-                    residual: bool) -> Tensor:
-    """The fused kernel's forward; ``weight`` is float64 for float64 ``x``, else float32."""
-    load_extension()
-    return torch.ops.butterfly_cpu.forward(x, weight, radices, out_channels, residual)
+_fakes_registered = False
 
 
-@bft_cpu_forward.register_fake
-def _(x, weight, radices, out_channels, residual):
-    return x.new_empty(x.shape[0], out_channels, x.shape[2])
+def _register_fake_kernels() -> None:
+    """Output shapes of the C++ operators for FakeTensor tracing (``torch.compile``); once per
+    process, after the library has registered the operators."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
 
+    @torch.library.register_fake("butterfly_cpu::forward")
+    def _(x, weight, radices, out_channels, residual):
+        return x.new_empty(x.shape[0], out_channels, x.shape[2])
 
-@torch.library.custom_op("butterfly::bft_cpu_backward", mutates_args=())
-def bft_cpu_backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int],
-                     out_channels: int, residual: bool) -> Tuple[Tensor, Tensor]:
-    """The fused kernel's backward: ``(grad_x, grad_weight)``."""
-    load_extension()
-    return torch.ops.butterfly_cpu.backward(grad, x, weight, radices, out_channels, residual)
+    @torch.library.register_fake("butterfly_cpu::backward")
+    def _(grad, x, weight, radices, out_channels, residual):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
-
-@bft_cpu_backward.register_fake
-def _(grad, x, weight, radices, out_channels, residual):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+    _fakes_registered = True
 
 
 def _kernel_weight(x: Tensor, weight: Tensor) -> Optional[Tensor]:
@@ -175,7 +173,7 @@ def _forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
     w = _kernel_weight(x, weight)
     if w is None:
         return bft_reference(x, weight, radices, out_channels, residual)
-    return torch.ops.butterfly.bft_cpu_forward(x.contiguous(), w, radices, out_channels, residual)
+    return torch.ops.butterfly_cpu.forward(x.contiguous(), w, radices, out_channels, residual)
 
 
 def _backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
@@ -183,7 +181,7 @@ def _backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int], out_c
     w = _kernel_weight(x, weight)
     if w is None:
         return bft_reference_backward(grad, x, weight, radices, out_channels, residual)
-    grad_x, grad_w = torch.ops.butterfly.bft_cpu_backward(
+    grad_x, grad_w = torch.ops.butterfly_cpu.backward(
         grad.to(x.dtype).contiguous(), x.contiguous(), w, radices, out_channels, residual)
     return grad_x, grad_w.to(weight.dtype)
 
