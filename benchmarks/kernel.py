@@ -7,7 +7,8 @@
     python benchmarks/kernel.py --cpu-time      # also: 1 thread, timed by process CPU time
 
 For batch 32 at every shape it times, interleaved round by round (so load from other processes
-hits all variants alike), and reports the median after warm-up:
+hits all variants alike), and reports the median of each step's steady state, called back to back
+after at least 20 ms of untimed calls (see :func:`time_interleaved` for why):
 
 * ``nn.Conv2d(in, out, 1, bias=False)`` on NCHW and on channels_last input; the faster of the two
   is the baseline;
@@ -123,15 +124,17 @@ def make_step(module: nn.Module, x: torch.Tensor, backend: str, train: bool) -> 
 
 
 def time_interleaved(steps: Dict[str, Callable[[], None]], rounds: int, warmup: int,
-                     budget_s: float, clock: Callable[[], float],
-                     block: int) -> Dict[str, List[float]]:
-    """Milliseconds of the timed calls of every step. Each round runs every step ``block`` times
-    in a row and keeps all calls but the first: those measure the step called back to back, as in
-    a loop over a model (its output buffer is the one its previous call freed), while the first
-    call of a block pays for the cache and allocator state the previous step left behind, which
-    depends on the order of the steps rather than on the step. Rounds interleave the steps, so
-    load from other processes hits all alike. A step slower than ``budget_s`` per call (the
-    reference) runs once per round, in the first three rounds only."""
+                     budget_s: float, clock: Callable[[], float], block: int,
+                     settle_s: float) -> Dict[str, List[float]]:
+    """Milliseconds of the timed calls of every step: the step's steady state when called back to
+    back, as in a loop over a model. Each round runs every step untimed for at least ``settle_s``
+    seconds and then times ``block`` calls. The settling matters on this machine: after a
+    different kind of work (a compute-bound convolution, an idle pause) the first calls of a
+    memory-bound step run up to 2x slower for several milliseconds while the caches and the
+    uncore clock (L3, memory) catch up, which would charge one step for what the step before it
+    did. Rounds interleave the steps in a rotating order, so load from other processes and what
+    runs before whom hit all alike. A step slower than ``budget_s`` per call (the reference) gets
+    one timed call per round, in the first three rounds only."""
     times: Dict[str, List[float]] = {k: [] for k in steps}
     warm: Dict[str, float] = {}
     for name, step in steps.items():
@@ -139,21 +142,27 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], rounds: int, warmup: 
             t0 = clock()
             step()
             warm[name] = (clock() - t0) * 1e3
+    names = list(steps)
     for r in range(rounds):
-        for name, step in steps.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step = steps[name]
             slow = statistics.median(times[name] or [warm[name]]) > budget_s * 1e3
             if r >= 3 and slow:
                 continue
-            calls = 1 if slow else block
-            for c in range(calls):
+            if not slow:
+                until = time.perf_counter() + settle_s
+                while True:
+                    step()
+                    if time.perf_counter() >= until:
+                        break
+            for _ in range(1 if slow else block):
                 t0 = clock()
                 step()
-                if c > 0 or calls == 1:
-                    times[name].append((clock() - t0) * 1e3)
+                times[name].append((clock() - t0) * 1e3)
     return times
 
 
-def measure(cin: int, cout: int, hw: int, train: bool, rounds: int, block: int,
+def measure(cin: int, cout: int, hw: int, train: bool, rounds: int, block: int, settle_s: float,
             clock: Callable[[], float]) -> Dict[str, float]:
     x = torch.randn(BATCH, cin, hw, hw)
     xl = x.contiguous(memory_format=torch.channels_last)
@@ -171,7 +180,8 @@ def measure(cin: int, cout: int, hw: int, train: bool, rounds: int, block: int,
     }
     out, src = torch.empty(BATCH, cout, hw, hw), torch.randn(BATCH, cout, hw, hw)
     steps["copy"] = lambda: out.copy_(src)
-    times = time_interleaved(steps, rounds, warmup=2, budget_s=0.25, clock=clock, block=block)
+    times = time_interleaved(steps, rounds, warmup=2, budget_s=0.25, clock=clock, block=block,
+                             settle_s=settle_s)
     ms = {k: statistics.median(v) for k, v in times.items()}
     ms.update({"_min " + k: min(v) for k, v in times.items()})
     pixels = BATCH * hw * hw
@@ -251,9 +261,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="three shapes, fewer repetitions")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 6, quick 3)")
-    parser.add_argument("--block", type=int, default=4,
-                        help="calls of a step in a row per round, the first one untimed (default "
-                             "4; 1: one timed call per step per round, each after a different step)")
+    parser.add_argument("--block", type=int, default=3,
+                        help="timed calls of each step per round (default 3)")
+    parser.add_argument("--settle-ms", type=float, default=20.0,
+                        help="untimed calls of a step, in milliseconds, before its timed calls in "
+                             "each round (default 20; 0: one untimed call)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_cpu.md"),
                         help="markdown file to write")
     parser.add_argument("--threads", type=int, nargs="+", default=[cores()],
@@ -274,11 +286,10 @@ def main(argv=None) -> int:
         "",
         f"CPU: {cpu_model()}, {cores()} cores ({cpu_flags()}); torch {torch.__version__}, "
         f"butterfly {butterfly.__version__}. Batch {BATCH}, residual on, float32. "
-        + (f"{rounds} interleaved rounds after 2 warm-up calls; per round every step runs "
-           f"{args.block} times in a row and the last {args.block - 1} calls are timed (median of "
-           "those; steps slower than 0.25 s: one call in each of the first 3 rounds)." if args.block > 1 else
-           f"Median of {rounds} interleaved rounds (one call of each step per round) after 2 "
-           "warm-up calls."),
+        + f"{rounds} rounds, steps interleaved in a rotating order; in each round a step runs "
+        f"untimed for {args.settle_ms:g} ms and then {args.block} timed calls (medians of those: "
+        "the time of a step called back to back; steps slower than 0.25 s: one timed call in "
+        "each of the first 3 rounds).",
         f"Reproduce: `{command}`. Memory: {malloc_note}",
         "",
         "Each cell: median time, achieved GMAC/s (useful multiply-adds; training counts 3x the "
@@ -297,7 +308,8 @@ def main(argv=None) -> int:
         for train in (False, True):
             results = []
             for shape in (QUICK_SHAPES if args.quick else SHAPES):
-                r = measure(*shape[1:], train=train, rounds=rounds, block=args.block, clock=clock)
+                r = measure(*shape[1:], train=train, rounds=rounds, block=args.block,
+                            settle_s=args.settle_ms / 1e3, clock=clock)
                 results.append((shape, r))
                 print(f"{label}, {'training' if train else 'inference'} {shape[0]}: " +
                       ", ".join(f"{k} {v:.2f} ms" for k, v in r.items() if not k.startswith("_")),
