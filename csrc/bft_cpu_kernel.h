@@ -24,6 +24,7 @@ template <class A>
 struct Runs {
   struct Run {
     int s0, len, K;  // first stage, number of stages, radix (len == 1 without a kernel)
+    int channels;    // product of its radices: the channels of one block
     RunFn<A> fn;     // nullptr: stage_fwd_any
     int64_t woff;    // offset of the packed weights in a block's W weights
   };
@@ -31,28 +32,24 @@ struct Runs {
   std::vector<A> packed;  // (T, W)
 
   // Splits the stages into as few runs as possible and, among those splits, maximises the
-  // smallest run's channel count (a lone radix-2 stage does 2 FMAs per load: the weakest); among
+  // smallest run's channel count (a lone radix-2 stage does 2 FMAs per load: the weakest). Among
   // equals, the longest runs come first: the last run writes the output, and fewer rows written
-  // at once (4 instead of 16 streams to memory) made 64 channels at 56x56 25% faster.
-  Runs(const Plan& pl, const A* w, int max_len) {
+  // at once (4 instead of 16 streams to memory) made 64 channels at 56x56 25% faster. With
+  // `cl_output` (channels-last tiles) a split whose last run has VL channels wins instead: that
+  // run transposes its blocks straight into y (256 channels: 0.81 -> 0.48 ms).
+  Runs(const Plan& pl, const A* w, int max_len, bool cl_output) {
     const int L = pl.stages();
-    // best[s] = (runs, smallest product) for stages s..L-1; next[s] = length of its first run
-    std::vector<std::pair<int, int>> best(L + 1, {0, 1 << 30});
-    std::vector<int> next(L + 1, 1);
-    for (int s = L - 1; s >= 0; --s) {
-      best[s] = {1 << 30, 0};
-      for (int len = 1, prod = 1; len <= std::min(max_len, L - s); ++len) {
-        prod *= pl.radix[s + len - 1];
-        if (len > 1 && (prod > 16 || !find_run<A>(&pl.radix[s], len))) continue;
-        const std::pair<int, int> cand{best[s + len].first + 1, std::min(prod, best[s + len].second)};
-        if (cand.first < best[s].first || (cand.first == best[s].first && cand.second >= best[s].second))
-          best[s] = cand, next[s] = len;
-      }
+    std::vector<int> next = split(pl, max_len, true);
+    if (cl_output && last_channels(pl, next) != Vec<A>::lanes) {
+      std::vector<int> other = split(pl, max_len, false);
+      if (last_channels(pl, other) == Vec<A>::lanes) next = other;
     }
     int64_t off = 0;
     for (int s = 0; s < L; s += next[s]) {
       const int len = next[s];
-      runs.push_back({s, len, pl.radix[s], find_run<A>(&pl.radix[s], len), off});
+      int channels = 1;
+      for (int q = 0; q < len; ++q) channels *= pl.radix[s + q];
+      runs.push_back({s, len, pl.radix[s], channels, find_run<A>(&pl.radix[s], len), off});
       for (int q = 0; q < len; ++q) off += pl.n * pl.radix[s + q];
     }
     packed.resize((size_t)(pl.T * pl.W));
@@ -65,10 +62,47 @@ struct Runs {
       }
   }
 
-  // Block t: out = B(src) + res. The first run reads src, the last writes out (adding res),
-  // the others work in place in mid.
+  // next[s]: length of the run starting at stage s, for the best split (see Runs()); ties go to
+  // the longest first run, or the shortest.
+  static std::vector<int> split(const Plan& pl, int max_len, bool longest_first) {
+    const int L = pl.stages();
+    // best[s] = (runs, smallest product) for stages s..L-1
+    std::vector<std::pair<int, int>> best(L + 1, {0, 1 << 30});
+    std::vector<int> next(L + 1, 1);
+    for (int s = L - 1; s >= 0; --s) {
+      best[s] = {1 << 30, 0};
+      for (int len = 1, prod = 1; len <= std::min(max_len, L - s); ++len) {
+        prod *= pl.radix[s + len - 1];
+        if (len > 1 && (prod > 16 || !find_run<A>(&pl.radix[s], len))) continue;
+        const std::pair<int, int> cand{best[s + len].first + 1, std::min(prod, best[s + len].second)};
+        if (cand.first < best[s].first ||
+            (cand.first == best[s].first &&
+             (longest_first ? cand.second >= best[s].second : cand.second > best[s].second)))
+          best[s] = cand, next[s] = len;
+      }
+    }
+    return next;
+  }
+  // channels of the last run of a split
+  static int last_channels(const Plan& pl, const std::vector<int>& next) {
+    int last = 0;
+    for (int s = 0; s < pl.stages(); s += next[s]) last = s;
+    int channels = 1;
+    for (int q = last; q < pl.stages(); ++q) channels *= pl.radix[q];
+    return channels;
+  }
+
+  // Whether the last run can write channels-last rows itself (RunArgs::cl).
+  bool writes_channels_last() const {
+    return !runs.empty() && runs.back().fn && runs.back().channels == Vec<A>::lanes;
+  }
+
+  // Block t: out = B(src) + res. The first run reads src, the last writes out (adding res), or
+  // the channels-last rows `cl` when given (see writes_channels_last), the others work in place
+  // in mid.
   void apply(const Plan& pl, int64_t t, Rows<const A> src, Rows<A> mid, Rows<A> out,
-             Rows<const A> res, int64_t nv, bool stream) const {
+             Rows<const A> res, int64_t nv, bool stream, A* cl = nullptr, int64_t cl_ld = 0,
+             int64_t cl_np = 0) const {
     if (runs.empty()) {  // n == 1: the identity
       for (int64_t c = 0; c < pl.n; ++c)
         for (int64_t p = 0; p < nv * Vec<A>::lanes; ++p)
@@ -81,6 +115,7 @@ struct Runs {
       RunArgs<A> args{i == 0 ? src : Rows<const A>{mid.base, mid.ld}, last ? out : mid,
                       last ? res : Rows<const A>{}, nv, packed.data() + t * pl.W + r.woff,
                       pl.segs[r.s0], pl.stride[r.s0 + r.len - 1], last && stream};
+      if (last && cl) args.cl = cl, args.cl_ld = cl_ld, args.cl_np = cl_np;
       if (r.fn) r.fn(args);
       else stage_fwd_any(args, r.K);
     }
@@ -108,7 +143,7 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   const Tiling tl = make_tiling<A>(B, P, rows, opt.fwd_budget, opt.fwd_cap, opt.threads);
   const int64_t ld = padded_ld<A>(tl.tp);
   const bool sum_blocks = !pl.expand && pl.T > 1;
-  const Runs<A> runs(pl, w, opt.max_run);
+  const Runs<A> runs(pl, w, opt.max_run, same && P == 1);
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
   // y too large to stay in cache (and already in memory): write it with streaming stores
   const int64_t ybytes = B * pl.cout * P * (int64_t)sizeof(S);
@@ -116,6 +151,9 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   // the last run may write y rows itself when they are vector-aligned
   const bool aligned_rows = reinterpret_cast<uintptr_t>(y) % BFT_VECTOR_BYTES == 0 &&
                             (P * (int64_t)sizeof(S)) % BFT_VECTOR_BYTES == 0;
+  // channels-last pixel rows of y whose blocks of VL channels are vector-aligned
+  const bool cl_aligned = reinterpret_cast<uintptr_t>(y) % BFT_VECTOR_BYTES == 0 &&
+                          (pl.cout * (int64_t)sizeof(S)) % BFT_VECTOR_BYTES == 0;
 #pragma omp parallel num_threads(opt.threads)
   {
     A* ubuf = scratch<A>(0, pl.n * ld);  // the block's input
@@ -137,10 +175,19 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
         else if (t == 0 || !pl.expand)  // expanding blocks all read the same input
           load_tile(ubuf, ld, pl.n, lw, tl, i, x, pl.cin, pl.in_off(t), pl.in_rows(t));
         const bool to_y = fast && pl.out_rows(t) == pl.n && !sum_blocks && (aligned_rows || !stream);
+        // channels-last: the last run transposes its blocks straight into y's pixel rows
+        const bool to_cl = same && P == 1 && !fast && !sum_blocks && !gather &&
+                           pl.out_rows(t) == pl.n && runs.writes_channels_last();
         const int64_t yoff = tl.offset(s0, pl.cout) + pl.out_off(t) * ycs;
         Rows<A> out = to_y     ? Rows<A>{reinterpret_cast<A*>(y + yoff), ycs}
                       : gather ? Rows<A>{gathered + pl.out_off(t) * ld, ld}  // padding rows are
                                : Rows<A>{buf, ld};                          // overwritten next
+        if (to_cl) {
+          A* yrow = reinterpret_cast<A*>(y) + tl.offset(s0, pl.cout) + pl.out_off(t);
+          runs.apply(pl, t, in, Rows<A>{buf, ld}, out, pl.residual ? in : Rows<const A>{}, nv,
+                     stream && cl_aligned, yrow, pl.cout, s0.np);
+          continue;
+        }
         runs.apply(pl, t, in, Rows<A>{buf, ld}, out, pl.residual ? in : Rows<const A>{}, nv,
                    to_y && stream);
         if (to_y || gather) continue;

@@ -34,6 +34,10 @@ struct RunArgs {
   const A* w;         // the run's weights, packed by pack_run
   int a, t;           // segments of the run's first stage, stride of its last stage
   bool stream;        // write dst with streaming stores (rows aligned to the vector size)
+  // Channels-last output instead of dst (runs of VL channels at stride 1 only): the block is
+  // transposed in registers and pixel q < cl_np of the tile written to cl + q * cl_ld.
+  A* cl = nullptr;
+  int64_t cl_ld = 0, cl_np = 0;
 };
 
 template <class A>
@@ -79,6 +83,18 @@ void run_fwd(const RunArgs<A>& p) {
           wq += KP * K;
         });
         if (res) unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { x[b] += vload(res + b * rs + v); });
+        if constexpr (KP == VL) {
+          if (p.cl) {
+            transpose<A>(x);
+            unroll<VL>([&](auto q) BFT_INLINE_LAMBDA {
+              if (v + q >= p.cl_np) return;
+              A* o = p.cl + (v + q) * p.cl_ld + c0;
+              if (p.stream) vstream(o, x[q]);
+              else vstore(o, x[q]);
+            });
+            continue;
+          }
+        }
         if (p.stream) unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { vstream(d + b * ds + v, x[b]); });
         else unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { vstore(d + b * ds + v, x[b]); });
       }

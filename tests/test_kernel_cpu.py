@@ -101,7 +101,7 @@ def test_low_precision(dtype, name, cin, cout, radices):
         assert_close(got, want, torch.bfloat16 if dtype != torch.float32 else dtype)
 
 
-@pytest.mark.parametrize("cin,cout", [(32, 64), (64, 32), (48, 80), (64, 64)])
+@pytest.mark.parametrize("cin,cout", [(32, 64), (64, 32), (48, 80), (64, 64), (256, 256)])
 def test_float32_whole_vector_blocks(cin, cout):
     """float32 with blocks of whole 16-channel vectors: the in-register transposes of the
     channels-last path (including blocks narrower than the output), and the expanding blocks
