@@ -74,7 +74,8 @@ struct Runs {
       for (int len = 1, prod = 1; len <= std::min(max_len, L - s); ++len) {
         prod *= pl.radix[s + len - 1];
         if (len > 1 && (prod > 16 || !find_run<A>(&pl.radix[s], len))) continue;
-        const std::pair<int, int> cand{best[s + len].first + 1, std::min(prod, best[s + len].second)};
+        const std::pair<int, int> cand{best[s + len].first + 1,
+                                       std::min(prod, best[s + len].second)};
         if (cand.first < best[s].first ||
             (cand.first == best[s].first &&
              (longest_first ? cand.second >= best[s].second : cand.second > best[s].second)))
@@ -174,7 +175,8 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
         if (fast && pl.in_rows(t) == pl.n) in = {reinterpret_cast<const A*>(x + xoff), xcs};
         else if (t == 0 || !pl.expand)  // expanding blocks all read the same input
           load_tile(ubuf, ld, pl.n, lw, tl, i, x, pl.cin, pl.in_off(t), pl.in_rows(t));
-        const bool to_y = fast && pl.out_rows(t) == pl.n && !sum_blocks && (aligned_rows || !stream);
+        const bool to_y =
+            fast && pl.out_rows(t) == pl.n && !sum_blocks && (aligned_rows || !stream);
         // channels-last: the last run transposes its blocks straight into y's pixel rows
         const bool to_cl = same && P == 1 && !fast && !sum_blocks && !gather &&
                            pl.out_rows(t) == pl.n && runs.writes_channels_last();
@@ -249,7 +251,8 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
         Rows<const A> gin{gbuf, ld};
         if (fast && pl.out_rows(t) == pl.n) gin = {reinterpret_cast<const A*>(grad + goff), ycs};
         else load_tile(gbuf, ld, pl.n, lw, tl, i, grad, pl.cout, pl.out_off(t), pl.out_rows(t));
-        const bool to_gx = fast && pl.in_rows(t) == pl.n && !sum_blocks && (aligned_rows || !stream);
+        const bool to_gx =
+            fast && pl.in_rows(t) == pl.n && !sum_blocks && (aligned_rows || !stream);
         const Rows<A> out = to_gx ? Rows<A>{reinterpret_cast<A*>(gx + xoff), xcs} : Rows<A>{work, ld};
         const Rows<const A> res = pl.residual ? gin : Rows<const A>{};
         for (int64_t p = 0; L == 0 && p < lw; ++p)  // n == 1: the identity

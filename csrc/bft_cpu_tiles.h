@@ -202,6 +202,16 @@ void zero_rest(A* buf, int64_t ld, int64_t rows, int64_t valid, int64_t used, in
     for (int64_t p = c < valid ? used : 0; p < lw; ++p) buf[c * ld + p] = A(0);
 }
 
+// The VL x VL block of VL rows in[k * in_ld + 0..VL), transposed into out[k * out_ld + 0..VL).
+template <class A>
+BFT_INLINE void transpose_block(const A* in, int64_t in_ld, A* out, int64_t out_ld) {
+  constexpr int64_t VL = Vec<A>::lanes;
+  vec_t<A> r[VL];
+  for (int64_t k = 0; k < VL; ++k) r[k] = vload(in + k * in_ld);
+  transpose<A>(r);
+  for (int64_t k = 0; k < VL; ++k) vstore(out + k * out_ld, r[k]);
+}
+
 // buf[c][p] = src[c * cs + p * ps] for c < rows, p < np. ps == 1: NCHW rows; otherwise a
 // channels-last segment (cs == 1), transposed on the way.
 template <class S, class A>
@@ -216,12 +226,8 @@ void load_rows(A* buf, int64_t ld, const S* src, int64_t rows, int64_t cs, int64
   if constexpr (std::is_same_v<S, A>) {
     for (; p0 + VL <= np; p0 += VL) {
       int64_t c0 = 0;
-      for (; c0 + VL <= rows; c0 += VL) {
-        vec_t<A> r[VL];
-        for (int64_t k = 0; k < VL; ++k) r[k] = vload(src + (p0 + k) * ps + c0);
-        transpose<A>(r);
-        for (int64_t k = 0; k < VL; ++k) vstore(buf + (c0 + k) * ld + p0, r[k]);
-      }
+      for (; c0 + VL <= rows; c0 += VL)
+        transpose_block<A>(src + p0 * ps + c0, ps, buf + c0 * ld + p0, ld);
       for (int64_t c = c0; c < rows; ++c)
         for (int64_t p = p0; p < p0 + VL; ++p) buf[c * ld + p] = src[p * ps + c];
     }
@@ -247,39 +253,18 @@ void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_
   }
   int64_t p0 = 0;
   if constexpr (std::is_same_v<S, A>) {
-    if (!stream || rows != ps) {
-      // VL pixels at a time, transposed in registers and stored straight to dst
-      for (; p0 + VL <= np; p0 += VL) {
-        int64_t c0 = 0;
-        for (; c0 + VL <= rows; c0 += VL) {
-          vec_t<A> r[VL];
-          for (int64_t k = 0; k < VL; ++k) r[k] = vload(buf + (c0 + k) * ld + p0);
-          transpose<A>(r);
-          for (int64_t k = 0; k < VL; ++k) vstore(dst + (p0 + k) * ps + c0, r[k]);
-        }
-        for (int64_t k = 0; k < VL; ++k)
-          for (int64_t c = c0; c < rows; ++c) dst[(p0 + k) * ps + c] = buf[c * ld + p0 + k];
-      }
-    }
-    // streaming: transpose into a staging block laid out like dst, then copy it out with
-    // whole aligned vectors (rows of dst are rarely vector-aligned themselves)
-    A* stage = scratch<A>(4, VL * ps);
+    // VL pixels at a time, transposed in registers: straight into dst, or, streaming whole pixel
+    // rows, into a staging block laid out like dst that goes out with aligned streaming stores
+    // (rows of dst are rarely vector-aligned themselves)
+    const bool staged = stream && rows == ps;
+    A* stage = staged ? scratch<A>(4, VL * ps) : nullptr;
     for (; p0 + VL <= np; p0 += VL) {
+      A* out = staged ? stage : dst + p0 * ps;
       int64_t c0 = 0;
-      for (; c0 + VL <= rows; c0 += VL) {
-        vec_t<A> r[VL];
-        for (int64_t k = 0; k < VL; ++k) r[k] = vload(buf + (c0 + k) * ld + p0);
-        transpose<A>(r);
-        for (int64_t k = 0; k < VL; ++k) vstore(stage + k * ps + c0, r[k]);
-      }
+      for (; c0 + VL <= rows; c0 += VL) transpose_block<A>(buf + c0 * ld + p0, ld, out + c0, ps);
       for (int64_t k = 0; k < VL; ++k)
-        for (int64_t c = c0; c < rows; ++c) stage[k * ps + c] = buf[c * ld + p0 + k];
-      if (rows == ps) {
-        copy_out(dst + p0 * ps, stage, VL * ps, stream);
-      } else {
-        for (int64_t k = 0; k < VL; ++k)
-          std::memcpy(dst + (p0 + k) * ps, stage + k * ps, rows * sizeof(A));
-      }
+        for (int64_t c = c0; c < rows; ++c) out[k * ps + c] = buf[c * ld + p0 + k];
+      if (staged) copy_out(dst + p0 * ps, stage, VL * ps, true);
     }
   }
   for (int64_t p = p0; p < np; ++p)
