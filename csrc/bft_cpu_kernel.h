@@ -184,10 +184,9 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
         Rows<A> out = to_y     ? Rows<A>{reinterpret_cast<A*>(y + yoff), ycs}
                       : gather ? Rows<A>{gathered + pl.out_off(t) * ld, ld}  // padding rows are
                                : Rows<A>{buf, ld};                          // overwritten next
-        if (to_cl) {
-          A* yrow = reinterpret_cast<A*>(y) + tl.offset(s0, pl.cout) + pl.out_off(t);
+        if (to_cl) {  // P == 1: y + yoff is the tile's first pixel row
           runs.apply(pl, t, in, Rows<A>{buf, ld}, out, pl.residual ? in : Rows<const A>{}, nv,
-                     stream && cl_aligned, yrow, pl.cout, s0.np);
+                     stream && cl_aligned, reinterpret_cast<A*>(y + yoff), pl.cout, s0.np);
           continue;
         }
         runs.apply(pl, t, in, Rows<A>{buf, ld}, out, pl.residual ? in : Rows<const A>{}, nv,
