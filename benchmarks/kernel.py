@@ -227,24 +227,35 @@ def targets(results, train: bool) -> str:
 
 def limits(results, label: str) -> str:
     """What bounds the kernel in this run, from the measured times (inference)."""
-    rows = []
+    rows, small, large, conv = [], [], [], []
     for (name, cin, cout, hw), r in results:
         fastest = min(("BFT-4 NCHW", "BFT-4 CL", "BFT-2 NCHW", "BFT-2 CL"), key=lambda k: r[k])
         macs = r["_macs_bft4" if "4" in fastest else "_macs_bft2"]
-        rows.append(f"{name}: {r[fastest]:.2f} ms ({fastest}) = {r[fastest] / r['copy']:.1f}x the "
-                    f"copy, {macs / r[fastest] / 1e6:.0f} GMAC/s")
+        copies, gmacs = r[fastest] / r["copy"], macs / r[fastest] / 1e6
+        rows.append(f"{name}: {r[fastest]:.2f} ms ({fastest}) = {copies:.1f}x the copy, "
+                    f"{gmacs:.0f} GMAC/s")
+        (small if max(cin, cout) <= 128 else large).append((copies, gmacs))
+        conv.append(r["_macs_conv"] / min(r["conv NCHW"], r["conv CL"]) / 1e6)
+
+    def span(values, fmt):
+        if not values:
+            return "n/a"
+        low, high = f"{min(values):{fmt}}", f"{max(values):{fmt}}"
+        return low if low == high else f"{low}-{high}"
+
     return (f"What limits it ({label}, inference; fastest BFT variant per shape vs the copy of its "
             "output): " + "; ".join(rows) + ". A BFT moves as many bytes as the convolution it "
             "replaces (it reads the input once and writes the output once) but executes 5-50x "
-            "fewer multiply-adds. At 32-128 channels it runs within about 1.5x of a plain copy: "
-            "memory bandwidth bounds it (the copy reads and writes through the cache; the kernel "
-            "streams large outputs past it, so at 32->64 channels it beats the copy). At "
-            "256-1024 channels it takes 3-5x the copy (which then runs from cache) and reaches "
-            "30-40 GMAC/s on 2 cores, far below the FMA peak "
-            "(2 x 16 lanes per cycle per core): every fused run of stages reads and writes 16 rows "
-            "at once from L2 or memory, and profiles (perf, cpu-clock samples) put the time on "
-            "those row loads and stores, not on the FMAs. The convolution, by contrast, is bound "
-            "by its FMAs (95-150 GMAC/s here), so the ratio grows with the channel count.")
+            f"fewer multiply-adds. Up to 128 channels it takes {span([c for c, _ in small], '.1f')}x "
+            "the time of a plain copy: memory bandwidth bounds it (the copy reads and writes "
+            "through the cache; the kernel streams large outputs past it, so it can beat the "
+            f"copy). From 232 channels on it takes {span([c for c, _ in large], '.1f')}x the copy "
+            f"(which then runs from cache) and reaches {span([g for _, g in large], '.0f')} GMAC/s, "
+            "far below the FMA peak (2 x 16 lanes per cycle per core): every fused run of stages "
+            "reads and writes 16 rows at once from L2 or memory, and profiles (perf, cpu-clock "
+            "samples) put the time on those row loads and stores, not on the FMAs. The "
+            f"convolution, by contrast, is bound by its FMAs ({span(conv, '.0f')} GMAC/s here), so "
+            "the ratio grows with the channel count.")
 
 
 def gpu_section(args) -> str:
