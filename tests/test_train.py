@@ -67,14 +67,20 @@ def test_short_training_lowers_loss_and_beats_chance(tmp_path):
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "best.pth").exists()
 
 
-def test_imagefolder_end_to_end(tmp_path):
+def make_imagefolder(root, splits):
+    """An ImageFolder tree of Fashion-MNIST t10k images: ``splits`` maps a split to its indices."""
     from PIL import Image
     val = FashionMNIST(DATA, "val")
-    for split, indices in (("train", range(0, 256)), ("val", range(256, 356))):
+    for split, indices in splits.items():
         for i in indices:
-            folder = tmp_path / "data" / split / val.classes[int(val.targets[i])].replace("/", "-")
+            folder = root / split / val.classes[int(val.targets[i])].replace("/", "-")
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(val.images[i].numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_end_to_end(tmp_path):
+    make_imagefolder(tmp_path / "data", {"train": range(0, 256), "val": range(256, 356)})
     out = tmp_path / "run"
     result = _train(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"),
                      "--img-size", "28", "--small-input", "--batch-size", "32", "--epochs", "1",

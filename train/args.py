@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset of optimization defaults (the paper's recipes); options override it")
     add_data_args(p)
 
+    g = p.add_argument_group("validation")
+    g.add_argument("--val-holdout", type=_positive_int, default=None, metavar="N",
+                   help="validate on N images held out of the training split (a fixed random "
+                        "subset, the same for every seed) and train on the rest; the test split "
+                        "is then not used during training")
+    g.add_argument("--eval-test", action="store_true",
+                   help="after the last epoch, evaluate the final model once on the test split "
+                        "(Fashion-MNIST t10k / --val-split; --val-subset applies) and record "
+                        "test_top1, test_loss")
+
     g = p.add_argument_group("optimization (defaults come from --recipe)")
     g.add_argument("--epochs", type=_positive_int)
     g.add_argument("--batch-size", type=_positive_int, help="images per process and step")
@@ -196,7 +206,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
         if args.data_dir is None:
             parser.error("--dataset imagefolder needs --data-dir (a folder with train/ and val/ "
                          "subfolders, one folder of images per class)")
-        for split in ([args.train_split] if training else []) + [args.val_split]:
+        test_split = not training or not getattr(args, "val_holdout", None) or args.eval_test
+        for split in ([args.train_split] if training else []) + ([args.val_split] if test_split else []):
             if not os.path.isdir(os.path.join(args.data_dir, split)):
                 parser.error(f"{os.path.join(args.data_dir, split)} is missing: an ImageFolder "
                              "dataset needs one subfolder per split, each with a folder per class")

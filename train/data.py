@@ -192,6 +192,16 @@ def fixed_subset(dataset: Dataset, size: Optional[int]) -> Dataset:
     return Subset(dataset, torch.randperm(len(dataset), generator=g)[:size].sort().values.tolist())
 
 
+def holdout_split(length: int, holdout: int) -> Tuple[List[int], List[int]]:
+    """``(held out, rest)``: sorted indices of a fixed random ``holdout``-image subset of a split of
+    ``length`` images (seeded with ``SUBSET_SEED``, so the same for every ``--seed``) and of the rest."""
+    if not 1 <= holdout < length:
+        raise DataError(f"--val-holdout {holdout}: the training split has {length} images; hold out "
+                        "at least 1 and fewer than all of them")
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(SUBSET_SEED))
+    return order[:holdout].sort().values.tolist(), order[holdout:].sort().values.tolist()
+
+
 # ------------------------------------------------------------------------------------------ build
 @dataclass
 class DataInfo:
@@ -201,13 +211,20 @@ class DataInfo:
     in_chans: int
     img_size: Optional[int]  # None: take it from the model's config (ImageFolder)
     fashion_dir: Optional[str] = None
+    classes: Optional[List[str]] = None  # ImageFolder: the class folders every split must hold
+
+
+def uses_holdout(args) -> bool:
+    """True when validation during training runs on images held out of the training split."""
+    return bool(getattr(args, "val_holdout", None))
 
 
 def describe(args, rank: int = 0, barrier=lambda: None) -> DataInfo:
     """Locate the dataset (downloading Fashion-MNIST on rank 0 if needed) and describe it."""
     if args.dataset == "imagefolder":
-        classes = imagefolder_classes(os.path.join(args.data_dir, args.val_split))
-        return DataInfo(len(classes), 3, args.img_size)
+        split = args.train_split if uses_holdout(args) else args.val_split
+        classes = imagefolder_classes(os.path.join(args.data_dir, split))
+        return DataInfo(len(classes), 3, args.img_size, classes=classes)
     folder = find_fashion_mnist(args.data_dir)
     if folder is None:
         root = args.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "butterfly")
@@ -220,32 +237,51 @@ def describe(args, rank: int = 0, barrier=lambda: None) -> DataInfo:
     return DataInfo(10, 1, args.img_size or 28, folder)
 
 
-def build_datasets(args, info: DataInfo, model=None, train: bool = True):
-    """``(train_set or None, val_set)`` with the right transforms; the train set is seeded."""
+def load_split(args, info: DataInfo, model, split: str, augment: bool) -> Dataset:
+    """The ``"train"`` or ``"test"`` split (Fashion-MNIST t10k / ImageFolder ``--val-split``), with
+    the training augmentation when ``augment`` and the evaluation transform otherwise."""
     if args.dataset == "fashion-mnist":
-        train_set = (FashionMNIST(info.fashion_dir, "train", info.img_size, train=not args.no_aug)
-                     if train else None)
-        val_set = FashionMNIST(info.fashion_dir, "val", info.img_size)
+        return FashionMNIST(info.fashion_dir, "train" if split == "train" else "val", info.img_size,
+                            train=augment)
+    from timm.data import create_transform, resolve_data_config
+    from torchvision.datasets import ImageFolder
+    cfg_args = {"input_size": (3, info.img_size, info.img_size)} if info.img_size else {}
+    cfg = resolve_data_config(cfg_args, model=model)
+    if augment:
+        tf = create_transform(**cfg, is_training=True, auto_augment=args.aa,
+                              color_jitter=args.color_jitter, re_prob=args.reprob)
     else:
-        from timm.data import create_transform, resolve_data_config
-        from torchvision.datasets import ImageFolder
-        cfg_args = {"input_size": (3, info.img_size, info.img_size)} if info.img_size else {}
-        cfg = resolve_data_config(cfg_args, model=model)
-        val_set = ImageFolder(os.path.join(args.data_dir, args.val_split), create_transform(**cfg))
-        train_set = None
-        if train:
-            tf = create_transform(**cfg, is_training=True, no_aug=args.no_aug, auto_augment=args.aa,
-                                  color_jitter=args.color_jitter, re_prob=args.reprob)
-            train_set = ImageFolder(os.path.join(args.data_dir, args.train_split), tf)
-            if train_set.classes != val_set.classes:
-                raise DataError(
-                    f"the {args.train_split} and {args.val_split} folders of {args.data_dir} hold "
-                    "different class folders; both need the same classes")
-    val_set = fixed_subset(val_set, args.val_subset)
-    if train_set is not None:
-        rngs = getattr(train_set, "rngs", ("torch", "random", "numpy"))
-        train_set = SeededSamples(fixed_subset(train_set, args.train_subset), args.seed, rngs)
-    return train_set, val_set
+        tf = create_transform(**cfg)
+    folder = args.train_split if split == "train" else args.val_split
+    dataset = ImageFolder(os.path.join(args.data_dir, folder), tf)
+    if info.classes is not None and dataset.classes != info.classes:
+        raise DataError(f"the {args.train_split} and {args.val_split} folders of {args.data_dir} "
+                        "hold different class folders; both need the same classes")
+    return dataset
+
+
+def load_test_set(args, info: DataInfo, model=None) -> Dataset:
+    """The test split with the evaluation transform (``--val-subset``: a fixed subset of it)."""
+    return fixed_subset(load_split(args, info, model, "test", augment=False), args.val_subset)
+
+
+def build_datasets(args, info: DataInfo, model=None, train: bool = True):
+    """``(train_set or None, val_set)`` with the right transforms; the train set is seeded.
+
+    The validation set is the test split, or with ``--val-holdout N`` a fixed N-image subset of the
+    training split (evaluation transform) that is left out of the training set; the test split is
+    then not loaded at all."""
+    if not train:
+        return None, load_test_set(args, info, model)
+    train_set = load_split(args, info, model, "train", augment=not args.no_aug)
+    rngs = getattr(train_set, "rngs", ("torch", "random", "numpy"))
+    if uses_holdout(args):
+        held, rest = holdout_split(len(train_set), args.val_holdout)
+        val_set = Subset(load_split(args, info, model, "train", augment=False), held)
+        train_set = Subset(train_set, rest)
+    else:
+        val_set = load_test_set(args, info, model)
+    return SeededSamples(fixed_subset(train_set, args.train_subset), args.seed, rngs), val_set
 
 
 def train_loader(dataset: SeededSamples, batch_size: int, workers: int, world: int, rank: int,

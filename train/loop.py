@@ -26,7 +26,8 @@ from butterfly import param_groups, use_backend
 
 from .checkpoint import (CheckpointError, checkpoint_args, digest, list_ranks, rng_state,
                          save_checkpoint, set_rng_state)
-from .data import build_datasets, describe, eval_loader, steps_per_epoch, train_loader
+from .data import (build_datasets, describe, eval_loader, load_test_set, steps_per_epoch,
+                   train_loader)
 from .distributed import Context, barrier, cleanup, gather_objects, setup, sum_across
 from .evaluate import autocast, evaluate
 from .metrics import summary_line, write_history
@@ -48,7 +49,7 @@ class Trainer:
         self.args, self.ctx = args, ctx
         self.amp = args.amp if args.amp is not None else ctx.device.type == "cuda"
         seed_all(args.seed)  # the same initial weights on every rank
-        info = describe(args, ctx.rank, lambda: barrier(ctx))
+        self.info = info = describe(args, ctx.rank, lambda: barrier(ctx))
         self.model = self._build_model(info)
         train_set, val_set = build_datasets(args, info, self.model)
         pin = ctx.device.type == "cuda"
@@ -227,6 +228,17 @@ class Trainer:
         return {"train_loss": loss_sum / n, "train_top1": 100 * correct / n,
                 "train_images_per_s": images * ctx.world / elapsed}
 
+    def evaluate_test(self) -> Dict[str, float]:
+        """``test_top1``, ``test_top5``, ``test_loss`` of the current model on the test split."""
+        args, ctx = self.args, self.ctx
+        loader = eval_loader(load_test_set(args, self.info, self.model), args.eval_batch_size,
+                             args.workers, ctx.world, ctx.rank, ctx.device.type == "cuda")
+        test = evaluate(self.eval_model, loader, ctx, self.amp, args.channels_last)
+        if ctx.is_main:
+            _log.info("test split (%d images): top-1 %.2f%%, loss %.4f", test["images"],
+                      test["top1"], test["loss"])
+        return {f"test_{k}": v for k, v in test.items()}
+
     def run(self) -> Dict[str, float]:
         args, ctx = self.args, self.ctx
         record: Dict[str, float] = dict(self.history[-1]) if self.history else {}
@@ -248,10 +260,15 @@ class Trainer:
                 _log.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%%, top-5 %.2f%%",
                           self.epoch, self.epochs, record["train_loss"], record["val_top1"],
                           record["val_top5"])
+        if args.eval_test and record:
+            record = dict(record, **self.evaluate_test())
+            if ctx.is_main:
+                write_history(self.history[:-1] + [record], self.output)
         if args.print_digest:
             params = {k: v for k, v in unwrap_model(self.model).named_parameters()}
             print(f"digest rank={ctx.rank} {digest(params)}", flush=True)
-        result = dict(record, macs=self.macs, params=self.params, output=self.output)
+        result = dict(record, macs=self.macs, params=self.params, output=self.output,
+                      history=[dict(h) for h in self.history])
         if ctx.is_main and record:
             extra = {"ema_top1": record["ema_val_top1"]} if "ema_val_top1" in record else {}
             print(summary_line(args.model, record["val_top1"], record["val_top5"], self.macs,
@@ -267,7 +284,9 @@ def default_output(args) -> str:
 
 def run(args, ctx: Optional[Context] = None) -> Dict[str, float]:
     """Train as ``args`` say (see :func:`train.args.parse_args`); returns the last epoch's metrics
-    plus ``macs``, ``params`` and ``output`` (the folder with checkpoints and metrics)."""
+    (with ``--eval-test`` also ``test_top1``, ``test_top5``, ``test_loss``, ``test_images``) plus
+    ``macs``, ``params``, ``output`` (the folder with checkpoints and metrics) and ``history`` (one
+    dict per epoch: epoch, train_loss, train_top1, lr, val_loss, val_top1, val_top5, ...)."""
     own = ctx is None
     ctx = ctx or setup(args.device)
     try:
