@@ -21,12 +21,19 @@ def untrained_cfg(**overrides) -> dict:
 
 def build(model_cls: Type[nn.Module], variant: str, pretrained: bool = False,
           **kwargs) -> nn.Module:
-    """Build ``variant`` with timm's ``build_model_with_cfg``; ``kwargs`` go to ``model_cls``."""
+    """Build ``variant`` with timm's ``build_model_with_cfg``; ``kwargs`` go to ``model_cls``.
+
+    ``features_only=True`` (with ``out_indices``, default all five maps, and ``feature_cls``) is
+    timm's: the model is wrapped in ``FeatureListNet`` by default, which runs the model's
+    top-level modules with its ``nn.Sequential`` containers (``blocks``, ``stages``) flattened,
+    up to the last ``feature_info`` module selected; ``feature_cls`` ``"dict"``, ``"hook"``,
+    ``"getter"`` (``forward_intermediates``) and ``"fx"`` work as well."""
     if pretrained:
         raise RuntimeError(
             f"no pretrained weights are published for {variant!r}: create it with pretrained=False "
             "and train it (see train/), or load your own checkpoint with model.load_state_dict()")
-    return build_model_with_cfg(model_cls, variant, pretrained=False, **kwargs)
+    return build_model_with_cfg(model_cls, variant, pretrained=False,
+                                feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 
 def register(fn: Callable) -> Callable:

@@ -6,8 +6,9 @@ so a baseline and its BFT variant are the same code with a different ``bft`` fla
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from butterfly.modules import BFT, is_bft
@@ -41,14 +42,20 @@ def act_layer(name: Optional[str]) -> nn.Module:
     return ACTIVATIONS[name](inplace=True)
 
 
-class ConvBnAct(nn.Sequential):
-    """``conv`` (any module producing ``out_chs`` channels), BatchNorm, activation (or none)."""
+class ConvBnAct(nn.Module):
+    """``conv`` (any module producing ``out_chs`` channels), BatchNorm, activation (or none).
+
+    A plain module, not an ``nn.Sequential``, so that timm's feature extractors, which flatten the
+    model's top-level ``nn.Sequential`` containers, keep it whole (``stem``, ``conv5``)."""
 
     def __init__(self, conv: nn.Module, out_chs: int, act: Optional[str] = "relu"):
         super().__init__()
         self.conv = conv
         self.bn = nn.BatchNorm2d(out_chs)
         self.act = act_layer(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
 
 
 def conv_bn_act(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1,
@@ -78,7 +85,16 @@ def init_weights(module: nn.Module) -> None:
 class ZooModel(nn.Module):
     """Base of every zoo model: timm's classifier interface around the subclass's
     ``forward_features`` and ``pool`` (features -> ``(N, num_features)``): dropout, then a linear
-    classifier (none for ``num_classes=0``). Subclasses call ``init_classifier`` last."""
+    classifier (none for ``num_classes=0``). Subclasses call ``init_classifier`` last.
+
+    Feature maps, as timm's MobileNet family has them: ``feature_info`` lists one tap per output
+    stride (dicts with ``num_chs``, ``reduction``, ``module``), each tap the output of one of the
+    modules that ``forward_features`` applies in turn (``stage_names()``, the subclass's).
+    ``timm.create_model(..., features_only=True)`` wraps the model in timm's ``FeatureListNet``
+    (see ``builder.build``); ``forward_intermediates`` and ``prune_intermediate_layers`` serve
+    timm's ``feature_cls="getter"``."""
+
+    feature_info: List[dict]
 
     def init_classifier(self, num_features: int, num_classes: int, drop_rate: float) -> None:
         self.num_features = self.head_hidden_size = num_features
@@ -108,6 +124,73 @@ class ZooModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def stage_names(self) -> List[str]:
+        """Names of the modules ``forward_features`` applies, in order (one input, one output
+        each); every ``feature_info`` module is one of them."""
+        raise NotImplementedError
+
+    def _prune_head(self) -> None:
+        """Drop what sits between the features and the classifier (the subclass's, if any)."""
+
+    def forward_intermediates(
+            self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+            stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """timm's ``forward_intermediates``: the ``feature_info`` maps selected by ``indices``
+        (None: all, int: the last n, sequence: those) in order of depth, and, unless
+        ``intermediates_only``, the ``forward_features`` output. ``norm`` has nothing to act on
+        (no final norm layer); ``stop_early`` stops after the last selected map."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        if stop_early and not intermediates_only:
+            raise ValueError("stop_early needs intermediates_only=True")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        names = self.stage_names()
+        taps = {names.index(self.feature_info[i]["module"]) for i in take_indices}
+        if stop_early:
+            names = names[:names.index(self.feature_info[max_index]["module"]) + 1]
+        intermediates = []
+        for i, name in enumerate(names):
+            x = self.get_submodule(name)(x)
+            if i in taps:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+        """timm's ``prune_intermediate_layers``: replace the modules after the last map that
+        ``indices`` selects with ``nn.Identity`` (the kept ones keep their names, so a
+        classification ``state_dict`` loads with ``strict=False``); drop the head and classifier
+        when anything was cut or ``prune_head``. Returns the selected indices."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        names = self.stage_names()
+        last = names.index(self.feature_info[max_index]["module"])
+        prune_end = last < len(names) - 1
+        for name in names[last + 1:]:
+            self.set_submodule(name, nn.Identity())
+        if prune_end or prune_head:
+            self._prune_head()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.reset_classifier(0)
+        return take_indices
+
+
+def feature_taps(stages: Sequence[Tuple[str, int, int]]) -> List[dict]:
+    """timm ``feature_info`` from ``(module name, out channels, stride)`` of the modules that
+    ``forward_features`` applies, in order: at every output stride, the last module producing it
+    (as timm's MobileNet family taps the end of every stage)."""
+    info, reduction = [], 1
+    for name, chs, stride in stages:
+        reduction *= stride
+        tap = dict(num_chs=chs, reduction=reduction, module=name)
+        if info and info[-1]["reduction"] == reduction:
+            info[-1] = tap
+        else:
+            info.append(tap)
+    return info
 
 
 def check_global_pool(global_pool: str) -> None:

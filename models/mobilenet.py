@@ -13,7 +13,7 @@ from timm.layers import make_divisible
 from torch import Tensor, nn
 
 from .layers import (ConvBnAct, ZooModel, act_layer, check_global_pool, conv_bn_act,
-                     pointwise_factory)
+                     feature_taps, pointwise_factory)
 
 
 class Block(NamedTuple):
@@ -69,7 +69,12 @@ class MobileNet(ZooModel):
     (``head_chs``, V3), dropout, linear classifier.
 
     ``bft=True`` makes every pointwise layer a BFT (``bft_kwargs`` go to it); ``small_input=True``
-    gives the stem stride 1 (total stride 16 instead of 32) for 28x28 and 32x32 images."""
+    gives the stem stride 1 (total stride 16 instead of 32) for 28x28 and 32x32 images.
+
+    Feature maps (``feature_info``): the stem or last block at every output stride, as in timm's
+    MobileNets. With a post-pooling head (V3) the pre-pool conv ends the features, as in timm's
+    MobileNetV3 (where it is the last stage); without one (V2) it is the head conv, as timm's
+    EfficientNet ``conv_head``, and the last block ends them."""
 
     def __init__(self, blocks: Sequence[Block], stem_chs: int, pre_pool_chs: int = 0,
                  head_chs: int = 0, act: str = "relu", linear_bottleneck: bool = True,
@@ -79,16 +84,21 @@ class MobileNet(ZooModel):
         super().__init__()
         check_global_pool(global_pool)
         pw = pointwise_factory(bft, bft_kwargs)
-        self.stem = conv_bn_act(in_chans, stem_chs, 3, 1 if small_input else 2, act=act)
-        layers, chs = [], stem_chs
-        for b in blocks:
+        stem_stride = 1 if small_input else 2
+        self.stem = conv_bn_act(in_chans, stem_chs, 3, stem_stride, act=act)
+        layers, chs, taps = [], stem_chs, [("stem", stem_chs, stem_stride)]
+        for i, b in enumerate(blocks):
             layers.append(MobileBlock(chs, b, pw, linear_bottleneck))
             chs = b.out
+            taps.append((f"blocks.{i}", chs, b.stride))
         self.blocks = nn.Sequential(*layers)
         if pre_pool_chs:
             self.pre_pool, chs = ConvBnAct(pw(chs, pre_pool_chs), pre_pool_chs, act), pre_pool_chs
+            if head_chs:
+                taps.append(("pre_pool", chs, 1))
         else:
             self.pre_pool = nn.Identity()
+        self.feature_info = feature_taps(taps)
         if head_chs:
             self.head, chs = nn.Sequential(pw(chs, head_chs, bias=True), act_layer(act)), head_chs
         else:
@@ -97,6 +107,12 @@ class MobileNet(ZooModel):
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.pre_pool(self.blocks(self.stem(x)))
+
+    def stage_names(self) -> list[str]:
+        return ["stem", *(f"blocks.{i}" for i in range(len(self.blocks))), "pre_pool"]
+
+    def _prune_head(self) -> None:
+        self.head = nn.Identity()
 
     def pool(self, x: Tensor) -> Tensor:
         return self.head(x.mean((2, 3), keepdim=True)).flatten(1)

@@ -13,7 +13,8 @@ from timm.models import generate_default_cfgs
 from torch import Tensor, nn
 
 from .builder import build, register, untrained_cfg
-from .layers import ConvBnAct, ZooModel, check_global_pool, conv_bn_act, pointwise_factory
+from .layers import (ConvBnAct, ZooModel, check_global_pool, conv_bn_act, feature_taps,
+                     pointwise_factory)
 
 STEM_CHS = 24
 REPEATS = (4, 8, 4)
@@ -52,7 +53,10 @@ class ShuffleNetV2(ZooModel):
     pointwise conv5 to ``num_features``, global average pooling, dropout, linear classifier.
 
     ``bft=True`` makes every pointwise conv a BFT except those reading the stem (``bft_kwargs`` go
-    to them); ``small_input=True`` gives the stem conv stride 1 (total stride 16 instead of 32)."""
+    to them); ``small_input=True`` gives the stem conv stride 1 (total stride 16 instead of 32).
+
+    Feature maps (``feature_info``): the stem conv, the max-pool, the first two stages and conv5
+    (which ends the last stage's resolution, as the pre-pool conv ends timm's MobileNetV3)."""
 
     def __init__(self, widths: Sequence[int], num_features: int = 1024, num_classes: int = 1000,
                  in_chans: int = 3, drop_rate: float = 0.0, small_input: bool = False,
@@ -62,20 +66,27 @@ class ShuffleNetV2(ZooModel):
         if any(w % 2 for w in widths):
             raise ValueError(f"ShuffleNetV2 stage widths must be even (two branches), got {widths}")
         pw, dense = pointwise_factory(bft, bft_kwargs), pointwise_factory(False)
-        self.stem = nn.Sequential(conv_bn_act(in_chans, STEM_CHS, 3, 1 if small_input else 2),
+        stem_stride = 1 if small_input else 2
+        self.stem = nn.Sequential(conv_bn_act(in_chans, STEM_CHS, 3, stem_stride),
                                   nn.MaxPool2d(3, 2, 1))
         stages, chs = [], STEM_CHS
+        taps = [("stem.0", STEM_CHS, stem_stride), ("stem.1", STEM_CHS, 2)]
         for i, (width, repeats) in enumerate(zip(widths, REPEATS)):
             blocks = [ShuffleBlock(chs, width, 2, pw, first_pw=dense if i == 0 else None)]
             blocks += [ShuffleBlock(width, width, 1, pw) for _ in range(repeats - 1)]
             stages.append(nn.Sequential(*blocks))
             chs = width
+            taps.append((f"stages.{i}", chs, 2))
         self.stages = nn.Sequential(*stages)
         self.conv5 = ConvBnAct(pw(chs, num_features), num_features)
+        self.feature_info = feature_taps(taps + [("conv5", num_features, 1)])
         self.init_classifier(num_features, num_classes, drop_rate)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.conv5(self.stages(self.stem(x)))
+
+    def stage_names(self) -> list[str]:
+        return ["stem.0", "stem.1", *(f"stages.{i}" for i in range(len(self.stages))), "conv5"]
 
 
 def _shufflenetv2(variant: str, widths, num_features: int = 1024, bft: bool = False,
