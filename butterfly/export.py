@@ -4,9 +4,9 @@ Two forms:
 
 * structured: every BFT becomes its stages as standard ONNX ops (Pad, Reshape, Transpose, one
   batched MatMul per stage, ReduceSum), so the graph keeps the O(n log n) cost: while
-  ``torch.onnx.export`` runs, ``butterfly.ops.bft`` traces :func:`bft_matmul` instead of the
-  operator. (MatMul rather than the reference's Einsum: every ONNX runtime has it, and onnxruntime
-  ran MobileNetV1-BFT 1.0 at 160x160 in 7.0 ms instead of 10.8 ms with it, one CPU thread.)
+  ``torch.onnx.export`` runs, ``butterfly.ops.bft`` traces
+  :func:`butterfly.reference.bft_matmul` instead of the operator (MatMul rather than the
+  reference's Einsum: every ONNX runtime has it, and runs it faster).
 * dense: the BFTs are first replaced by their exact dense 1x1 convolutions (:func:`densify`), for
   runtimes whose fastest pointwise layer is a dense one.
 
@@ -22,30 +22,12 @@ import os
 from typing import Dict, List, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .deploy import densify
-from .plan import BFTPlan
-from .reference import _stage_shape, bft_reference
+from .inference import densify
+from .surgery import eval_mode
 
 PathLike = Union[str, os.PathLike]
-
-
-def _matmul_stage(u: Tensor, w: Tensor, plan: BFTPlan, s: int) -> Tensor:
-    """``reference.apply_stage`` as one batched MatMul: ``(T, a, t)`` batches of ``k x k`` blocks
-    times ``k x (B * P)`` inputs."""
-    B, T, n, P = u.shape
-    a, k, t = _stage_shape(plan, s)
-    u = u.reshape(B, T, a, k, t, P).permute(1, 2, 4, 3, 0, 5).reshape(T, a, t, k, B * P)
-    out = torch.matmul(w.reshape(T, a, t, k, k), u)
-    return out.reshape(T, a, t, k, B, P).permute(4, 0, 1, 3, 2, 5).reshape(B, T, n, P)
-
-
-def bft_matmul(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
-               residual: bool) -> Tensor:
-    """The BFT operator (same arguments and result as ``reference.bft_reference``) with stages
-    written as batched MatMuls, which export to standard ONNX; what structured exports trace."""
-    return bft_reference(x, weight, radices, out_channels, residual, stage=_matmul_stage)
 
 
 def export_onnx(model: nn.Module, example, path: PathLike, structured: bool = True,
@@ -64,18 +46,14 @@ def export_onnx(model: nn.Module, example, path: PathLike, structured: bool = Tr
     args = example if isinstance(example, tuple) else (example,)
     if not structured:
         model = densify(model, inplace=False)
-    was_training = model.training
-    model.eval()
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} for _ in args)
-    try:
+    with eval_mode(model):
         torch.onnx.export(model, args, str(path), dynamo=True, verbose=False,
                           dynamic_shapes=dynamic_shapes, opset_version=opset_version,
                           external_data=False)
-    finally:
-        model.train(was_training)
     return str(path)
 
 
@@ -87,11 +65,8 @@ def check_onnx(path: PathLike, model: nn.Module, example) -> float:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {inp.name: a.detach().cpu().numpy() for inp, a in zip(session.get_inputs(), args)}
     got = torch.from_numpy(session.run(None, feeds)[0])
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         want = model(*args).cpu()
-    model.train(was_training)
     return (got.to(want.dtype) - want).abs().max().item()
 
 

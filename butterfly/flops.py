@@ -45,7 +45,7 @@ def bft_flop_jit(inputs: List[Any], outputs: List[Any]) -> Counter:
     multiply-adds of the plan, ``macs_per_pixel * B * P`` for ``x`` of shape ``(B, C_in, P)``."""
     batch, in_channels, pixels = get_shape(inputs[0])
     radices = [v.toIValue() for v in inputs[2].node().inputs()]  # a traced list is a ListConstruct
-    plan = BFTPlan(in_channels, inputs[3].toIValue(), tuple(radices))
+    plan = BFTPlan.of(in_channels, inputs[3].toIValue(), radices)
     return Counter({"bft": plan.macs_per_pixel * batch * pixels})
 
 

@@ -1,11 +1,13 @@
-"""``BFT`` and ``BFTLinear``: drop-in replacements for a 1x1 ``nn.Conv2d`` and for ``nn.Linear``."""
+"""``BFT`` and ``BFTLinear``: drop-in replacements for a 1x1 ``nn.Conv2d`` and for ``nn.Linear``,
+their exact dense equivalents, and their fit to a dense layer."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .factorization import fit_weights, input_covariance
 from .init import init_bft_
 from .ops import bft, check_input
 from .plan import BFTPlan, make_plan
@@ -74,12 +76,41 @@ class _BFTBase(nn.Module):
         return y
 
     @classmethod
-    def from_dense(cls, weight, bias: Optional[Tensor] = None, **kwargs) -> "_BFTBase":
-        """A layer of this class fitted to a dense one: a 1x1 ``nn.Conv2d`` / ``nn.Linear`` or its
-        ``(out, in[, 1, 1])`` weight; keyword arguments and the fit are those of
-        :func:`butterfly.conversion.from_dense`."""
-        from .conversion import from_dense
-        return from_dense(weight, bias, linear=issubclass(cls, BFTLinear), **kwargs)
+    def from_dense(cls, weight: Union[Tensor, nn.Module], bias: Optional[Tensor] = None, *,
+                   base: int = 4, residual: Union[bool, str] = "auto",
+                   calib: Optional[Tensor] = None, steps: int = 100) -> "_BFTBase":
+        """A layer of this class fitted to a dense one.
+
+        ``weight``: ``(out, in)`` or ``(out, in, 1, 1)`` tensor, or the ``nn.Conv2d``/``nn.Linear``
+        itself (its bias is copied). ``calib``: inputs of that layer (``(N, C, H, W)`` or
+        ``(..., C)``) for a least-squares fit of its outputs. ``residual``: ``True`` fits ``W - I``
+        (a BFT computing ``Bx + x``), ``False`` fits ``W``, ``"auto"`` fits both and keeps the
+        smaller error. The layer has the weight's device and dtype; the relative error of the fit
+        is in ``layer.fit_error`` (see :func:`butterfly.factorization.fit_weights`)."""
+        weight, bias = dense_weight(weight, bias)
+        cov = None if calib is None else input_covariance(calib.to(weight.device),
+                                                          issubclass(cls, BFTLinear))
+        return cls._fit(weight, bias, base, residual, cov, steps)
+
+    @classmethod
+    def _fit(cls, weight: Tensor, bias: Optional[Tensor], base: int, residual: Union[bool, str],
+             cov: Optional[Tensor], steps: int) -> "_BFTBase":
+        if residual not in (True, False, "auto"):
+            raise ValueError(f"residual must be True, False or 'auto', got {residual!r}")
+        out_channels, in_channels = weight.shape
+        best = None
+        for res in ((False, True) if residual == "auto" else (residual,)):
+            layer = cls(in_channels, out_channels, base=base, residual=res, bias=bias is not None,
+                        init="identity", device=weight.device, dtype=weight.dtype)
+            flat, error = fit_weights(weight, layer.plan, res, cov, steps)
+            if best is None or error < best[2]:
+                best = (layer, flat, error)
+        layer, flat, layer.fit_error = best
+        with torch.no_grad():
+            layer.weight.copy_(flat.view(layer.weight.shape))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
 
     def to_dense(self) -> Tensor:
         """The exact ``(out, in)`` matrix the layer applies (residual included, bias excluded)."""
@@ -126,7 +157,6 @@ class BFT(_BFTBase):
 
     def to_conv2d(self) -> nn.Conv2d:
         """The exactly equivalent ``nn.Conv2d(in, out, 1)`` (residual and bias folded in)."""
-        from .deploy import dense_equivalent
         return dense_equivalent(self)
 
 
@@ -148,9 +178,57 @@ class BFTLinear(_BFTBase):
 
     def to_linear(self) -> nn.Linear:
         """The exactly equivalent ``nn.Linear(in, out)`` (residual and bias folded in)."""
-        from .deploy import dense_equivalent
         return dense_equivalent(self)
 
 
 def is_bft(module: nn.Module) -> bool:
     return isinstance(module, _BFTBase)
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """A 1x1 ``nn.Conv2d`` that a BFT replaces exactly: stride 1, no padding, no groups/dilation."""
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+            and tuple(module.stride) == (1, 1) and module.groups == 1
+            and tuple(module.dilation) == (1, 1)
+            and (module.padding in ("valid", (0, 0)) or tuple(module.padding) == (0, 0)))
+
+
+def dense_weight(weight: Union[Tensor, nn.Module],
+                 bias: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(weight (out, in), bias)`` of a pointwise ``nn.Conv2d``, an ``nn.Linear``, or of an
+    ``(out, in)`` / ``(out, in, 1, 1)`` weight tensor, detached."""
+    if isinstance(weight, nn.Module):
+        if not (is_pointwise_conv(weight) or isinstance(weight, nn.Linear)):
+            raise TypeError(f"expected a weight tensor, a pointwise nn.Conv2d (1x1, stride 1, "
+                            f"no padding/groups/dilation) or an nn.Linear, got {weight}")
+        weight, bias = weight.weight, weight.bias if bias is None else bias
+    if weight.dim() == 4 and weight.shape[2:] == (1, 1):
+        weight = weight.flatten(1)
+    if weight.dim() != 2:
+        raise ValueError(f"expected an (out, in) or (out, in, 1, 1) weight, "
+                         f"got shape {tuple(weight.shape)}")
+    return weight.detach(), bias
+
+
+@torch.no_grad()
+def dense_equivalent(layer: nn.Module) -> nn.Module:
+    """The dense layer that computes exactly what ``layer`` (a ``BFT`` or ``BFTLinear``) computes:
+    an ``nn.Conv2d(in, out, 1)`` or an ``nn.Linear(in, out)`` on the same device and dtype, with
+    ``layer.to_dense()`` (residual included) as its weight and the layer's bias, if any."""
+    if not is_bft(layer):
+        raise TypeError(f"dense_equivalent expects a BFT or BFTLinear layer, "
+                        f"got {type(layer).__name__}")
+    matrix = layer.to_dense()
+    factory = {"device": matrix.device, "dtype": matrix.dtype}
+    has_bias = layer.bias is not None
+    out_channels, in_channels = matrix.shape
+    if isinstance(layer, BFTLinear):
+        dense = nn.Linear(in_channels, out_channels, bias=has_bias, **factory)
+        dense.weight.copy_(matrix)
+    else:
+        dense = nn.Conv2d(in_channels, out_channels, 1, bias=has_bias, **factory)
+        dense.weight.copy_(matrix.view(out_channels, in_channels, 1, 1))
+    if has_bias:
+        dense.bias.copy_(layer.bias)
+    dense.train(layer.training)
+    return dense

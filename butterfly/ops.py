@@ -14,36 +14,52 @@ import contextlib
 import contextvars
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .plan import BFTPlan
-from .reference import bft_reference, bft_reference_backward
+from .reference import bft_matmul, bft_reference, bft_reference_backward
 
 Forward = Callable[[Tensor, Tensor, List[int], int, bool], Tensor]
 Backward = Callable[[Tensor, Tensor, Tensor, List[int], int, bool], Tuple[Tensor, Tensor]]
 
 
+class BackendFallbackWarning(RuntimeWarning, UserWarning):
+    """A chosen backend could not run a call, so the reference ran it (same result, slower)."""
+
+
+def _runs_anywhere(*args) -> str:
+    return ""
+
+
 @dataclass
 class Backend:
-    """An implementation of the operator.
+    """An implementation of the operator, and what it cannot run.
 
-    ``available(device)`` says whether it can run on tensors of that device (it may warn once
-    and return False, e.g. when a compiler is missing); "auto" considers the backends whose
+    ``unavailable(device)`` says why the backend cannot run on tensors of that device at all
+    (``""`` when it can): a missing compiler, a device it has no kernels for. ``unsupported(x,
+    weight, radices)`` says why it cannot run one call (a dtype, a plan). :func:`backend_for` alone
+    acts on these answers. ``degrades``: when the backend is unavailable but was chosen
+    explicitly, run the reference with a warning instead of raising (for a backend whose absence
+    is an installation problem, not a user error). "auto" considers the backends whose
     ``auto_devices`` name the device type, highest ``auto_priority`` first."""
 
     name: str
     forward: Forward
     backward: Backward
-    available: Callable[[torch.device], bool]
+    unavailable: Callable[[torch.device], str] = _runs_anywhere
+    unsupported: Callable[[Tensor, Tensor, Sequence[int]], str] = _runs_anywhere
+    degrades: bool = True
     auto_devices: Tuple[str, ...] = ()
     auto_priority: int = 0
 
 
 _BACKENDS: Dict[str, Backend] = {}
 _selected: contextvars.ContextVar[str] = contextvars.ContextVar("butterfly_backend", default="auto")
+_warned: Set[Tuple[str, str]] = set()
 
 
 def register_backend(backend: Backend) -> None:
@@ -73,42 +89,62 @@ def current_backend() -> str:
     return _selected.get()
 
 
-def backend_for(device: torch.device) -> Backend:
-    """The backend that runs on ``device`` under the current :func:`use_backend` choice."""
-    name = _selected.get()
+def _warn_once(backend: Backend, reason: str) -> None:
+    if (backend.name, reason) not in _warned:
+        _warned.add((backend.name, reason))
+        warnings.warn(f"butterfly: the {backend.name!r} BFT backend cannot run this: {reason}. "
+                      "Running the pure-PyTorch reference instead: the same results, slower.",
+                      BackendFallbackWarning, stacklevel=4)
+
+
+def forget_warnings() -> None:
+    """Let every fallback warn again (after the environment changed, e.g. a kernel was rebuilt)."""
+    _warned.clear()
+
+
+def backend_for(device: torch.device, x: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                radices: Sequence[int] = ()) -> Backend:
+    """The backend that runs on ``device`` (and, given ``x`` and ``weight``, that call) under the
+    current :func:`use_backend` choice; the one place that decides fallbacks.
+
+    "auto" takes the first backend in its ranking that can run, skipping silently those with no
+    kernels for the device. Otherwise each fallback to the reference warns once per reason; an
+    explicitly chosen backend with no kernels for the device (``degrades=False``) raises."""
+    name, reference = _selected.get(), _BACKENDS["reference"]
     if name == "auto":
-        ranked = sorted((b for b in _BACKENDS.values() if device.type in b.auto_devices),
-                        key=lambda b: -b.auto_priority)
-        for backend in ranked:
-            if backend.available(device):
-                return backend
-        return _BACKENDS["reference"]
-    backend = _BACKENDS[name]
-    if not backend.available(device):
-        if name == "triton":
-            raise RuntimeError(
-                f"the 'triton' BFT backend cannot run on {device.type} tensors: use CUDA tensors, "
-                "set TRITON_INTERPRET=1 before importing triton (slow, for tests), or pick "
-                "use_backend('auto')")
-        # available() has warned why; the reference gives the same result, slower.
-        return _BACKENDS["reference"]
-    return backend
+        candidates = sorted((b for b in _BACKENDS.values() if device.type in b.auto_devices),
+                            key=lambda b: -b.auto_priority)
+    else:
+        candidates = [_BACKENDS[name]]
+    for backend in candidates:
+        reason = backend.unavailable(device)
+        if reason and not backend.degrades:
+            if name == "auto":
+                continue
+            raise RuntimeError(f"the {name!r} BFT backend cannot run here: {reason}")
+        if not reason and x is not None:
+            reason = backend.unsupported(x, weight, radices)
+        if not reason:
+            return backend
+        _warn_once(backend, reason)
+    return reference
 
 
-register_backend(Backend("reference", bft_reference, bft_reference_backward,
-                         available=lambda device: True))
+register_backend(Backend("reference", bft_reference, bft_reference_backward))
 
 
 @torch.library.triton_op("butterfly::bft", mutates_args=())
 def _bft_op(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
             residual: bool) -> Tensor:
-    return backend_for(x.device).forward(x, weight, radices, out_channels, residual)
+    return backend_for(x.device, x, weight, radices).forward(x, weight, radices, out_channels,
+                                                              residual)
 
 
 @torch.library.triton_op("butterfly::bft_backward", mutates_args=())
 def _bft_backward_op(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int],
                      out_channels: int, residual: bool) -> Tuple[Tensor, Tensor]:
-    return backend_for(x.device).backward(grad, x, weight, radices, out_channels, residual)
+    return backend_for(x.device, x, weight, radices).backward(grad, x, weight, radices,
+                                                               out_channels, residual)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -128,7 +164,7 @@ _bft_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _flop_formula(x_shape, w_shape, radices, out_channels, residual, *args, out_shape=None,
                   **kwargs) -> int:
-    plan = BFTPlan(x_shape[1], out_channels, tuple(radices))
+    plan = BFTPlan.of(x_shape[1], out_channels, radices)
     return 2 * plan.macs_per_pixel * x_shape[0] * x_shape[2]
 
 
@@ -137,8 +173,6 @@ def _flop_formula_backward(grad_shape, x_shape, w_shape, radices, out_channels, 
     # input gradient and weight gradient each cost one pass of the transform
     return 2 * _flop_formula(x_shape, w_shape, radices, out_channels, residual)
 
-
-from torch.utils.flop_counter import register_flop_formula  # noqa: E402
 
 register_flop_formula(torch.ops.butterfly.bft)(_flop_formula)
 register_flop_formula(torch.ops.butterfly.bft_backward)(_flop_formula_backward)
@@ -161,10 +195,10 @@ def bft(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool) -> Tensor:
     """Apply the BFT of ``plan`` to ``x`` of shape ``(B, C_in, P)``; returns ``(B, C_out, P)``.
 
     Under ``torch.onnx.export`` the stages are traced as plain PyTorch ops instead of the operator
-    (``butterfly.export.bft_matmul``), so the graph has standard ONNX ops and keeps O(n log n)."""
+    (:func:`butterfly.reference.bft_matmul`), so the graph has standard ONNX ops and keeps
+    O(n log n)."""
     weight = weight.reshape(plan.num_blocks, plan.weights_per_block)
     if torch.onnx.is_in_onnx_export():
-        from .export import bft_matmul  # noqa: PLC0415 (lazy: export imports modules -> ops)
         return bft_matmul(x.contiguous(), weight, list(plan.radices), plan.out_channels, residual)
     return torch.ops.butterfly.bft(x.contiguous(), weight, list(plan.radices), plan.out_channels,
                                    residual)

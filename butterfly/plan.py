@@ -4,7 +4,8 @@ A square butterfly of size ``n`` is a sequence of stages with radices ``(k_0, ..
 product is ``n``. Stage ``s`` has stride ``t_s = n / (k_0 * ... * k_s)``; its group
 ``g = seg * t_s + r`` (``seg < k_0 * ... * k_{s-1}``, ``r < t_s``) mixes the channels
 ``seg * k_s * t_s + j * t_s + r`` for ``j < k_s`` with its own ``k_s x k_s`` block
-(the binding layout of ``shared/BFT.md`` section 2, generalised to mixed radices).
+(the paper's recursive definition, eq. 3 and 5, unrolled into stages and generalised to mixed
+radices; this layout is public API).
 
 A layer ``in_channels -> out_channels`` follows the paper's tiling rule with block size
 ``m = min(in_channels, out_channels)`` and ``T = ceil(max / m)`` blocks:
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Tuple
+from typing import Sequence, Tuple
 
 
 def prime_factors(n: int) -> list[int]:
@@ -75,6 +76,11 @@ class BFTPlan:
     in_channels: int
     out_channels: int
     radices: Tuple[int, ...]
+
+    @classmethod
+    def of(cls, in_channels: int, out_channels: int, radices: Sequence[int]) -> "BFTPlan":
+        """The plan of an operator call: ``radices`` as the operator takes them (a list)."""
+        return cls(int(in_channels), int(out_channels), tuple(int(k) for k in radices))
 
     @property
     def block(self) -> int:

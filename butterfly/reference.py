@@ -25,14 +25,19 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def stage_weights(weight: Tensor, plan: BFTPlan) -> List[Tensor]:
-    """Views ``(T, n / k_s, k_s, k_s)`` of each stage's weights in a ``(T, W)`` weight."""
+    """Views ``(T, n / k_s, k_s, k_s)`` of each stage's weights in a ``(T, W)`` weight (a layer's
+    flat ``(W,)`` weight, or any shape with ``T * W`` elements, is read as ``(T, W)``)."""
+    if weight.numel() != plan.num_blocks * plan.weights_per_block:
+        raise ValueError(f"a weight for {plan} has {plan.num_blocks} x {plan.weights_per_block} "
+                         f"elements, got shape {tuple(weight.shape)}")
+    weight = weight.reshape(plan.num_blocks, plan.weights_per_block)
     n, views = plan.size, []
     for offset, k in zip(plan.stage_offsets(), plan.radices):
         views.append(weight[:, offset:offset + n * k].reshape(weight.shape[0], n // k, k, k))
     return views
 
 
-def _stage_shape(plan: BFTPlan, s: int) -> Tuple[int, int, int]:
+def stage_shape(plan: BFTPlan, s: int) -> Tuple[int, int, int]:
     """(segments a, radix k, stride t) of stage ``s``: channel = (seg * k + j) * t + r."""
     a = 1
     for k in plan.radices[:s]:
@@ -69,14 +74,25 @@ def merge_blocks(z: Tensor, channels: int, plan: BFTPlan, reduce: bool) -> Tenso
 def apply_stage(u: Tensor, w: Tensor, plan: BFTPlan, s: int) -> Tensor:
     """One stage on ``u`` of shape ``(B, T, n, P)``: ``out[c_i] = sum_j w[g, i, j] * u[c_j]``."""
     B, T, n, P = u.shape
-    a, k, t = _stage_shape(plan, s)
+    a, k, t = stage_shape(plan, s)
     out = torch.einsum("garij,bgajrp->bgairp", w.reshape(T, a, t, k, k), u.reshape(B, T, a, k, t, P))
     return out.reshape(B, T, n, P)
 
 
+def matmul_stage(u: Tensor, w: Tensor, plan: BFTPlan, s: int) -> Tensor:
+    """:func:`apply_stage` as one batched MatMul (``(T, a, t)`` batches of ``k x k`` blocks times
+    ``k x (B * P)`` inputs): the form ONNX exports, since every ONNX runtime has MatMul and runs it
+    faster than Einsum."""
+    B, T, n, P = u.shape
+    a, k, t = stage_shape(plan, s)
+    u = u.reshape(B, T, a, k, t, P).permute(1, 2, 4, 3, 0, 5).reshape(T, a, t, k, B * P)
+    out = torch.matmul(w.reshape(T, a, t, k, k), u)
+    return out.reshape(T, a, t, k, B, P).permute(4, 0, 1, 3, 2, 5).reshape(B, T, n, P)
+
+
 def apply_stage_transposed(g: Tensor, w: Tensor, plan: BFTPlan, s: int) -> Tensor:
     B, T, n, P = g.shape
-    a, k, t = _stage_shape(plan, s)
+    a, k, t = stage_shape(plan, s)
     out = torch.einsum("garij,bgairp->bgajrp", w.reshape(T, a, t, k, k), g.reshape(B, T, a, k, t, P))
     return out.reshape(B, T, n, P)
 
@@ -84,7 +100,7 @@ def apply_stage_transposed(g: Tensor, w: Tensor, plan: BFTPlan, s: int) -> Tenso
 def stage_weight_grad(g: Tensor, u: Tensor, plan: BFTPlan, s: int) -> Tensor:
     """Gradient of stage ``s``'s weights, ``(T, n/k, k, k)``, from its output grad and input."""
     B, T, n, P = g.shape
-    a, k, t = _stage_shape(plan, s)
+    a, k, t = stage_shape(plan, s)
     gw = torch.einsum("bgairp,bgajrp->garij", g.reshape(B, T, a, k, t, P), u.reshape(B, T, a, k, t, P))
     return gw.reshape(T, n // k, k, k)
 
@@ -93,7 +109,7 @@ def bft_reference(x: Tensor, weight: Tensor, radices: Sequence[int], out_channel
                   residual: bool, stage: Callable = apply_stage) -> Tensor:
     """``(B, C_in, P) -> (B, C_out, P)``; differentiable by autograd. ``stage`` computes one stage
     (the ONNX export passes one written with ops that export well)."""
-    plan = BFTPlan(x.shape[1], out_channels, tuple(radices))
+    plan = BFTPlan.of(x.shape[1], out_channels, radices)
     dtype = compute_dtype(x, weight)
     w = weight.to(dtype)
     u = split_blocks(x.to(dtype), plan.in_channels, plan, broadcast=plan.expand)
@@ -105,10 +121,17 @@ def bft_reference(x: Tensor, weight: Tensor, radices: Sequence[int], out_channel
     return merge_blocks(z, out_channels, plan, reduce=not plan.expand).to(x.dtype).contiguous()
 
 
+def bft_matmul(x: Tensor, weight: Tensor, radices: Sequence[int], out_channels: int,
+               residual: bool) -> Tensor:
+    """:func:`bft_reference` with :func:`matmul_stage`: what ``torch.onnx.export`` traces, so a
+    structured ONNX graph has standard ops and keeps the O(n log n) cost."""
+    return bft_reference(x, weight, radices, out_channels, residual, stage=matmul_stage)
+
+
 def bft_reference_backward(grad: Tensor, x: Tensor, weight: Tensor, radices: Sequence[int],
                            out_channels: int, residual: bool) -> Tuple[Tensor, Tensor]:
     """Hand-written backward of :func:`bft_reference`: ``(grad_x, grad_weight)``."""
-    plan = BFTPlan(x.shape[1], out_channels, tuple(radices))
+    plan = BFTPlan.of(x.shape[1], out_channels, radices)
     dtype = compute_dtype(x, weight)
     w = weight.to(dtype)
     stages = stage_weights(w, plan)

@@ -1,53 +1,112 @@
-"""Module surgery: put BFTs where a network has pointwise layers, and optimizer groups for them."""
+"""Whole-network helpers, written once: walk and swap submodules, choose pointwise layers, capture
+the inputs layers receive, run in eval mode, and report what a pass did per layer.
+
+Every network rewrite (``replace_pointwise`` here; conversion, densifying and the inference
+optimisation built on these helpers) is a pass over ``named_modules`` that swaps submodules.
+"""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+import contextlib
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from .modules import BFT, BFTLinear, is_bft
+from .modules import BFT, BFTLinear, is_bft, is_pointwise_conv
 
+__all__ = ["LayerReport", "bft_layers", "capture_inputs", "eval_mode", "is_pointwise_conv", "pointwise_layers",
+           "replace_pointwise", "swap_module"]
 
-def is_pointwise_conv(module: nn.Module) -> bool:
-    """A 1x1 ``nn.Conv2d`` that a BFT replaces exactly: stride 1, no padding, no groups/dilation."""
-    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
-            and tuple(module.stride) == (1, 1) and module.groups == 1
-            and tuple(module.dilation) == (1, 1)
-            and (module.padding in ("valid", (0, 0)) or tuple(module.padding) == (0, 0)))
+LayerFilter = Callable[[str, nn.Module], bool]
 
 
-def replace_pointwise(model: nn.Module, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the ``with`` block; its own training flags (of every
+    submodule) are restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """``model`` with its submodule ``name`` replaced by ``new`` (``new`` itself when ``name`` is
+    ``""``, the root). Returns the model, changed in place."""
+    if name == "":
+        return new
+    model.set_submodule(name, new)
+    return model
+
+
+def pointwise_layers(model: nn.Module, linear: bool = False,
+                     filter_fn: Optional[LayerFilter] = None) -> Dict[str, nn.Module]:
+    """The layers a BFT can replace exactly, by name, in model order: pointwise ``nn.Conv2d``
+    (see :func:`is_pointwise_conv`) and, with ``linear=True``, ``nn.Linear``.
+    ``filter_fn(name, module)`` may veto a layer."""
+    return {name: m for name, m in model.named_modules()
+            if (is_pointwise_conv(m) or (linear and isinstance(m, nn.Linear)))
+            and (filter_fn is None or filter_fn(name, m))}
+
+
+def bft_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """Every ``BFT`` / ``BFTLinear`` of ``model``, by name, in model order."""
+    return {name: m for name, m in model.named_modules() if is_bft(m)}
+
+
+def capture_inputs(model: nn.Module, layers: Dict[str, nn.Module], batches: Iterable[tuple],
+                   on_input: Callable[[str, nn.Module, Tensor], None]) -> None:
+    """Run ``model(*args)`` in eval mode without gradients for each ``args`` tuple of ``batches``,
+    and call ``on_input(name, layer, x)`` with the input each named layer receives."""
+    handles = [layer.register_forward_pre_hook(
+        lambda module, args, name=name: on_input(name, module, args[0].detach()))
+        for name, layer in layers.items()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for args in batches:
+                model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class LayerReport(list):
+    """What a network pass did, one entry per layer in model order; ``str()`` gives a table.
+
+    Subclasses give ``columns``: ``(header, width, format)`` triples, where ``format(entry)``
+    returns the cell's text, and a ``title()`` line."""
+
+    columns: Tuple[Tuple[str, int, Callable], ...] = ()
+
+    def title(self) -> str:
+        return f"{type(self).__name__}: {len(self)} layers"
+
+    def __str__(self) -> str:
+        head = " ".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}"
+                        for i, (h, w, _) in enumerate(self.columns))
+        rows = [self.title(), head]
+        for entry in self:
+            rows.append(" ".join(f"{fmt(entry):<{w}}" if i == 0 else f"{fmt(entry):>{w}}"
+                                 for i, (_, w, fmt) in enumerate(self.columns)))
+        return "\n".join(rows)
+
+
+def replace_pointwise(model: nn.Module, filter_fn: Optional[LayerFilter] = None,
                       linear: bool = False, **bft_kwargs) -> Tuple[nn.Module, List[str]]:
     """Swap every pointwise ``nn.Conv2d`` (and, with ``linear=True``, every ``nn.Linear``) for a BFT
     with the same channels, bias, device and dtype. ``filter_fn(name, module)`` may veto a layer.
 
     Returns ``(model, names)``: the model, changed in place, and the names of the replaced layers."""
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if is_bft(module) or (filter_fn is not None and not filter_fn(name, module)):
-            continue
-        if is_pointwise_conv(module):
-            new = BFT(module.in_channels, module.out_channels, bias=module.bias is not None,
-                      device=module.weight.device, dtype=module.weight.dtype, **bft_kwargs)
-        elif linear and isinstance(module, nn.Linear):
-            new = BFTLinear(module.in_features, module.out_features, bias=module.bias is not None,
-                            device=module.weight.device, dtype=module.weight.dtype, **bft_kwargs)
+    layers = pointwise_layers(model, linear, filter_fn)
+    for name, module in layers.items():
+        factory = {"bias": module.bias is not None, "device": module.weight.device,
+                   "dtype": module.weight.dtype}
+        if isinstance(module, nn.Linear):
+            new = BFTLinear(module.in_features, module.out_features, **factory, **bft_kwargs)
         else:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        replaced.append(name)
-    return model, replaced
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
-    """Two optimizer groups: BFT weights, norms and biases without weight decay (the paper found
-    decay hurts BFT), every other parameter with ``weight_decay``."""
-    no_decay_ids = {id(m.weight) for m in model.modules() if is_bft(m)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if id(p) in no_decay_ids or p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            new = BFT(module.in_channels, module.out_channels, **factory, **bft_kwargs)
+        model = swap_module(model, name, new)
+    return model, list(layers)

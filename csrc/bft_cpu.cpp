@@ -3,7 +3,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -86,8 +85,10 @@ std::tuple<at::Tensor, at::Tensor> bft_backward(const at::Tensor& grad_in, const
                   grad.size(2) == P,
               "butterfly_cpu::backward: expected grad of shape (", B, ", ", out_channels, ", ", P,
               "), got ", grad.sizes());
-  at::Tensor gx = at::empty_like(x);
-  at::Tensor gw = at::empty_like(weight);
+  // Plain contiguous strides, as the fake kernels promise: empty_like would copy the strides of
+  // size-1 dimensions, which contiguous() leaves as they came (e.g. from a channels-last view).
+  at::Tensor gx = at::empty(x.sizes(), x.options());
+  at::Tensor gw = at::empty(weight.sizes(), weight.options());
   dispatch(x.scalar_type(), "butterfly_cpu::backward", [&](auto* s_tag, auto* a_tag) {
     using S = std::remove_pointer_t<decltype(s_tag)>;
     using A = std::remove_pointer_t<decltype(a_tag)>;

@@ -9,7 +9,8 @@ from torch import nn
 import butterfly
 from oracle import SHAPE_CLASSES
 from train.data import read_idx
-from butterfly.conversion import factor_butterfly, fit_weights, relative_error
+from butterfly.conversion import relative_error
+from butterfly.factorization import factor_butterfly, fit_weights
 
 SHAPES = SHAPE_CLASSES
 F64 = {"dtype": torch.float64}

@@ -5,7 +5,8 @@ from torch import nn
 
 import butterfly
 from oracle import SHAPE_CLASSES
-from butterfly.deploy import dense_equivalent, time_call
+from butterfly.inference import time_call
+from butterfly.modules import dense_equivalent
 
 SHAPES = SHAPE_CLASSES
 F64 = {"dtype": torch.float64}
@@ -103,7 +104,7 @@ def test_optimize_for_inference_keeps_outputs_and_reports_times(capsys):
 
 def test_optimize_for_inference_picks_the_faster(monkeypatch):
     """The choice follows the measured times: pretend dense is always faster, then slower."""
-    import butterfly.deploy as deploy
+    import butterfly.inference as deploy
     x = torch.randn(2, 16, 4, 4)
     for dense_faster in (True, False):
         def fake_time(fn, inp, min_run_time=0.0, warmup=0):

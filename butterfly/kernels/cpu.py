@@ -1,41 +1,76 @@
 """The "cpu" backend: the fused C++ kernel of ``csrc/bft_cpu.cpp``.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja, ``-O3
--march=native -fopenmp``) and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``,
-default ``~/.cache/torch_extensions``); later processes only load the cached library. If it cannot be
-built (no C++ compiler, no OpenMP, ...) or ``BUTTERFLY_DISABLE_CPU_KERNEL=1`` is set, the library
-warns once and the operator runs the pure-PyTorch reference instead: the same results, slower.
+-march=native -fopenmp``), which says once on stderr that it is compiling and where it caches. The
+cache is torch's extension directory (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``); an entry is named by a digest of the sources, the flags and the
+host CPU, and built from a copy of the sources inside it, so identical checkouts share one build.
+A cached library is checked against the digest recorded when it was built before it is loaded (a
+truncated or foreign file is rebuilt, never loaded). If the kernel cannot be built (no C++
+compiler, no OpenMP, ...) or ``BUTTERFLY_DISABLE_CPU_KERNEL=1`` is set, the backend says why and the
+operator runs the pure-PyTorch reference instead (:func:`butterfly.ops.backend_for` warns once):
+the same results, slower.
 
-The kernel computes float32 (bfloat16 and float16 inputs accumulate in float32) and float64; any
-other input dtype, and a float64 weight with a non-float64 input, run the reference explicitly.
-The kernel registers the operators ``butterfly_cpu::forward`` and ``butterfly_cpu::backward``
-(C++, ``TORCH_LIBRARY``); this module adds their fake implementations, so ``torch.compile`` can
-trace them. The backend calls them directly: a Python ``custom_op`` wrapper in between cost
-50-90 us per call, 10% of a 256-channel layer's time.
+The kernel computes float32 (bfloat16 and float16 inputs accumulate in float32) and float64; other
+dtype combinations (a float64 weight with a non-float64 input) run the reference. The kernel
+registers the operators ``butterfly_cpu::forward`` and ``butterfly_cpu::backward`` (C++,
+``TORCH_LIBRARY``); this module adds their fake implementations, so ``torch.compile`` can trace
+them. The backend calls them directly, without a Python ``custom_op`` wrapper in between (which
+costs tens of microseconds per call).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
+import shutil
 import sys
 import threading
-import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ..ops import Backend, register_backend
-from ..reference import bft_reference, bft_reference_backward
+from ..ops import Backend, forget_warnings, register_backend
 
 DISABLE_ENV = "BUTTERFLY_DISABLE_CPU_KERNEL"
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 _lock = threading.Lock()
 _state: dict = {}  # "library": name of the loaded extension, or "error": why there is none
+
+
+def cpu_info() -> Dict[str, str]:
+    """The host CPU from ``/proc/cpuinfo`` (Linux), else from :mod:`platform`: ``model`` and the
+    ``flags`` line (empty when unknown)."""
+    info = {"model": platform.processor() or platform.machine(), "flags": ""}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and "model name" not in info:
+                    info["model name"] = info["model"] = value.strip()
+                elif key == "flags" and not info["flags"]:
+                    info["flags"] = value.strip()
+    except OSError:
+        pass
+    info.pop("model name", None)
+    return info
+
+
+def _disabled() -> bool:
+    value = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value not in _FALSE:
+        raise ValueError(f"{DISABLE_ENV}={os.environ[DISABLE_ENV]!r} is not understood: set it to 1 "
+                         "(use the pure-PyTorch reference) or 0 / unset it (use the kernel)")
+    return False
 
 
 def _source_dir() -> Path:
@@ -61,67 +96,98 @@ def _compile_flags() -> List[List[str]]:
     return [base + native + ["-fopenmp"], base + ["-fopenmp"], base]
 
 
-def _cpu_fingerprint() -> str:
-    """Identifies the host CPU, so a shared extension cache never serves a binary built for
-    instructions this CPU lacks (``-march=native``)."""
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _first_error_line(text: str, limit: int = 300) -> str:
+    """The compiler's own diagnostic (``file:line: error: ...``), else any line naming an error,
+    else the last line: the cause, not the build's command lines."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    why = next((ln for ln in lines if "error:" in ln),
+               next((ln for ln in lines if "error" in ln.lower() and len(ln) < 2 * limit),
+                    lines[-1] if lines else "unknown error"))
+    return why if len(why) <= limit else why[:limit] + " ..."
+
+
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" warning
+    (this backend builds for the CPU only)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), platform.processor())
-    except OSError:
-        return platform.processor() + platform.machine()
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def _build_one(flags: List[str], sources: Sequence[Path]) -> str:
+    """Build (or load from the cache) the extension for one flag set; returns its name."""
+    cpp_extension = _cpp_extension()
+
+    digest = hashlib.sha1(cpu_info()["flags"].encode() + " ".join(flags).encode())
+    for p in sources:
+        digest.update(p.name.encode() + p.read_bytes())
+    name = f"butterfly_cpu_{digest.hexdigest()[:12]}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    library, record = build_dir / f"{name}.so", build_dir / "library.sha256"
+    if library.exists() and not (record.exists() and record.read_text() == _file_digest(library)):
+        shutil.rmtree(build_dir)  # truncated, foreign or unrecorded: never load it, rebuild
+        build_dir.mkdir(parents=True)
+    # Build from a copy inside the cache entry: the same paths for every checkout, so identical
+    # sources share one build instead of rebuilding whenever another checkout used the entry.
+    src_copy = build_dir / "src"
+    src_copy.mkdir(exist_ok=True)
+    for p in sources:
+        if not (src_copy / p.name).exists() or (src_copy / p.name).read_bytes() != p.read_bytes():
+            shutil.copyfile(p, src_copy / p.name)
+    if not library.exists():
+        print(f"butterfly: compiling the fused CPU kernel (first use; about a minute), cached in "
+              f"{build_dir}", file=sys.stderr, flush=True)
+    ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
+    cpp_extension.load(name, [str(src_copy / "bft_cpu.cpp")], extra_cflags=flags,
+                       extra_ldflags=ldflags, extra_include_paths=[str(src_copy)],
+                       build_directory=str(build_dir), is_python_module=False, verbose=False)
+    if not record.exists():
+        record.write_text(_file_digest(library))
+    return name
 
 
 def _build() -> str:
-    from torch.utils import cpp_extension
-
     src = _source_dir()
     sources = sorted(src.glob("*.cpp")) + sorted(src.glob("*.h"))
     if not any(p.name == "bft_cpu.cpp" for p in sources):
         raise FileNotFoundError(f"bft_cpu.cpp is missing from {src}; reinstall butterfly-transform")
     errors = []
     for flags in _compile_flags():
-        digest = hashlib.sha1(_cpu_fingerprint().encode() + " ".join(flags).encode())
-        for p in sources:
-            digest.update(p.read_bytes())
-        name = f"butterfly_cpu_{digest.hexdigest()[:10]}"
-        ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
         try:
-            cpp_extension.load(name, [str(src / "bft_cpu.cpp")], extra_cflags=flags,
-                               extra_ldflags=ldflags, extra_include_paths=[str(src)],
-                               is_python_module=False, verbose=False)
-            return name
+            return _build_one(flags, sources)
         except Exception as exc:  # noqa: BLE001 - any build failure means: try the next flags
-            lines = str(exc).strip().splitlines()
-            # the compiler's own diagnostic ("file:line: error: ...") says most; else any error line
-            why = next((ln.strip() for ln in lines if "error:" in ln),
-                       next((ln.strip() for ln in lines if "error" in ln.lower()),
-                            lines[-1] if lines else ""))
-            errors.append(f"with flags {' '.join(flags)}: {why}")
+            errors.append(f"with flags {' '.join(flags)}: {_first_error_line(str(exc))}")
     raise RuntimeError("; ".join(errors))
 
 
 def load_extension() -> Optional[str]:
     """Build (first call only) and load the kernel; the extension's name, or ``None`` if it is
-    unavailable, in which case a warning has said why (once per process)."""
+    unavailable (:func:`unavailable` says why)."""
     with _lock:
         if "library" in _state or "error" in _state:
             return _state.get("library")
-        if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-            _state["error"] = f"disabled by the environment variable {DISABLE_ENV}"
+        if _disabled():
+            _state["error"] = (f"the fused CPU kernel is unavailable (disabled by the environment "
+                               f"variable {DISABLE_ENV}); to use it, unset {DISABLE_ENV}")
         else:
             try:
                 _state["library"] = _build()
                 _register_fake_kernels()
             except Exception as exc:  # noqa: BLE001
-                _state["error"] = f"could not be built: {exc}"
-        if "error" in _state:
-            fix = (f"unset {DISABLE_ENV}" if "environment" in _state["error"] else
-                   "install a C++20 compiler with OpenMP (e.g. `apt install g++`; on macOS the Xcode "
-                   "command line tools and `brew install libomp`) and ninja (`pip install ninja`)")
-            warnings.warn(
-                f"butterfly: the fused CPU kernel is unavailable ({_state['error']}). BFT layers "
-                "fall back to the pure-PyTorch reference: the same results, several times slower. "
-                f"To use the kernel, {fix}.", RuntimeWarning, stacklevel=3)
+                _state["error"] = (
+                    f"the fused CPU kernel is unavailable (it could not be built: {exc}); to use "
+                    "it, install a C++20 compiler with OpenMP (e.g. `apt install g++`; on macOS "
+                    "the Xcode command line tools and `brew install libomp`) and ninja (`pip "
+                    f"install ninja`), or set {DISABLE_ENV}=1 to silence this")
         return _state.get("library")
 
 
@@ -129,10 +195,24 @@ def reset() -> None:
     """Forget the load attempt, so the next use builds or loads again (and may warn again)."""
     with _lock:
         _state.clear()
+    forget_warnings()
 
 
-def _available(device: torch.device) -> bool:
-    return device.type == "cpu" and load_extension() is not None
+def unavailable(device: torch.device) -> str:
+    """Why the kernel cannot run on ``device`` ('' when it can)."""
+    if device.type != "cpu":
+        return f"it has no kernels for {device.type} tensors"
+    load_extension()
+    return _state.get("error", "")
+
+
+def _unsupported(x: Tensor, weight: Tensor, radices: Sequence[int]) -> str:
+    if x.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES:
+        return f"the kernel does not take {x.dtype} input with a {weight.dtype} weight"
+    if weight.dtype == torch.float64 and x.dtype != torch.float64:
+        return (f"a float64 weight with {x.dtype} input computes in float64, which the kernel "
+                "does only for float64 input")
+    return ""
 
 
 _fakes_registered = False
@@ -140,7 +220,8 @@ _fakes_registered = False
 
 def _register_fake_kernels() -> None:
     """Output shapes of the C++ operators for FakeTensor tracing (``torch.compile``); once per
-    process, after the library has registered the operators."""
+    process, after the library has registered the operators. The outputs are contiguous, as the
+    kernels make them, whatever the strides of the inputs."""
     global _fakes_registered
     if _fakes_registered:
         return
@@ -156,35 +237,24 @@ def _register_fake_kernels() -> None:
     _fakes_registered = True
 
 
-def _kernel_weight(x: Tensor, weight: Tensor) -> Optional[Tensor]:
-    """The weight in the kernel's compute dtype, or ``None`` when the kernel does not take this
-    dtype combination (the reference runs instead)."""
-    if x.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES:
-        return None
-    if x.dtype == torch.float64:
-        return weight.to(torch.float64)
-    if weight.dtype == torch.float64:  # the reference would compute in float64
-        return None
-    return weight.to(torch.float32)
+def _kernel_weight(x: Tensor, weight: Tensor) -> Tensor:
+    """The weight in the kernel's compute dtype."""
+    return weight.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
              residual: bool) -> Tensor:
-    w = _kernel_weight(x, weight)
-    if w is None:
-        return bft_reference(x, weight, radices, out_channels, residual)
-    return torch.ops.butterfly_cpu.forward(x.contiguous(), w, radices, out_channels, residual)
+    return torch.ops.butterfly_cpu.forward(x.contiguous(), _kernel_weight(x, weight), radices,
+                                           out_channels, residual)
 
 
 def _backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
               residual: bool) -> Tuple[Tensor, Tensor]:
-    w = _kernel_weight(x, weight)
-    if w is None:
-        return bft_reference_backward(grad, x, weight, radices, out_channels, residual)
     grad_x, grad_w = torch.ops.butterfly_cpu.backward(
-        grad.to(x.dtype).contiguous(), x.contiguous(), w, radices, out_channels, residual)
+        grad.to(x.dtype).contiguous(), x.contiguous(), _kernel_weight(x, weight), radices,
+        out_channels, residual)
     return grad_x, grad_w.to(weight.dtype)
 
 
-register_backend(Backend("cpu", _forward, _backward, _available, auto_devices=("cpu",),
-                         auto_priority=10))
+register_backend(Backend("cpu", _forward, _backward, unavailable, _unsupported, degrades=True,
+                         auto_devices=("cpu",), auto_priority=10))

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
@@ -25,7 +24,6 @@ from triton.runtime.jit import JITFunction
 
 from ..ops import Backend, register_backend
 from ..plan import BFTPlan
-from ..reference import bft_reference, bft_reference_backward
 from .triton_kernels import bft_kernel, bft_wgrad_kernel
 
 # Decided when triton's @jit ran (at import): interpreted kernels run on CPU tensors.
@@ -62,8 +60,9 @@ class Geometry:
                     PADDED=self.padded)
 
 
-def _unsupported(radices: Tuple[int, ...]) -> str:
+def triton_unsupported(x: Tensor, weight: Tensor, radices: Sequence[int]) -> str:
     """Why the kernels do not take this plan ('' when they do)."""
+    radices = tuple(radices)
     geo = Geometry.of(radices)
     if any(k > MAX_RADIX for k in geo.padded_radices):
         return (f"radices {radices} contain a radix above {MAX_RADIX} (a stage unrolls radix^2 "
@@ -72,19 +71,6 @@ def _unsupported(radices: Tuple[int, ...]) -> str:
         return (f"a butterfly of {geo.padded_size} (padded) channels does not fit on chip "
                 f"(limit {MAX_TILE})")
     return ""
-
-
-_warned: set = set()
-
-
-def _delegate(radices: Tuple[int, ...]) -> bool:
-    """True (with a one-time warning per plan) when the reference must run this plan."""
-    reason = _unsupported(tuple(radices))
-    if reason and tuple(radices) not in _warned:
-        _warned.add(tuple(radices))
-        warnings.warn(f"BFT triton backend: {reason}; running the reference implementation "
-                      f"for this layer instead (same result, slower)", stacklevel=3)
-    return bool(reason)
 
 
 def _launch_config(geo: Geometry, npix: int, backward: bool) -> Tuple[int, int]:
@@ -158,9 +144,7 @@ def _device_of(x: Tensor) -> contextlib.AbstractContextManager:
 def triton_forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
                    residual: bool) -> Tensor:
     device = _device_of(x)
-    if _delegate(tuple(radices)):
-        return bft_reference(x, weight, radices, out_channels, residual)
-    plan, geo = BFTPlan(x.shape[1], out_channels, tuple(radices)), Geometry.of(tuple(radices))
+    plan, geo = BFTPlan.of(x.shape[1], out_channels, radices), Geometry.of(tuple(radices))
     y = torch.empty(x.shape[0], out_channels, x.shape[2], dtype=x.dtype, device=x.device)
     if y.numel():
         with device:
@@ -172,9 +156,7 @@ def triton_forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: 
 def triton_backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int],
                     out_channels: int, residual: bool) -> Tuple[Tensor, Tensor]:
     device = _device_of(x)
-    if _delegate(tuple(radices)):
-        return bft_reference_backward(grad, x, weight, radices, out_channels, residual)
-    plan, geo = BFTPlan(x.shape[1], out_channels, tuple(radices)), Geometry.of(tuple(radices))
+    plan, geo = BFTPlan.of(x.shape[1], out_channels, radices), Geometry.of(tuple(radices))
     grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
     f64 = x.dtype == torch.float64 or weight.dtype == torch.float64
     grad_x = torch.empty_like(x)
@@ -207,12 +189,19 @@ def _backward_launches(grad: Tensor, x: Tensor, weight: Tensor, grad_x: Tensor, 
     return partial
 
 
-def triton_available(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
+def triton_unavailable(device: torch.device) -> str:
     # The interpreter runs the same kernels on host tensors (tests on machines without a GPU).
-    return device.type == "cpu" and INTERPRETED
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRETED):
+        return ""
+    return (f"it has no kernels for {device.type} tensors: use CUDA tensors, set "
+            "TRITON_INTERPRET=1 before importing triton (slow, for tests), or pick "
+            "use_backend('auto')")
 
 
-register_backend(Backend("triton", triton_forward, triton_backward, triton_available,
-                         auto_devices=("cuda",), auto_priority=20))
+def triton_available(device: torch.device) -> bool:
+    return not triton_unavailable(device)
+
+
+register_backend(Backend("triton", triton_forward, triton_backward, triton_unavailable,
+                         triton_unsupported, degrades=False, auto_devices=("cuda",),
+                         auto_priority=20))

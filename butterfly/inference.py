@@ -1,8 +1,7 @@
-"""Deployment: dense equivalents of BFT layers, and picking the faster of the two per layer.
+"""Inference: rewriting a BFT network for deployment.
 
-* :func:`dense_equivalent` / ``BFT.to_conv2d()`` / ``BFTLinear.to_linear()``: the exactly equivalent
-  ``nn.Conv2d(in, out, 1)`` / ``nn.Linear`` (residual and bias folded in).
-* :func:`densify`: every BFT of a network replaced by its dense equivalent.
+* :func:`densify`: every BFT of a network replaced by its exact dense equivalent
+  (``BFT.to_conv2d()`` / ``BFTLinear.to_linear()``, residual and bias folded in).
 * :func:`optimize_for_inference`: every BFT timed against its dense equivalent on the real device
   and input, and the faster kept.
 """
@@ -17,43 +16,8 @@ from typing import Callable, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .modules import BFT, BFTLinear, is_bft
-
-
-@torch.no_grad()
-def dense_equivalent(layer: nn.Module) -> nn.Module:
-    """The dense layer that computes exactly what ``layer`` (a ``BFT`` or ``BFTLinear``) computes:
-    an ``nn.Conv2d(in, out, 1)`` or an ``nn.Linear(in, out)`` on the same device and dtype, with
-    ``layer.to_dense()`` (residual included) as its weight and the layer's bias, if any."""
-    if not is_bft(layer):
-        raise TypeError(f"dense_equivalent expects a BFT or BFTLinear layer, "
-                        f"got {type(layer).__name__}")
-    matrix = layer.to_dense()
-    factory = {"device": matrix.device, "dtype": matrix.dtype}
-    has_bias = layer.bias is not None
-    out_channels, in_channels = matrix.shape
-    if isinstance(layer, BFTLinear):
-        dense = nn.Linear(in_channels, out_channels, bias=has_bias, **factory)
-        dense.weight.copy_(matrix)
-    else:
-        dense = nn.Conv2d(in_channels, out_channels, 1, bias=has_bias, **factory)
-        dense.weight.copy_(matrix.view(out_channels, in_channels, 1, 1))
-    if has_bias:
-        dense.bias.copy_(layer.bias)
-    dense.train(layer.training)
-    return dense
-
-
-def _bft_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if is_bft(m)]
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """``model`` with the submodule ``name`` swapped for ``new`` (``new`` itself for the root)."""
-    if name == "":
-        return new
-    model.set_submodule(name, new)
-    return model
+from .modules import dense_equivalent
+from .surgery import LayerReport, bft_layers, capture_inputs, swap_module
 
 
 def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
@@ -64,8 +28,8 @@ def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
     model (a dense layer when ``model`` itself is a BFT)."""
     if not inplace:
         model = copy.deepcopy(model)
-    for name, layer in _bft_layers(model):
-        model = _replace(model, name, dense_equivalent(layer))
+    for name, layer in bft_layers(model).items():
+        model = swap_module(model, name, dense_equivalent(layer))
     return model
 
 
@@ -88,23 +52,23 @@ class LayerChoice:
         return max(self.bft_ms, self.dense_ms) / min(self.bft_ms, self.dense_ms)
 
 
-class InferenceReport(list):
+class InferenceReport(LayerReport):
     """The :class:`LayerChoice` of every BFT layer, in model order; ``str()`` gives a table."""
+
+    columns = (("layer", 28, lambda c: c.name or "<model>"),
+               ("shape", 11, lambda c: f"{c.in_channels}->{c.out_channels}"),
+               ("input", 18, lambda c: "x".join(map(str, c.input_shape))),
+               ("bft ms", 9, lambda c: f"{c.bft_ms:.4f}"),
+               ("dense ms", 9, lambda c: f"{c.dense_ms:.4f}"),
+               ("chosen", 6, lambda c: c.chosen))
 
     def __init__(self, choices=(), device: str = ""):
         super().__init__(choices)
         self.device = device
 
-    def __str__(self) -> str:
-        head = (f"{'layer':<28} {'shape':>11} {'input':>18} {'bft ms':>9} {'dense ms':>9} "
-                f"{'chosen':>6}")
-        rows = [f"optimize_for_inference on {self.device}: {len(self)} BFT layers, "
-                f"{sum(c.chosen == 'dense' for c in self)} made dense", head]
-        for c in self:
-            rows.append(f"{c.name or '<model>':<28} {f'{c.in_channels}->{c.out_channels}':>11} "
-                        f"{'x'.join(map(str, c.input_shape)):>18} {c.bft_ms:>9.4f} "
-                        f"{c.dense_ms:>9.4f} {c.chosen:>6}")
-        return "\n".join(rows)
+    def title(self) -> str:
+        return (f"optimize_for_inference on {self.device}: {len(self)} BFT layers, "
+                f"{sum(c.chosen == 'dense' for c in self)} made dense")
 
 
 def time_call(fn: Callable[[Tensor], Tensor], x: Tensor, min_run_time: float = 0.05,
@@ -126,22 +90,6 @@ def time_call(fn: Callable[[Tensor], Tensor], x: Tensor, min_run_time: float = 0
     return statistics.median(times)
 
 
-def _capture_inputs(model: nn.Module, example_input, names: List[str]) -> dict:
-    """The input each named layer receives on its first call during ``model(example_input)``."""
-    captured, handles = {}, []
-    for name in names:
-        def hook(module, args, name=name):
-            captured.setdefault(name, args[0].detach())
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
 def optimize_for_inference(model: nn.Module, example_input, inplace: bool = True,
                            min_run_time: float = 0.05) -> Tuple[nn.Module, InferenceReport]:
     """For every BFT layer, time the butterfly against its dense equivalent on the layer's real
@@ -155,10 +103,12 @@ def optimize_for_inference(model: nn.Module, example_input, inplace: bool = True
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    layers = dict(_bft_layers(model))
+    layers = bft_layers(model)
     if not layers:
         return model, InferenceReport()
-    inputs = _capture_inputs(model, example_input, list(layers))
+    inputs = {}
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    capture_inputs(model, layers, [args], lambda name, layer, x: inputs.setdefault(name, x))
     report = InferenceReport(device=str(next(iter(inputs.values())).device) if inputs else "")
     for name, layer in layers.items():
         if name not in inputs:
@@ -168,7 +118,7 @@ def optimize_for_inference(model: nn.Module, example_input, inplace: bool = True
         bft_s, dense_s = time_call(layer, x, min_run_time), time_call(dense, x, min_run_time)
         chosen = "dense" if dense_s < bft_s else "bft"
         if chosen == "dense":
-            model = _replace(model, name, dense)
+            model = swap_module(model, name, dense)
         report.append(LayerChoice(name, type(layer).__name__, layer.plan.in_channels,
                                   layer.plan.out_channels, tuple(x.shape), bft_s * 1e3,
                                   dense_s * 1e3, chosen))
