@@ -25,7 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = find_fashion_mnist(None)
 pytestmark = pytest.mark.skipif(
     DATA is None, reason="Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
-TINY = ["--model", "mobilenetv1_025", "--device", "cpu", "--workers", "0", "--no-progress"]
+TINY = ["--model", "mobilenetv1_025", "--device", "cpu", "--workers", "0", "--threads", "1",
+        "--no-progress"]
 
 
 @pytest.fixture(autouse=True)

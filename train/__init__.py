@@ -4,3 +4,12 @@
 ``python -m train.evaluate`` evaluates a checkpoint. Both run under ``torchrun`` for several GPUs
 or nodes. The library (``butterfly``) never imports this package.
 """
+
+
+def error_message(err: Exception) -> str:
+    """The message of ``err``; for an error raised in a data loader process, its original message
+    (the last line) instead of the worker's traceback."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text

@@ -2,10 +2,12 @@
 
 A checkpoint is a ``torch.save`` file (loadable with ``torch.load(path, weights_only=True)``) holding
 plain containers and CPU tensors: ``model``, ``optimizer``, ``scheduler``, ``ema`` state dicts, the
-position (``epoch``, ``step_in_epoch``, ``global_step``), the RNG states of every rank, the metric
-history and the run's arguments, plus a SHA-256 over all of it. The file is written to a temporary
-name in the same folder and renamed over the old one (``os.replace``), so a kill leaves either the
-previous checkpoint or the new one, never half a file; a file damaged later fails the digest check.
+position (``epoch``, ``step_in_epoch``, ``global_step``), the RNG states of every rank, the torch
+thread count, the metric history and the run's arguments, plus a SHA-256 over all of it. The file
+is written to a temporary name in the same folder (``.last.pth.tmp<pid>``) and renamed over the old
+one (``os.replace``), so a kill leaves either the previous checkpoint or the new one, never half a
+file; a file damaged later fails the digest check. Resuming, evaluating and ``--initial-checkpoint``
+all load through :func:`load_checkpoint`.
 
 timm's ``CheckpointSaver`` keeps no scheduler, RNG or mid-epoch position, so it cannot resume
 exactly; its ``unwrap_model`` / ``clean_state_dict`` are used for the model weights.
@@ -20,6 +22,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 import torch
+
+from .rundir import temp_path
 
 FORMAT = "butterfly-train/1"
 
@@ -70,7 +74,7 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     state["sha256"] = digest(state)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -90,8 +94,9 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> None:
         pass
 
 
-def read_file(path: str) -> Any:
-    """``torch.load`` (CPU, ``weights_only``) with a clear error for missing or unreadable files."""
+def read_file(path: str, use: str = "resumed from") -> Any:
+    """``torch.load`` (CPU, ``weights_only``) with a clear error for missing or unreadable files;
+    ``use`` completes "it was not ..." in the message."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -106,20 +111,28 @@ def read_file(path: str) -> Any:
         size = os.path.getsize(path)
         raise CheckpointError(
             f"checkpoint {path} ({size} bytes) is truncated or corrupted and cannot be read "
-            f"({type(err).__name__}: {str(err).split('. ')[0]}). It was not resumed from; use an "
-            "intact checkpoint (e.g. best.pth or a copy) or start again without --resume") from err
+            f"({type(err).__name__}: {str(err).split('. ')[0]}). It was not {use}; use an "
+            "intact checkpoint (e.g. best.pth or a copy)") from err
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Load and verify a checkpoint written by :func:`save_checkpoint`."""
-    state = read_file(path)
-    if not isinstance(state, dict) or state.get("format") != FORMAT or "sha256" not in state:
+def is_ours(state: Any) -> bool:
+    """Whether ``state`` claims to be a checkpoint of :func:`save_checkpoint` (then it is verified)."""
+    return isinstance(state, dict) and ("sha256" in state or "format" in state)
+
+
+def load_checkpoint(path: str, use: str = "resumed from", plain_ok: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` and verify its digest. With
+    ``plain_ok`` a file of another kind (a ``state_dict``, timm's weights) is returned as it is."""
+    state = read_file(path, use)
+    if not is_ours(state):
+        if plain_ok:
+            return state
         raise CheckpointError(f"{path} is not a training checkpoint written by 'python -m train' "
                               f"(format {FORMAT}); load plain weights with 'python -m train.evaluate'")
-    expected = state.pop("sha256")
-    if digest(state) != expected:
+    expected = state.pop("sha256", None)
+    if state.get("format") != FORMAT or digest(state) != expected:
         raise CheckpointError(f"checkpoint {path} is corrupted: its content does not match the "
-                              "SHA-256 recorded when it was written. It was not resumed from")
+                              f"SHA-256 recorded when it was written. It was not {use}")
     return state
 
 
@@ -132,7 +145,29 @@ def model_weights(state: Any, ema: bool = False) -> Dict[str, torch.Tensor]:
                 return clean_state_dict(state[key])
         if ema:
             raise CheckpointError("the checkpoint holds no EMA weights (train with --model-ema)")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError("the file holds no model weights (a state_dict of tensors)")
     return clean_state_dict(state)
+
+
+def load_weights(model: torch.nn.Module, state: Any, source: str, ema: bool = False) -> None:
+    """Load the weights of ``state`` (see :func:`model_weights`) into ``model``, all of them: missing,
+    unexpected or differently shaped tensors give a :class:`CheckpointError` naming them."""
+    weights = model_weights(state, ema)
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in weights and weights[k].shape != v.shape]
+
+    def few(names: List[str]) -> str:
+        return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+    problems = [f"{what}: {few(names)}" for what, names in (
+        ("missing", missing), ("unexpected", unexpected), ("other shape", shapes)) if names]
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model ({'; '.join(problems)}); check "
+                              "--model, the dataset's number of classes and --small-input")
+    model.load_state_dict(weights)
 
 
 # ------------------------------------------------------------------------------------ RNG states
@@ -158,7 +193,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def checkpoint_args(args) -> Dict[str, Any]:
     """The run's arguments as plain values (what is stored, and reused by --resume/evaluate)."""
-    skip = {"resume", "resume_state", "stop_after_steps", "print_digest", "output"}
+    skip = {"resume", "resume_state", "initial_state", "stop_after_steps", "print_digest", "output",
+            "overwrite"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 

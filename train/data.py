@@ -1,4 +1,5 @@
-"""Datasets and loaders: Fashion-MNIST (IDX files) and ImageFolder trees (timm's transforms).
+"""Datasets and loaders: Fashion-MNIST (IDX files) and ImageFolder trees (timm's transforms, with
+augmentation defaults that follow the input size).
 
 Training augmentation is a pure function of ``(seed, epoch, image index)``: every sample is drawn
 with its own seeded RNG, so a run resumed mid-epoch sees exactly the images and crops the
@@ -80,19 +81,21 @@ def read_idx(path: str) -> np.ndarray:
 
 
 class FashionMNIST(Dataset):
-    """Fashion-MNIST in memory; ``train=True`` adds a random 2-pixel shift and horizontal flip
-    (drawn from torch's global RNG only)."""
+    """Fashion-MNIST in memory; ``train=True`` adds a random shift of up to 2 pixels and a
+    horizontal flip with probability ``hflip`` (clothes, shoes and bags look alike mirrored, so the
+    flip keeps the label; 0.5 by default), drawn from torch's global RNG only."""
 
     rngs = ("torch",)
 
     classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot")
 
-    def __init__(self, folder: str, split: str, img_size: int = 28, train: bool = False):
+    def __init__(self, folder: str, split: str, img_size: int = 28, train: bool = False,
+                 hflip: float = 0.5):
         images, labels = (read_idx(_find_idx(folder, n)) for n in FASHION_MNIST_FILES[split])
         self.images = torch.from_numpy(images.copy())
         self.targets = torch.from_numpy(labels.astype(np.int64))
-        self.img_size, self.train = img_size, train
+        self.img_size, self.train, self.hflip = img_size, train, hflip
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -102,7 +105,7 @@ class FashionMNIST(Dataset):
         if self.train:
             dy, dx = torch.randint(-2, 3, (2,)).tolist()
             x = torch.roll(F.pad(x, (2, 2, 2, 2)), (dy, dx), (1, 2))[:, 2:-2, 2:-2]
-            if torch.rand(()) < 0.5:
+            if self.hflip > 0 and torch.rand(()) < self.hflip:
                 x = x.flip(2)
         if self.img_size != x.shape[-1]:
             x = F.interpolate(x[None], size=self.img_size, mode="bilinear", align_corners=False)[0]
@@ -110,12 +113,94 @@ class FashionMNIST(Dataset):
 
 
 # ------------------------------------------------------------------------------------- ImageFolder
+SMALL_INPUT = 64  # at or below this size the ImageFolder augmentation is the small-image one
+
+
 def imagefolder_classes(root: str) -> List[str]:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise DataError(f"{root} has no class subfolders (ImageFolder layout: "
-                                f"{root}/<class>/<image>)")
+                        f"{root}/<class>/<image>)")
     return classes
+
+
+def _has_image(folder: str, limit: int = 64) -> bool:
+    """Whether one of the first ``limit`` entries of ``folder`` is an image file."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file()
+                       for e in itertools.islice(entries, limit))
+    except OSError:
+        return False
+
+
+def looks_like_imagefolder(folder: str, limit: int = 64) -> bool:
+    """Whether ``folder`` holds class folders of images, or split folders of those."""
+    try:
+        with os.scandir(folder) as entries:
+            subs = [e.path for e in itertools.islice(entries, limit) if e.is_dir()]
+    except OSError:
+        return False
+    return any(_has_image(s) or any(_has_image(os.path.join(s, c.name)) for c in
+                                    itertools.islice(os.scandir(s), limit) if c.is_dir())
+               for s in subs)
+
+
+def read_image(path: str):
+    """torchvision's image loader (PIL, RGB); an unreadable file raises a DataError naming it."""
+    from torchvision.datasets.folder import default_loader
+    try:
+        return default_loader(path)
+    except Exception as err:
+        raise DataError(f"cannot read image {path} ({type(err).__name__}: {err}); remove or "
+                        "replace the file") from err
+
+
+def image_folder(root: str, transform) -> Dataset:
+    """torchvision's ImageFolder over ``root`` with :func:`read_image`; an empty class folder is a
+    DataError that names it."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    try:
+        return ImageFolder(root, transform, loader=read_image)
+    except FileNotFoundError as err:
+        empty = [c for c in imagefolder_classes(root) if not _has_image(os.path.join(root, c), 10 ** 9)]
+        raise DataError(f"{root}: the class folder(s) {', '.join(empty) or '?'} hold no images "
+                        f"({' '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)") from err
+
+
+def imagefolder_train_transform(args, cfg: dict):
+    """timm's training transform with defaults that follow the input size (``--scale``,
+    ``--ratio``, ``--hflip``, ``--color-jitter`` override them; ``--aa``, ``--reprob`` as timm).
+
+    Above ``SMALL_INPUT`` pixels: timm's ImageNet augmentation (random resized crops of 8-100% of
+    the image, aspect 3/4-4/3, horizontal flips, color jitter 0.4). At ``SMALL_INPUT`` or less
+    (digits, CIFAR-like images) a resized crop of 8% keeps a few pixels of a 28x28 image, so
+    instead the image gets the evaluation resize and crop, is padded by size/8 pixels and cropped
+    back at a random place (the CIFAR recipe: a shift, no rescaling), with no flip (a mirrored
+    digit or letter is another symbol; pass ``--hflip 0.5`` for natural images) and no color jitter.
+    ``--scale`` or ``--ratio`` ask for timm's random resized crop at any size."""
+    from timm.data import create_transform
+    from timm.data.transforms import str_to_interp_mode
+    from torchvision import transforms as T
+    size = cfg["input_size"][-1]
+    small = size <= SMALL_INPUT and args.scale is None and args.ratio is None
+    hflip = args.hflip if args.hflip is not None else (0.0 if small else 0.5)
+    jitter = args.color_jitter if args.color_jitter is not None else (0.0 if small else 0.4)
+    options = dict(is_training=True, scale=args.scale, ratio=args.ratio, hflip=hflip,
+                   color_jitter=jitter or None, auto_augment=args.aa, re_prob=args.reprob)
+    if args.no_aug:
+        return create_transform(**cfg, is_training=True, no_aug=True)
+    if not small:
+        return create_transform(**cfg, **options)
+    _, secondary, final = create_transform(**cfg, **options, separate=True)
+    interpolation = str_to_interp_mode(cfg["interpolation"])
+    primary = [T.Resize(int(size / cfg["crop_pct"]), interpolation), T.CenterCrop(size),
+               T.RandomCrop(size, padding=max(1, size // 8))]
+    if hflip > 0:
+        primary.append(T.RandomHorizontalFlip(hflip))
+    return T.Compose([*primary, secondary, final])
 
 
 # ------------------------------------------------------------------------------ seeding, sampling
@@ -241,19 +326,15 @@ def load_split(args, info: DataInfo, model, split: str, augment: bool) -> Datase
     """The ``"train"`` or ``"test"`` split (Fashion-MNIST t10k / ImageFolder ``--val-split``), with
     the training augmentation when ``augment`` and the evaluation transform otherwise."""
     if args.dataset == "fashion-mnist":
+        hflip = args.hflip if getattr(args, "hflip", None) is not None else 0.5
         return FashionMNIST(info.fashion_dir, "train" if split == "train" else "val", info.img_size,
-                            train=augment)
+                            train=augment, hflip=hflip)
     from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets import ImageFolder
     cfg_args = {"input_size": (3, info.img_size, info.img_size)} if info.img_size else {}
     cfg = resolve_data_config(cfg_args, model=model)
-    if augment:
-        tf = create_transform(**cfg, is_training=True, auto_augment=args.aa,
-                              color_jitter=args.color_jitter, re_prob=args.reprob)
-    else:
-        tf = create_transform(**cfg)
+    tf = imagefolder_train_transform(args, cfg) if augment else create_transform(**cfg)
     folder = args.train_split if split == "train" else args.val_split
-    dataset = ImageFolder(os.path.join(args.data_dir, folder), tf)
+    dataset = image_folder(os.path.join(args.data_dir, folder), tf)
     if info.classes is not None and dataset.classes != info.classes:
         raise DataError(f"the {args.train_split} and {args.val_split} folders of {args.data_dir} "
                         "hold different class folders; both need the same classes")

@@ -1,27 +1,37 @@
 """Evaluate a model: ``python -m train.evaluate --checkpoint runs/x/best.pth``.
 
-The model name, dataset and input size default to those the checkpoint was trained with; any of
-them can be given on the command line (and must be for a plain ``state_dict`` file). Runs under
-``torchrun`` too: every rank evaluates its shard and the counts are summed.
+The model name, dataset, data folder, test split and input size default to those the checkpoint
+was trained with; any of them can be given on the command line (and must be for a plain
+``state_dict`` file). Everything else (``--val-subset``, workers, device, ...) is this command's own.
+A checkpoint of ``python -m train`` is verified against its SHA-256 first, as ``--resume`` does.
+``--results-file PATH`` also writes the results as JSON (as timm's validate.py, none by default).
+Runs under ``torchrun`` too: every rank evaluates its shard and the counts are summed.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
-from typing import Dict, List, Optional
+import os
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from butterfly import use_backend
 
-from .args import add_data_args, check_args
-from .checkpoint import CheckpointError, model_weights, read_file
-from .data import build_datasets, describe, eval_loader
+from . import error_message
+from .args import HelpFormatter, add_data_args, check_args, resolve_resources
+from .checkpoint import CheckpointError, load_checkpoint, load_weights
+from .data import DataError, build_datasets, describe, eval_loader
 from .distributed import Context, barrier, cleanup, setup, sum_across
 from .metrics import summary_line
 from .model import count_macs, count_params, create_model
+from .rundir import temp_path
+
+# What a checkpoint's training arguments say about the model and its data; the rest is ours.
+INHERITED = ("model", "dataset", "data_dir", "val_split", "img_size", "small_input")
 
 
 def autocast(ctx: Context, enabled: bool):
@@ -62,11 +72,14 @@ def evaluate(model: nn.Module, loader, ctx: Context, amp: bool = False,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint of 'python -m train' (last.pth, best.pth) or a state_dict file")
     p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("--results-file", default=None, metavar="PATH",
+                   help="also write the results (model, checkpoint, top1, top5, loss, images, "
+                        "img_size, ...) to this JSON file (default: none, as timm's validate.py)")
     add_data_args(p)
     return p
 
@@ -76,31 +89,44 @@ def parse_args(argv: Optional[List[str]] = None):
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     try:
-        state = read_file(first.checkpoint)
+        state = load_checkpoint(first.checkpoint, "evaluated", plain_ok=True)
     except CheckpointError as err:
         parser.error(str(err))
     saved = state.get("args") if isinstance(state, dict) and isinstance(state.get("args"), dict) else {}
-    known = {a.dest for a in parser._actions}
-    parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "checkpoint"})
+    parser.set_defaults(**{k: v for k, v in saved.items() if k in INHERITED})
     args = parser.parse_args(argv)
     if args.model is None:
         parser.error(f"{args.checkpoint} does not say which model it holds: pass --model NAME")
     check_args(args, parser)
+    if args.results_file is not None and os.path.isdir(args.results_file):
+        parser.error(f"--results-file {args.results_file} is a folder; give a file name")
+    resolve_resources(args)
     args.state = state
     return args
 
 
+def write_results(result: Dict[str, Any], path: str) -> None:
+    """``result`` as an indented JSON object, written atomically."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = temp_path(path)
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=4)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def run(args) -> Dict[str, float]:
+    """Evaluate as ``args`` say; returns loss, top1, top5, images, macs, params (and writes
+    ``--results-file``)."""
     ctx = setup(args.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         info = describe(args, ctx.rank, lambda: barrier(ctx))
         small = args.small_input if args.small_input is not None else args.dataset == "fashion-mnist"
         model = create_model(args.model, info.num_classes, info.in_chans, small)
-        try:
-            model.load_state_dict(model_weights(args.state, ema=args.ema))
-        except RuntimeError as err:
-            raise CheckpointError(f"{args.checkpoint} does not fit {args.model} with "
-                                  f"{info.num_classes} classes: {str(err).splitlines()[0]}") from err
+        load_weights(model, args.state, args.checkpoint, ema=args.ema)
         _, val_set = build_datasets(args, info, model, train=False)
         size = val_set[0][0].shape
         macs, params = count_macs(model, size), count_params(model)
@@ -116,9 +142,22 @@ def run(args) -> Dict[str, float]:
         if ctx.is_main:
             print(summary_line(args.model, result["top1"], result["top5"], macs, params,
                                loss=result["loss"], images=result["images"]), flush=True)
+            if args.results_file:
+                write_results(results_record(args, result, size[-1]), args.results_file)
         return result
     finally:
+        torch.set_num_threads(threads)
         cleanup(ctx)
+
+
+def results_record(args, result: Dict[str, float], img_size: int) -> Dict[str, Any]:
+    """The results file's content: timm validate.py's keys plus ours."""
+    return {"model": args.model, "checkpoint": os.path.abspath(args.checkpoint), "ema": args.ema,
+            "dataset": args.dataset, "split": args.val_split if args.dataset == "imagefolder"
+            else "t10k", "top1": round(result["top1"], 4), "top1_err": round(100 - result["top1"], 4),
+            "top5": round(result["top5"], 4), "top5_err": round(100 - result["top5"], 4),
+            "loss": round(result["loss"], 6), "images": result["images"], "img_size": img_size,
+            "param_count": round(result["params"] / 1e6, 4), "macs": result["macs"]}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -126,8 +165,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except CheckpointError as err:
-        raise SystemExit(f"error: {err}")
+    except (CheckpointError, DataError) as err:
+        raise SystemExit(f"error: {error_message(err)}") from err
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The training run behind ``python -m train``: model, timm optimizer/scheduler/EMA/mixup, the
-epoch loop, checkpoints and an exact resume."""
+epoch loop, checkpoints and an exact resume, TensorBoard curves; a diverged run stops at its first
+non-finite loss and never overwrites a good checkpoint."""
 from __future__ import annotations
 
 import logging
 import os
+import math
 import random
 import shutil
 import signal
@@ -24,16 +26,27 @@ from tqdm import tqdm
 
 from butterfly import param_groups, use_backend
 
-from .checkpoint import (CheckpointError, checkpoint_args, digest, list_ranks, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, checkpoint_args, digest, list_ranks, load_weights,
+                         rng_state, save_checkpoint, set_rng_state)
 from .data import (build_datasets, describe, eval_loader, load_test_set, steps_per_epoch,
                    train_loader)
 from .distributed import Context, barrier, cleanup, gather_objects, setup, sum_across
 from .evaluate import autocast, evaluate
-from .metrics import summary_line, write_history
+from .metrics import TensorBoardLog, summary_line, write_args, write_history
 from .model import count_macs, count_params, create_model
+from .rundir import prepare, remove_stale_temps, temp_path
 
 _log = logging.getLogger("train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on: its loss or weights are no longer finite."""
+
+
+def all_finite(tensors: Dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor of a state dict is finite."""
+    flags = [torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def seed_all(seed: int) -> None:
@@ -47,6 +60,11 @@ class Trainer:
 
     def __init__(self, args, ctx: Context):
         self.args, self.ctx = args, ctx
+        self.started = time.time()
+        self.output = args.output
+        if ctx.is_main:  # before any data is read: a folder that cannot be written fails now
+            prepare(self.output, reuse=args.resume_state is not None,
+                    overwrite=getattr(args, "overwrite", False), since=self.started)
         self.amp = args.amp if args.amp is not None else ctx.device.type == "cuda"
         seed_all(args.seed)  # the same initial weights on every rank
         self.info = info = describe(args, ctx.rank, lambda: barrier(ctx))
@@ -70,18 +88,28 @@ class Trainer:
         self.history: list = []
         self.best_top1 = -1.0
         self.partial = [0.0, 0.0, 0.0]  # loss sum, correct, images of the epoch so far (all ranks)
-        self.output = args.output
         if args.resume_state is not None:
             self._restore(args.resume_state)
         else:
             seed_all(args.seed + ctx.rank)  # dropout and mixup draw differently on every rank
         if ctx.is_main:
-            os.makedirs(self.output, exist_ok=True)
+            self._log_start(len(train_set), len(val_set))
+
+    def _log_start(self, train_images: int, val_images: int) -> None:
+        args = self.args
+        val = "held out of the training split" if args.val_holdout else "the test split"
+        _log.info("run: %s, %s, %d training images, %d validation images (%s), %d steps/epoch x %d "
+                  "epochs, global batch %d, lr %g, device %s, threads=%d workers=%d, output %s",
+                  args.model, args.dataset, train_images, val_images, val, self.steps, self.epochs,
+                  self.global_batch, self.lr, self.ctx.device, torch.get_num_threads(),
+                  args.workers, self.output)
 
     def _build_model(self, info) -> nn.Module:
         args = self.args
         small = args.small_input if args.small_input is not None else args.dataset == "fashion-mnist"
         model = create_model(args.model, info.num_classes, info.in_chans, small, args.drop)
+        if getattr(args, "initial_state", None) is not None and args.resume_state is None:
+            load_weights(model, args.initial_state, f"--initial-checkpoint {args.initial_checkpoint}")
         if info.img_size is None:
             info.img_size = resolve_data_config({}, model=model)["input_size"][-1]
         self.input_size = (info.in_chans, info.img_size, info.img_size)
@@ -128,19 +156,30 @@ class Trainer:
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "ema_rng": self.ema._sr_generator.get_state() if self.ema is not None else None,
                 "rng": rngs, "history": self.history, "best_top1": self.best_top1,
-                "partial": partial}
+                "partial": partial, "threads": torch.get_num_threads()}
 
     def save(self, best: bool = False, partial=(0.0, 0.0, 0.0)) -> None:
         """Write ``last.pth`` (all ranks take part: they hand over their RNG states). ``partial``:
         the summed training metrics of the epoch so far, for a checkpoint taken mid-epoch."""
         state = self._state(list(partial))
+        if not all_finite(state["model"]) or (self.ema is not None and not all_finite(state["ema"])):
+            raise TrainingError(
+                f"the weights are no longer finite after step {self.global_step} (the training "
+                f"diverged); they were not saved. {self._last_good()} Lower --lr or set --clip-grad")
         if self.ctx.is_main:
+            remove_stale_temps(self.output, self.started)
             path = os.path.join(self.output, "last.pth")
             save_checkpoint(state, path)
             if best:
-                tmp = os.path.join(self.output, f".best.pth.tmp{os.getpid()}")
+                tmp = temp_path(os.path.join(self.output, "best.pth"))
                 shutil.copyfile(path, tmp)
                 os.replace(tmp, os.path.join(self.output, "best.pth"))
+
+    def _last_good(self) -> str:
+        last = os.path.join(self.output, "last.pth")
+        if os.path.exists(last):
+            return f"{last} holds the last good checkpoint."
+        return "No checkpoint had been written yet."
 
     def _restore(self, state: Dict) -> None:
         if state["model_name"] != self.args.model:
@@ -165,6 +204,12 @@ class Trainer:
         if self.ctx.is_main:
             _log.info("resumed from epoch %d step %d (global step %d)", self.epoch + 1,
                       self.step_in_epoch, self.global_step)
+            saved, now = state.get("threads"), torch.get_num_threads()
+            if saved is not None and saved != now:
+                _log.warning("warning: the checkpoint was written with %d torch threads and this "
+                             "run uses %d: the continuation will not be bit-exact (CPU kernels sum "
+                             "weight gradients in a thread-dependent order); resume with "
+                             "--threads %d to continue exactly", saved, now, saved)
 
     # ------------------------------------------------------------------------ training
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -181,6 +226,7 @@ class Trainer:
         with autocast(ctx, self.amp):
             out = self.train_model(x)
             loss = self.criterion(out, target)
+        self._check_loss(loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip_grad is not None:
@@ -193,6 +239,17 @@ class Trainer:
         with torch.no_grad():
             n = torch.tensor(float(y.numel()), dtype=torch.float64, device=ctx.device)
             return torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(), n])
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
+        """Stop at the first non-finite loss, before it reaches the weights (on GPU this waits for
+        the step's forward pass). Under torchrun the other ranks are stopped by torchrun."""
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"the training loss is {value} at epoch {self.epoch + 1}, step "
+                f"{self.step_in_epoch + 1} (global step {self.global_step + 1}): the training "
+                f"diverged, and stopped. {self._last_good()} Lower --lr, set --clip-grad, or "
+                "train without --amp")
 
     def train_epoch(self) -> Dict[str, float]:
         args, ctx = self.args, self.ctx
@@ -241,6 +298,19 @@ class Trainer:
 
     def run(self) -> Dict[str, float]:
         args, ctx = self.args, self.ctx
+        tensorboard = None
+        if ctx.is_main:
+            write_args(checkpoint_args(args), self.output)
+            if args.log_tensorboard:
+                tensorboard = TensorBoardLog(self.output, start=self.epoch)
+        try:
+            return self._run(tensorboard)
+        finally:
+            if tensorboard is not None:
+                tensorboard.close()
+
+    def _run(self, tensorboard: Optional[TensorBoardLog]) -> Dict[str, float]:
+        args, ctx = self.args, self.ctx
         record: Dict[str, float] = dict(self.history[-1]) if self.history else {}
         while self.epoch < self.epochs:
             record = {"epoch": self.epoch + 1, **self.train_epoch(),
@@ -257,6 +327,8 @@ class Trainer:
             self.save(best=best)
             if ctx.is_main:
                 write_history(self.history, self.output)
+                if tensorboard is not None:
+                    tensorboard.log(record)
                 _log.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%%, top-5 %.2f%%",
                           self.epoch, self.epochs, record["train_loss"], record["val_top1"],
                           record["val_top5"])
@@ -264,6 +336,9 @@ class Trainer:
             record = dict(record, **self.evaluate_test())
             if ctx.is_main:
                 write_history(self.history[:-1] + [record], self.output)
+                if tensorboard is not None:
+                    tensorboard.log({k: v for k, v in record.items()
+                                     if k == "epoch" or k.startswith("test_")})
         if args.print_digest:
             params = {k: v for k, v in unwrap_model(self.model).named_parameters()}
             print(f"digest rank={ctx.rank} {digest(params)}", flush=True)
@@ -289,11 +364,15 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, float]:
     dict per epoch: epoch, train_loss, train_top1, lr, val_loss, val_top1, val_top5, ...)."""
     own = ctx is None
     ctx = ctx or setup(args.device)
+    threads = torch.get_num_threads()
     try:
+        if getattr(args, "threads", None) is not None:
+            torch.set_num_threads(args.threads)
         if args.output is None:
             args.output = gather_objects(ctx, default_output(args))[0]  # rank 0's clock
         with use_backend(args.bft_backend):
             return Trainer(args, ctx).run()
     finally:
+        torch.set_num_threads(threads)
         if own:
             cleanup(ctx)
