@@ -1,6 +1,6 @@
 """Multiply-adds and parameters of every model in butterfly's zoo, beside the papers' figures.
 
-    python benchmarks/flops.py            # prints the table, writes benchmarks/results/flops.md
+    python -m benchmarks.flops            # prints the table, writes benchmarks/results/flops.md
 
 "MFLOPs" in the papers are millions of multiply-adds of conv, linear (and BFT) layers at batch 1,
 which is what ``butterfly.flops.count_macs`` counts. The "paper-style" column recounts every BFT
@@ -21,7 +21,7 @@ import butterfly
 from butterfly.flops import count_macs
 from butterfly.models import registered_models
 
-# (MFLOPs, source) by model and resolution. BFT paper = shared/BFT.md section 4; the others are the
+# (MFLOPs, source) by model and resolution. the BFT paper's tables (section 4); the others are the
 # architectures' own papers (MobileNetV1 table 6, ShuffleNetV2 table 8) for widths the BFT paper
 # does not list.
 PAPER = {
@@ -41,27 +41,23 @@ PAPER = {
 NOT_IN_BFT_PAPER = {"mobilenetv1_075", "shufflenetv2_100", "shufflenetv2_150", "shufflenetv2_200"}
 TOLERANCE = {"mobilenetv3": 0.15}  # by name prefix; 10% otherwise
 
-NOTES = """\
-## Gaps
+def gap_summary(rows: list[dict]) -> str:
+    """The differences from the paper, summarised from the table (why they arise:
+    docs/models.md, "Differences from the papers' counts")."""
+    def span(values) -> str:
+        return f"{min(values):+.1f}% to {max(values):+.1f}%" if values else "none"
 
-* **MobileNetV1 0.25@192** is the one figure outside 10%. The paper's 34 MFLOPs does not follow
-  from the architecture: the same network is 41 MFLOPs at 224 (matched within 0.1%), and the
-  count scales with the pixels, 41 * (192/224)^2 = 30. Every other baseline figure matches within
-  3.1%, so this is the paper's figure, not our counting.
-* **MobileNet BFT models come out 2-12% below the paper** (within the tolerance): our BFT layers
-  factor each block into mixed radices (or pad it, whichever executes fewer multiply-adds) and
-  count what they execute, `n * sum(radices)` per pixel, while the paper counted
-  `4 * m * ceil(log4 m)` per block.
-  The "paper-style" column recounts the same layers the paper's way: MobileNetV1+BFT then lands
-  within -5.4%..+3.8% of the paper and MobileNetV3-Small 0.5+BFT moves from -12.2% to -5.4%.
-* **MobileNetV3-Small 0.5+BFT** has the largest gap because its BFT blocks are small and sit
-  above powers of 4 (m = 24, 40, 48, 72, 288), where `ceil(log4 m)` rounds up the most
-  (m = 72: the paper counts 4*72*4 = 1152 per pixel, the layer executes 72*(4+3+3+2) = 864).
-* **ShuffleNetV2 1.25+BFT**: the paper's stage widths are garbled in its text; 160/320/640 with
-  a 1024-channel conv5 (pointwise convs reading the 24-channel stem kept dense) meet the three
-  figures within 1.4% with our count (the paper-style recount of these widths is 8-10% above,
-  so the paper's own widths were presumably a little narrower).
-"""
+    with_paper = [r for r in rows if r["paper"] is not None]
+    baselines = [r["diff"] for r in with_paper if "paper_style" not in r and within_tolerance(r)]
+    lines = ["## Differences from the paper", "",
+             f"* Baselines within the tolerance: {span(baselines)}."]
+    for family in sorted({r["model"].split("_bft")[0] for r in with_paper if "paper_style" in r}):
+        bft = [r for r in with_paper if "paper_style" in r and r["model"].startswith(family)]
+        lines.append(f"* {family} BFT models: {span([r['diff'] for r in bft])} with our count "
+                     f"(MACs executed), {span([r['style_diff'] for r in bft])} counted the "
+                     "paper's way (`4 * m * ceil(log4 m)` per block).")
+    lines += ["", "Why: docs/models.md, \"Differences from the papers' counts\"."]
+    return "\n".join(lines) + "\n"
 
 
 def paper_style_macs(model: torch.nn.Module, res: int, macs: int) -> int:
@@ -138,12 +134,12 @@ def main() -> int:
     print(text)
     outside = [f"{r['model']}@{r['res']}" for r in rows
                if r["paper"] is not None and not within_tolerance(r)]
-    header = ("# Multiply-adds of the model zoo\n\nMeasured with `python benchmarks/flops.py` "
+    header = ("# Multiply-adds of the model zoo\n\nMeasured with `python -m benchmarks.flops` "
               f"(torch {torch.__version__}, timm {timm.__version__}); batch 1, 1000 classes, "
               "MACs = multiply-adds of conv, linear and BFT layers (BN, activations, pooling not "
               "counted), `diff` = ours / paper - 1, ** = outside the tolerance (10%; 15% for "
               "MobileNetV3).\n\n")
-    footer = f"\n\nOutside the tolerance: {', '.join(outside) or 'none'}.\n\n{NOTES}"
+    footer = f"\n\nOutside the tolerance: {', '.join(outside) or 'none'}.\n\n{gap_summary(rows)}"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(header + text + footer)
     print(f"\noutside the tolerance: {outside or 'none'}; wrote {args.out}")

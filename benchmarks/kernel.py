@@ -1,10 +1,10 @@
 """Benchmark of the fused CPU kernel: BFT against the 1x1 convolution it replaces.
 
-    python benchmarks/kernel.py                 # full run; writes benchmarks/results/kernel_cpu.md
-    python benchmarks/kernel.py --quick         # three shapes, fewer repetitions
-    python benchmarks/kernel.py --out FILE.md   # write the results elsewhere
-    python benchmarks/kernel.py --threads 2 1   # one set of tables per thread count
-    python benchmarks/kernel.py --cpu-time      # also: 1 thread, timed by process CPU time
+    python -m benchmarks.kernel                 # full run; writes benchmarks/results/kernel_cpu.md
+    python -m benchmarks.kernel --quick         # three shapes, fewer repetitions
+    python -m benchmarks.kernel --out FILE.md   # write the results elsewhere
+    python -m benchmarks.kernel --threads 2 1   # one set of tables per thread count
+    python -m benchmarks.kernel --cpu-time      # also: 1 thread, timed by process CPU time
 
 For batch 32 at every shape it times, interleaved round by round (so load from other processes
 hits all variants alike), and reports the median of each step's steady state, called back to back
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from torch import nn
 
 import butterfly
 from butterfly import BFT, use_backend
+from benchmarks.kernel_gpu import run_gpu_section
 from butterfly.kernels import cpu
 
 BATCH = 32
@@ -57,26 +57,14 @@ SHAPES: List[Tuple[str, int, int, int]] = [
     ("MobileNetV1 32->64", 32, 64, 112), ("MobileNetV1 512->1024", 512, 1024, 14),
 ]
 QUICK_SHAPES = [SHAPES[0], SHAPES[4], SHAPES[6]]
-# ratio targets of the issue (base 4, best BFT format): inference, training
+# speed goals set for the kernel, as ratios to the fastest conv (base 4, best BFT format):
+# inference, training
 TARGETS = {64: (2.0, 1.5), 128: (2.0, 1.5), 256: (4.0, 2.5), 512: (6.0, 2.5), 1024: (10.0, 2.5)}
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+    flags = cpu.cpu_info()["flags"].split()
+    if not flags:
         return "unknown"
     return ", ".join(f for f in ("avx512f", "avx2", "fma") if f in flags) or "none of avx512f/avx2/fma"
 
@@ -258,17 +246,6 @@ def limits(results, label: str) -> str:
             "the ratio grows with the channel count.")
 
 
-def gpu_section(args) -> str:
-    try:
-        from benchmarks.kernel_gpu import run_gpu_section
-    except ImportError:
-        try:
-            from kernel_gpu import run_gpu_section
-        except ImportError:
-            return "GPU section skipped: benchmarks/kernel_gpu.py is not available.\n"
-    return run_gpu_section(args)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="three shapes, fewer repetitions")
@@ -292,11 +269,11 @@ def main(argv=None) -> int:
     if cpu.load_extension() is None:
         print("the CPU kernel is unavailable (see the warning); nothing to benchmark", file=sys.stderr)
         return 1
-    command = " ".join(["python benchmarks/kernel.py"] + (argv if argv is not None else sys.argv[1:]))
+    command = " ".join(["python -m benchmarks.kernel"] + (argv if argv is not None else sys.argv[1:]))
     sections = [
         "# BFT CPU kernel vs 1x1 convolution",
         "",
-        f"CPU: {cpu_model()}, {cores()} cores ({cpu_flags()}); torch {torch.__version__}, "
+        f"CPU: {cpu.cpu_info()['model']}, {cores()} cores ({cpu_flags()}); torch {torch.__version__}, "
         f"butterfly {butterfly.__version__}. Batch {BATCH}, residual on, float32. "
         + f"{rounds} rounds, steps interleaved in a rotating order; in each round a step runs "
         f"untimed for {args.settle_ms:g} ms and then {args.block} timed calls (medians of those: "
@@ -328,12 +305,12 @@ def main(argv=None) -> int:
                       flush=True)
             title = "Training (forward + backward)" if train else "Inference (forward, no grad)"
             sections += ["", f"## {title}, {label}", "", table(results, train), "",
-                         "Targets of the issue:", "", targets(results, train)]
+                         "Speed goals (time of the fastest conv / time of the BFT):", "", targets(results, train)]
             if not train:
                 sections += ["", limits(results, label)]
     text = "\n".join(sections) + "\n"
     if torch.cuda.is_available():
-        text += "\n" + gpu_section(args)
+        text += "\n" + run_gpu_section(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

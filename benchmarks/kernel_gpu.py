@@ -1,7 +1,7 @@
 """GPU section of the kernel benchmark: the Triton BFT against cuDNN's 1x1 convolution.
 
-    python benchmarks/kernel_gpu.py          # needs CUDA; writes benchmarks/results/kernel_gpu.md
-    python benchmarks/kernel_gpu.py --quick  # fewer shapes and repetitions
+    python -m benchmarks.kernel_gpu          # needs CUDA; writes benchmarks/results/kernel_gpu.md
+    python -m benchmarks.kernel_gpu --quick  # fewer shapes and repetitions
 
 ``benchmarks/kernel.py`` calls :func:`run_gpu_section` when CUDA is present. For every shape, dtype
 (float32, bfloat16) and memory format it times the forward pass and forward+backward of ``BFT``
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU benchmark needs one (nothing written)", file=sys.stderr)
         return 1
-    text = "# BFT kernel benchmark (GPU)\n\nProduced by `python benchmarks/kernel_gpu.py" \
+    text = "# BFT kernel benchmark (GPU)\n\nProduced by `python -m benchmarks.kernel_gpu" \
         + (" --quick" if args.quick else "") + "`.\n\n" + run_gpu_section(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

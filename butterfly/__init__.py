@@ -4,7 +4,7 @@ Dependencies run one way: ``plan`` <- ``reference`` <- ``ops`` (the operator; ``
 their backends with it) <- ``modules`` <- ``surgery`` <- ``conversion``, ``inference``, ``export``,
 ``flops``; ``optim`` and ``init`` are leaves beside ``modules``.
 """
-from . import kernels  # registers the compiled backends with the operator
+from . import kernels  # noqa: F401  (registers the compiled backends with the operator)
 from .conversion import convert, from_dense
 from .export import export_onnx
 from .inference import densify, optimize_for_inference
@@ -19,4 +19,4 @@ __all__ = ["BFT", "BFTLinear", "BFTPlan", "available_backends", "bft", "convert"
            "param_groups", "replace_pointwise", "use_backend"]
 __version__ = "0.1.0"
 
-from . import models  # noqa: E402  (registers the timm models, which build on the names above)
+from . import models  # noqa: F401  (registers the timm models; they use the names above)

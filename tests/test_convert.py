@@ -144,15 +144,6 @@ def _accuracy(model, x, y) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-@pytest.fixture
-def one_thread():
-    """Small CPU ops are much faster on one thread on a shared machine (no spinning workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason="Fashion-MNIST not found in " + FASHION)
 def test_converted_model_keeps_most_accuracy_after_one_epoch(one_thread):
     """Dense CNN trained briefly -> convert (calibrated) -> one epoch of fine-tuning."""

@@ -111,7 +111,7 @@ def test_bft_features_are_the_classifiers_activations(name):
 
     taps, handles = {}, []
     for module in model.feature_info.module_name():
-        hook = lambda mod, inp, out, module=module: taps.__setitem__(module, out.clone())  # noqa
+        hook = lambda mod, inp, out, module=module: taps.__setitem__(module, out.clone())
         handles.append(classifier.get_submodule(module).register_forward_hook(hook))
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():

@@ -15,13 +15,7 @@ from butterfly.models import registered_models
 BFT_MODELS = [n for n in registered_models() if "_bft_" in n]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batch-1 tensors gain nothing from threads; on a loaded machine idle OpenMP threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dw_pw(blocks, pw):

@@ -17,10 +17,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from butterfly import BFT, use_backend  # noqa: E402
-from butterfly.kernels import triton_bft  # noqa: E402
-from butterfly.plan import BFTPlan  # noqa: E402
-from butterfly.reference import bft_reference, bft_reference_backward  # noqa: E402
+from butterfly import BFT, use_backend
+from butterfly.kernels import triton_bft
+from butterfly.plan import BFTPlan
+from butterfly.reference import bft_reference, bft_reference_backward
 
 INTERPRET = triton_bft.INTERPRETED
 interpreted = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter's subprocess")

@@ -42,7 +42,7 @@ def test_forward_equals_dense_matrix(cin, cout, base):
 
 
 def test_binding_weight_layout():
-    """Stage s mixes channels seg*k*t + j*t + r with weight[s, seg*t + r] (shared/BFT.md sec. 2)."""
+    """Stage s mixes channels seg*k*t + j*t + r with weight[s, seg*t + r] (the paper, eq. 3 and 5, unrolled)."""
     n, k = 64, 4
     layer = BFT(n, n, base=k, residual=False, bias=False).double()
     assert layer.weight.shape == (3, n // k, k, k)

@@ -18,14 +18,7 @@ EXPECTED = {"mobilenetv1_025", "mobilenetv1_050", "mobilenetv1_075", "mobilenetv
             "shufflenetv2_150", "shufflenetv2_200", "shufflenetv2_bft_125"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batch-1 tensors gain nothing from threads, and on a loaded machine idle OpenMP threads
-    spin: one thread keeps this file fast everywhere."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_lists_the_zoo():
