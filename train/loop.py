@@ -63,8 +63,9 @@ class Trainer:
         self.started = time.time()
         self.output = args.output
         if ctx.is_main:  # before any data is read: a folder that cannot be written fails now
-            prepare(self.output, reuse=args.resume_state is not None,
-                    overwrite=getattr(args, "overwrite", False), since=self.started)
+            overwrite = getattr(args, "overwrite", False)
+            prepare(self.output, reuse=args.resume_state is not None or overwrite,
+                    overwrite=overwrite, since=self.started)
         self.amp = args.amp if args.amp is not None else ctx.device.type == "cuda"
         seed_all(args.seed)  # the same initial weights on every rank
         self.info = info = describe(args, ctx.rank, lambda: barrier(ctx))

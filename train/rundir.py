@@ -43,7 +43,8 @@ def output_problem(path: str, reuse: bool) -> Optional[str]:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"--output {path}: {existing} is not writable; choose another --output"
     if existing == os.path.abspath(path) and not reuse:
-        entries = sorted(os.listdir(path))
+        # A killed run's temporary files alone do not make a run.
+        entries = sorted(e for e in os.listdir(path) if not _TEMP.match(e))
         if entries:
             hint = (f"pass --resume {os.path.join(path, 'last.pth')} to continue that run, "
                     if "last.pth" in entries else "")
