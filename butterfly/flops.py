@@ -10,9 +10,8 @@ formula for the ``butterfly::bft`` operator is registered in :mod:`butterfly.ops
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, List, Sequence
-
 import warnings
+from typing import Any, List, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ with warnings.catch_warnings():  # fvcore's import touches torch.jit.script, dep
     from fvcore.nn.jit_handles import get_shape
 
 from .plan import BFTPlan
+from .surgery import eval_mode
 
 BFT_OPS = ("butterfly::bft",)
 # fvcore's handles for the layers that multiply (its unit is the multiply-add).
@@ -79,12 +79,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     (``(C, H, W)`` for one image, or ``(N, C, H, W)``), counted as the papers count them.
     The model is run in eval mode under ``torch.no_grad()``; its mode is restored."""
     x = _example_input(model, input_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            analysis = FlopCountAnalysis(model, (x,))
-            analysis.unsupported_ops_warnings(True).uncalled_modules_warnings(False)
-            return int(analysis.total())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        analysis = FlopCountAnalysis(model, (x,))
+        analysis.unsupported_ops_warnings(True).uncalled_modules_warnings(False)
+        return int(analysis.total())
