@@ -336,8 +336,10 @@ def load_split(args, info: DataInfo, model, split: str, augment: bool) -> Datase
     folder = args.train_split if split == "train" else args.val_split
     dataset = image_folder(os.path.join(args.data_dir, folder), tf)
     if info.classes is not None and dataset.classes != info.classes:
+        odd = sorted(set(dataset.classes) ^ set(info.classes))
         raise DataError(f"the {args.train_split} and {args.val_split} folders of {args.data_dir} "
-                        "hold different class folders; both need the same classes")
+                        f"hold different class folders ({', '.join(odd[:5])} only in one); both "
+                        "need the same classes")
     return dataset
 
 
