@@ -1,0 +1,150 @@
+"""The BFT with an epilogue: ``butterfly::bft_fused``, the operator of fused inference.
+
+An epilogue is a short, fixed list of post-operations applied to the BFT's output before its one
+store, the way oneDNN convolutions take post-ops and XNNPACK operators take an output clamp:
+
+    y = bft(x)                    # the transform, residual included
+    y = y * scale[c] + shift[c]   # per output channel (an eval-mode BatchNorm folds into this)
+    y = act(y)                    # none, relu, relu6, hardswish, hardsigmoid
+    y = y + add                   # a tensor of y's shape (an inverted-residual block's skip)
+
+Each step is optional. The list is data, not one kernel per combination: every backend implements
+the same list, and :func:`apply_epilogue` (plain PyTorch) is the oracle they are tested against.
+A BatchNorm after a BFT with the residual cannot be folded into the butterfly's weights
+(``B x + x`` would need a scaled identity), but it is exactly this per-channel affine step.
+
+A backend registers its fused form with :func:`register_fused`; a backend without one runs its
+plain forward and then :func:`apply_epilogue`, so every backend gives the same results.
+``bft_fused`` is for inference: it has no gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import backend_for
+from .plan import BFTPlan
+from .reference import compute_dtype
+
+ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "hardsigmoid")
+
+Fused = Callable[[Tensor, Tensor, List[int], int, bool, Optional[Tensor], Optional[Tensor], str,
+                  Optional[Tensor]], Tensor]
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """Post-operations of one fused layer: ``act(y * scale + shift) + add``.
+
+    ``scale``, ``shift``: ``(C_out,)`` tensors or ``None``; ``activation``: one of
+    :data:`ACTIVATIONS`; ``add``: whether the layer adds a second input of the output's shape."""
+
+    scale: Optional[Tensor] = None
+    shift: Optional[Tensor] = None
+    activation: str = "none"
+    add: bool = False
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown epilogue activation {self.activation!r}; choose one of "
+                             f"{ACTIVATIONS}")
+
+    def describe(self) -> str:
+        """A short text of the post-operations, e.g. ``"affine+relu+add"`` (``"-"``: none)."""
+        parts = (["affine"] if self.scale is not None or self.shift is not None else []) + \
+            ([self.activation] if self.activation != "none" else []) + (["add"] if self.add else [])
+        return "+".join(parts) or "-"
+
+
+def activate(y: Tensor, activation: str) -> Tensor:
+    """One of :data:`ACTIVATIONS`, as PyTorch computes it."""
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "relu6":
+        return y.clamp(0.0, 6.0)
+    if activation == "hardswish":
+        return F.hardswish(y)
+    if activation == "hardsigmoid":
+        return F.hardsigmoid(y)
+    if activation == "none":
+        return y
+    raise ValueError(f"unknown epilogue activation {activation!r}; choose one of {ACTIVATIONS}")
+
+
+def apply_epilogue(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], activation: str,
+                   add: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """The reference epilogue on ``y`` ``(B, C, P)`` in the compute dtype; rounds once to
+    ``out_dtype`` at the end."""
+    if scale is not None:
+        y = y * scale.to(y.dtype).view(1, -1, 1)
+    if shift is not None:
+        y = y + shift.to(y.dtype).view(1, -1, 1)
+    y = activate(y, activation)
+    if add is not None:
+        y = y + add.to(y.dtype)
+    return y.to(out_dtype).contiguous()
+
+
+def check_epilogue(x: Tensor, out_channels: int, scale: Optional[Tensor], shift: Optional[Tensor],
+                   activation: str, add: Optional[Tensor]) -> None:
+    """Clear errors for epilogue arguments that do not fit the layer."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown epilogue activation {activation!r}; choose one of {ACTIVATIONS}")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and tuple(t.shape) != (out_channels,):
+            raise ValueError(f"epilogue {name} must have shape ({out_channels},), one value per "
+                             f"output channel, got {tuple(t.shape)}")
+    want = (x.shape[0], out_channels, x.shape[2])
+    if add is not None and tuple(add.shape) != want:
+        raise ValueError(f"epilogue add must have the output's shape {want}, got "
+                         f"{tuple(add.shape)}")
+
+
+_FUSED: Dict[str, Fused] = {}
+
+
+def register_fused(backend: str, fused: Fused) -> None:
+    """Give backend ``backend`` (a name of :func:`butterfly.available_backends`) a fused form with
+    the arguments of ``butterfly::bft_fused``."""
+    _FUSED[backend] = fused
+
+
+@torch.library.triton_op("butterfly::bft_fused", mutates_args=())
+def _bft_fused_op(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
+                  residual: bool, scale: Optional[Tensor], shift: Optional[Tensor],
+                  activation: str, add: Optional[Tensor]) -> Tensor:
+    backend = backend_for(x.device, x, weight, radices)
+    fused = _FUSED.get(backend.name)
+    if fused is not None:
+        return fused(x, weight, radices, out_channels, residual, scale, shift, activation, add)
+    y = backend.forward(x, weight, radices, out_channels, residual)
+    return apply_epilogue(y.to(compute_dtype(x, weight)), scale, shift, activation, add, x.dtype)
+
+
+def _no_gradient(ctx, grad):
+    raise RuntimeError("butterfly::bft_fused is for inference and has no gradient: train the "
+                       "original model (optimize_for_inference leaves it untouched), or run the "
+                       "fused one under torch.no_grad() / torch.inference_mode()")
+
+
+_bft_fused_op.register_autograd(_no_gradient, setup_context=lambda ctx, inputs, output: None)
+
+
+def bft_fused(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool, epilogue: Epilogue,
+              add: Optional[Tensor] = None) -> Tensor:
+    """The BFT of ``plan`` on ``x`` ``(B, C_in, P)`` followed by ``epilogue``; ``add`` is its
+    second input when ``epilogue.add``. Returns ``(B, C_out, P)``."""
+    if epilogue.add != (add is not None):
+        raise ValueError("the epilogue adds a tensor: pass add=" if epilogue.add else
+                         "add= was given, but the epilogue has no add step")
+    x = x.contiguous()
+    add = None if add is None else add.contiguous()
+    check_epilogue(x, plan.out_channels, epilogue.scale, epilogue.shift, epilogue.activation, add)
+    weight = weight.reshape(plan.num_blocks, plan.weights_per_block)
+    return torch.ops.butterfly.bft_fused(x, weight, list(plan.radices), plan.out_channels,
+                                         residual, epilogue.scale, epilogue.shift,
+                                         epilogue.activation, add)
