@@ -151,7 +151,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch intra-op threads per rank (default: OMP_NUM_THREADS if set, else "
                         "the available cores minus --workers, at least 1)")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=256, help="images per evaluation batch")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=256,
+                   help="images per evaluation batch")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -170,7 +171,8 @@ def _add_optimization_args(p: argparse.ArgumentParser) -> None:
                    help="absolute learning rate (default: --lr-base x global batch / --lr-base-size)")
     g.add_argument("--lr-base", type=_non_negative_float,
                    help=by_recipe("lr_base", "lr for a global batch of --lr-base-size"))
-    g.add_argument("--lr-base-size", type=_positive_int, help=by_recipe("lr_base_size", "the global batch --lr-base is for"))
+    g.add_argument("--lr-base-size", type=_positive_int,
+                   help=by_recipe("lr_base_size", "the global batch --lr-base is for"))
     g.add_argument("--opt", help=by_recipe("opt", "timm optimizer name (sgd, adamw, rmsprop, ...)"))
     g.add_argument("--momentum", type=_non_negative_float, help=by_recipe("momentum", "SGD momentum"))
     g.add_argument("--weight-decay", type=_non_negative_float,
@@ -189,7 +191,8 @@ def _add_optimization_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-prefix", action=argparse.BooleanOptionalAction, default=False,
                    help=by_recipe("warmup_prefix", "warm-up comes before the --epochs of the "
                                   "schedule", False))
-    g.add_argument("--min-lr", type=_non_negative_float, help=by_recipe("min_lr", "lr at the end of the schedule"))
+    g.add_argument("--min-lr", type=_non_negative_float,
+                   help=by_recipe("min_lr", "lr at the end of the schedule"))
     g.add_argument("--clip-grad", type=_non_negative_float, default=None, help="max gradient norm")
 
 
@@ -200,7 +203,8 @@ def _add_augmentation_args(p: argparse.ArgumentParser) -> None:
         "timm's ImageNet augmentation (random resized crop --scale 0.08 1, --ratio 0.75 1.33, "
         "--hflip 0.5, --color-jitter 0.4); at 64 pixels or less: a random crop of the image padded "
         "by size/8 pixels, no flip, no color jitter (--scale or --ratio: timm's resized crop).")
-    g.add_argument("--smoothing", type=_non_negative_float, help=by_recipe("smoothing", "label smoothing"))
+    g.add_argument("--smoothing", type=_non_negative_float,
+                   help=by_recipe("smoothing", "label smoothing"))
     g.add_argument("--mixup", type=_non_negative_float, default=0.0, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=_non_negative_float, default=0.0, help="cutmix alpha (0: off)")
     g.add_argument("--drop", type=_non_negative_float, default=None,
@@ -222,7 +226,8 @@ def _add_augmentation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-aug", action="store_true", help="no training augmentation")
     g.add_argument("--model-ema", action="store_true",
                    help="keep an EMA of the weights (timm ModelEmaV3)")
-    g.add_argument("--model-ema-decay", type=_non_negative_float, default=0.9998, help="EMA decay per step")
+    g.add_argument("--model-ema-decay", type=_non_negative_float, default=0.9998,
+                   help="EMA decay per step")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -237,7 +242,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "test_top1, test_loss")
 
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and augmentation")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, data order and augmentation")
     g.add_argument("--output", default=None,
                    help="output folder (default: runs/<model>-<dataset>-<time>, or the --resume one)")
     g.add_argument("--overwrite", action="store_true",

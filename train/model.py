@@ -5,7 +5,6 @@ import logging
 from typing import Optional, Sequence
 
 import timm
-import torch
 from torch import nn
 
 import butterfly  # noqa: F401  (registers the project's models with timm)
