@@ -135,16 +135,19 @@ def _has_image(folder: str, limit: int = 64) -> bool:
         return False
 
 
-def looks_like_imagefolder(folder: str, limit: int = 64) -> bool:
-    """Whether ``folder`` holds class folders of images, or split folders of those."""
+def _subfolders(folder: str, limit: int = 64) -> List[str]:
+    """The folders among the first ``limit`` entries of ``folder``."""
     try:
         with os.scandir(folder) as entries:
-            subs = [e.path for e in itertools.islice(entries, limit) if e.is_dir()]
+            return [e.path for e in itertools.islice(entries, limit) if e.is_dir()]
     except OSError:
-        return False
-    return any(_has_image(s) or any(_has_image(os.path.join(s, c.name)) for c in
-                                    itertools.islice(os.scandir(s), limit) if c.is_dir())
-               for s in subs)
+        return []
+
+
+def looks_like_imagefolder(folder: str) -> bool:
+    """Whether ``folder`` holds class folders of images, or split folders of those."""
+    return any(_has_image(sub) or any(_has_image(c) for c in _subfolders(sub))
+               for sub in _subfolders(folder))
 
 
 def read_image(path: str):
@@ -165,7 +168,8 @@ def image_folder(root: str, transform) -> Dataset:
     try:
         return ImageFolder(root, transform, loader=read_image)
     except FileNotFoundError as err:
-        empty = [c for c in imagefolder_classes(root) if not _has_image(os.path.join(root, c), 10 ** 9)]
+        empty = [c for c in imagefolder_classes(root)
+                 if not _has_image(os.path.join(root, c), limit=10 ** 9)]
         raise DataError(f"{root}: the class folder(s) {', '.join(empty) or '?'} hold no images "
                         f"({' '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)") from err
 

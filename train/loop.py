@@ -4,8 +4,8 @@ non-finite loss and never overwrites a good checkpoint."""
 from __future__ import annotations
 
 import logging
-import os
 import math
+import os
 import random
 import shutil
 import signal
