@@ -23,19 +23,11 @@ from train.distributed import setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = find_fashion_mnist(None)
-pytestmark = pytest.mark.skipif(
-    DATA is None, reason="Fashion-MNIST not found: apt-get install dataset-fashion-mnist")
+pytestmark = [pytest.mark.skipif(DATA is None, reason="Fashion-MNIST not found: apt-get install "
+                                                      "dataset-fashion-mnist"),
+              pytest.mark.usefixtures("one_thread")]
 TINY = ["--model", "mobilenetv1_025", "--device", "cpu", "--workers", "0", "--threads", "1",
         "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny batches gain nothing from more, and shared CI machines lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cli(args, timeout=240, **kwargs):

@@ -9,14 +9,15 @@ import sys
 import pytest
 import torch
 
-from test_train import DATA, TINY, _cli, _one_thread, make_imagefolder  # noqa: F401
+from test_train import DATA, TINY, _cli, make_imagefolder
 from train import args as train_args
 from train.args import build_parser, parse_args
 from train.distributed import setup
 from train.loop import Trainer
 from train.rundir import OutputError
 
-pytestmark = pytest.mark.skipif(DATA is None, reason="Fashion-MNIST not found")
+pytestmark = [pytest.mark.skipif(DATA is None, reason="Fashion-MNIST not found"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _error(argv, capsys) -> str:

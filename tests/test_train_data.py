@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_train import DATA, TINY, _one_thread, _train, make_imagefolder  # noqa: F401
+from test_train import DATA, TINY, _train, make_imagefolder
 from train import data, error_message
 from train.args import parse_args
 from train.distributed import setup
 from train.loop import Trainer
 
-pytestmark = pytest.mark.skipif(DATA is None, reason="Fashion-MNIST not found")
+pytestmark = [pytest.mark.skipif(DATA is None, reason="Fashion-MNIST not found"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _folder_args(root, *extra):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from test_train import DATA, TINY, _cli, _one_thread, _small_checkpoint, _train  # noqa: F401
+from test_train import DATA, TINY, _cli, _small_checkpoint, _train
 from train import evaluate
 from train.args import parse_args
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -24,7 +24,8 @@ from train.loop import Trainer, TrainingError, run
 from train.model import create_model
 from train.rundir import remove_stale_temps
 
-pytestmark = pytest.mark.skipif(DATA is None, reason="Fashion-MNIST not found")
+pytestmark = [pytest.mark.skipif(DATA is None, reason="Fashion-MNIST not found"),
+              pytest.mark.usefixtures("one_thread")]
 SHORT = ["--train-subset", "64", "--val-subset", "40", "--batch-size", "32", "--epochs", "1"]
 
 
