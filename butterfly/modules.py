@@ -1,10 +1,17 @@
 """``BFT`` and ``BFTLinear``: drop-in replacements for a 1x1 ``nn.Conv2d`` and for ``nn.Linear``,
-their exact dense equivalents, and their fit to a dense layer."""
+their exact dense equivalents, and their fit to a dense layer.
+
+The layers' forward passes are the module-level functions :func:`bft_conv2d` and
+:func:`bft_linear`, registered with ``torch.fx.wrap``: ``torch.fx.symbolic_trace`` (and the FX
+feature extractors of torchvision and timm built on it) records each BFT as one call node instead
+of tracing into its input checks, which branch on the input's shape and memory format.
+"""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from .factorization import fit_weights, input_covariance
@@ -13,13 +20,45 @@ from .ops import bft, check_input
 from .plan import BFTPlan, make_plan
 
 
+def bft_refusal(in_channels: int, out_channels: int) -> str:
+    """Why no BFT replaces a layer ``in_channels -> out_channels`` (``""`` when one does).
+
+    With one input or one output channel every block of the tiling (see :mod:`butterfly.plan`) is
+    a 1x1 butterfly: no stages, hence no weights, and the layer would only repeat or sum its
+    input. Its dense form has ``in * out`` weights, no more than a butterfly of the other side
+    would, so the dense layer is the right one to keep."""
+    if min(in_channels, out_channels) == 1:
+        return (f"a BFT needs at least 2 input and 2 output channels, got {in_channels} -> "
+                f"{out_channels}: with one channel on a side every block is a 1x1 butterfly "
+                f"without weights, which only repeats or sums the input; keep the dense layer "
+                f"(nn.Conv2d / nn.Linear, {in_channels * out_channels} weights) there")
+    return ""
+
+
+def pointwise_refusal(module: nn.Module) -> str:
+    """Why ``module``, a 1x1 ``nn.Conv2d`` or an ``nn.Linear``, gets no BFT (``""`` when it can)."""
+    if isinstance(module, nn.Linear):
+        return bft_refusal(module.in_features, module.out_features)
+    return bft_refusal(module.in_channels, module.out_channels)
+
+
+LAYOUT_FORMAT = 1  # first element of the extra state: how the rest is laid out
+
+
 class _BFTBase(nn.Module):
-    """Holds the weights of a BFT and applies it to ``(B, C, P)`` tensors."""
+    """Holds the weights of a BFT and applies it to ``(B, C, P)`` tensors.
+
+    Besides its tensors the ``state_dict`` holds the layout that gives the weights their meaning
+    (``_extra_state``: channels, radices, residual; see :meth:`get_extra_state`), so that loading
+    a checkpoint into a layer of another layout fails instead of computing another function."""
 
     def __init__(self, in_channels: int, out_channels: int, base: int = 4, residual: bool = True,
                  bias: bool = False, init: str = "paper", device=None, dtype=None):
         super().__init__()
         self.plan: BFTPlan = make_plan(in_channels, out_channels, base)
+        refusal = bft_refusal(in_channels, out_channels)
+        if refusal:
+            raise ValueError(f"{type(self).__name__}({in_channels}, {out_channels}): {refusal}")
         self.base = base
         self.residual = bool(residual)
         self.init = init
@@ -60,6 +99,57 @@ class _BFTBase(nn.Module):
             if w.grad is not None:
                 w.grad = w.grad.view(shape)
 
+    # -- layout in the state_dict ------------------------------------------------------------
+
+    def layout(self) -> Tuple[int, ...]:
+        """``(in_channels, out_channels, residual, *radices)``: what, besides the weights, defines
+        the function the layer computes (the base only chooses the radices)."""
+        p = self.plan
+        return (p.in_channels, p.out_channels, int(self.residual), *p.radices)
+
+    @staticmethod
+    def describe_layout(layout: Sequence[int]) -> str:
+        cin, cout, residual, *radices = (int(v) for v in layout)
+        return f"{cin} -> {cout}, radices={tuple(radices)}, residual={bool(residual)}"
+
+    def get_extra_state(self) -> Tensor:
+        """The layout as an int64 tensor ``[format, in, out, residual, *radices]``: a tensor, so
+        that code treating a ``state_dict`` as tensors (EMA, checksums, shape checks) takes it."""
+        return torch.tensor((LAYOUT_FORMAT, *self.layout()), dtype=torch.int64)
+
+    def _layout_mismatch(self, state) -> str:
+        """Why ``state`` (a saved extra state) does not describe this layer (``""`` if it does)."""
+        values: List[int] = (state.tolist() if isinstance(state, Tensor)
+                             else list(state) if isinstance(state, (list, tuple)) else [])
+        if len(values) < 4 or values[0] != LAYOUT_FORMAT:
+            return (f"the saved layout {state!r} is not one this version of butterfly reads "
+                    f"(expected [{LAYOUT_FORMAT}, in, out, residual, *radices])")
+        saved = tuple(int(v) for v in values[1:])
+        if saved != self.layout():
+            return (f"the checkpoint's {type(self).__name__} is {self.describe_layout(saved)}, but "
+                    f"this layer is {self.describe_layout(self.layout())}: the weights would compute "
+                    f"another function; build the layer with the checkpoint's base and residual")
+        return ""
+
+    def set_extra_state(self, state) -> None:
+        problem = self._layout_mismatch(state)
+        if problem:
+            raise ValueError(problem)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            problem = self._layout_mismatch(state_dict[key])
+            if problem:  # reported like a shape mismatch; this layer's tensors are left as they are
+                error_msgs.append(f"layout mismatch for {key}: {problem}")
+                return
+        first_missing = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if key not in state_dict and key in missing_keys[first_missing:]:
+            missing_keys.remove(key)  # a checkpoint written before the layout was stored
+
     @property
     def radices(self) -> tuple:
         return self.plan.radices
@@ -68,12 +158,6 @@ class _BFTBase(nn.Module):
     def macs_per_pixel(self) -> int:
         """Multiply-adds this layer executes per pixel (or per row for ``BFTLinear``)."""
         return self.plan.macs_per_pixel
-
-    def _apply_bft(self, x: Tensor) -> Tensor:
-        y = bft(x, self.weight, self.plan, self.residual)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype).view(1, -1, 1)
-        return y
 
     @classmethod
     def from_dense(cls, weight: Union[Tensor, nn.Module], bias: Optional[Tensor] = None, *,
@@ -144,16 +228,7 @@ class BFT(_BFTBase):
         self.in_channels, self.out_channels = in_channels, out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"BFT expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}; "
-                             "use BFTLinear for (..., features) input")
-        check_input(x, self.weight, self.in_channels, x.shape[1], "BFT")
-        N, C, H, W = x.shape
-        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-            y = self._apply_bft(x.reshape(N, C, H * W))
-            return y.view(N, self.out_channels, H, W)
-        y = self._apply_bft(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1))
-        return y.view(N, H, W, self.out_channels).permute(0, 3, 1, 2)
+        return bft_conv2d(x, self.weight, self.bias, self.plan, self.residual)
 
     def to_conv2d(self) -> nn.Conv2d:
         """The exactly equivalent ``nn.Conv2d(in, out, 1)`` (residual and bias folded in)."""
@@ -169,28 +244,70 @@ class BFTLinear(_BFTBase):
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 1:
-            raise ValueError("BFTLinear expects an input with a feature dimension, got a scalar")
-        check_input(x, self.weight, self.in_features, x.shape[-1], "BFTLinear")
-        lead = x.shape[:-1]
-        y = self._apply_bft(x.reshape(-1, self.in_features, 1))
-        return y.view(*lead, self.out_features)
+        return bft_linear(x, self.weight, self.bias, self.plan, self.residual)
 
     def to_linear(self) -> nn.Linear:
         """The exactly equivalent ``nn.Linear(in, out)`` (residual and bias folded in)."""
         return dense_equivalent(self)
 
 
+def _apply_bft(x: Tensor, weight: Tensor, bias: Optional[Tensor], plan: BFTPlan,
+               residual: bool) -> Tensor:
+    """``(B, C_in, P) -> (B, C_out, P)``, bias added."""
+    y = bft(x, weight, plan, residual)
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(1, -1, 1)
+    return y
+
+
+def bft_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], plan: BFTPlan,
+               residual: bool) -> Tensor:
+    """What ``BFT.forward`` computes: ``(N, C_in, H, W) -> (N, C_out, H, W)`` in the input's
+    memory format. One node under ``torch.fx`` tracing (``torch.fx.wrap``)."""
+    if x.dim() != 4:
+        raise ValueError(f"BFT expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}; "
+                         "use BFTLinear for (..., features) input")
+    check_input(x, weight, plan.in_channels, x.shape[1], "BFT")
+    N, C, H, W = x.shape
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        y = _apply_bft(x.reshape(N, C, H * W), weight, bias, plan, residual)
+        return y.view(N, plan.out_channels, H, W)
+    y = _apply_bft(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1), weight, bias, plan, residual)
+    return y.view(N, H, W, plan.out_channels).permute(0, 3, 1, 2)
+
+
+def bft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], plan: BFTPlan,
+               residual: bool) -> Tensor:
+    """What ``BFTLinear.forward`` computes: ``(..., in) -> (..., out)``. One node under
+    ``torch.fx`` tracing (``torch.fx.wrap``)."""
+    if x.dim() < 1:
+        raise ValueError("BFTLinear expects an input with a feature dimension, got a scalar")
+    check_input(x, weight, plan.in_channels, x.shape[-1], "BFTLinear")
+    lead = x.shape[:-1]
+    y = _apply_bft(x.reshape(-1, plan.in_channels, 1), weight, bias, plan, residual)
+    return y.view(*lead, plan.out_channels)
+
+
+torch.fx.wrap("bft_conv2d")
+torch.fx.wrap("bft_linear")
+
+
 def is_bft(module: nn.Module) -> bool:
     return isinstance(module, _BFTBase)
 
 
-def is_pointwise_conv(module: nn.Module) -> bool:
-    """A 1x1 ``nn.Conv2d`` that a BFT replaces exactly: stride 1, no padding, no groups/dilation."""
+def is_1x1_conv(module: nn.Module) -> bool:
+    """A 1x1 ``nn.Conv2d`` with stride 1, no padding, no groups/dilation: a per-pixel matrix."""
     return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
             and tuple(module.stride) == (1, 1) and module.groups == 1
             and tuple(module.dilation) == (1, 1)
             and (module.padding in ("valid", (0, 0)) or tuple(module.padding) == (0, 0)))
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """A 1x1 ``nn.Conv2d`` that a BFT replaces exactly: :func:`is_1x1_conv`, with at least two
+    input and two output channels (see :func:`bft_refusal`)."""
+    return is_1x1_conv(module) and not pointwise_refusal(module)
 
 
 def dense_weight(weight: Union[Tensor, nn.Module],
@@ -198,7 +315,7 @@ def dense_weight(weight: Union[Tensor, nn.Module],
     """``(weight (out, in), bias)`` of a pointwise ``nn.Conv2d``, an ``nn.Linear``, or of an
     ``(out, in)`` / ``(out, in, 1, 1)`` weight tensor, detached."""
     if isinstance(weight, nn.Module):
-        if not (is_pointwise_conv(weight) or isinstance(weight, nn.Linear)):
+        if not (is_1x1_conv(weight) or isinstance(weight, nn.Linear)):
             raise TypeError(f"expected a weight tensor, a pointwise nn.Conv2d (1x1, stride 1, "
                             f"no padding/groups/dilation) or an nn.Linear, got {weight}")
         weight, bias = weight.weight, weight.bias if bias is None else bias

@@ -7,12 +7,13 @@ optimisation built on these helpers) is a pass over ``named_modules`` that swaps
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .modules import BFT, BFTLinear, is_bft, is_pointwise_conv
+from .modules import BFT, BFTLinear, is_1x1_conv, is_bft, is_pointwise_conv, pointwise_refusal
 
 __all__ = ["LayerReport", "bft_layers", "capture_inputs", "eval_mode", "is_pointwise_conv", "pointwise_layers",
            "replace_pointwise", "swap_module"]
@@ -58,11 +59,12 @@ def bft_layers(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def capture_inputs(model: nn.Module, layers: Dict[str, nn.Module], batches: Iterable[tuple],
-                   on_input: Callable[[str, nn.Module, Tensor], None]) -> None:
+                   on_input: Callable[..., None]) -> None:
     """Run ``model(*args)`` in eval mode without gradients for each ``args`` tuple of ``batches``,
-    and call ``on_input(name, layer, x)`` with the input each named layer receives."""
+    and call ``on_input(name, layer, *inputs)`` with the inputs each named layer receives."""
     handles = [layer.register_forward_pre_hook(
-        lambda module, args, name=name: on_input(name, module, args[0].detach()))
+        lambda module, args, name=name: on_input(
+            name, module, *(a.detach() if isinstance(a, Tensor) else a for a in args)))
         for name, layer in layers.items()]
     try:
         with eval_mode(model), torch.no_grad():
@@ -94,14 +96,38 @@ class LayerReport(list):
         return "\n".join(rows)
 
 
+def _channels(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return f"{module.in_features} -> {module.out_features}"
+    return f"{module.in_channels} -> {module.out_channels}"
+
+
+class ReplacedNames(list):
+    """The names of the layers :func:`replace_pointwise` replaced (a plain ``list``), and in
+    ``skipped`` the layers it kept, by name, with the reason (see
+    :func:`butterfly.modules.bft_refusal`)."""
+
+    def __init__(self, names=(), skipped: Optional[Dict[str, str]] = None):
+        super().__init__(names)
+        self.skipped: Dict[str, str] = dict(skipped or {})
+
+
 def replace_pointwise(model: nn.Module, filter_fn: Optional[LayerFilter] = None,
                       linear: bool = False, **bft_kwargs) -> Tuple[nn.Module, List[str]]:
     """Swap every pointwise ``nn.Conv2d`` (and, with ``linear=True``, every ``nn.Linear``) for a BFT
     with the same channels, bias, device and dtype. ``filter_fn(name, module)`` may veto a layer.
 
-    Returns ``(model, names)``: the model, changed in place, and the names of the replaced layers."""
+    Returns ``(model, names)``: the model, changed in place, and the names of the replaced layers.
+    A 1x1 layer that no BFT can replace (one input or output channel) is kept, with a warning;
+    ``names.skipped`` maps each such layer's name to the reason."""
     layers = pointwise_layers(model, linear, filter_fn)
+    skipped = {name: pointwise_refusal(m) for name, m in model.named_modules()
+               if (is_1x1_conv(m) or (linear and isinstance(m, nn.Linear)))
+               and (filter_fn is None or filter_fn(name, m)) and pointwise_refusal(m)}
+    names = []
     for name, module in layers.items():
+        if name in skipped:
+            continue
         factory = {"bias": module.bias is not None, "device": module.weight.device,
                    "dtype": module.weight.dtype}
         if isinstance(module, nn.Linear):
@@ -109,4 +135,11 @@ def replace_pointwise(model: nn.Module, filter_fn: Optional[LayerFilter] = None,
         else:
             new = BFT(module.in_channels, module.out_channels, **factory, **bft_kwargs)
         model = swap_module(model, name, new)
-    return model, list(layers)
+        names.append(name)
+    if skipped:
+        shapes = ", ".join(f"{name or '<model>'} ({_channels(model.get_submodule(name))})"
+                           for name in skipped)
+        warnings.warn(f"replace_pointwise kept {len(skipped)} dense layer(s), {shapes}: a BFT "
+                      "needs at least 2 input and 2 output channels (names.skipped has the "
+                      "reasons)", UserWarning, stacklevel=2)
+    return model, ReplacedNames(names, skipped)

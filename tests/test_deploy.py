@@ -8,7 +8,8 @@ from oracle import SHAPE_CLASSES
 from butterfly.inference import time_call
 from butterfly.modules import dense_equivalent
 
-SHAPES = SHAPE_CLASSES
+# a BFT refuses one input or output channel (see test_layer.py), so that class has no dense form
+SHAPES = {name: shape for name, shape in SHAPE_CLASSES.items() if min(shape[:2]) > 1}
 F64 = {"dtype": torch.float64}
 
 
@@ -85,7 +86,8 @@ def test_optimize_for_inference_keeps_outputs_and_reports_times(capsys):
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         want = net.eval()(x)
-    out, report = butterfly.optimize_for_inference(net, x, inplace=False, min_run_time=0.002)
+    out, report = butterfly.optimize_for_inference(net, x, fuse=False, inplace=False,
+                                                   min_run_time=0.002)
     assert not out.training
     assert sum(butterfly.is_bft(m) for m in net.modules()) == 5  # inplace=False
     assert [c.name for c in report] == ["body.1", "body.3.0", "body.3.2", "body.6"]
@@ -111,7 +113,7 @@ def test_optimize_for_inference_picks_the_faster(monkeypatch):
             return 1.0 if butterfly.is_bft(fn) != dense_faster else 2.0
         monkeypatch.setattr(deploy, "time_call", fake_time)
         net = nn.Sequential(butterfly.BFT(16, 16))
-        out, report = butterfly.optimize_for_inference(net, x)
+        out, report = butterfly.optimize_for_inference(net, x, fuse=False)
         assert isinstance(out[0], nn.Conv2d) == dense_faster
         assert report[0].chosen == ("dense" if dense_faster else "bft")
 

@@ -13,7 +13,7 @@ from oracle import hadamard, paper_butterfly, paper_layer_matrix, split_stages
 
 # (in, out, base): square powers, mixed radix, padded, expand, contract, tiny and odd shapes
 SHAPES = [(16, 16, 2), (64, 64, 4), (27, 27, 3), (64, 64, 8), (24, 24, 4), (116, 116, 4),
-          (12, 40, 4), (3, 10, 4), (40, 12, 4), (100, 24, 2), (7, 5, 3), (5, 5, 4), (1, 4, 4)]
+          (12, 40, 4), (3, 10, 4), (40, 12, 4), (100, 24, 2), (7, 5, 3), (5, 5, 4), (2, 9, 4)]
 
 
 def _layer(cin, cout, base, residual=True, bias=False):
@@ -213,6 +213,8 @@ def test_repr_and_attributes():
     (lambda: BFT(16, 16)(torch.ones(1, 16, 2, 2, dtype=torch.int64)), "floating-point", TypeError),
     (lambda: BFT(16, 16, base=1), "base must be an integer >= 2", ValueError),
     (lambda: BFT(0, 16), "at least one input and one output channel", ValueError),
+    (lambda: BFT(1, 4096), r"BFT\(1, 4096\): a BFT needs at least 2 input .* keep the dense", ValueError),
+    (lambda: BFTLinear(16, 1), "needs at least 2 input and 2 output channels", ValueError),
     (lambda: BFT(16, 16.0), "must be an int", TypeError),
     (lambda: BFT(16, 16, init="xavier"), "unknown BFT init", ValueError),
     (lambda: BFT(16, 16)(torch.randn(1, 16, 2, 2, device="meta")), "move one of them", ValueError),
@@ -237,7 +239,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)
-@given(cin=st.integers(1, 70), cout=st.integers(1, 70), base=st.integers(2, 9),
+@given(cin=st.integers(2, 70), cout=st.integers(2, 70), base=st.integers(2, 9),
        residual=st.booleans())
 def test_any_shape_matches_paper_tiling(cin, cout, base, residual):
     """Property: for any channel counts and base, the layer is the paper's tiled butterfly."""
@@ -258,3 +260,104 @@ def test_module_memory_format_conversion_keeps_weight_layout():
     assert model[1].weight.dtype == torch.float64
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     assert model(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_one_channel_layers_are_refused_not_weightless():
+    """With one channel on a side every block would be a 1x1 butterfly without weights (the layer
+    would compute 2 * x repeated, or 2 * sum(x)): refused, pointing at the dense layer."""
+    for cin, cout in [(1, 4096), (16, 1), (1, 1)]:
+        for cls in (BFT, BFTLinear):
+            with pytest.raises(ValueError, match=r"keep the dense layer \(nn.Conv2d / nn.Linear"):
+                cls(cin, cout)
+    with pytest.raises(ValueError, match="at least 2 input"):
+        BFT.from_dense(nn.Conv2d(16, 1, 1))
+    assert BFT(2, 4096).weight.numel() > 0 and BFT(16, 2).weight.numel() > 0
+
+
+# -- the layout in the state_dict -------------------------------------------------------------
+
+def test_state_dict_records_the_layout_and_refuses_another():
+    """Mixed-radix weights are flat: BFT(24, 24, base=4) and base=2 both have 216 weights, but
+    radices (4, 3, 2) and (2, 2, 2, 3) compute different functions; so does residual."""
+    a, b, c = BFT(24, 24, base=4), BFT(24, 24, base=2), BFT(24, 24, base=4, residual=False)
+    assert a.weight.shape == b.weight.shape == c.weight.shape == (216,)
+    state = a.state_dict()
+    assert state["_extra_state"].tolist() == [1, 24, 24, 1, 4, 3, 2]
+    for other, what in ((b, r"radices=\(4, 3, 2\), residual=True, but this layer is 24 -> 24, "
+                            r"radices=\(2, 2, 2, 3\)"), (c, "residual=True, but .* residual=False")):
+        before = other.weight.detach().clone()
+        with pytest.raises(RuntimeError, match="layout mismatch for _extra_state: .*" + what):
+            other.load_state_dict(state)
+        with pytest.raises(RuntimeError, match="layout mismatch"):
+            other.load_state_dict(state, strict=False)
+        assert torch.equal(other.weight, before)  # nothing was loaded
+    same = BFT(24, 24, base=4)
+    same.load_state_dict(state)
+    assert torch.equal(same.weight, a.weight)
+    lin = BFTLinear(24, 40, base=4)
+    with pytest.raises(RuntimeError, match="BFTLinear is 24 -> 40"):
+        BFTLinear(24, 40, base=2).load_state_dict(lin.state_dict())
+
+
+def test_checkpoints_without_the_layout_still_load():
+    """A state_dict written before the layout was stored (no ``_extra_state``) loads, strictly."""
+    net = nn.Sequential(BFT(24, 24, base=4), nn.BatchNorm2d(24), BFTLinear(24, 10, bias=True))
+    old = {k: v for k, v in net.state_dict().items() if not k.endswith("_extra_state")}
+    assert len(old) < len(net.state_dict())
+    fresh = nn.Sequential(BFT(24, 24, base=4), nn.BatchNorm2d(24), BFTLinear(24, 10, bias=True))
+    result = fresh.load_state_dict(old)
+    assert not result.missing_keys and not result.unexpected_keys
+    for k, v in old.items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_layout_survives_copies_saves_and_ema(tmp_path):
+    import copy
+
+    from timm.utils import ModelEmaV3
+
+    net = nn.Sequential(BFT(24, 24, base=4), nn.ReLU(), BFT(24, 40, base=2))
+    x = torch.randn(2, 24, 3, 3)
+    twin = copy.deepcopy(net)
+    torch.testing.assert_close(twin(x), net(x))
+    torch.save(net, tmp_path / "net.pt")
+    loaded = torch.load(tmp_path / "net.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), net(x))
+    torch.save(net.state_dict(), tmp_path / "sd.pt")  # a plain state_dict: tensors only
+    state = torch.load(tmp_path / "sd.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    twin.load_state_dict(state)
+    ema = ModelEmaV3(net, decay=0.9)  # treats every state_dict entry as a tensor
+    ema.update(net, step=1)
+    assert ema.module[2].state_dict()["_extra_state"].tolist() == net[2].get_extra_state().tolist()
+    with pytest.raises(RuntimeError, match="layout mismatch"):
+        nn.Sequential(BFT(24, 24, base=2), nn.ReLU(), BFT(24, 40, base=2)).load_state_dict(state)
+
+
+# -- torch.fx ---------------------------------------------------------------------------------
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bft = BFT(16, 24, bias=True)
+        self.head = BFTLinear(24, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bft(self.conv(x)))
+        return self.head(y.mean((2, 3)))
+
+
+def test_fx_symbolic_trace_has_one_node_per_bft_and_matches_eager():
+    net = _Net().eval()
+    graph = torch.fx.symbolic_trace(net)
+    calls = [n.target.__name__ for n in graph.graph.nodes if n.op == "call_function"
+             and getattr(n.target, "__name__", "").startswith("bft_")]
+    assert calls == ["bft_conv2d", "bft_linear"]
+    for shape in [(2, 3, 8, 8), (1, 3, 5, 7)]:  # nothing about the input's shape is baked in
+        x = torch.randn(shape)
+        torch.testing.assert_close(graph(x), net(x), rtol=0, atol=0)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(graph(xcl), net(xcl), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expects 16 input channels, got 8"):  # checks still run
+        torch.fx.symbolic_trace(nn.Sequential(BFT(16, 16)))(torch.randn(1, 8, 2, 2))

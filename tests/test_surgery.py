@@ -73,3 +73,31 @@ def test_param_groups_keep_bft_norm_and_bias_out_of_decay():
     ids = {id(p) for p in no_decay["params"]}
     assert id(model[2].weight) in ids and id(model[2].bias) in ids and id(model[1].weight) in ids
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_layers_with_one_channel_are_kept_and_reported():
+    """A BFT needs two channels on each side: 1x1 layers with one are kept dense, with a warning,
+    and ``names.skipped`` says why; ``names`` is still the list of replaced layers."""
+    model = nn.Sequential(nn.Conv2d(16, 16, 1), nn.Conv2d(16, 1, 1), nn.Conv2d(1, 8, 1),
+                          nn.Flatten(), nn.Linear(128, 1), nn.Linear(1, 4))
+    with pytest.warns(UserWarning, match=r"kept 4 dense layer\(s\), 1 \(16 -> 1\), 2 \(1 -> 8\), "
+                                         r"4 \(128 -> 1\), 5 \(1 -> 4\)"):
+        model, names = replace_pointwise(model, linear=True)
+    assert names == ["0"] and isinstance(names, list)
+    assert set(names.skipped) == {"1", "2", "4", "5"}
+    assert all("keep the dense layer" in why for why in names.skipped.values())
+    assert [type(m).__name__ for m in model] == ["BFT", "Conv2d", "Conv2d", "Flatten", "Linear",
+                                                 "Linear"]
+    assert model(torch.randn(2, 16, 4, 4)).shape == (2, 4)
+    # a vetoed layer is neither replaced nor reported
+    _, names = replace_pointwise(nn.Sequential(nn.Conv2d(8, 1, 1)), filter_fn=lambda n, m: False)
+    assert names == [] and names.skipped == {}
+
+
+def test_convert_keeps_one_channel_convs():
+    from butterfly import convert
+
+    model = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 1, 1))
+    model, report = convert(model, torch.randn(4, 16, 3, 3), steps=5)
+    assert [f.name for f in report] == ["0"]
+    assert isinstance(model[0], BFT) and isinstance(model[2], nn.Conv2d)
