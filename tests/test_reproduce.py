@@ -1,0 +1,156 @@
+"""``python -m benchmarks.reproduce``: end to end on a tiny budget, the computed MAC matching, and a
+killed-and-restarted reproduction giving the numbers of an uninterrupted one.
+
+The runs use a tiny synthetic Fashion-MNIST (IDX files written here: 192 training images, 32 of
+them held out for validation, 64 test images), one epoch, one seed, one learning rate.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import reproduce
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    """Images whose brightness depends on the label, so that one epoch learns something."""
+    folder = str(tmp_path_factory.mktemp("fashion"))
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 192), ("t10k", 64)):
+        labels = rng.integers(0, 10, n)
+        images = (rng.random((n, 28, 28)) * 60 + labels[:, None, None] * 19).clip(0, 255)
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), images)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    return folder
+
+
+def tiny_argv(data: str, runs: str, results: str, *extra: str) -> list:
+    return ["--families", "mobilenetv1", "--epochs", "1", "--seeds", "0", "--lrs", "0.1",
+            "--val-holdout", "32", "--batch-size", "32", "--checkpoint-every", "2",
+            "--data-dir", data, "--runs", runs, "--results", results, "--speed-seconds", "0",
+            "--latency-repeats", "2", "--no-plots", *extra]
+
+
+def numbers(doc: dict) -> list:
+    """What a reproduction measured, without its timings."""
+    keep = ("model", "seeds", "top1", "test_loss", "val_top1", "val_curves", "train_loss_curves",
+            "lr", "lr_sweep", "macs", "params")
+    return [{k: r[k] for k in keep} for r in doc["runs"]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("plain")
+    results = str(root / "results")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert reproduce.main(tiny_argv(tiny_data, str(root / "runs"), results)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(os.path.join(results, "reproduction_fashion_mnist.json")) as f:
+        return results, json.load(f)
+
+
+def test_end_to_end_writes_md_and_json(uninterrupted, tmp_path):
+    results, doc = uninterrupted
+    assert doc["format"] == reproduce.FORMAT
+    assert [r["model"] for r in doc["runs"]] == ["mobilenetv1_025", "mobilenetv1_bft_100"]
+    for r in doc["runs"]:
+        assert {"family", "model", "kind", "macs", "params", "epochs", "train_images", "seeds",
+                "top1", "lr"} <= set(r)
+        assert r["family"] == "mobilenetv1" and r["kind"] in ("baseline", "bft")
+        assert r["epochs"] == 1 and r["train_images"] == 160 and r["seeds"] == [0]
+        assert len(r["top1"]) == 1 and 0 <= r["top1"][0] <= 100 and r["lr"] == 0.1
+        assert r["lr_sweep"] == [{"lr": 0.1, "seed": 0, "val_top1": r["val_top1"][0]}]
+        assert r["latency_ms"] > 0 and r["complete"]
+        assert len(r["val_curves"]["0"]) == 1
+    macs = {r["model"]: r["macs"] for r in doc["runs"]}
+    pair = doc["pairs"][0]
+    assert macs == {"mobilenetv1_025": pair["baseline_macs"], "mobilenetv1_bft_100": pair["bft_macs"]}
+    cmp = doc["comparisons"][0]
+    assert cmp["n"] == 1 and cmp["diff"] == [doc["runs"][1]["top1"][0] - doc["runs"][0]["top1"][0]]
+    text = open(os.path.join(results, "reproduction_fashion_mnist.md")).read()
+    assert "Status: complete" in text and "python -m benchmarks.reproduce" in text
+    assert "mobilenetv1_bft_100" in text and "## Verdict" in text
+    written = reproduce.plots(doc, str(tmp_path))
+    assert {os.path.basename(p) for p in written} == {
+        "reproduction_val_curves.png", "reproduction_lr_sweep.png", "reproduction_top1_vs_macs.png",
+        "reproduction_top1_vs_latency.png"}
+
+
+def test_mac_matching_is_computed_and_enforced(tiny_data, tmp_path):
+    info = reproduce.match_pair("mobilenetv1_025", 28, "mobilenetv1_bft_100", 24)
+    assert abs(info["macs_ratio"] - 1) <= 0.05
+    assert info["bft_macs"] == reproduce.model_cost("mobilenetv1_bft_100", 24)[0]
+    with pytest.raises(reproduce.PairMismatch, match="outside"):
+        reproduce.match_pair("mobilenetv1_025", 28, "mobilenetv1_bft_100", 28)  # +38%
+    reproduce.match_pair("shufflenetv2_050", 29, "shufflenetv2_bft_125", 29)
+    with pytest.raises(reproduce.PairMismatch):
+        reproduce.match_pair("shufflenetv2_050", 28, "shufflenetv2_bft_125", 28)  # -5.7%
+    # The command refuses a mismatched pair before it trains anything.
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit, match="pair refused"):
+        reproduce.main(tiny_argv(tiny_data, str(runs), str(tmp_path / "res"),
+                                 "--img-size", "mobilenetv1_bft_100=28"))
+    assert not any(p.name != "driver.lock" for p in runs.iterdir())
+
+
+def test_killed_and_restarted_gives_the_same_numbers(uninterrupted, tiny_data, tmp_path):
+    runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    argv = tiny_argv(tiny_data, runs, results, "--parallel", "1")
+    # The second run is killed after 3 of its 5 steps (a checkpoint was written after step 2),
+    # and the command kills itself with it: the first run is finished, the second is not.
+    killed = subprocess.run([sys.executable, "-m", "benchmarks.reproduce", *argv, "--debug-kill", "1:3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    folders = sorted(os.listdir(runs))
+    first, second = [f for f in folders if f.startswith("mobilenetv1_")]
+    assert os.path.isfile(os.path.join(runs, first, "result.json"))
+    assert not os.path.isfile(os.path.join(runs, second, "result.json"))
+    assert os.path.isfile(os.path.join(runs, second, "train", "last.pth"))
+    partial = json.load(open(os.path.join(results, "reproduction_fashion_mnist.json")))
+    assert not partial["progress"]["main_complete"] and partial["runs"][0]["top1"]
+
+    before = os.path.getmtime(os.path.join(runs, first, "result.json"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert reproduce.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert os.path.getmtime(os.path.join(runs, first, "result.json")) == before  # skipped
+    log = open(os.path.join(runs, second, "worker.log")).read()
+    assert "resumed from epoch 1 step 2" in log
+    resumed = json.load(open(os.path.join(results, "reproduction_fashion_mnist.json")))
+    assert numbers(resumed) == numbers(uninterrupted[1])
+
+
+def test_variants_register_bft_options():
+    spec = reproduce.canonical_variant("residual=0,init=ortho")
+    assert spec == "init=ortho,residual=false"
+    name = reproduce.register_variant("mobilenetv1_bft_100", spec)
+    from butterfly import is_bft
+    from train.model import create_model
+    bfts = [m for m in create_model(name, 10, 1, small_input=True).modules() if is_bft(m)]
+    assert bfts and all(m.init == "ortho" and not m.residual for m in bfts)
+    assert reproduce.variant_model_name("mobilenetv1_bft_100", "wd=0.0") == "mobilenetv1_bft_100"
+    with pytest.raises(ValueError):
+        reproduce.canonical_variant("init=xavier")
