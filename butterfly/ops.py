@@ -75,7 +75,11 @@ def use_backend(name: str) -> Iterator[None]:
     """Run the BFT operator with one implementation inside the ``with`` block.
 
     ``"reference"`` (pure PyTorch), ``"cpu"`` (fused C++ kernel), ``"triton"`` (GPU kernel, or CPU
-    under ``TRITON_INTERPRET=1``) or ``"auto"`` (the fastest available for the tensor's device)."""
+    under ``TRITON_INTERPRET=1``) or ``"auto"`` (the fastest available for the tensor's device).
+
+    ``torch.compile`` bakes the chosen backend's kernels into the graph it traces, and guards the
+    graph on this choice: under another choice the function is traced again (a recompile), so a
+    compiled model runs the backend selected around each call, like an eager one."""
     if name not in available_backends():
         raise ValueError(f"unknown BFT backend {name!r}; choose one of {available_backends()}")
     token = _selected.set(name)
@@ -162,6 +166,49 @@ def _backward(ctx, grad: Tensor):
 _bft_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Double backward. Write y = F(x, w) = B(w) x: linear in x, and multilinear in the stages'
+# weights (B is the product of the stages, the paper's eq. 3 unrolled). bft_backward(g, x, w)
+# returns gx = B^T g and gw = d<g, B x>/dw. For upstream gradients (a, b) of (gx, gw):
+#   <a, gx> = <g, B a>, so d/dg = B a = bft(a, w), d/dx = 0, d/dw = the weight gradient of the
+#   forward at input a with output gradient g = bft_backward(g, a, w)[1]: the operator itself,
+#   on whichever backend runs it. This is all a gradient penalty on the input (R1, WGAN-GP) needs.
+#   <b, gw> (a penalty on weight gradients) is second order in w: its derivatives are taken by
+#   autograd through the reference's hand-written backward, which is made of PyTorch operators.
+
+def _setup_context_backward(ctx, inputs, output) -> None:
+    grad, x, weight, radices, out_channels, residual = inputs
+    ctx.save_for_backward(grad, x, weight)
+    ctx.args = (radices, out_channels, residual)
+    ctx.set_materialize_grads(False)
+
+
+def _backward_backward(ctx, grad_gx: Optional[Tensor], grad_gw: Optional[Tensor]):
+    grad, x, weight = ctx.saved_tensors
+    radices, out_channels, residual = ctx.args
+    d_grad = d_x = d_weight = None
+    if grad_gx is not None:
+        grad_gx = grad_gx.contiguous()
+        if ctx.needs_input_grad[0]:
+            d_grad = torch.ops.butterfly.bft(grad_gx, weight, radices, out_channels, residual)
+        if ctx.needs_input_grad[2]:
+            d_weight = torch.ops.butterfly.bft_backward(grad, grad_gx, weight, radices,
+                                                        out_channels, residual)[1]
+    if grad_gw is not None:
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            leaves = [t if t.requires_grad else t.detach().requires_grad_()
+                      for t in (grad, x, weight)]
+            _, gw = bft_reference_backward(*leaves, radices, out_channels, residual)
+            more = torch.autograd.grad(gw, leaves, grad_gw, allow_unused=True,
+                                       materialize_grads=True, create_graph=create_graph)
+        d_grad, d_x, d_weight = (m if d is None else d + m
+                                 for d, m in zip((d_grad, d_x, d_weight), more))
+    return d_grad, d_x, d_weight, None, None, None
+
+
+_bft_backward_op.register_autograd(_backward_backward, setup_context=_setup_context_backward)
+
+
 def _flop_formula(x_shape, w_shape, radices, out_channels, residual, *args, out_shape=None,
                   **kwargs) -> int:
     plan = BFTPlan.of(x_shape[1], out_channels, radices)
@@ -198,6 +245,13 @@ def bft(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool) -> Tensor:
     (:func:`butterfly.reference.bft_matmul`), so the graph has standard ONNX ops and keeps
     O(n log n)."""
     weight = weight.reshape(plan.num_blocks, plan.weights_per_block)
+    # torch.compile decomposes the operator into the chosen backend's kernels while it traces, so
+    # the choice must be part of what a compiled graph is guarded on: reading the ContextVar here,
+    # in the Python that dynamo traces, installs that guard (a graph traced under one
+    # use_backend() choice is recompiled, not reused, under another).
+    name = _selected.get()
+    if name != "auto" and name not in _BACKENDS:  # a backend unregistered since use_backend()
+        raise ValueError(f"unknown BFT backend {name!r}; choose one of {available_backends()}")
     if torch.onnx.is_in_onnx_export():
         return bft_matmul(x.contiguous(), weight, list(plan.radices), plan.out_channels, residual)
     return torch.ops.butterfly.bft(x.contiguous(), weight, list(plan.radices), plan.out_channels,

@@ -256,3 +256,14 @@ def test_empty_batch_and_image():
         assert torch.ops.butterfly_cpu.forward(x, w, [4, 4], 16, True).shape == shape
         gx, gw = torch.ops.butterfly_cpu.backward(x, x, w, [4, 4], 16, True)
         assert gx.shape == shape and torch.equal(gw, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("cin,cout,base", [(16, 16, 4), (6, 10, 2), (12, 5, 4), (24, 24, 4)],
+                         ids=["square", "expand", "contract", "mixed-radix"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_double_backward(cin, cout, base, residual):
+    """The backward of the backward runs the kernel too (gradient penalties)."""
+    from test_layer import double_backward_check
+
+    assert backend_for(torch.device("cpu")).name == "cpu"
+    double_backward_check(cin, cout, base, residual, "cpu")

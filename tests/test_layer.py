@@ -76,6 +76,53 @@ def test_gradcheck(cin, cout, base, residual):
         assert torch.autograd.gradcheck(f, (x, w))
 
 
+# square, expand (in < out), contract (in > out), mixed radix (4*3*2, 2*3), padded (5 -> 6)
+DOUBLE_BACKWARD_SHAPES = [(16, 16, 4), (6, 10, 2), (12, 5, 4), (24, 24, 4), (5, 5, 2)]
+
+
+def double_backward_check(cin, cout, base, residual, backend):
+    """gradcheck and gradgradcheck of the operator in float64: the backward of the backward
+    (``butterfly::bft_backward`` is differentiable) in every input and weight direction."""
+    plan = make_plan(cin, cout, base)
+    x = torch.randn(2, cin, 3, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(plan.num_blocks, plan.weights_per_block, dtype=torch.float64) / 2)
+    w.requires_grad_()
+
+    def f(x, w):
+        return torch.ops.butterfly.bft(x, w, list(plan.radices), cout, residual)
+
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(f, (x, w))
+        assert torch.autograd.gradgradcheck(f, (x, w))
+
+
+@pytest.mark.parametrize("cin,cout,base", DOUBLE_BACKWARD_SHAPES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_double_backward_reference(cin, cout, base, residual):
+    double_backward_check(cin, cout, base, residual, "reference")
+
+
+def test_gradient_penalty_on_the_input():
+    """R1 / WGAN-GP: the norm of d(output)/d(input), differentiated again, equals the same
+    penalty on the layer's exact dense matrix."""
+    layer = BFT(12, 20, base=4, bias=True).double()
+    x = torch.randn(3, 12, 4, 4, dtype=torch.float64, requires_grad=True)
+    dense = layer.to_conv2d()
+    grads = []
+    for net in (layer, dense):
+        net.zero_grad()
+        out = torch.tanh(net(x)).sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        gx.square().sum().backward()
+        grads.append(net.weight.grad.clone())
+    # the BFT's weight gradient through the dense matrix it defines
+    layer.zero_grad()
+    matrix = layer.to_dense()
+    d_matrix = grads[1].view_as(matrix)
+    matrix.backward(d_matrix)
+    torch.testing.assert_close(grads[0], layer.weight.grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("cin,cout,base", SHAPES)
 def test_hand_written_backward_equals_autograd(cin, cout, base):
     plan = make_plan(cin, cout, base)
