@@ -2,8 +2,10 @@
 
 * :func:`densify`: every BFT of a network replaced by its exact dense equivalent
   (``BFT.to_conv2d()`` / ``BFTLinear.to_linear()``, residual and bias folded in).
-* :func:`optimize_for_inference`: every BFT timed against its dense equivalent on the real device
-  and input, and the faster kept.
+* :func:`optimize_for_inference`: a fused copy of the network (:mod:`butterfly.fusion`: BatchNorms
+  folded, activations and residual additions in the layers' epilogues), then every BFT timed
+  against its dense equivalent (with the same epilogue) on the real device and input, and the
+  faster kept.
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from collections import Counter
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .modules import dense_equivalent
+from .fusion import FusedBFT, FusedLayer, dense_alternative
+from .fusion import fuse as _fuse
+from .modules import dense_equivalent, is_bft
 from .surgery import LayerReport, bft_layers, capture_inputs, swap_module
 
 
@@ -45,6 +50,7 @@ class LayerChoice:
     bft_ms: float
     dense_ms: float
     chosen: str                # "bft" or "dense"
+    epilogue: str = "-"        # what the fusion pass moved into the layer, e.g. "bn+relu"
 
     @property
     def speedup(self) -> float:
@@ -60,66 +66,93 @@ class InferenceReport(LayerReport):
                ("input", 18, lambda c: "x".join(map(str, c.input_shape))),
                ("bft ms", 9, lambda c: f"{c.bft_ms:.4f}"),
                ("dense ms", 9, lambda c: f"{c.dense_ms:.4f}"),
-               ("chosen", 6, lambda c: c.chosen))
+               ("chosen", 6, lambda c: c.chosen),
+               ("epilogue", 14, lambda c: c.epilogue))
 
-    def __init__(self, choices=(), device: str = ""):
+    def __init__(self, choices=(), device: str = "", fused: Sequence[FusedLayer] = (),
+                 unfused: Sequence[Tuple[str, str]] = ()):
         super().__init__(choices)
         self.device = device
+        self.fused: List[FusedLayer] = list(fused)       # every conv/BFT given an epilogue
+        self.unfused: List[Tuple[str, str]] = list(unfused)   # (graph node, why it stayed)
 
     def title(self) -> str:
-        return (f"optimize_for_inference on {self.device}: {len(self)} BFT layers, "
+        text = (f"optimize_for_inference on {self.device}: {len(self)} BFT layers, "
                 f"{sum(c.chosen == 'dense' for c in self)} made dense")
+        if self.fused or self.unfused:
+            kinds = Counter(f.kind for f in self.fused)
+            text += (f"; fused {len(self.fused)} layers ("
+                     + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+                     + f"), {len(self.unfused)} left unfused")
+        return text
+
+    def __str__(self) -> str:
+        lines = [super().__str__()]
+        lines += [f"  left unfused: {node}: {why}" for node, why in self.unfused]
+        return "\n".join(lines)
 
 
-def time_call(fn: Callable[[Tensor], Tensor], x: Tensor, min_run_time: float = 0.05,
-              warmup: int = 2) -> float:
-    """Median seconds of one ``fn(x)`` call without autograd, synchronising CUDA around each call.
-    ``warmup`` calls first (kernel compilation, caches), then calls until ``min_run_time`` seconds
-    and at least 5 calls have run."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+def time_call(fn: Callable[..., Tensor], x, min_run_time: float = 0.05, warmup: int = 2) -> float:
+    """Median seconds of one ``fn(x)`` call (``fn(*x)`` for a tuple ``x``) without autograd,
+    synchronising CUDA around each call. ``warmup`` calls first (kernel compilation, caches), then
+    calls until ``min_run_time`` seconds and at least 5 calls have run."""
+    args = x if isinstance(x, tuple) else (x,)
+    sync = torch.cuda.synchronize if args[0].is_cuda else (lambda: None)
     times: List[float] = []
     with torch.no_grad():
         for _ in range(warmup):
-            fn(x)
+            fn(*args)
         sync()
         while len(times) < 5 or sum(times) < min_run_time:
             start = time.perf_counter()
-            fn(x)
+            fn(*args)
             sync()
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def optimize_for_inference(model: nn.Module, example_input, inplace: bool = True,
+def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
+                           inplace: bool = False,
                            min_run_time: float = 0.05) -> Tuple[nn.Module, InferenceReport]:
-    """For every BFT layer, time the butterfly against its dense equivalent on the layer's real
-    input (captured by running ``model(example_input)`` once, on the device and with the dtype and
-    memory format of ``example_input``) and keep the faster one.
+    """A copy of ``model`` made faster for inference on the device, dtype and memory format of
+    ``example_input`` (a tensor or a tuple of inputs), and a report of what was done.
 
-    Puts the model in eval mode. Changes ``model`` in place unless ``inplace=False``. Returns
-    ``(model, report)``; ``print(report)`` shows each layer's measured times and choice. Layers that
-    the example does not reach stay BFTs and are not in the report. The outputs do not change (up
-    to floating-point rounding: the dense layer sums in a different order)."""
-    if not inplace:
+    ``fuse=True``: the copy is fused (:func:`butterfly.fusion.fuse`: eval-mode BatchNorms folded
+    into the conv or BFT before them, activations and residual additions in their epilogues; the
+    result is a ``torch.fx.GraphModule`` for inference only). Then, for every BFT layer the example
+    reaches, the butterfly is timed against its exact dense equivalent (with the same epilogue) on
+    the layer's real input, and the faster is kept. ``fuse=False`` does only the per-layer choice,
+    on the model itself when ``inplace=True``. ``print(report)`` shows each layer's times and
+    choice, what was fused, and what was left unfused and why. The outputs equal the eval-mode
+    model's up to floating-point rounding."""
+    if fuse and inplace:
+        raise ValueError("optimize_for_inference(fuse=True) returns a new, fused model and leaves "
+                         "the original untouched: drop inplace=True, or pass fuse=False")
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    fused, unfused = [], []
+    if fuse:
+        result = _fuse(model, args)
+        model, fused, unfused = result.model, result.fused, result.unfused
+    elif not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    layers = bft_layers(model)
-    if not layers:
-        return model, InferenceReport()
+    epilogues = {f.name: f.epilogue for f in fused}
+    layers = {name: m for name, m in model.named_modules() if is_bft(m) or isinstance(m, FusedBFT)}
     inputs = {}
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    capture_inputs(model, layers, [args], lambda name, layer, x: inputs.setdefault(name, x))
-    report = InferenceReport(device=str(next(iter(inputs.values())).device) if inputs else "")
+    if layers:
+        capture_inputs(model, layers, [args], lambda name, layer, *xs: inputs.setdefault(name, xs))
+    report = InferenceReport(device=str(args[0].device), fused=fused, unfused=unfused)
     for name, layer in layers.items():
         if name not in inputs:
             continue
-        x = inputs[name]
-        dense = dense_equivalent(layer)
-        bft_s, dense_s = time_call(layer, x, min_run_time), time_call(dense, x, min_run_time)
+        xs = inputs[name]
+        dense = dense_alternative(layer)
+        bft_s, dense_s = time_call(layer, xs, min_run_time), time_call(dense, xs, min_run_time)
         chosen = "dense" if dense_s < bft_s else "bft"
         if chosen == "dense":
             model = swap_module(model, name, dense)
-        report.append(LayerChoice(name, type(layer).__name__, layer.plan.in_channels,
-                                  layer.plan.out_channels, tuple(x.shape), bft_s * 1e3,
-                                  dense_s * 1e3, chosen))
+        report.append(LayerChoice(name, "BFT" if isinstance(layer, FusedBFT) else
+                                  type(layer).__name__, layer.plan.in_channels,
+                                  layer.plan.out_channels, tuple(xs[0].shape), bft_s * 1e3,
+                                  dense_s * 1e3, chosen, epilogues.get(name, "-")))
     return model, report
