@@ -147,7 +147,8 @@ def _build_one(flags: List[str], sources: Sequence[Path]) -> str:
         print(f"butterfly: compiling the fused CPU kernel (first use; about a minute), cached in "
               f"{build_dir}", file=sys.stderr, flush=True)
     ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
-    cpp_extension.load(name, [str(src_copy / "bft_cpu.cpp")], extra_cflags=flags,
+    cpp_extension.load(name, [str(src_copy / p.name) for p in sources if p.suffix == ".cpp"],
+                       extra_cflags=flags,
                        extra_ldflags=ldflags, extra_include_paths=[str(src_copy)],
                        build_directory=str(build_dir), is_python_module=False, verbose=False)
     if not record.exists():
