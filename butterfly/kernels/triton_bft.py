@@ -2,8 +2,11 @@
 
 One launch computes every stage of every block for the forward pass and for the input gradient;
 the weight gradient is one launch of per-program partial sums and a ``sum`` over programs (fused
-with the input gradient when the layer is a single square block). Kernels are launched through
-``torch.library.wrap_triton`` so that ``torch.compile`` traces them inside ``butterfly::bft``.
+with the input gradient when the layer is a single square block). The fused forward of
+``butterfly::bft_fused`` is the forward launch with its epilogue (per-channel scale and shift,
+activation, add) applied in registers before the store. Kernels are launched through
+``torch.library.wrap_triton`` so that ``torch.compile`` traces them inside ``butterfly::bft``
+and ``butterfly::bft_fused``.
 
 On CPU tensors the backend runs only under ``TRITON_INTERPRET=1``, which must be set before
 ``butterfly`` (and so triton's ``@jit``) is imported; that is how the tests check the kernels.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -22,6 +25,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
+from ..epilogue import check_epilogue, register_fused
 from ..ops import Backend, register_backend
 from ..plan import BFTPlan
 from .triton_kernels import bft_kernel, bft_wgrad_kernel
@@ -32,6 +36,8 @@ INTERPRETED = not isinstance(bft_kernel, JITFunction)
 MAX_RADIX = 16      # padded radix: a stage unrolls K * K weight terms
 MAX_TILE = 1 << 14  # padded channels a program keeps on chip
 ACC_PER_THREAD = 64  # float32 weight-gradient accumulators per thread and launch
+# the kernel's ACT codes (see triton_kernels._epilogue) for butterfly.epilogue.ACTIVATIONS
+ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "hardsigmoid": 4}
 
 
 @dataclass(frozen=True)
@@ -92,17 +98,35 @@ def _layout(x: Tensor) -> Tuple[bool, int, int]:
     return (True, B, 1) if P == 1 else (False, P, B)
 
 
+@dataclass(frozen=True)
+class KernelEpilogue:
+    """A forward launch's epilogue: ``act(y * scale + shift) + add`` (``None``: step off)."""
+
+    scale: Optional[Tensor] = None
+    shift: Optional[Tensor] = None
+    act: int = 0
+    add: Optional[Tensor] = None
+
+    def flags(self) -> dict:
+        return dict(HAS_SCALE=self.scale is not None, HAS_SHIFT=self.shift is not None,
+                    ACT=self.act, HAS_ADD=self.add is not None)
+
+
+NO_EPILOGUE = KernelEpilogue()
+
+
 def _launch_bft(src: Tensor, weight: Tensor, dst: Tensor, plan: BFTPlan, geo: Geometry,
-                expand: bool, transpose: bool, residual: bool) -> None:
+                expand: bool, transpose: bool, residual: bool,
+                epilogue: KernelEpilogue = NO_EPILOGUE) -> None:
     channels_last, npix, images = _layout(src)
     bp, warps = _launch_config(geo, npix, backward=False)
     tiles_per_img = triton.cdiv(npix, bp)
     wrap_triton(bft_kernel)[(tiles_per_img * images,)](
-        src, weight, dst, npix, tiles_per_img, src.shape[1], dst.shape[1], plan.block,
-        plan.num_blocks, weight.shape[1], BP=bp, CHANNELS_LAST=channels_last, EXPAND=expand,
-        TRANSPOSE=transpose, RESIDUAL=residual,
+        src, weight, dst, epilogue.scale, epilogue.shift, epilogue.add, npix, tiles_per_img,
+        src.shape[1], dst.shape[1], plan.block, plan.num_blocks, weight.shape[1], BP=bp,
+        CHANNELS_LAST=channels_last, EXPAND=expand, TRANSPOSE=transpose, RESIDUAL=residual,
         F64=dst.dtype == torch.float64 or weight.dtype == torch.float64, num_warps=warps,
-        **geo.constexprs())
+        **epilogue.flags(), **geo.constexprs())
 
 
 def _num_partials(x: Tensor, tiles: int, blocks: int) -> int:
@@ -141,16 +165,34 @@ def _device_of(x: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def triton_forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
-                   residual: bool) -> Tensor:
+def _forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: int, residual: bool,
+             epilogue: KernelEpilogue) -> Tensor:
     device = _device_of(x)
     plan, geo = BFTPlan.of(x.shape[1], out_channels, radices), Geometry.of(tuple(radices))
     y = torch.empty(x.shape[0], out_channels, x.shape[2], dtype=x.dtype, device=x.device)
     if y.numel():
         with device:
             _launch_bft(x.contiguous(), weight.contiguous(), y, plan, geo, plan.expand, False,
-                        residual)
+                        residual, epilogue)
     return y
+
+
+def triton_forward(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
+                   residual: bool) -> Tensor:
+    return _forward(x, weight, radices, out_channels, residual, NO_EPILOGUE)
+
+
+def triton_fused(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
+                 residual: bool, scale: Optional[Tensor], shift: Optional[Tensor],
+                 activation: str, add: Optional[Tensor]) -> Tensor:
+    """``butterfly::bft_fused`` in one launch: the forward kernel with its epilogue flags on."""
+    check_epilogue(x, out_channels, scale, shift, activation, add)
+    for name, t in (("scale", scale), ("shift", shift), ("add", add)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"epilogue {name} is on {t.device} but the input is on {x.device}")
+    scale, shift, add = (None if t is None else t.contiguous() for t in (scale, shift, add))
+    return _forward(x, weight, radices, out_channels, residual,
+                    KernelEpilogue(scale, shift, ACT_CODES[activation], add))
 
 
 def triton_backward(grad: Tensor, x: Tensor, weight: Tensor, radices: List[int],
@@ -205,3 +247,4 @@ def triton_available(device: torch.device) -> bool:
 register_backend(Backend("triton", triton_forward, triton_backward, triton_unavailable,
                          triton_unsupported, degrades=False, auto_devices=("cuda",),
                          auto_priority=20))
+register_fused("triton", triton_fused)

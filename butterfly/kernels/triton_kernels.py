@@ -204,15 +204,53 @@ def _tile_offsets(pid_p, pid_b, c, NPIX, C, BP: tl.constexpr, CHANNELS_LAST: tl.
 
 
 @triton.jit
-def bft_kernel(src_ptr, w_ptr, dst_ptr, NPIX, TILES_PER_IMG, C_SRC, C_DST, M, T, W,
+def _clamp(v, LO: tl.constexpr, HI: tl.constexpr):
+    """``min(max(v, LO), HI)`` that keeps NaN (as ``torch.clamp`` does)."""
+    return tl.where(v < LO, LO, tl.where(v > HI, HI, v))
+
+
+@triton.jit
+def _epilogue(z, ch, cmask, add_ptr, offs, off, mask, scale_ptr, shift_ptr,
+              HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+              HAS_ADD: tl.constexpr):
+    """``act(z * scale[ch] + shift[ch]) + add[offs]`` in ``z``'s (compute) dtype, each step only
+    when its flag is on. ``ch`` (``[NP]``, valid where ``cmask``): the output channel of each tile
+    column; ``offs + off``/``mask``: the output's element offsets. ``ACT``: 0 none, 1 relu, 2 relu6,
+    3 hardswish, 4 hardsigmoid (``hardswish(v) = v * min(max(v + 3, 0), 6) / 6``)."""
+    if HAS_SCALE:
+        z = z * tl.load(scale_ptr + ch, mask=cmask, other=0.0).to(z.dtype)[None, :]
+    if HAS_SHIFT:
+        z = z + tl.load(shift_ptr + ch, mask=cmask, other=0.0).to(z.dtype)[None, :]
+    if ACT == 1:
+        z = tl.where(z < 0, 0.0, z)
+    elif ACT == 2:
+        z = _clamp(z, 0.0, 6.0)
+    elif ACT == 3:
+        z = z * _clamp(z + 3.0, 0.0, 6.0) / 6.0
+    elif ACT == 4:
+        z = _clamp(z + 3.0, 0.0, 6.0) / 6.0
+    if HAS_ADD:
+        z = z + tl.load(add_ptr + offs + off, mask=mask, other=0.0).to(z.dtype)
+    return z
+
+
+@triton.jit
+def bft_kernel(src_ptr, w_ptr, dst_ptr, scale_ptr, shift_ptr, add_ptr, NPIX, TILES_PER_IMG,
+               C_SRC, C_DST, M, T, W,
                RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, NP: tl.constexpr,
                N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
                CHANNELS_LAST: tl.constexpr, EXPAND: tl.constexpr, TRANSPOSE: tl.constexpr,
-               RESIDUAL: tl.constexpr, F64: tl.constexpr):
+               RESIDUAL: tl.constexpr, F64: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, HAS_ADD: tl.constexpr):
     """``dst = BFT(src)`` for ``T`` blocks of ``M`` channels; with ``TRANSPOSE``, the input
     gradient. ``EXPAND``: every block reads channels ``0..M`` of ``src`` and writes channels
     ``t*M..t*M+M`` of ``dst``; otherwise block ``t`` reads ``t*M..t*M+M`` and the blocks' outputs
-    are summed into channels ``0..M``. The input is read once, the output written once."""
+    are summed into channels ``0..M``. The input is read once, the output written once.
+
+    The epilogue (:func:`_epilogue`: per-channel ``scale``/``shift`` of ``C_DST`` values, the
+    activation ``ACT``, ``add`` of ``dst``'s shape and layout) runs on the finished output in
+    registers just before its store: per block for ``EXPAND``, once after the sum over blocks
+    otherwise. With every flag off (the pointers are then unused) it compiles to nothing."""
     pid_p = tl.program_id(0) % TILES_PER_IMG
     pid_b = tl.program_id(0) // TILES_PER_IMG
     c, cvalid = _channels(NP, M, RAD, KLOG, L, PADDED)
@@ -225,6 +263,9 @@ def bft_kernel(src_ptr, w_ptr, dst_ptr, NPIX, TILES_PER_IMG, C_SRC, C_DST, M, T,
             if RESIDUAL:
                 z += u
             cmask = cvalid & (t * M + c < C_DST)
+            z = _epilogue(z, t * M + c, cmask, add_ptr, offs_dst,
+                          t * M * (1 if CHANNELS_LAST else NPIX), pmask & cmask[None, :],
+                          scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, ACT, HAS_ADD)
             tl.store(dst_ptr + offs_dst + t * M * (1 if CHANNELS_LAST else NPIX),
                      z.to(dst_ptr.dtype.element_ty), mask=pmask & cmask[None, :])
     else:
@@ -236,6 +277,8 @@ def bft_kernel(src_ptr, w_ptr, dst_ptr, NPIX, TILES_PER_IMG, C_SRC, C_DST, M, T,
             acc += _butterfly(u, w_ptr + t * W, RAD, KLOG, L, NP, N, BP, PADDED, TRANSPOSE)
             if RESIDUAL:
                 acc += u
+        acc = _epilogue(acc, c, cvalid, add_ptr, offs_dst, 0, pmask & cvalid[None, :],
+                        scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, ACT, HAS_ADD)
         tl.store(dst_ptr + offs_dst, acc.to(dst_ptr.dtype.element_ty),
                  mask=pmask & cvalid[None, :])
 
