@@ -102,6 +102,12 @@ def check_epilogue(x: Tensor, out_channels: int, scale: Optional[Tensor], shift:
     if add is not None and tuple(add.shape) != want:
         raise ValueError(f"epilogue add must have the output's shape {want}, got "
                          f"{tuple(add.shape)}")
+    for name, t in (("scale", scale), ("shift", shift), ("add", add)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"epilogue {name} is on {t.device} but the input is on {x.device}; "
+                             "move it, e.g. fused_model.to(x.device)")
+    if add is not None and add.dtype != x.dtype:
+        raise ValueError(f"epilogue add must have the input's dtype {x.dtype}, got {add.dtype}")
 
 
 _FUSED: Dict[str, Fused] = {}
@@ -117,12 +123,15 @@ def register_fused(backend: str, fused: Fused) -> None:
 def _bft_fused_op(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
                   residual: bool, scale: Optional[Tensor], shift: Optional[Tensor],
                   activation: str, add: Optional[Tensor]) -> Tensor:
+    check_epilogue(x, out_channels, scale, shift, activation, add)
     backend = backend_for(x.device, x, weight, radices)
     fused = _FUSED.get(backend.name)
     if fused is not None:
         return fused(x, weight, radices, out_channels, residual, scale, shift, activation, add)
-    y = backend.forward(x, weight, radices, out_channels, residual)
-    return apply_epilogue(y.to(compute_dtype(x, weight)), scale, shift, activation, add, x.dtype)
+    # The transform in the compute dtype, so the result is rounded once, after the epilogue.
+    dtype = compute_dtype(x, weight)
+    y = backend.forward(x.to(dtype), weight, radices, out_channels, residual)
+    return apply_epilogue(y, scale, shift, activation, add, x.dtype)
 
 
 def _no_gradient(ctx, grad):
@@ -143,7 +152,6 @@ def bft_fused(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool, epilogue
                          "add= was given, but the epilogue has no add step")
     x = x.contiguous()
     add = None if add is None else add.contiguous()
-    check_epilogue(x, plan.out_channels, epilogue.scale, epilogue.shift, epilogue.activation, add)
     weight = weight.reshape(plan.num_blocks, plan.weights_per_block)
     return torch.ops.butterfly.bft_fused(x, weight, list(plan.radices), plan.out_channels,
                                          residual, epilogue.scale, epilogue.shift,
