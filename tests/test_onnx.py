@@ -85,3 +85,52 @@ def test_missing_onnxscript_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(ImportError, match="pip install onnxscript"):
         export_onnx(butterfly.BFT(8, 8), torch.randn(1, 8, 2, 2), tmp_path / "x.onnx")
+
+
+def test_dynamic_batch_from_a_batch_of_one(tmp_path):
+    """torch.export specialises size-1 dimensions: a batch-1 example still exports a symbolic
+    batch, which onnxruntime runs at batch 1 and 3."""
+    import onnxruntime as ort
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), butterfly.BFT(8, 16), nn.ReLU(),
+                        nn.Flatten(), butterfly.BFTLinear(16 * 4 * 4, 10))
+    example = torch.randn(1, 3, 4, 4)
+    path = export_onnx(net, example, tmp_path / "b1.onnx", dynamic_batch=True)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert isinstance(session.get_inputs()[0].shape[0], str)  # symbolic
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 4, 4)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), net.eval()(x), rtol=1e-5, atol=1e-6)
+        assert check_onnx(path, net, x) < 1e-5
+    assert example.shape == (1, 3, 4, 4)
+    fixed = export_onnx(net, example, tmp_path / "fixed.onnx")
+    assert ort.InferenceSession(fixed, providers=["CPUExecutionProvider"]).get_inputs()[0].shape[0] == 1
+
+
+class _Scaled(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.net, self.scale = nn.Sequential(butterfly.BFT(16, 16), nn.Tanh(), butterfly.BFT(16, 8)), scale
+
+    def forward(self, x):
+        return self.net(x) * self.scale
+
+
+def test_check_onnx_reports_the_relative_error(tmp_path):
+    """``max |got - want| / max |want|``: the same float32 rounding (~1e-7) whether the outputs are
+    of magnitude 1e-15 or 1e6, where an absolute difference says ~1e-22 or ~0.1."""
+    import onnxruntime as ort
+
+    x = torch.randn(2, 16, 3, 3)
+    for scale in (1e-15, 1.0, 1e6):
+        model = _Scaled(scale).eval()
+        path = export_onnx(model, x, tmp_path / f"{scale}.onnx")
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            want = model(x)
+        relative = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+        assert check_onnx(path, model, x) == pytest.approx(relative, rel=1e-6, abs=1e-30)
+        assert check_onnx(path, model, x) < 1e-5
