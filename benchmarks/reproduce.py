@@ -540,7 +540,7 @@ def machine() -> Dict[str, str]:
     try:
         from butterfly.ops import backend_for
         backend = backend_for(torch.device("cpu")).name
-    except Exception:  # noqa: BLE001  (only a label)
+    except Exception:  # only a label
         backend = "unknown"
     try:
         commit = subprocess.run(["git", "-C", CODE_ROOT, "rev-parse", "--short", "HEAD"],
@@ -751,11 +751,13 @@ def collect(opts, state: Dict, done: Dict[str, Dict]) -> Dict:
                              "val_top1": [vres[s]["history"][-1]["val_top1"] for s in sorted(vres)],
                              "macs": vres[min(vres)]["macs"] if vres else None,
                              "vs_default_bft": cmp})
-    n_main = len([j for j in jobs if not j.variant])
+    # Runs known so far, or the least the plan needs (the sweep plus the other seeds per model).
+    n_main = max(len([j for j in jobs if not j.variant]),
+                 len(members(opts)) * (len(opts.lrs) + len(opts.seeds) - 1))
     return {
         "format": FORMAT,
         "command": state["command"],
-        "started": state["started"], "updated": datetime.datetime.now().isoformat(timespec="minutes"),
+        "started": state.get("started"), "updated": datetime.datetime.now().isoformat(timespec="minutes"),
         "machine": state["machine"], "conditions": state["conditions"],
         "config": {"epochs": opts.epochs, "batch_size": opts.batch_size, "optimizer": "SGD, momentum "
                    f"{opts.momentum} (timm 'momentum', no Nesterov)", "weight_decay": opts.weight_decay,
@@ -767,7 +769,7 @@ def collect(opts, state: Dict, done: Dict[str, Dict]) -> Dict:
                    "flip 0.5", "small_input": True, "threads_per_run": 1, "parallel": opts.parallel,
                    "mac_tolerance": MAC_TOLERANCE},
         "pairs": [state["pairs"][f] for f in opts.families],
-        "budget": state.get("budget", {}),
+        "budget": state.get("budget", {}), "speed": state.get("speed", {}),
         "progress": {"main_runs_finished": len([j for j in jobs if not j.variant and j.tag(opts) in done]),
                      "main_runs_planned": n_main, "main_complete": main_done,
                      "variant_runs_finished": len([j for j in jobs if j.variant and j.tag(opts) in done]),
@@ -793,6 +795,7 @@ def markdown(doc: Dict) -> str:
     L = ["# Reproduction: BFT vs dense baselines at equal multiply-adds, Fashion-MNIST", ""]
     status = ("complete" if prog["main_complete"] else
               f"PARTIAL: {prog['main_runs_finished']} of {prog['main_runs_planned']} main runs finished "
+              "(at least that many; a learning-rate grid extension adds one) "
               "(the command is still running or was stopped; rerunning it continues)")
     L += [f"Status: {status}. Updated {doc['updated']}.", "",
           "The paper's claim (Alizadeh Vahid et al., CVPR 2020, sections 4.2-4.4): at equal FLOPs, a "
@@ -921,10 +924,14 @@ def markdown(doc: Dict) -> str:
         L.append("- Latency: measured when every main run has finished (not yet).")
     b = doc.get("budget")
     if b:
-        L.append(f"- Budget estimated before training (img/s measured one model at a time, 1 "
-                 f"thread): {b['cpu_hours']:.1f} single-thread CPU hours, {b['wall_hours']:.1f} h "
-                 f"wall at {b['parallel']} at a time on idle cores ({b['cpu_hours_upper']:.1f} / "
-                 f"{b['wall_hours_upper']:.1f} h with every grid extension).")
+        loads = [float(v["load"].split()[0]) for v in doc.get("speed", {}).values() if v.get("load")]
+        shared = (f" while the 1-minute load average was {min(loads):.1f}-{max(loads):.1f} on "
+                  f"{mach['cores']} cores" if loads else "")
+        L.append(f"- Budget estimated before training from the img/s measured one model at a time, "
+                 f"1 thread{shared}: {b['cpu_hours']:.1f} single-thread CPU hours, "
+                 f"{b['wall_hours']:.1f} h wall at {b['parallel']} at a time ({b['cpu_hours_upper']:.1f} "
+                 f"/ {b['wall_hours_upper']:.1f} h with every grid extension); other users' work on "
+                 "the same cores stretches the wall time.")
     L += ["", "Reproduce: `" + doc["command"] + "` (restartable; see docs/reproduction.md).", ""]
     return "\n".join(L)
 
@@ -1149,7 +1156,8 @@ def main(argv=None) -> int:
     state = _read_json(state_path) or {}
     state["pairs"] = pairs
     state["split"] = list(split_sizes(opts))
-    state.setdefault("started", datetime.datetime.now().isoformat(timespec="minutes"))
+    if not opts.plan:
+        state.setdefault("started", datetime.datetime.now().isoformat(timespec="minutes"))
     state["command"] = " ".join(["python -m benchmarks.reproduce", *argv])
     state["machine"] = machine()
     state.setdefault("speed", {})
