@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -93,12 +95,24 @@ def current_backend() -> str:
     return _selected.get()
 
 
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside butterfly and torch (the line of the user's
+    code that ran the layer), for a warning raised by the caller of this function."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_once(backend: Backend, reason: str) -> None:
     if (backend.name, reason) not in _warned:
         _warned.add((backend.name, reason))
         warnings.warn(f"butterfly: the {backend.name!r} BFT backend cannot run this: {reason}. "
                       "Running the pure-PyTorch reference instead: the same results, slower.",
-                      BackendFallbackWarning, stacklevel=4)
+                      BackendFallbackWarning, stacklevel=_user_stacklevel())
 
 
 def forget_warnings() -> None:

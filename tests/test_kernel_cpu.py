@@ -5,7 +5,12 @@ must match for every shape class of the layer (square power, mixed radix, padded
 contract), both layouts (NCHW: P > 1; channels-last and linear: P == 1), odd spatial sizes, and
 float64 / float32 / bfloat16. The first test to run compiles the kernel (cached afterwards).
 """
+import os
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +272,162 @@ def test_double_backward(cin, cout, base, residual):
 
     assert backend_for(torch.device("cpu")).name == "cpu"
     double_backward_check(cin, cout, base, residual, "cpu")
+
+
+
+# -- building and caching, each in a fresh process with its own TORCH_EXTENSIONS_DIR -------------
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs the kernel (a fallback to the reference would be an error), checks it against the
+# reference, and prints the cache entry it loaded and the one of the best (native) flags.
+USE_KERNEL = """
+import warnings, torch, butterfly
+from butterfly.kernels import cpu
+{setup}
+warnings.simplefilter("error", butterfly.ops.BackendFallbackWarning)
+layer = butterfly.BFT(24, 40)
+x = torch.randn(2, 24, 3, 3)
+with butterfly.use_backend("cpu"):
+    y = layer(x)
+with butterfly.use_backend("reference"):
+    torch.testing.assert_close(y, layer(x))
+print("loaded", cpu._state["library"])
+print("native", cpu._entry_name(cpu._compile_flags()[0], cpu._sources()))
+"""
+
+
+def _python(code: str, extensions: Path, **env) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("CXX", cpu.DISABLE_ENV)}
+    environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TORCH_EXTENSIONS_DIR=str(extensions))
+    environ.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=environ, cwd=extensions.parent, timeout=600)
+
+
+def _entries(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(line.split() for line in proc.stdout.splitlines())
+
+
+def _compiling(proc: subprocess.CompletedProcess) -> int:
+    return proc.stderr.count("butterfly: compiling the fused CPU kernel")
+
+
+def _use_sources(folder: Path) -> str:
+    return f"from pathlib import Path\ncpu._source_dir = lambda: Path({str(folder)!r})"
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+    """A cache built once for this module by a fresh process, from a snapshot of csrc/ (immune to
+    edits of the checkout while the tests run): the cache folder, that process and the setup line
+    that points a process at the snapshot. The tests below use this folder in turn (a copy
+    elsewhere would rebuild: ninja's records hold the entry's absolute paths)."""
+    root = tmp_path_factory.mktemp("cache")
+    shutil.copytree(cpu._source_dir(), root / "csrc")
+    setup = _use_sources(root / "csrc")
+    proc = _python(USE_KERNEL.format(setup=setup), root / "extensions")
+    return root / "extensions", proc, setup
+
+
+def test_first_use_compiles_with_one_message_and_then_is_silent(built_cache):
+    extensions, first, setup = built_cache
+    entries = _entries(first)
+    assert entries["loaded"] == entries["native"]  # the best flags built here
+    assert _compiling(first) == 1 and str(extensions / entries["native"]) in first.stderr
+    assert first.stderr.strip().count("\n") == 0, first.stderr  # nothing else was printed
+    again = _python(USE_KERNEL.format(setup=setup), extensions)
+    assert _entries(again) == entries and again.stderr == ""
+
+
+@pytest.mark.parametrize("size", ["half", "empty"])
+def test_damaged_library_is_rebuilt_not_loaded(built_cache, size):
+    """A truncated library used to kill the next process (SIGBUS), a 0-byte one to make it fall
+    back to a build without -march=native: both are now rebuilt (relinked from the entry's
+    objects), with the native flags."""
+    extensions = built_cache[0]
+    name = _entries(built_cache[1])["native"]
+    library = extensions / name / f"{name}.so"
+    data = library.read_bytes()
+    library.write_bytes(data[:len(data) // 2] if size == "half" else b"")
+    proc = _python(USE_KERNEL.format(setup=built_cache[2]), extensions)
+    entries = _entries(proc)
+    assert entries["loaded"] == entries["native"] == name
+    assert _compiling(proc) == 1
+    assert [p.name for p in extensions.iterdir()] == [name]  # no entry with other flags
+    assert (extensions / name / "library.sha256").read_text() == cpu._file_digest(library)
+
+
+def test_identical_checkouts_share_one_build(built_cache, tmp_path):
+    """Two copies of csrc/ in different folders, used in turn: no process rebuilds."""
+    extensions = built_cache[0]
+    folders = []
+    for copy in ("a", "b"):
+        shutil.copytree(Path(built_cache[0]).parent / "csrc", tmp_path / copy / "csrc")
+        folders.append(tmp_path / copy / "csrc")
+    names = set()
+    for folder in folders + folders[:1]:
+        proc = _python(USE_KERNEL.format(setup=_use_sources(folder)), extensions)
+        names.add(_entries(proc)["loaded"])
+        assert _compiling(proc) == 0 and proc.stderr == "", proc.stderr
+    assert names == {_entries(built_cache[1])["native"]}
+
+
+def test_import_prints_nothing(tmp_path):
+    proc = _python("import butterfly, butterfly.kernels.cpu", tmp_path / "extensions")
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+
+
+WARN = """
+import warnings, torch, butterfly
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = butterfly.BFT(8, 8)(torch.randn(1, 8, 2, 2))
+    butterfly.BFT(8, 8)(torch.randn(1, 8, 2, 2))
+for w in caught:
+    print(w.category.__name__, w.message)
+"""
+
+
+@pytest.mark.parametrize("how", ["CXX", "PATH"])
+def test_missing_compiler_is_one_short_warning(tmp_path, how):
+    """The cause in one line, not the build's command lines; the layer still runs."""
+    if how == "CXX":
+        proc = _python(WARN, tmp_path / "extensions", CXX="/nonexistent")
+        cause = "no C++ compiler: CXX='/nonexistent' is not an executable"
+    else:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "python").symlink_to(sys.executable)
+        proc = _python(WARN, tmp_path / "extensions", PATH=str(bin_dir))
+        cause = "no C++ compiler: 'c++' is not on PATH"
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("BackendFallbackWarning") and cause in lines[0]
+    assert len(lines[0]) < 400 and "-MMD" not in lines[0] and "compiling" not in lines[0]
+    assert not (tmp_path / "extensions").exists() or not any((tmp_path / "extensions").iterdir())
+
+
+def test_disable_variable_values(built_cache):
+    """0/false/no/off/empty keep the kernel, 1/true/yes/on disable it, anything else is an
+    error naming the variable."""
+    code = """
+import os
+from butterfly.kernels import cpu
+{setup}
+for value in ["", "0", "false", "False", " off ", "no", "1", "true", "YES", "on", "maybe"]:
+    os.environ[cpu.DISABLE_ENV] = value
+    cpu.reset()
+    try:
+        print(repr(value), "|", "kernel" if cpu.load_extension() else "reference")
+    except ValueError as err:
+        print(repr(value), "|", "error", err)
+"""
+    proc = _python(code.format(setup=built_cache[2]), built_cache[0])
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    got = dict(line.split(" | ", 1) for line in proc.stdout.splitlines())
+    for value in ("''", "'0'", "'false'", "'False'", "' off '", "'no'"):
+        assert got[value] == "kernel", (value, got)
+    for value in ("'1'", "'true'", "'YES'", "'on'"):
+        assert got[value] == "reference", (value, got)
+    assert got["'maybe'"].startswith("error BUTTERFLY_DISABLE_CPU_KERNEL='maybe' is not understood")

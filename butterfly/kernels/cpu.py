@@ -20,6 +20,7 @@ costs tens of microseconds per call).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -100,42 +101,87 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _first_error_line(text: str, limit: int = 300) -> str:
-    """The compiler's own diagnostic (``file:line: error: ...``), else any line naming an error,
-    else the last line: the cause, not the build's command lines."""
+# Lines of a failed build that state its cause (the compiler's diagnostics, the shell's), as
+# opposed to the command lines ninja echoes.
+_CAUSES = ("error:", "fatal error", "not found", "no such file", "cannot find", "undefined reference",
+           "unrecognized", "unknown argument", "permission denied")
+
+
+def _first_error_line(text: str, limit: int = 240) -> str:
+    """The cause of a failed build in one line (at most ``limit`` characters): the compiler's or
+    the shell's own diagnostic (``file:line: error: ...``, ``/bin/sh: 1: g++: not found``), not
+    the command lines the build echoes; else the last short line."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    why = next((ln for ln in lines if "error:" in ln),
-               next((ln for ln in lines if "error" in ln.lower() and len(ln) < 2 * limit),
-                    lines[-1] if lines else "unknown error"))
+    short = [ln for ln in lines if len(ln) < 2 * limit and not ln.startswith(("[", "FAILED:"))]
+    why = next((ln for ln in short if any(c in ln.lower() for c in _CAUSES)),
+               short[-1] if short else lines[-1] if lines else "unknown error")
     return why if len(why) <= limit else why[:limit] + " ..."
 
 
-def _cpp_extension():
-    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found" warning
-    (this backend builds for the CPU only)."""
+@contextlib.contextmanager
+def _quiet_cpp_extension():
+    """``torch.utils.cpp_extension`` without its log warnings ("No CUDA runtime is found" on import;
+    a compiler other than the one PyTorch was built with): this backend builds for the CPU only
+    and states its own errors."""
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
         from torch.utils import cpp_extension
+        yield cpp_extension
     finally:
         logger.setLevel(level)
-    return cpp_extension
 
 
-def _build_one(flags: List[str], sources: Sequence[Path]) -> str:
-    """Build (or load from the cache) the extension for one flag set; returns its name."""
-    cpp_extension = _cpp_extension()
+def _toolchain_problem(cpp_extension) -> str:
+    """Why no build can start ('' when one can): a missing C++ compiler or ninja."""
+    cxx = os.environ.get("CXX", "").strip()
+    compiler = cxx or cpp_extension.get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        where = f"CXX={cxx!r} is not an executable" if cxx else f"{compiler!r} is not on PATH"
+        return f"no C++ compiler: {where}"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return ""
 
+
+def _sources() -> List[Path]:
+    src = _source_dir()
+    sources = sorted(src.glob("*.cpp")) + sorted(src.glob("*.h"))
+    if not any(p.name == "bft_cpu.cpp" for p in sources):
+        raise FileNotFoundError(f"bft_cpu.cpp is missing from {src}; reinstall butterfly-transform")
+    return sources
+
+
+def _entry_name(flags: Sequence[str], sources: Sequence[Path]) -> str:
+    """The cache entry of a build: a digest of the host CPU, the flags and the sources' names and
+    contents (not their paths: identical checkouts share an entry)."""
     digest = hashlib.sha1(cpu_info()["flags"].encode() + " ".join(flags).encode())
     for p in sources:
         digest.update(p.name.encode() + p.read_bytes())
-    name = f"butterfly_cpu_{digest.hexdigest()[:12]}"
+    return f"butterfly_cpu_{digest.hexdigest()[:12]}"
+
+
+def _announce(build_dir: Path) -> None:
+    """Say once per process that the kernel is being compiled, and where it is cached."""
+    if not _state.get("announced"):
+        _state["announced"] = True
+        print(f"butterfly: compiling the fused CPU kernel (first use; about a minute), cached in "
+              f"{build_dir}", file=sys.stderr, flush=True)
+
+
+def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
+    """Build (or load from the cache) the extension for one flag set; returns its name.
+
+    A library is loaded only if its SHA-256 is the one recorded when it was built: a truncated or
+    foreign file (loading one can kill the process with SIGBUS) is deleted and relinked from the
+    entry's objects, and if that fails the entry is rebuilt from scratch."""
+    name = _entry_name(flags, sources)
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     library, record = build_dir / f"{name}.so", build_dir / "library.sha256"
     if library.exists() and not (record.exists() and record.read_text() == _file_digest(library)):
-        shutil.rmtree(build_dir)  # truncated, foreign or unrecorded: never load it, rebuild
-        build_dir.mkdir(parents=True)
+        library.unlink()
+        record.unlink(missing_ok=True)
     # Build from a copy inside the cache entry: the same paths for every checkout, so identical
     # sources share one build instead of rebuilding whenever another checkout used the entry.
     src_copy = build_dir / "src"
@@ -143,31 +189,45 @@ def _build_one(flags: List[str], sources: Sequence[Path]) -> str:
     for p in sources:
         if not (src_copy / p.name).exists() or (src_copy / p.name).read_bytes() != p.read_bytes():
             shutil.copyfile(p, src_copy / p.name)
-    if not library.exists():
-        print(f"butterfly: compiling the fused CPU kernel (first use; about a minute), cached in "
-              f"{build_dir}", file=sys.stderr, flush=True)
-    ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
-    cpp_extension.load(name, [str(src_copy / p.name) for p in sources if p.suffix == ".cpp"],
-                       extra_cflags=flags,
-                       extra_ldflags=ldflags, extra_include_paths=[str(src_copy)],
-                       build_directory=str(build_dir), is_python_module=False, verbose=False)
-    if not record.exists():
+    rebuilt = not library.exists()
+    if rebuilt:
+        _announce(build_dir)
+
+    def load() -> None:
+        cpp_extension.load(name, [str(src_copy / p.name) for p in sources if p.suffix == ".cpp"],
+                           extra_cflags=flags, extra_ldflags=["-fopenmp"] if "-fopenmp" in flags
+                           else [], extra_include_paths=[str(src_copy)],
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+
+    try:
+        load()
+    except Exception:  # noqa: BLE001 - e.g. a damaged object file: start the entry afresh
+        if not rebuilt or not any(build_dir.glob("*.o")):
+            raise
+        for path in build_dir.iterdir():
+            if path.is_file() and path.name != "lock":
+                path.unlink()
+        load()
+    if rebuilt or not record.exists():
         record.write_text(_file_digest(library))
     return name
 
 
 def _build() -> str:
-    src = _source_dir()
-    sources = sorted(src.glob("*.cpp")) + sorted(src.glob("*.h"))
-    if not any(p.name == "bft_cpu.cpp" for p in sources):
-        raise FileNotFoundError(f"bft_cpu.cpp is missing from {src}; reinstall butterfly-transform")
-    errors = []
-    for flags in _compile_flags():
-        try:
-            return _build_one(flags, sources)
-        except Exception as exc:  # noqa: BLE001 - any build failure means: try the next flags
-            errors.append(f"with flags {' '.join(flags)}: {_first_error_line(str(exc))}")
-    raise RuntimeError("; ".join(errors))
+    sources = _sources()
+    with _quiet_cpp_extension() as cpp_extension:
+        problem = _toolchain_problem(cpp_extension)
+        if problem:
+            raise RuntimeError(problem)
+        errors: Dict[str, List[str]] = {}
+        for flags in _compile_flags():
+            try:
+                return _build_one(flags, sources, cpp_extension)
+            except Exception as exc:  # noqa: BLE001 - any build failure means: try the next flags
+                errors.setdefault(_first_error_line(str(exc)), []).append(" ".join(flags))
+    if len(errors) == 1:  # the same cause for every flag set
+        raise RuntimeError(next(iter(errors)))
+    raise RuntimeError("; ".join(f"with {' or '.join(f)}: {why}" for why, f in errors.items()))
 
 
 def load_extension() -> Optional[str]:
@@ -185,10 +245,8 @@ def load_extension() -> Optional[str]:
                 _register_fake_kernels()
             except Exception as exc:  # noqa: BLE001
                 _state["error"] = (
-                    f"the fused CPU kernel is unavailable (it could not be built: {exc}); to use "
-                    "it, install a C++20 compiler with OpenMP (e.g. `apt install g++`; on macOS "
-                    "the Xcode command line tools and `brew install libomp`) and ninja (`pip "
-                    f"install ninja`), or set {DISABLE_ENV}=1 to silence this")
+                    f"the fused CPU kernel could not be built ({exc}); install a C++20 compiler "
+                    f"with OpenMP and ninja (docs/kernel_cpu.md), or set {DISABLE_ENV}=1")
         return _state.get("library")
 
 
