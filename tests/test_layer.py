@@ -408,3 +408,23 @@ def test_fx_symbolic_trace_has_one_node_per_bft_and_matches_eager():
         torch.testing.assert_close(graph(xcl), net(xcl), rtol=0, atol=0)
     with pytest.raises(ValueError, match="expects 16 input channels, got 8"):  # checks still run
         torch.fx.symbolic_trace(nn.Sequential(BFT(16, 16)))(torch.randn(1, 8, 2, 2))
+
+
+@pytest.mark.parametrize("cin,cout,base", [(24, 24, 4), (12, 40, 4), (64, 64, 4)])
+def test_stage_weights_reads_the_layer_weight_as_documented(cin, cout, base):
+    """``butterfly.reference.stage_weights`` takes a layer's weight as it is (flat ``(W,)`` for
+    mixed radices, ``(T, W)``, or the ``(L, n/k, k, k)`` binding layout): views, not copies."""
+    from butterfly.reference import stage_weights
+
+    layer = BFT(cin, cout, base=base)
+    plan = layer.plan
+    views = stage_weights(layer.weight, plan)
+    assert [tuple(v.shape) for v in views] == [(plan.num_blocks, plan.size // k, k, k)
+                                               for k in plan.radices]
+    flat = torch.cat([v.reshape(plan.num_blocks, -1) for v in views], dim=1)
+    assert torch.equal(flat.reshape(-1), layer.weight.detach().reshape(-1))
+    with torch.no_grad():
+        views[0].zero_()
+    assert (layer.weight.reshape(plan.num_blocks, -1)[:, :plan.size * plan.radices[0]] == 0).all()
+    with pytest.raises(ValueError, match="elements, got shape"):
+        stage_weights(torch.zeros(7), plan)
