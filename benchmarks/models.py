@@ -1,0 +1,1092 @@
+"""Model-level CPU benchmark of the zoo: every way a user can run a model, timed per model.
+
+    python -m benchmarks.models                    # all of the paper's configurations (~1.5 h)
+    python -m benchmarks.models --dry-run          # list the cells a run would measure, and exit
+    python -m benchmarks.models --models mobilenetv3_small_035 mobilenetv3_small_bft_050 --quick
+    python -m benchmarks.models --paths eager fused --threads 1 --batch 1 --note "idle machine"
+    python -m benchmarks.models --force            # re-measure cells already in the JSON
+    python -m benchmarks.models --retry-failed     # re-measure only the cells that failed
+
+Configurations are the rows of the BFT paper's Table 1 (model, input resolution, paper MFLOPs and
+ImageNet top-1 in :data:`PAPER`); ``--res`` replaces the resolutions. Every model is built with
+random weights (seed 0), 1000 classes, eval mode, float32, and timed on these paths (each one a
+separate cell, see :data:`PATHS`):
+
+* ``eager``: the model in PyTorch, NCHW input, under ``torch.inference_mode()``;
+* ``eager_cl``: model and input in ``channels_last``;
+* ``compile``: ``torch.compile`` (inductor, ``freezing=True``, static shapes) of the
+  ``channels_last`` model, compiled afresh for every thread count and batch size under
+  ``inference_mode`` and called until its call time is steady;
+* ``ort``: onnxruntime (CPU) on ``butterfly.export_onnx(model, x, path, structured=False)``, the
+  dense export, for every model; ``ort_structured``: the structured export (BFT models only);
+  exported with the batch size timed;
+* ``fused``: ``butterfly.optimize_for_inference(model, x)`` for the batch size and thread count
+  timed, then the returned model in eager with NCHW input; ``fused_cl``: the same with a
+  ``channels_last`` model and input. The first lines of ``str(report)`` are recorded.
+
+For each model, thread count (``torch.set_num_threads``; onnxruntime ``intra_op_num_threads``) and
+batch size, the paths are timed interleaved: rounds in a rotating order, in each round a path runs
+untimed for ``settle`` seconds (at least one call) and is then timed by
+``torch.utils.benchmark.Timer.blocked_autorange``; a cell reports the median over the timed blocks
+of all rounds (batch 1: latency in ms; batch 32: images per second), with the quartiles. Each output is also
+compared with the eager output (max relative difference). The load average is recorded before and
+after each model and each group of cells. With the "what bounds it" pair (mobilenetv1_bft_200 and
+mobilenetv1_050 at 224), the machine's copy bandwidth and conv / depthwise / BFT multiply-add rates
+are measured too, once per thread count.
+
+Results are cached per cell in ``models_cpu.json`` (under ``--out-dir``, default
+``benchmarks/results``); a rerun skips cells already there unless ``--force``, and the JSON is
+saved after every group, so an interrupted run loses at most one group. ``models_cpu.md`` and
+``accuracy_vs_latency.png`` are regenerated from the whole JSON at the end of every run. A path
+that fails (export, compile, a runtime error) is recorded as failed with a one-line reason.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import timm
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+import butterfly
+from butterfly.flops import count_macs
+
+RESULTS = Path(__file__).parent / "results"
+JSON_NAME, MD_NAME, PLOT_NAME = "models_cpu.json", "models_cpu.md", "accuracy_vs_latency.png"
+
+# ImageNet top-1 (%) and MFLOPs (millions of multiply-adds, as the paper counts them) of every
+# configuration in the BFT paper (Alizadeh Vahid et al., CVPR 2020), Table 1: (a) ShuffleNetV2
+# (the baseline numbers are the paper's own runs), (b) MobileNetV3-Small, (c) MobileNetV1.
+PAPER: Dict[Tuple[str, int], Dict] = {}
+for _model, _table, _rows in [
+    ("mobilenetv1_025", "1c", [(128, 14, 41.50), (160, 21, 45.50), (192, 34, 47.70),
+                               (224, 41, 50.60)]),
+    ("mobilenetv1_050", "1c", [(128, 49, 56.30), (192, 110, 61.70), (224, 150, 63.30)]),
+    ("mobilenetv1_bft_100", "1c", [(96, 14, 46.58), (128, 23, 52.26), (160, 35, 54.30),
+                                   (192, 51, 57.56)]),
+    ("mobilenetv1_bft_200", "1c", [(128, 52, 58.35), (192, 112, 63.03), (224, 150, 64.32)]),
+    ("shufflenetv2_050", "1a", [(128, 14, 50.86), (160, 21, 55.21), (224, 41, 59.70)]),
+    ("shufflenetv2_bft_125", "1a", [(128, 14, 55.26), (160, 21, 57.83), (224, 41, 61.33)]),
+    ("mobilenetv3_small_035", "1b", [(224, 13, 49.8)]),
+    ("mobilenetv3_small_bft_050", "1b", [(224, 15, 55.21)]),
+]:
+    for _res, _mflops, _top1 in _rows:
+        PAPER[(_model, _res)] = {"mflops": _mflops, "top1": _top1, "table": f"Table {_table}"}
+
+MODELS = list(dict.fromkeys(m for m, _ in PAPER))
+LABELS = {
+    "mobilenetv1_025": "MobileNetV1 0.25", "mobilenetv1_050": "MobileNetV1 0.5",
+    "mobilenetv1_bft_100": "MobileNetV1+BFT 1.0", "mobilenetv1_bft_200": "MobileNetV1+BFT 2.0",
+    "shufflenetv2_050": "ShuffleNetV2 0.5", "shufflenetv2_bft_125": "ShuffleNetV2+BFT 1.25",
+    "mobilenetv3_small_035": "MobileNetV3-Small 0.35",
+    "mobilenetv3_small_bft_050": "MobileNetV3-Small+BFT 0.5",
+}
+FAMILIES = {"mobilenetv1": "MobileNetV1", "shufflenetv2": "ShuffleNetV2",
+            "mobilenetv3": "MobileNetV3-Small"}
+# Each BFT model and the baseline the paper matches it with.
+BASELINE_OF = {"mobilenetv1_bft_100": "mobilenetv1_025", "mobilenetv1_bft_200": "mobilenetv1_050",
+               "shufflenetv2_bft_125": "shufflenetv2_050",
+               "mobilenetv3_small_bft_050": "mobilenetv3_small_035"}
+# The rows of Table 1: (BFT model, res, baseline, res, headline). The headline pairs are the
+# ones at the largest matched budget of each family.
+PAIRS = [
+    ("mobilenetv1_bft_100", 96, "mobilenetv1_025", 128, False),
+    ("mobilenetv1_bft_100", 128, "mobilenetv1_025", 160, False),
+    ("mobilenetv1_bft_100", 160, "mobilenetv1_025", 192, False),
+    ("mobilenetv1_bft_100", 160, "mobilenetv1_025", 224, True),
+    ("mobilenetv1_bft_100", 192, "mobilenetv1_050", 128, False),
+    ("mobilenetv1_bft_200", 128, "mobilenetv1_050", 128, False),
+    ("mobilenetv1_bft_200", 192, "mobilenetv1_050", 192, False),
+    ("mobilenetv1_bft_200", 224, "mobilenetv1_050", 224, True),
+    ("shufflenetv2_bft_125", 128, "shufflenetv2_050", 128, False),
+    ("shufflenetv2_bft_125", 160, "shufflenetv2_050", 160, False),
+    ("shufflenetv2_bft_125", 224, "shufflenetv2_050", 224, True),
+    ("mobilenetv3_small_bft_050", 224, "mobilenetv3_small_035", 224, True),
+]
+# "What bounds it": the MAC-matched MobileNetV1 pair at 150 MFLOPs.
+BOUNDS_PAIR = (("mobilenetv1_bft_200", 224), ("mobilenetv1_050", 224))
+
+PATHS = ("eager", "eager_cl", "compile", "ort", "ort_structured", "fused", "fused_cl")
+BFT_ONLY = {"ort_structured"}
+THREADS, BATCHES = [2, 1], [1, 32]
+# rounds, seconds of timed calls per round (blocked_autorange's min_run_time), untimed seconds
+# before them
+TIMING = {"full": (5, 0.25, 0.05), "quick": (2, 0.05, 0.01)}
+
+
+# --------------------------------------------------------------------------- the machine
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma")
+                     if f in flags) or "none of avx512f/avx2/fma"
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine() -> Dict:
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = "not installed"
+    return {"cpu": cpu_model(), "flags": cpu_flags(), "logical_cpus": os.cpu_count(),
+            "usable_cpus": usable_cores(), "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, "onnxruntime": ort_version,
+            "butterfly": butterfly.__version__, "platform": platform.platform()}
+
+
+def loadavg() -> List[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    first = next((line.strip() for line in text if line.strip()), "")
+    reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return reason if len(reason) <= 240 else reason[:237] + "..."
+
+
+# --------------------------------------------------------------------------- models
+
+def cell_key(model: str, res: int, path: str, threads: int, batch: int) -> str:
+    return f"{model}@{res}|{path}|t{threads}|b{batch}"
+
+
+def config_key(model: str, res: int) -> str:
+    return f"{model}@{res}"
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=1000).eval()
+
+
+def has_bft(model: nn.Module) -> bool:
+    return any(butterfly.is_bft(m) for m in model.modules())
+
+
+def applicable(path: str, bft: bool) -> bool:
+    return bft or path not in BFT_ONLY
+
+
+def layer_profile(model: nn.Module, res: int) -> Dict:
+    """Per image (batch 1, float32): the activation bytes every leaf module (a BFT counted as one
+    layer) reads and writes (its input and output tensors), the same for the conv, BFT and linear
+    layers alone (what remains when BatchNorms and activations are fused into them), and the
+    multiply-adds by layer kind (dense: 1x1 / full convs and linear layers; depthwise; bft)."""
+    act = [0, 0]
+    macs = {"dense": 0, "depthwise": 0, "bft": 0}
+
+    def size(t) -> int:
+        if isinstance(t, torch.Tensor):
+            return t.numel() * t.element_size()
+        if isinstance(t, (list, tuple)):
+            return sum(size(v) for v in t)
+        return 0
+
+    def hook(module, inputs, output):
+        act[0] += size(inputs) + size(output)
+        if butterfly.is_bft(module) or isinstance(module, (nn.Conv2d, nn.Linear)):
+            act[1] += size(inputs) + size(output)
+        if butterfly.is_bft(module):
+            pixels = output[0, 0].numel() if output.dim() == 4 else 1
+            macs["bft"] += module.macs_per_pixel * pixels
+        elif isinstance(module, nn.Conv2d):
+            per = output[0].numel() * module.in_channels // module.groups * math.prod(
+                module.kernel_size)
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            macs["depthwise" if depthwise else "dense"] += per
+        elif isinstance(module, nn.Linear):
+            macs["dense"] += output[0].numel() * module.in_features
+
+    leaves, skip = [], set()
+    for name, module in model.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        if butterfly.is_bft(module):
+            skip.add(name)
+            leaves.append(module)
+        elif not list(module.children()):
+            leaves.append(module)
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.inference_mode():
+            model(torch.randn(1, 3, res, res))
+    finally:
+        for h in handles:
+            h.remove()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"act_bytes": act[0], "act_bytes_layers": act[1], "weight_bytes": weights,
+            "macs_by_kind": macs}
+
+
+def model_meta(name: str, res: int, model: nn.Module) -> Dict:
+    meta = {"model": name, "res": res, "label": LABELS.get(name, name), "bft": has_bft(model),
+            "macs": count_macs(model, (3, res, res)),
+            "params": sum(p.numel() for p in model.parameters()),
+            "paper": PAPER.get((name, res))}
+    meta.update(layer_profile(model, res))
+    return meta
+
+
+# --------------------------------------------------------------------------- paths
+
+class Context:
+    """What the paths of one (model, threads, batch) group share."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, threads: int, tmp: str, name: str,
+                 onnx_files: Optional[Dict] = None):
+        self.model, self.x, self.threads, self.tmp, self.name = model, x, threads, tmp, name
+        self.x_cl = x.contiguous(memory_format=torch.channels_last)
+        self._onnx: Dict[Tuple[bool, int], Tuple[str, float]] = \
+            {} if onnx_files is None else onnx_files
+
+    def onnx(self, structured: bool) -> Tuple[str, float]:
+        """The ONNX file of the model at this batch size (exported once per model and batch, and
+        shared by the thread counts through ``onnx_files``); returns (path, export seconds)."""
+        key = (structured, self.x.shape[0])
+        if key not in self._onnx:
+            path = os.path.join(self.tmp, f"{self.name}_{'s' if structured else 'd'}_"
+                                          f"b{self.x.shape[0]}.onnx")
+            t0 = time.perf_counter()
+            log = io.StringIO()
+            with warnings.catch_warnings(), contextlib.redirect_stdout(log), \
+                    contextlib.redirect_stderr(log):
+                warnings.simplefilter("ignore")
+                butterfly.export_onnx(self.model, self.x, path, structured=structured)
+            self._onnx[key] = (path, time.perf_counter() - t0)
+        return self._onnx[key]
+
+
+Runner = Callable[[], torch.Tensor]
+
+
+def torch_runner(module: nn.Module, x: torch.Tensor) -> Runner:
+    def run():
+        with torch.inference_mode():
+            return module(x)
+    return run
+
+
+def prep_eager(ctx: Context) -> Tuple[Runner, Dict]:
+    return torch_runner(ctx.model, ctx.x), {}
+
+
+def prep_eager_cl(ctx: Context) -> Tuple[Runner, Dict]:
+    model = copy.deepcopy(ctx.model).to(memory_format=torch.channels_last)
+    return torch_runner(model, ctx.x_cl), {}
+
+
+def prep_compile(ctx: Context, max_warmup: int = 20) -> Tuple[Runner, Dict]:
+    """torch.compile (inductor, freezing) of a channels_last copy, compiled for this thread count
+    and input shape; called until two consecutive calls are within 20% of each other."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+    torch._dynamo.reset()
+    model = copy.deepcopy(ctx.model).to(memory_format=torch.channels_last)
+    with inductor_config.patch(freezing=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(model, backend="inductor", dynamic=False)
+        run = torch_runner(compiled, ctx.x_cl)
+        t0 = time.perf_counter()
+        run()
+        compile_s = time.perf_counter() - t0
+        times: List[float] = []
+        while len(times) < max_warmup:
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 2 and abs(times[-1] - times[-2]) <= 0.2 * min(times[-2:]):
+                break
+    return run, {"compile_s": round(compile_s, 2), "warmup_calls": len(times) + 1}
+
+
+def prep_ort(ctx: Context, structured: bool = False) -> Tuple[Runner, Dict]:
+    import onnxruntime as ort
+    path, export_s = ctx.onnx(structured)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = ctx.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: ctx.x.numpy()}
+
+    def run():
+        return torch.from_numpy(session.run(None, feed)[0])
+    return run, {"export_s": round(export_s, 2), "onnx_mb": round(os.path.getsize(path) / 1e6, 2)}
+
+
+def report_summary(report) -> List[str]:
+    """The summary lines of ``str(report)``: those before its table header (a line starting with
+    "layer"), at most five; the first line when there is no such header."""
+    lines = [line.rstrip() for line in str(report).splitlines()]
+    head = next((i for i, line in enumerate(lines) if line.lstrip().lower().startswith("layer")),
+                None)
+    summary = [line for line in lines[:head] if line.strip()] if head else lines[:1]
+    return summary[:5]
+
+
+def prep_fused(ctx: Context, channels_last: bool = False) -> Tuple[Runner, Dict]:
+    model, x = copy.deepcopy(ctx.model), ctx.x
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), ctx.x_cl
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, report = butterfly.optimize_for_inference(model, x)
+    info = {"optimize_s": round(time.perf_counter() - t0, 2), "report_summary": report_summary(report),
+            "report": str(report)}
+    return torch_runner(model, x), info
+
+
+PREPARE: Dict[str, Callable[[Context], Tuple[Runner, Dict]]] = {
+    "eager": prep_eager,
+    "eager_cl": prep_eager_cl,
+    "compile": prep_compile,
+    "ort": lambda ctx: prep_ort(ctx, structured=False),
+    "ort_structured": lambda ctx: prep_ort(ctx, structured=True),
+    "fused": lambda ctx: prep_fused(ctx, channels_last=False),
+    "fused_cl": lambda ctx: prep_fused(ctx, channels_last=True),
+}
+
+
+# --------------------------------------------------------------------------- timing
+
+def time_interleaved(runners: Dict[str, Runner], threads: int, rounds: int, min_run_time: float,
+                     settle_s: float) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
+    """Seconds per call of every runner: ``rounds`` rounds in a rotating order; in each, a runner
+    is called untimed for ``settle_s`` (at least once: caches, the other runtime's spinning
+    threads) and then timed with ``Timer.blocked_autorange(min_run_time)``, which times blocks of
+    ``number_per_run`` calls (1 for calls long against the timer's overhead, else 10 or more).
+    Returns, per runner, the seconds per call of every block of all rounds and the number of
+    timed calls, and, for runners that raised, the reason (they are dropped)."""
+    times: Dict[str, List[float]] = {name: [] for name in runners}
+    calls = dict.fromkeys(runners, 0)
+    failed: Dict[str, str] = {}
+    names = list(runners)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        for name in order:
+            if name in failed:
+                continue
+            run = runners[name]
+            try:
+                until = time.perf_counter() + settle_s
+                run()
+                while time.perf_counter() < until:
+                    run()
+                timer = Timer(stmt="run()", globals={"run": run}, num_threads=threads)
+                m = timer.blocked_autorange(min_run_time=min_run_time)
+                times[name].extend(m.times)
+                calls[name] += m.number_per_run * len(m.times)
+            except Exception as err:  # a failing path is recorded, not raised
+                failed[name] = one_line(err)
+    return times, calls, failed
+
+
+def quartiles(values: List[float]) -> Tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def max_rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    got = got.detach().float().reshape(want.shape)
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+# --------------------------------------------------------------------------- machine rates
+
+def machine_rates(threads: int, quick: bool) -> Dict:
+    """Measured with ``threads`` threads: copy bandwidth (bytes read + written per second, a tensor
+    far larger than the caches) and the multiply-add rates of a dense 1x1 conv, a depthwise 3x3
+    conv and a BFT, at MobileNetV1-like shapes (batch 32; 8 with ``quick``)."""
+    batch = 8 if quick else 32
+    n = (32 if quick else 128) * 2 ** 20 // 4
+    src, dst = torch.randn(n), torch.empty(n)
+    steps = {"copy": lambda: dst.copy_(src)}
+    x512 = torch.randn(batch, 512, 14, 14).contiguous(memory_format=torch.channels_last)
+    x1024 = torch.randn(batch, 1024, 14, 14).contiguous(memory_format=torch.channels_last)
+    pw = nn.Conv2d(512, 512, 1, bias=False).to(memory_format=torch.channels_last).eval()
+    dw = nn.Conv2d(512, 512, 3, padding=1, groups=512, bias=False).to(
+        memory_format=torch.channels_last).eval()
+    bft = butterfly.BFT(1024, 1024).eval()
+    steps["dense"] = torch_runner(pw, x512)
+    steps["depthwise"] = torch_runner(dw, x512)
+    steps["bft"] = torch_runner(bft, x1024)
+    with torch_threads(threads):
+        times, _, failed = time_interleaved(steps, threads, 2 if quick else 3,
+                                         0.05 if quick else 0.2, 0.01 if quick else 0.05)
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    pixels = batch * 14 * 14
+    out = {"threads": threads, "date": now(), "quick": quick, "failed": failed,
+           "copy_GBs": 2 * n * 4 / med["copy"] / 1e9 if "copy" in med else None}
+    for kind, macs in (("dense", 512 * 512 * pixels), ("depthwise", 512 * 9 * pixels),
+                       ("bft", bft.macs_per_pixel * pixels)):
+        out[f"{kind}_GMACs"] = macs / med[kind] / 1e9 if kind in med else None
+    out["shapes"] = (f"copy {n * 4 / 2 ** 20:.0f} MiB; dense 1x1 conv 512->512, depthwise 3x3 "
+                     f"512 ch, at {batch}x512x14x14; BFT 1024->1024 at {batch}x1024x14x14; "
+                     "channels_last")
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+def load_results(path: Path) -> Dict:
+    if path.exists():
+        data = json.loads(path.read_text())
+        for key in ("runs", "configs", "cells", "rates"):
+            data.setdefault(key, [] if key == "runs" else {})
+        return data
+    return {"version": 1, "runs": [], "configs": {}, "cells": {}, "rates": {}}
+
+
+def save_results(data: Dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def configs_of(args) -> List[Tuple[str, int]]:
+    configs = []
+    for name in args.models:
+        resolutions = args.res or [r for (m, r) in PAPER if m == name] or [224]
+        configs += [(name, r) for r in resolutions]
+    return configs
+
+
+def plan_cells(args, data: Dict) -> List[Tuple[str, int, str, int, int]]:
+    """The cells this run measures: (model, res, path, threads, batch): those not in the JSON, the
+    failed ones too with --retry-failed, every one with --force."""
+    todo = []
+    for name, res in configs_of(args):
+        bft = data["configs"].get(config_key(name, res), {}).get("bft")
+        if bft is None:
+            bft = "_bft_" in name
+        for threads in args.threads:
+            for batch in args.batch:
+                for path in args.paths:
+                    if not applicable(path, bft):
+                        continue
+                    cell = data["cells"].get(cell_key(name, res, path, threads, batch))
+                    if args.force or cell is None or (args.retry_failed
+                                                      and cell["status"] != "ok"):
+                        todo.append((name, res, path, threads, batch))
+    return todo
+
+
+def run_config(name: str, res: int, todo: List, args, data: Dict, run_id: int,
+               out: Path) -> int:
+    """Measure the cells of ``todo`` for one model configuration; returns how many were measured."""
+    timing = TIMING["quick" if args.quick else "full"]
+    key = config_key(name, res)
+    try:
+        model = build(name)
+        if args.force or "error" in data["configs"].get(key, {"error": None}):
+            data["configs"][key] = model_meta(name, res, model)
+    except Exception as err:  # the model itself fails: every cell of it is recorded as failed
+        reason = f"model: {one_line(err)}"
+        print(f"== {key}: FAILED {reason}", flush=True)
+        meta = data["configs"].get(key) or {
+            "model": name, "res": res, "label": LABELS.get(name, name), "bft": "_bft_" in name,
+            "macs": 0, "params": 0, "paper": PAPER.get((name, res)), "act_bytes": 0,
+            "weight_bytes": 0}
+        data["configs"][key] = {**meta, "error": reason}
+        for _, _, path, threads, batch in todo:
+            data["cells"][cell_key(name, res, path, threads, batch)] = {
+                "model": name, "res": res, "path": path, "threads": threads, "batch": batch,
+                "date": now(), "run": run_id, "status": "failed", "reason": reason}
+        save_results(data, out / JSON_NAME)
+        return len(todo)
+    meta = data["configs"][key]
+    todo = [c for c in todo if applicable(c[2], meta["bft"])]
+    loads = {"before": loadavg(), "date": now(), "run": run_id}
+    print(f"== {key}: {meta['macs'] / 1e6:.1f} M MACs, {len(todo)} cells, load {loads['before']}",
+          flush=True)
+    measured, onnx_files = 0, {}
+    with tempfile.TemporaryDirectory(prefix="bft_models_") as tmp:
+        for threads in args.threads:
+            for batch in args.batch:
+                paths = [c[2] for c in todo if c[3] == threads and c[4] == batch]
+                if not paths:
+                    continue
+                measured += run_group(name, res, model, paths, threads, batch, timing, tmp,
+                                      data, run_id, onnx_files)
+                save_results(data, out / JSON_NAME)
+    loads["after"] = loadavg()
+    meta.setdefault("loads", []).append(loads)
+    save_results(data, out / JSON_NAME)
+    return measured
+
+
+def run_group(name: str, res: int, model: nn.Module, paths: List[str], threads: int, batch: int,
+              timing: Tuple[int, float, float], tmp: str, data: Dict, run_id: int,
+              onnx_files: Optional[Dict] = None) -> int:
+    rounds, min_run_time, settle_s = timing
+    start, load_before = time.perf_counter(), loadavg()
+    torch.manual_seed(1)
+    x = torch.randn(batch, 3, res, res)
+    runners, infos, failed, diffs, prep_s = {}, {}, {}, {}, {}
+    with torch_threads(threads):
+        try:
+            with torch.inference_mode():
+                want = model(x).float()
+        except Exception as err:  # the eager reference fails: so does every path
+            want, failed = None, {path: f"eager forward: {one_line(err)}" for path in paths}
+        ctx = Context(model, x, threads, tmp, name, onnx_files)
+        for path in paths if want is not None else ():
+            t0 = time.perf_counter()
+            try:
+                run, info = PREPARE[path](ctx)
+                diffs[path] = max_rel_diff(run(), want)
+                runners[path], infos[path] = run, info
+            except Exception as err:  # a failing path is recorded, not raised
+                failed[path] = one_line(err)
+            prep_s[path] = round(time.perf_counter() - t0, 2)
+        times, calls, timing_failed = time_interleaved(runners, threads, rounds, min_run_time,
+                                                       settle_s)
+    failed.update(timing_failed)
+    load_after, date = loadavg(), now()
+    group_s = round(time.perf_counter() - start, 1)
+    for path in paths:
+        cell = {"model": name, "res": res, "path": path, "threads": threads, "batch": batch,
+                "date": date, "run": run_id, "load_before": load_before, "load_after": load_after,
+                "prepare_s": prep_s.get(path), "group_s": group_s, "quick": timing is TIMING["quick"],
+                "cpus": usable_cores()}
+        if path in failed:
+            cell.update(status="failed", reason=failed[path])
+            print(f"   {path:<15} t{threads} b{batch}: FAILED {failed[path]}", flush=True)
+        else:
+            t = times[path]
+            q1, q3 = quartiles(t)
+            median = statistics.median(t)
+            cell.update(status="ok", ms=median * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3,
+                        min_ms=min(t) * 1e3, samples=len(t), calls=calls[path], img_s=batch / median,
+                        max_rel_diff=diffs[path], **infos[path])
+            print(f"   {path:<15} t{threads} b{batch}: {median * 1e3:9.2f} ms "
+                  f"({batch / median:8.1f} img/s, IQR {q1 * 1e3:.2f}-{q3 * 1e3:.2f}, "
+                  f"{calls[path]} calls, diff {diffs[path]:.1e})", flush=True)
+        data["cells"][cell_key(name, res, path, threads, batch)] = cell
+    return len(paths)
+
+
+# --------------------------------------------------------------------------- the report
+
+def fmt_ms(cell: Optional[Dict]) -> str:
+    if cell is None:
+        return ""
+    if cell["status"] != "ok":
+        return "failed"
+    return f"{cell['ms']:.2f} ({cell['q1_ms']:.2f}-{cell['q3_ms']:.2f}){marks(cell)}"
+
+
+def fmt_img_s(cell: Optional[Dict]) -> str:
+    if cell is None:
+        return ""
+    if cell["status"] != "ok":
+        return "failed"
+    # the quartiles of the call time, as throughputs
+    return f"{cell['img_s']:.0f} ({cell['batch'] / cell['q3_ms'] * 1e3:.0f}-" \
+           f"{cell['batch'] / cell['q1_ms'] * 1e3:.0f}){marks(cell)}"
+
+
+def marks(cell: Dict) -> str:
+    """The cell's marks: q = measured with --quick; L = the 1-minute load average before or after
+    the cell's group exceeded the usable CPUs (other work was running: not trustworthy)."""
+    text = ("q" if cell.get("quick") else "") + ("L" if loaded(cell) else "")
+    return f" {text}" if text else ""
+
+
+def loaded(cell: Dict) -> bool:
+    loads = [ld[0] for ld in (cell.get("load_before"), cell.get("load_after")) if ld]
+    return bool(loads) and max(loads) > cell.get("cpus", usable_cores())
+
+
+def cells_of(data: Dict, key: str) -> List[Dict]:
+    name, res = key.rsplit("@", 1)
+    return [c for c in data["cells"].values() if c["model"] == name and c["res"] == int(res)]
+
+
+def best(data: Dict, key: str, threads: int, batch: int) -> Optional[Dict]:
+    """The fastest ok cell of a configuration at (threads, batch)."""
+    cells = [c for c in cells_of(data, key) if c["threads"] == threads and c["batch"] == batch
+             and c["status"] == "ok"]
+    return min(cells, key=lambda c: c["ms"] / c["batch"]) if cells else None
+
+
+def paper_text(meta: Dict) -> str:
+    p = meta.get("paper")
+    if not p:
+        return "not in the paper's tables"
+    return f"paper: {p['mflops']} MFLOPs, ImageNet top-1 {p['top1']:.2f}% (BFT paper, {p['table']})"
+
+
+def top1(meta: Optional[Dict]) -> str:
+    return f"{meta['paper']['top1']:.2f}" if meta and meta.get("paper") else "-"
+
+
+def thread_counts(data: Dict) -> List[int]:
+    return sorted({c["threads"] for c in data["cells"].values()}, reverse=True)
+
+
+def batches(data: Dict) -> List[int]:
+    return sorted({c["batch"] for c in data["cells"].values()})
+
+
+def sorted_configs(data: Dict) -> List[str]:
+    order = {m: i for i, m in enumerate(MODELS)}
+    return sorted(data["configs"], key=lambda k: (order.get(k.rsplit("@", 1)[0], len(order)),
+                                                  k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])))
+
+
+def ratio_rows(data: Dict, pairs) -> List[str]:
+    rows = []
+    for bft, bres, base, rres, headline in pairs:
+        kb, kr = config_key(bft, bres), config_key(base, rres)
+        mb, mr = data["configs"].get(kb), data["configs"].get(kr)
+        if mb is None or mr is None:
+            continue
+        for threads in thread_counts(data):
+            cols = []
+            for batch in batches(data):
+                cb, cr = best(data, kb, threads, batch), best(data, kr, threads, batch)
+                if cb is None or cr is None:
+                    cols.append("-")
+                    continue
+                ratio = (cb["ms"] / cb["batch"]) / (cr["ms"] / cr["batch"])
+                mark = " L" if loaded(cb) or loaded(cr) else ""
+                cols.append(f"**{ratio:.2f}** ({cb['ms'] / cb['batch']:.2f} {cb['path']} / "
+                            f"{cr['ms'] / cr['batch']:.2f} {cr['path']}){mark}")
+            if all(c == "-" for c in cols):
+                continue
+            star = " *" if headline else ""
+            rows.append(f"| {LABELS.get(bft, bft)} @{bres}{star} | {mb['macs'] / 1e6:.1f} | "
+                        f"{top1(mb)} | {LABELS.get(base, base)} @{rres} | {mr['macs'] / 1e6:.1f} | "
+                        f"{top1(mr)} | {threads} | " + " | ".join(cols) + " |")
+    return rows
+
+
+def ratio_table(data: Dict, pairs, title: str, intro: str) -> List[str]:
+    rows = ratio_rows(data, pairs)
+    if not rows:
+        return []
+    head = ("| BFT model | MMACs | top-1 | baseline | MMACs | top-1 | threads | "
+            + " | ".join(f"batch {b}: BFT / baseline, ms per image (best paths)"
+                         for b in batches(data)) + " |")
+    return ([f"## {title}", "", intro, "", head,
+             "|---|---:|---:|---|---:|---:|---:|" + "---|" * len(batches(data))] + rows + [""])
+
+
+def same_res_pairs(data: Dict) -> List[Tuple]:
+    pairs = []
+    for bft, base in BASELINE_OF.items():
+        for res in sorted({int(k.rsplit("@", 1)[1]) for k in data["configs"]}):
+            if config_key(bft, res) in data["configs"] and config_key(base, res) in data["configs"]:
+                pairs.append((bft, res, base, res, False))
+    return pairs
+
+
+def bounds_section(data: Dict) -> List[str]:
+    (bft, bres), (base, rres) = BOUNDS_PAIR
+    lines = [f"## What bounds it: {bft} vs {base}", ""]
+    rates = data.get("rates", {})
+    if not rates:
+        return lines + [f"Not measured yet: the machine rates are measured with `{bft}` at {bres} "
+                        f"or `{base}` at {rres}.", ""]
+    lines += ["Machine rates, measured by this benchmark (medians):", "",
+              "| threads | copy GB/s (read + write) | dense 1x1 conv GMAC/s | depthwise 3x3 GMAC/s "
+              "| BFT GMAC/s | shapes |", "|---:|---:|---:|---:|---:|---|"]
+
+    def g(v, spec=".1f"):
+        return "-" if v is None else f"{v:{spec}}"
+
+    for t in sorted(rates, key=lambda k: -int(k[1:])):
+        r = rates[t]
+        lines.append(f"| {r['threads']} | {g(r['copy_GBs'])} | {g(r['dense_GMACs'])} | "
+                     f"{g(r['depthwise_GMACs'])} | {g(r['bft_GMACs'])} | {r['shapes']} |")
+    lines.append("")
+    metas = [(k, data["configs"].get(config_key(*k))) for k in BOUNDS_PAIR]
+    if any(m is None or "macs_by_kind" not in m for _, m in metas):
+        return lines + [f"Run `{bft}` at {bres} and `{base}` at {rres} for the model rows.", ""]
+    lines += [
+        "Per image, float32. *activations*: the input and output tensors of every leaf module "
+        "(a BFT counted as one layer), summed: what eager PyTorch reads and writes at least once "
+        "if nothing stays in cache; *layers only*: the same for the conv, BFT and linear layers "
+        "alone, what is left when BatchNorms and activations are fused into them (the least any "
+        "path moves). *memory time* = (bytes + weights) / copy bandwidth, for both counts. "
+        "*compute time* = sum over layer kinds of MACs / that kind's measured rate. *measured*: "
+        "the best path's time per image. The larger of the two lower bounds (memory time with "
+        "layers only, compute time) is the nearer wall; a measured time far above both is "
+        "overhead (framework, small ops, cache misses) rather than either limit.", "",
+        "| model | MACs (M): dense / depthwise / BFT | activations MB: all / layers only "
+        "| weights MB | threads | memory time ms: all / layers only | compute time ms "
+        "| measured ms, batch 1 (path) | measured ms/image, batch 32 (path) | nearer bound |",
+        "|---|---|---|---:|---:|---|---:|---|---|---|"]
+    summary = {}
+    for (name, res), meta in metas:
+        m = meta["macs_by_kind"]
+        layers_bytes = meta.get("act_bytes_layers", meta["act_bytes"])
+        for t in sorted(rates, key=lambda k: -int(k[1:])):
+            r = rates[t]
+            threads = r["threads"]
+            mem_ms = mem_layers_ms = compute_ms = None
+            if r.get("copy_GBs"):
+                bw = r["copy_GBs"] * 1e9
+                mem_ms = (meta["act_bytes"] + meta["weight_bytes"]) / bw * 1e3
+                mem_layers_ms = (layers_bytes + meta["weight_bytes"]) / bw * 1e3
+            if all(r.get(f"{k}_GMACs") for k in ("dense", "depthwise", "bft")):
+                compute_ms = sum(m[k] / (r[f"{k}_GMACs"] * 1e9) for k in m) * 1e3
+            cols, measured = [], {}
+            for batch in (1, 32):
+                c = best(data, config_key(name, res), threads, batch)
+                if c is not None:
+                    measured[batch] = c["ms"] / batch
+                cols.append("-" if c is None else f"{c['ms'] / batch:.2f} ({c['path']})")
+            nearer = "-"
+            if mem_layers_ms is not None and compute_ms is not None:
+                bound = max(mem_layers_ms, compute_ms)
+                nearer = "memory" if mem_layers_ms > compute_ms else "compute"
+                nearer += f" ({bound / min(mem_layers_ms, compute_ms):.1f}x the other)"
+                summary[(name, threads)] = (bound, nearer.split()[0], measured)
+            lines.append(
+                f"| {name} @{res} | {m['dense'] / 1e6:.1f} / {m['depthwise'] / 1e6:.1f} / "
+                f"{m['bft'] / 1e6:.1f} | {meta['act_bytes'] / 1e6:.1f} / {layers_bytes / 1e6:.1f} | "
+                f"{meta['weight_bytes'] / 1e6:.1f} | {threads} | {g(mem_ms, '.2f')} / "
+                f"{g(mem_layers_ms, '.2f')} | {g(compute_ms, '.2f')} | {cols[0]} | {cols[1]} | "
+                f"{nearer} |")
+    mb, mr = metas[0][1], metas[1][1]
+    lines += ["", f"{bft} moves {mb['act_bytes'] / mr['act_bytes']:.1f}x the activation bytes of "
+              f"{base} ({mb.get('act_bytes_layers', 0) / max(mr.get('act_bytes_layers', 1), 1):.1f}x "
+              f"counting the layers only) for {mb['macs'] / mr['macs']:.2f}x its multiply-adds: the "
+              "BFT model is wider at equal MACs (the paper's section 5 notes its larger working "
+              "memory)."]
+    for t in sorted(rates, key=lambda k: -int(k[1:])):
+        threads = rates[t]["threads"]
+        if (bft, threads) not in summary or (base, threads) not in summary:
+            continue
+        (b_bound, b_kind, b_meas), (r_bound, r_kind, r_meas) = summary[(bft, threads)], \
+            summary[(base, threads)]
+        text = (f"{threads} thread{'s' if threads > 1 else ''}: lower bounds {b_bound:.2f} ms "
+                f"({b_kind}) for {bft} and {r_bound:.2f} ms ({r_kind}) for {base}, ratio "
+                f"{b_bound / r_bound:.2f}")
+        for batch in (32, 1):
+            if batch in b_meas and batch in r_meas:
+                text += (f"; measured at batch {batch}: {b_meas[batch]:.2f} vs "
+                         f"{r_meas[batch]:.2f} ms per image (ratio "
+                         f"{b_meas[batch] / r_meas[batch]:.2f}), "
+                         f"{b_meas[batch] / b_bound:.1f}x and {r_meas[batch] / r_bound:.1f}x "
+                         "their bounds")
+        lines.append("* " + text + ".")
+    return lines + [""]
+
+
+def model_section(data: Dict, key: str) -> List[str]:
+    meta = data["configs"][key]
+    cells = {(c["path"], c["threads"], c["batch"]): c for c in cells_of(data, key)}
+    threads, bs = thread_counts(data), batches(data)
+    lines = [f"### {meta['label']} @{meta['res']} (`{meta['model']}`)", "",
+             f"{meta['macs'] / 1e6:.2f} M MACs (count_macs), {meta['params'] / 1e6:.3f} M params, "
+             f"{meta['act_bytes'] / 1e6:.1f} MB activations per image; {paper_text(meta)}.", ""]
+    if meta.get("error"):
+        lines += [f"The model failed: {meta['error']}", ""]
+    cols = [(t, b) for t in threads for b in bs]
+    head = "| path | " + " | ".join(
+        f"{t} thr, batch {b}: " + ("ms (IQR)" if b == 1 else "img/s (IQR)") for t, b in cols) + " |"
+    lines += [head, "|---|" + "---:|" * len(cols)]
+    for path in PATHS:
+        if not any((path, t, b) in cells for t, b in cols):
+            continue
+        row = []
+        for t, b in cols:
+            c = cells.get((path, t, b))
+            row.append(fmt_ms(c) if b == 1 else fmt_img_s(c))
+        lines.append(f"| {path} | " + " | ".join(row) + " |")
+    lines.append("")
+    bests = []
+    for t, b in cols:
+        c = best(data, key, t, b)
+        if c:
+            value = f"{c['ms']:.2f} ms" if b == 1 else f"{c['img_s']:.0f} img/s"
+            bests.append(f"{t} thr batch {b}: **{c['path']}** ({value})")
+    if bests:
+        lines += ["Best: " + "; ".join(bests) + ".", ""]
+    notes = []
+    for (path, t, b), c in sorted(cells.items(), key=lambda kv: (PATHS.index(kv[0][0]),
+                                                                 -kv[0][1], kv[0][2])):
+        if c["status"] != "ok":
+            notes.append(f"- {path}, {t} thr, batch {b}: failed: {c['reason']}")
+            continue
+        extra = []
+        if c.get("max_rel_diff", 0) > 1e-3:
+            extra.append(f"output differs from eager by {c['max_rel_diff']:.1e} (relative)")
+        if "compile_s" in c:
+            extra.append(f"first call (compile) {c['compile_s']} s")
+        if "export_s" in c:
+            extra.append(f"export {c['export_s']} s, {c['onnx_mb']} MB")
+        if c.get("report_summary"):
+            extra.append("report: " + " / ".join(c["report_summary"]))
+        if extra:
+            notes.append(f"- {path}, {t} thr, batch {b}: " + "; ".join(extra))
+    if notes:
+        lines += notes + [""]
+    loads = meta.get("loads", [])
+    if loads:
+        lines += ["Load average (1/5/15 min) before -> after measuring this model: " + "; ".join(
+            f"{ld['before']} -> {ld.get('after', '?')} (run {ld['run']})" for ld in loads) + ".",
+            ""]
+    return lines
+
+
+def report(data: Dict) -> str:
+    runs = data["runs"]
+    m = runs[-1]["machine"] if runs else machine()
+    lines = ["# Model-level CPU benchmark: every path, every configuration of the paper", "",
+             f"Machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['usable_cpus']} usable; "
+             f"{m['flags']}); torch {m['torch']}, onnxruntime {m['onnxruntime']}, timm "
+             f"{m['timm']}, butterfly {m['butterfly']}, Python {m['python']}, {m['platform']}.", "",
+             "Runs (each cell names the run that measured it; the load average is the 1/5/15 "
+             "minute one at start and end; it counts every runnable process on the machine, "
+             "this benchmark's own threads included):", "",
+             "| run | date | command | load start -> end | cells | note |",
+             "|---:|---|---|---|---:|---|"]
+    for run in runs:
+        count = sum(c["run"] == run["id"] for c in data["cells"].values())
+        lines.append(f"| {run['id']} | {run['date']} | `{run['command']}` | "
+                     f"{run['load_start']} -> {run.get('load_end', '?')} | {count} | "
+                     f"{run.get('note') or ''} |")
+    lines += ["", "Random weights (seed 0), eval mode, float32, 1000 classes, "
+              "`torch.inference_mode()`. Paths: `eager` (NCHW), `eager_cl` (channels_last model "
+              "and input), `compile` (torch.compile, inductor, freezing, channels_last, compiled "
+              "per thread count and batch), `ort` (onnxruntime CPU on the dense ONNX export), "
+              "`ort_structured` (the structured export; BFT models only), `fused` / `fused_cl` "
+              "(`butterfly.optimize_for_inference` on the input timed, NCHW / channels_last). "
+              "Threads: `torch.set_num_threads`, onnxruntime `intra_op_num_threads`. Each cell: "
+              "the median over interleaved rounds of `torch.utils.benchmark.Timer."
+              "blocked_autorange` calls, with the quartiles; batch 1 in ms per call, batch 32 in "
+              "images per second. MACs from `butterfly.flops.count_macs`; top-1 accuracies are "
+              "ImageNet figures from the BFT paper (Alizadeh Vahid et al., CVPR 2020, Table 1), "
+              "not measured here.", ""]
+    lines += ratio_table(
+        data, PAIRS, "BFT vs its MAC-matched baseline (the paper's Table 1 rows)",
+        "Ratio = BFT time per image / baseline time per image, each with its fastest path at that "
+        "thread count and batch: **< 1 means the BFT model is faster**. * = the headline pair of "
+        "each family; L = one of the two was measured under load (see the per-model tables).")
+    lines += ratio_table(
+        data, same_res_pairs(data), "BFT vs baseline at the same resolution",
+        "The same ratio for every resolution at which both models of a family pair were measured "
+        "(not MAC-matched: the BFT model of a pair is matched at another resolution in Table 1).")
+    lines += bounds_section(data)
+    lines += ["## Per model", "",
+              "Batch 1: median ms per call (quartiles); batch 32: images per second (from the "
+              "median call, quartiles); q: measured with `--quick` (fewer, shorter rounds); L: "
+              "the 1-minute load average exceeded the number of usable CPUs before or after the "
+              "cell (other work was running; do not trust the number). `failed`: see the notes "
+              "below the table.", ""]
+    for key in sorted_configs(data):
+        lines += model_section(data, key)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(data: Dict, path: Path) -> Optional[str]:
+    """Paper top-1 vs measured batch-1 latency (best path) at 2 threads (or the largest thread
+    count measured). Returns the thread count plotted, or None when there is nothing to plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+    counts = thread_counts(data)
+    if not counts:
+        return None
+    threads = 2 if 2 in counts else counts[0]
+    points = []
+    for key in sorted_configs(data):
+        meta = data["configs"][key]
+        c = best(data, key, threads, 1)
+        if c is None or not meta.get("paper"):
+            continue
+        family = next((f for p, f in FAMILIES.items() if meta["model"].startswith(p)), "other")
+        points.append((family, meta, c))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = {}
+    for family in dict.fromkeys(p[0] for p in points):
+        base = sorted([p for p in points if p[0] == family and not p[1]["bft"]],
+                      key=lambda p: p[2]["ms"])
+        bft = [p for p in points if p[0] == family and p[1]["bft"]]
+        line, = ax.plot([p[2]["ms"] for p in base], [p[1]["paper"]["top1"] for p in base], "o-",
+                        label=f"{family} baseline")
+        colors[family] = line.get_color()
+        ax.plot([p[2]["ms"] for p in bft], [p[1]["paper"]["top1"] for p in bft], "*",
+                color=colors[family], markersize=14, label=f"{family}+BFT")
+        for _, meta, c in base + bft:
+            width = meta["label"].split()[-1]
+            ax.annotate(f"{width}@{meta['res']} ({c['path']})", (c["ms"], meta["paper"]["top1"]),
+                        textcoords="offset points", xytext=(5, -11), fontsize=7)
+    if points:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        latencies = [c["ms"] for _, _, c in points]
+        if max(latencies) / min(latencies) < 10:  # less than a decade: label the minor ticks
+            ax.xaxis.set_minor_formatter(ScalarFormatter())
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.margins(x=0.15, y=0.08)
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no configuration of the paper measured yet", ha="center",
+                transform=ax.transAxes)
+    ax.set_xlabel(f"measured batch-1 latency, ms (best path, {threads} thread"
+                  f"{'s' if threads > 1 else ''}, CPU)")
+    ax.set_ylabel("ImageNet top-1, % (BFT paper, Table 1)")
+    ax.set_title("Paper accuracy vs measured CPU latency")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(threads)
+
+
+def write_outputs(data: Dict, out: Path) -> None:
+    (out / MD_NAME).write_text(report(data))
+    plot(data, out / PLOT_NAME)
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.models",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, metavar="NAME",
+                        help="zoo names (default: the eight models of the paper's Table 1)")
+    parser.add_argument("--res", nargs="+", type=int, default=None,
+                        help="input resolutions for every model (default: the paper's)")
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--threads", nargs="+", type=int, default=THREADS)
+    parser.add_argument("--batch", nargs="+", type=int, default=BATCHES)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter timing rounds")
+    parser.add_argument("--force", action="store_true", help="re-measure cached cells")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="re-measure the cached cells that failed (the others stay cached)")
+    parser.add_argument("--note", default="", help="free text recorded with the run (what else "
+                        "was running, ...)")
+    parser.add_argument("--out-dir", default=str(RESULTS),
+                        help=f"where {JSON_NAME}, {MD_NAME} and {PLOT_NAME} go")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the cells that would be measured and exit")
+    args = parser.parse_args(argv)
+    known = set(timm.list_models())
+    unknown = [m for m in args.models if m not in known]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; butterfly's: "
+                     f"{', '.join(butterfly.models.registered_models())}")
+    if any(t < 1 for t in args.threads) or any(b < 1 for b in args.batch):
+        parser.error("--threads and --batch must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    out = Path(args.out_dir)
+    data = load_results(out / JSON_NAME)
+    todo = plan_cells(args, data)
+    if args.dry_run:
+        for cell in todo:
+            print(cell_key(*cell))
+        print(f"{len(todo)} cells to measure ({'--force' if args.force else 'cached cells skipped'})")
+        return 0
+    if max(args.threads) > usable_cores():
+        print(f"warning: {max(args.threads)} threads on {usable_cores()} usable CPUs",
+              file=sys.stderr)
+    load = loadavg()
+    if load and load[0] > usable_cores() - 0.5:
+        print(f"warning: load average {load} on {usable_cores()} usable CPUs: other work is "
+              "running and will distort the timings (cells measured under load are marked L)",
+              file=sys.stderr)
+    run_id = max((r["id"] for r in data["runs"]), default=0) + 1
+    command = " ".join(["python -m benchmarks.models", *map(shlex.quote, argv)])
+    run = {"id": run_id, "date": now(), "command": command, "note": args.note,
+           "load_start": loadavg(), "machine": machine()}
+    data["runs"].append(run)
+    start = time.perf_counter()
+    measured = 0
+    if any((name, res) in BOUNDS_PAIR for name, res, *_ in todo):  # for "what bounds it"
+        for threads in args.threads:
+            if args.force or f"t{threads}" not in data["rates"]:
+                print(f"== machine rates, {threads} thread(s)", flush=True)
+                data["rates"][f"t{threads}"] = machine_rates(threads, args.quick)
+    for name, res in configs_of(args):
+        cells = [c for c in todo if c[0] == name and c[1] == res]
+        if not cells:
+            continue
+        measured += run_config(name, res, cells, args, data, run_id, out)
+    run["load_end"], run["elapsed_s"] = loadavg(), round(time.perf_counter() - start, 1)
+    if not measured:
+        data["runs"].remove(run)
+    save_results(data, out / JSON_NAME)
+    write_outputs(data, out)
+    print(f"measured {measured} cells, skipped {len(plan_cells_all(args, data)) - measured} cached, in "
+          f"{time.perf_counter() - start:.0f} s; wrote {out / JSON_NAME}, {out / MD_NAME}, "
+          f"{out / PLOT_NAME}")
+    return 0
+
+
+def plan_cells_all(args, data: Dict) -> List:
+    """Every requested cell, cached or not."""
+    return plan_cells(argparse.Namespace(**{**vars(args), "force": True}), data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
