@@ -428,3 +428,31 @@ def test_stage_weights_reads_the_layer_weight_as_documented(cin, cout, base):
     assert (layer.weight.reshape(plan.num_blocks, -1)[:, :plan.size * plan.radices[0]] == 0).all()
     with pytest.raises(ValueError, match="elements, got shape"):
         stage_weights(torch.zeros(7), plan)
+
+
+def test_fx_traces_a_zoo_model_and_the_feature_extractors():
+    """A zoo model's traced graph equals the model, and torchvision's and timm's FX feature
+    extractors (built on torch.fx) work over its BFT layers."""
+    import timm
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv1_bft_100", num_classes=10).eval()
+    graph = torch.fx.symbolic_trace(model)
+    bft_nodes = [n for n in graph.graph.nodes if n.op == "call_function"
+                 and getattr(n.target, "__name__", "") == "bft_conv2d"]
+    assert len(bft_nodes) == sum(isinstance(m, BFT) for m in model.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
+        nodes = [info["module"] for info in model.feature_info][-2:]
+        feats = create_feature_extractor(model, return_nodes=nodes)(x)
+        assert [f.shape[1] for f in feats.values()] == [i["num_chs"] for i in model.feature_info][-2:]
+        torch.manual_seed(0)
+        fx = timm.create_model("mobilenetv1_bft_100", features_only=True, feature_cls="fx",
+                               out_indices=(3, 4)).eval()
+        torch.manual_seed(0)
+        listed = timm.create_model("mobilenetv1_bft_100", features_only=True,
+                                   out_indices=(3, 4)).eval()
+        for a, b in zip(fx(x), listed(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
