@@ -1,0 +1,847 @@
+// Fused depthwise k x k convolution on CPU tensors (no PyTorch types here; dw_cpu.cpp binds it).
+//
+// y[n, c] = act(conv(x[n, c], w[c]) + b[c]), padding k / 2, stride 1 or 2, odd k = 3, 5, 7.
+// Two layouts, neither copied or transposed:
+//
+// * NCHW: the pixels of a row are the SIMD lanes. A task is (image, channel, strip of output
+//   rows); each output vector is accumulated in a register from the k x k taps, the k taps of an
+//   input row being k (stride 1) or 3 (stride 2, then deinterleaved in registers) masked loads of
+//   that row, so the zero padding is masked-off lanes, never stored. Blocks of RB output rows
+//   share the input rows they read (stride 1, k = 3: 18 loads for 36 FMAs).
+// * Channels-last: the channels are the lanes. A task is (image, output row); along the row,
+//   blocks of R pixels share the input vectors they read (stride 1, k = 3, R = 8: 30 loads for 72
+//   FMAs), with the k*k weight vectors of the channel block held in registers. Pixels whose taps
+//   leave the image (the first and last columns) take a checked path.
+//
+// Bias and activation run on the accumulators before the one store of each output vector.
+//
+// Backward: the input gradient is a convolution of the output gradient with the flipped kernel
+// (stride 1: the forward kernel itself) or, for stride 2, its transposed form by phases: the
+// input pixel (2i + a, 2j + b) gets the taps of parity (a, b), so each of the four phases is a
+// small dense convolution of g, and their vectors are interleaved in registers before the
+// store. The weight and bias gradients are reductions over images and pixels: every task of a
+// fixed partition (a function of the shape alone, never of the thread count) sums its share in a
+// fixed order into its own partial, and the partials are added in task order. The same inputs
+// give bit-identical gradients, whatever the number of threads or the schedule.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "bft_cpu_simd.h"
+
+namespace dwconv {
+
+template <class A>
+using V = bft::vec_t<A>;
+template <class A>
+inline constexpr int VL = bft::Vec<A>::lanes;
+using bft::unroll;
+
+enum Act : int { kNone = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kHardsigmoid = 4 };
+
+struct Shape {
+  int64_t N, C, H, W, Ho, Wo;
+  int K, S;
+  int P() const { return K / 2; }
+};
+
+inline int64_t out_size(int64_t in, int K, int S) { return (in + 2 * (K / 2) - K) / S + 1; }
+
+// ------------------------------------------------------------------------------------ vectors
+template <class A>
+BFT_INLINE V<A> splat(A a) {
+  return V<A>{} + a;
+}
+
+// The lanes l with lo <= l < hi, as a bit mask.
+template <class A>
+BFT_INLINE uint32_t lanes(int64_t lo, int64_t hi) {
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, VL<A>);
+  if (hi <= lo) return 0;
+  return (uint32_t)((uint64_t{1} << hi) - (uint64_t{1} << lo));
+}
+
+template <class A>
+inline constexpr uint32_t kFull = (uint32_t)((uint64_t{1} << VL<A>) - 1);
+
+// p[l] for the lanes of m, zero elsewhere. p + l need not be addressable for lanes outside m.
+template <class A>
+BFT_INLINE V<A> load_m(const A* p, uint32_t m) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float>) return (V<A>)_mm512_maskz_loadu_ps((__mmask16)m, p);
+  if constexpr (std::is_same_v<A, double>) return (V<A>)_mm512_maskz_loadu_pd((__mmask8)m, p);
+#endif
+  if (m == kFull<A>) return bft::vload(p);
+  V<A> v{};
+  for (int l = 0; l < VL<A>; ++l)
+    if (m >> l & 1) v[l] = p[l];
+  return v;
+}
+
+template <class A>
+BFT_INLINE void store_m(A* p, V<A> v, uint32_t m) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float>) return _mm512_mask_storeu_ps(p, (__mmask16)m, (__m512)v);
+  if constexpr (std::is_same_v<A, double>)
+    return _mm512_mask_storeu_pd(p, (__mmask8)m, (__m512d)v);
+#endif
+  if (m == kFull<A>) return bft::vstore(p, v);
+  for (int l = 0; l < VL<A>; ++l)
+    if (m >> l & 1) p[l] = v[l];
+}
+
+// The activations of butterfly/epilogue.py's `activate` (NaN stays NaN, as in PyTorch).
+template <class A>
+BFT_INLINE V<A> activate(V<A> y, int act) {
+  const V<A> zero{}, six = splat<A>(6);
+  switch (act) {
+    case kRelu:
+      return y < zero ? zero : y;
+    case kRelu6: {
+      V<A> t = y < zero ? zero : y;
+      return t > six ? six : t;
+    }
+    case kHardswish: {
+      V<A> t = y + (A)3;
+      t = t < zero ? zero : t;
+      t = t > six ? six : t;
+      return y * t * (A)(1.0 / 6.0);
+    }
+    case kHardsigmoid: {
+      V<A> t = y + (A)3;
+      t = t < zero ? zero : t;
+      t = t > six ? six : t;
+      return t * (A)(1.0 / 6.0);
+    }
+    default:
+      return y;
+  }
+}
+
+// Lanes 2l + B of the concatenation (a, b).
+template <class A, int B, int... L>
+BFT_INLINE V<A> deinterleave(V<A> a, V<A> b, std::integer_sequence<int, L...>) {
+  return bft::shuffle2<A, (2 * L + B)...>(a, b);
+}
+
+// Lanes M.. of eo, then lanes B, B + 2, ... of v2 (the next elements of the same parity).
+template <class A, int M, int B, int... L>
+BFT_INLINE V<A> shift_in(V<A> eo, V<A> v2, std::integer_sequence<int, L...>) {
+  constexpr int n = VL<A>;
+  if constexpr (M == 0) {
+    return eo;
+  } else {
+    return bft::shuffle2<A, (L < n - M ? L + M : n + 2 * (L - (n - M)) + B)...>(eo, v2);
+  }
+}
+
+// Lanes (a0, b0, a1, b1, ...) of the first (H = 0) or second (H = 1) half.
+template <class A, int H, int... L>
+BFT_INLINE V<A> interleave(V<A> a, V<A> b, std::integer_sequence<int, L...>) {
+  constexpr int n = VL<A>;
+  return bft::shuffle2<A, ((L % 2 ? n : 0) + H * n / 2 + L / 2)...>(a, b);
+}
+
+template <class A>
+using Lanes = std::make_integer_sequence<int, VL<A>>;
+
+// ---------------------------------------------------------------------------- NCHW row taps
+// tap[kw][l] = row[S * (c0 + l) + kw - P], zero outside [0, W): the k inputs of output lanes
+// c0 .. c0 + VL of one input row. The masks depend on c0 only and are made once per column.
+template <class A, int K, int S>
+struct RowTaps;
+
+template <class A, int K>
+struct RowTaps<A, K, 1> {
+  static constexpr int P = K / 2;
+  int64_t c0 = 0;
+  uint32_t m[K];
+  RowTaps() = default;
+  RowTaps(int64_t col, int64_t W) : c0(col) {
+    for (int kw = 0; kw < K; ++kw) m[kw] = lanes<A>(P - c0 - kw, W - (c0 + kw - P));
+  }
+  BFT_INLINE void load(const A* row, V<A>* tap) const {
+    unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+      constexpr int KW = decltype(kw)::value;
+      tap[KW] = load_m(row + c0 + KW - P, m[KW]);
+    });
+  }
+};
+
+template <class A, int K>
+struct RowTaps<A, K, 2> {
+  static constexpr int P = K / 2;
+  int64_t base = 0;
+  uint32_t m[3];
+  RowTaps() = default;
+  RowTaps(int64_t col, int64_t W) : base(2 * col - P) {
+    for (int q = 0; q < 3; ++q) m[q] = lanes<A>(-(base + q * VL<A>), W - (base + q * VL<A>));
+  }
+  BFT_INLINE void load(const A* row, V<A>* tap) const {
+    const A* p = row + base;
+    const V<A> v0 = load_m(p, m[0]), v1 = load_m(p + VL<A>, m[1]);
+    const V<A> v2 = load_m(p + 2 * VL<A>, m[2]);
+    const V<A> even = deinterleave<A, 0>(v0, v1, Lanes<A>{});
+    const V<A> odd = deinterleave<A, 1>(v0, v1, Lanes<A>{});
+    unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+      constexpr int KW = decltype(kw)::value, M = KW / 2, B = KW % 2;
+      tap[KW] = shift_in<A, M, B>(B ? odd : even, v2, Lanes<A>{});
+    });
+  }
+};
+
+// Rows of a block of RB output rows: the output rows o + r read input rows S * (o + r) - P + kh,
+// i.e. block row j = S * r + kh. Inside the image the rows are equally spaced (Uniform: one
+// pointer and a stride, few registers); a block that reaches the padding takes Listed rows, the
+// ones outside pointing at a row of zeros.
+template <int K, int S, int RB>
+inline constexpr int kBlockRows = (RB - 1) * S + K;
+
+template <class A>
+struct Uniform {
+  const A* base;
+  int64_t stride;
+  BFT_INLINE const A* operator()(int j) const { return base + j * stride; }
+};
+
+template <class A>
+struct Listed {
+  const A* const* rows;
+  BFT_INLINE const A* operator()(int j) const { return rows[j]; }
+};
+
+// acc[r] += sum over taps of w[kh][kw] * x[S (o + r) + kh - P][S (c0 + l) + kw - P].
+template <class A, int K, int S, int RB, class Src>
+BFT_INLINE void conv_block(const RowTaps<A, K, S>& rt, Src rows, const V<A>* w, V<A>* acc) {
+  unroll<kBlockRows<K, S, RB>>([&](auto jj) BFT_INLINE_LAMBDA {
+    constexpr int j = decltype(jj)::value;
+    V<A> tap[K];
+    rt.load(rows(j), tap);
+    unroll<RB>([&](auto rr) BFT_INLINE_LAMBDA {
+      constexpr int R_ = decltype(rr)::value, kh = j - S * R_;
+      if constexpr (kh >= 0 && kh < K) {
+        unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+          constexpr int KW = decltype(kw)::value;
+          acc[R_] += tap[KW] * w[kh * K + KW];
+        });
+      }
+    });
+  });
+}
+
+// acc[kh K + kw] += sum over the block of g[o + r][c0 + l] * x[S (o + r) + kh - P][...].
+template <class A, int K, int S, int RB, class Src>
+BFT_INLINE void wgrad_block(const RowTaps<A, K, S>& rt, Src rows, const V<A>* g, V<A>* acc) {
+  unroll<kBlockRows<K, S, RB>>([&](auto jj) BFT_INLINE_LAMBDA {
+    constexpr int j = decltype(jj)::value;
+    V<A> tap[K];
+    rt.load(rows(j), tap);
+    unroll<RB>([&](auto rr) BFT_INLINE_LAMBDA {
+      constexpr int R_ = decltype(rr)::value, kh = j - S * R_;
+      if constexpr (kh >= 0 && kh < K) {
+        unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+          constexpr int KW = decltype(kw)::value;
+          acc[kh * K + KW] += g[R_] * tap[KW];
+        });
+      }
+    });
+  });
+}
+
+// Output rows per register block: stride 1, k = 3: 8 rows (10 input rows, 30 loads for 72 FMAs).
+template <int K, int S>
+inline constexpr int kRowBlock = K == 3 ? (S == 1 ? 8 : 4) : 2;
+
+// Calls body(o, std::integral_constant<int, R>) for blocks that cover rows [o0, o1): blocks of
+// RB rows, then of RB / 2, ..., 1 for the rest.
+template <int RB, class F>
+BFT_INLINE void for_row_blocks(int64_t o0, int64_t o1, F&& body) {
+  int64_t o = o0;
+  for (; o + RB <= o1; o += RB) body(o, std::integral_constant<int, RB>{});
+  if constexpr (RB > 1) for_row_blocks<RB / 2>(o, o1, body);
+}
+
+// Output rows per strip (a task's share of one plane): about 2048 outputs, whole row blocks.
+inline int64_t strip_rows(int64_t Ho, int64_t Wo, int RB) {
+  const int64_t strips = std::max<int64_t>(1, std::min<int64_t>((Ho * Wo + 2047) / 2048,
+                                                                (Ho + RB - 1) / RB));
+  const int64_t rows = (Ho + strips - 1) / strips;
+  return (rows + RB - 1) / RB * RB;
+}
+
+// Tasks per OpenMP chunk so that a chunk has at least ~16K multiply-adds.
+inline int64_t chunk_of(int64_t tasks, int64_t work_per_task, int threads) {
+  const int64_t by_work = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(work_per_task, 1));
+  const int64_t by_balance = std::max<int64_t>(1, tasks / (8 * std::max(threads, 1)));
+  return std::min(by_work, by_balance);
+}
+
+// The columns of an NCHW plane: taps and output mask of every output vector, and a row of zeros
+// for the rows outside the image (read through masks, so no wider than a row plus the margins).
+template <class A, int K, int S>
+struct Columns {
+  std::vector<RowTaps<A, K, S>> taps;
+  std::vector<uint32_t> out_mask;
+  std::vector<A> zeros;
+  int64_t n = 0;
+  Columns(int64_t Wi, int64_t Wo) : n((Wo + VL<A> - 1) / VL<A>) {
+    taps.resize(n);
+    out_mask.resize(n);
+    for (int64_t ci = 0; ci < n; ++ci) {
+      taps[ci] = RowTaps<A, K, S>(ci * VL<A>, Wi);
+      out_mask[ci] = lanes<A>(0, Wo - ci * VL<A>);
+    }
+    zeros.assign((size_t)(std::max(Wi, S * Wo) + 4 * VL<A> + 2 * K), A(0));
+  }
+  const A* zero_row() const { return zeros.data() + 2 * VL<A> + K; }
+};
+
+// One NCHW plane (output rows [o0, o1)): out = act(conv(in, w) + bias). `in` is Hi x Wi,
+// `out` has Wo columns.
+template <class A, int K, int S, int Act>
+void conv_plane(const A* in, int64_t Hi, int64_t Wi, A* out, int64_t Wo, int64_t o0, int64_t o1,
+                const Columns<A, K, S>& cols, const A* w, A bias) {
+  constexpr int P = K / 2, RB = kRowBlock<K, S>;
+  V<A> wl[K * K];  // in registers (k = 3), not reloaded after every store
+  for (int i = 0; i < K * K; ++i) wl[i] = splat(w[i]);
+  const V<A> bv = splat(bias);
+  const A* zero = cols.zero_row();
+  for_row_blocks<RB>(o0, o1, [&](int64_t o, auto rb) BFT_INLINE_LAMBDA {
+    constexpr int R = decltype(rb)::value, NR = kBlockRows<K, S, R>;
+    const int64_t first = S * o - P;
+    auto run = [&](auto src) BFT_INLINE_LAMBDA {
+      for (int64_t ci = 0; ci < cols.n; ++ci) {
+        const RowTaps<A, K, S> rt = cols.taps[ci];
+        const uint32_t om = cols.out_mask[ci];
+        V<A> acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = bv;
+        conv_block<A, K, S, R>(rt, src, wl, acc);
+        for (int r = 0; r < R; ++r)
+          store_m(out + (o + r) * Wo + ci * VL<A>, activate<A>(acc[r], Act), om);
+      }
+    };
+    if (first >= 0 && first + NR <= Hi) {
+      run(Uniform<A>{in + first * Wi, Wi});
+    } else {
+      const A* rows[NR];
+      for (int j = 0; j < NR; ++j)
+        rows[j] = first + j >= 0 && first + j < Hi ? in + (first + j) * Wi : zero;
+      run(Listed<A>{rows});
+    }
+  });
+}
+
+template <class F>
+BFT_INLINE void dispatch_act(int act, F&& f) {
+  switch (act) {
+    case kRelu: return f(std::integral_constant<int, kRelu>{});
+    case kRelu6: return f(std::integral_constant<int, kRelu6>{});
+    case kHardswish: return f(std::integral_constant<int, kHardswish>{});
+    case kHardsigmoid: return f(std::integral_constant<int, kHardsigmoid>{});
+    default: return f(std::integral_constant<int, kNone>{});
+  }
+}
+
+// Forward, NCHW.
+template <class A, int K, int S>
+void forward_nchw(const Shape& sh, const A* x, const A* w, const A* b, int act, A* y,
+                  int threads) {
+  constexpr int RB = kRowBlock<K, S>;
+  const Columns<A, K, S> cols(sh.W, sh.Wo);
+  const int64_t srows = strip_rows(sh.Ho, sh.Wo, RB);
+  const int64_t nstrip = (sh.Ho + srows - 1) / srows;
+  const int64_t tasks = sh.N * sh.C * nstrip;
+  const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * K * K, threads);
+  dispatch_act(act, [&](auto act_c) {
+    constexpr int Act = decltype(act_c)::value;
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t plane = t / nstrip, s = t % nstrip, c = plane % sh.C;
+      const int64_t o0 = s * srows, o1 = std::min(sh.Ho, o0 + srows);
+      conv_plane<A, K, S, Act>(x + plane * sh.H * sh.W, sh.H, sh.W, y + plane * sh.Ho * sh.Wo,
+                               sh.Wo, o0, o1, cols, w + c * K * K, b ? b[c] : A(0));
+    }
+  });
+}
+
+// The input gradient of stride 2, NCHW, for phase rows [i0, i1) of one plane: for
+// gx[2i + a][2j + b], the taps (kh, kw) = (a + P - 2 dh, b + P - 2 dw) read g[i + dh][j + dw].
+template <class A, int K>
+void grad_input_s2_plane(const A* g, int64_t Ho, int64_t Wo, A* gx, int64_t H, int64_t W,
+                         int64_t i0, int64_t i1, const A* w /* K*K scalars */, const A* zero) {
+  constexpr int P = K / 2;
+  // dh (and dw) range over [D0, D1]: a + P - kh = 2 dh for a in {0, 1}, kh in [0, K).
+  constexpr int D0 = -((K - 1 - P) / 2), D1 = (1 + P) / 2, ND = D1 - D0 + 1;
+  V<A> wv[K * K];
+  for (int i = 0; i < K * K; ++i) wv[i] = splat(w[i]);
+  const int64_t Wph = (W + 1) / 2;
+  for (int64_t i = i0; i < i1; ++i) {
+    const A* grow[ND];
+    for (int d = 0; d < ND; ++d) {
+      const int64_t oh = i + D0 + d;
+      grow[d] = oh >= 0 && oh < Ho ? g + oh * Wo : zero;
+    }
+    for (int64_t j0 = 0; j0 < Wph; j0 += VL<A>) {
+      uint32_t cm[ND];
+      for (int d = 0; d < ND; ++d) {
+        const int64_t start = j0 + D0 + d;
+        cm[d] = lanes<A>(-start, Wo - start);
+      }
+      V<A> L[ND][ND];
+      for (int dh = 0; dh < ND; ++dh)
+        for (int dw = 0; dw < ND; ++dw) L[dh][dw] = load_m(grow[dh] + j0 + D0 + dw, cm[dw]);
+      V<A> acc[2][2] = {};
+      unroll<2>([&](auto a_) BFT_INLINE_LAMBDA {
+        constexpr int a = decltype(a_)::value;
+        unroll<2>([&](auto b_) BFT_INLINE_LAMBDA {
+          constexpr int b = decltype(b_)::value;
+          unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+            constexpr int kh = decltype(kh_)::value;
+            if constexpr ((a + P - kh) % 2 == 0) {
+              constexpr int dh = (a + P - kh) / 2 - D0;
+              unroll<K>([&](auto kw_) BFT_INLINE_LAMBDA {
+                constexpr int kw = decltype(kw_)::value;
+                if constexpr ((b + P - kw) % 2 == 0) {
+                  constexpr int dw = (b + P - kw) / 2 - D0;
+                  acc[a][b] += L[dh][dw] * wv[kh * K + kw];
+                }
+              });
+            }
+          });
+        });
+      });
+      const uint32_t m0 = lanes<A>(0, W - 2 * j0), m1 = lanes<A>(0, W - 2 * j0 - VL<A>);
+      for (int a = 0; a < 2; ++a) {
+        const int64_t ih = 2 * i + a;
+        if (ih >= H) break;
+        A* row = gx + ih * W + 2 * j0;
+        store_m(row, interleave<A, 0>(acc[a][0], acc[a][1], Lanes<A>{}), m0);
+        if (m1) store_m(row + VL<A>, interleave<A, 1>(acc[a][0], acc[a][1], Lanes<A>{}), m1);
+      }
+    }
+  }
+}
+
+// The weight and bias gradient sums of one plane's output rows [o0, o1) (k*k + 1 values, lanes
+// and rows summed in a fixed order).
+template <class A, int K, int S>
+void wgrad_plane(const A* xp, int64_t H, int64_t W, const A* gp, int64_t Wo, int64_t o0,
+                 int64_t o1, const Columns<A, K, S>& cols, A* dst) {
+  constexpr int P = K / 2, RB = kRowBlock<K, S>, KK = K * K;
+  V<A> acc[KK + 1] = {};  // the k*k taps, then the bias
+  V<A>& accb = acc[KK];
+  const A* zero = cols.zero_row();
+  for_row_blocks<RB>(o0, o1, [&](int64_t o, auto rb) BFT_INLINE_LAMBDA {
+    constexpr int R = decltype(rb)::value, NR = kBlockRows<K, S, R>;
+    const int64_t first = S * o - P;
+    auto run = [&](auto src) BFT_INLINE_LAMBDA {
+      for (int64_t ci = 0; ci < cols.n; ++ci) {
+        const RowTaps<A, K, S> rt = cols.taps[ci];
+        const uint32_t gm = cols.out_mask[ci];
+        V<A> gv[R];
+        for (int r = 0; r < R; ++r) {
+          gv[r] = load_m(gp + (o + r) * Wo + ci * VL<A>, gm);
+          accb += gv[r];
+        }
+        wgrad_block<A, K, S, R>(rt, src, gv, acc);
+      }
+    };
+    if (first >= 0 && first + NR <= H) {
+      run(Uniform<A>{xp + first * W, W});
+    } else {
+      const A* rows[NR];
+      for (int j = 0; j < NR; ++j)
+        rows[j] = first + j >= 0 && first + j < H ? xp + (first + j) * W : zero;
+      run(Listed<A>{rows});
+    }
+  });
+  for (int i = 0; i <= KK; ++i) dst[i] = A(0);
+  bft::add_lane_sums<A, KK + 1>(acc, dst);  // a fixed tree of shuffles and adds
+}
+
+// Backward, NCHW: gx, gw, gb (each may be null). Tasks are (image, channel, strip); each writes
+// its k*k + 1 sums to its own partial, and the partials are added in (image, strip) order.
+template <class A, int K, int S>
+void backward_nchw(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* gw, A* gb,
+                   int threads) {
+  constexpr int RB = kRowBlock<K, S>, KK = K * K;
+  const Columns<A, K, S> cols(sh.W, sh.Wo);         // weight gradient: taps of x
+  const Columns<A, K, 1> gcols(sh.Wo, sh.W);        // input gradient of stride 1: taps of g
+  std::vector<A> wflip((size_t)(sh.C * KK));        // ... with the flipped kernel
+  for (int64_t c = 0; c < sh.C; ++c)
+    for (int t = 0; t < KK; ++t) wflip[c * KK + t] = w[c * KK + (KK - 1 - t)];
+  // Strips over output rows (and, for stride 2, over phase rows of gx: ceil(H / 2) = Ho)
+  const int64_t srows = strip_rows(sh.Ho, sh.Wo, RB);
+  const int64_t nstrip = (sh.Ho + srows - 1) / srows;
+  const int64_t tasks = sh.N * sh.C * nstrip;
+  const bool wgrad = gw || gb;
+  std::vector<A> part(wgrad ? (size_t)(tasks * (KK + 1)) : 0);
+  const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * KK * 2, threads);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t plane = t / nstrip, s = t % nstrip, c = plane % sh.C, n = plane / sh.C;
+    const int64_t o0 = s * srows, o1 = std::min(sh.Ho, o0 + srows);
+    const A* xp = x + plane * sh.H * sh.W;
+    const A* gp = g + plane * sh.Ho * sh.Wo;
+    if (wgrad)
+      wgrad_plane<A, K, S>(xp, sh.H, sh.W, gp, sh.Wo, o0, o1, cols,
+                           part.data() + ((n * nstrip + s) * sh.C + c) * (KK + 1));
+    if (gx) {
+      A* gxp = gx + plane * sh.H * sh.W;
+      if constexpr (S == 1)
+        conv_plane<A, K, 1, kNone>(gp, sh.Ho, sh.Wo, gxp, sh.W, o0, o1, gcols,
+                                   wflip.data() + c * KK, A(0));
+      else
+        grad_input_s2_plane<A, K>(gp, sh.Ho, sh.Wo, gxp, sh.H, sh.W, o0, o1, w + c * KK,
+                                  gcols.zero_row());
+    }
+  }
+  if (wgrad) {
+    // sums[c][i] over q = (n, strip) in order: vectorised over c
+    std::vector<A> sums((size_t)(sh.C * (KK + 1)), A(0));
+    const int64_t per_c = sh.N * nstrip, row = sh.C * (KK + 1);
+    for (int64_t q = 0; q < per_c; ++q) {
+      const A* src = part.data() + q * row;
+      for (int64_t e = 0; e < row; ++e) sums[e] += src[e];
+    }
+    for (int64_t c = 0; c < sh.C; ++c) {
+      if (gw)
+        for (int i = 0; i < KK; ++i) gw[c * KK + i] = sums[c * (KK + 1) + i];
+      if (gb) gb[c] = sums[c * (KK + 1) + KK];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- channels-last
+template <int K, int S>
+inline constexpr int kPixelBlock = K == 3 ? 8 : 4;
+
+// Output pixels [lo, hi) of a row have every tap inside the image's columns.
+inline void interior(int64_t W, int64_t Wo, int K, int S, int64_t& lo, int64_t& hi) {
+  const int P = K / 2;
+  lo = std::min<int64_t>(Wo, (P + S - 1) / S);
+  hi = W - 1 - (K - 1 - P) < 0 ? 0 : (W - 1 - (K - 1 - P)) / S + 1;
+  hi = std::max(lo, std::min(hi, Wo));
+}
+
+// acc[r] += taps of output pixels ow0 + r (unchecked columns). rows[kh]: the input row of tap
+// row kh (nullptr: outside), each offset to channel cb.
+template <class A, int K, int S, int R>
+BFT_INLINE void cl_conv_pixels(const A* const* rows, int64_t C, int64_t ow0, uint32_t m,
+                               const V<A>* w, V<A>* acc) {
+  constexpr int P = K / 2, NQ = (R - 1) * S + K;
+  unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+    constexpr int kh = decltype(kh_)::value;
+    if (!rows[kh]) return;
+    const A* base = rows[kh] + (S * ow0 - P) * C;
+    unroll<NQ>([&](auto q_) BFT_INLINE_LAMBDA {
+      constexpr int q = decltype(q_)::value;
+      const V<A> v = load_m(base + (int64_t)q * C, m);
+      unroll<R>([&](auto r_) BFT_INLINE_LAMBDA {
+        constexpr int r = decltype(r_)::value, kw = q - S * r;
+        if constexpr (kw >= 0 && kw < K) acc[r] += v * w[kh * K + kw];
+      });
+    });
+  });
+}
+
+// One output pixel with checked columns.
+template <class A, int K, int S>
+BFT_INLINE V<A> cl_conv_pixel_checked(const A* const* rows, int64_t C, int64_t W, int64_t ow,
+                                      uint32_t m, const V<A>* w, V<A> acc) {
+  constexpr int P = K / 2;
+  unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+    constexpr int kh = decltype(kh_)::value;
+    if (!rows[kh]) return;
+    unroll<K>([&](auto kw_) BFT_INLINE_LAMBDA {
+      constexpr int kw = decltype(kw_)::value;
+      const int64_t iw = S * ow - P + kw;
+      if (iw >= 0 && iw < W) acc += load_m(rows[kh] + iw * C, m) * w[kh * K + kw];
+    });
+  });
+  return acc;
+}
+
+// One output row of a channels-last convolution: out[ow][c] = act(sum taps + bias[c]).
+// in_rows[kh]: input row S*oh - P + kh (nullptr: outside); wpack: (K*K, C); bias: C or null.
+template <class A, int K, int S>
+void cl_conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, const A* wpack,
+                 const A* bias, int act, A* out) {
+  constexpr int R = kPixelBlock<K, S>;
+  int64_t lo, hi;
+  interior(W, Wo, K, S, lo, hi);
+  for (int64_t cb = 0; cb < C; cb += VL<A>) {
+    const uint32_t m = lanes<A>(0, C - cb);
+    V<A> wv[K * K];
+    for (int i = 0; i < K * K; ++i) wv[i] = load_m(wpack + i * C + cb, m);
+    const V<A> bv = bias ? load_m(bias + cb, m) : V<A>{};
+    const A* rows[K];
+    for (int kh = 0; kh < K; ++kh) rows[kh] = in_rows[kh] ? in_rows[kh] + cb : nullptr;
+    A* o = out + cb;
+    int64_t ow = 0;
+    for (; ow < lo; ++ow)
+      store_m(o + ow * C,
+              activate<A>(cl_conv_pixel_checked<A, K, S>(rows, C, W, ow, m, wv, bv), act), m);
+    for (; ow + R <= hi; ow += R) {
+      V<A> acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = bv;
+      cl_conv_pixels<A, K, S, R>(rows, C, ow, m, wv, acc);
+      for (int r = 0; r < R; ++r) store_m(o + (ow + r) * C, activate<A>(acc[r], act), m);
+    }
+    for (; ow < hi; ++ow) {
+      V<A> acc[1] = {bv};
+      cl_conv_pixels<A, K, S, 1>(rows, C, ow, m, wv, acc);
+      store_m(o + ow * C, activate<A>(acc[0], act), m);
+    }
+    for (; ow < Wo; ++ow)
+      store_m(o + ow * C,
+              activate<A>(cl_conv_pixel_checked<A, K, S>(rows, C, W, ow, m, wv, bv), act), m);
+  }
+}
+
+// (C, K*K) weights -> (K*K, C), optionally flipped (the kernel of the input gradient).
+template <class A>
+std::vector<A> pack_weights(const A* w, int64_t C, int K, bool flip) {
+  const int KK = K * K;
+  std::vector<A> p((size_t)(KK * C));
+  for (int64_t c = 0; c < C; ++c)
+    for (int t = 0; t < KK; ++t) p[t * C + c] = w[c * KK + (flip ? KK - 1 - t : t)];
+  return p;
+}
+
+// Convolution of channels-last images: in (N, Hi, Wi, C) -> out (N, Ho, Wo, C).
+template <class A, int K, int S>
+void cl_conv(const A* in, int64_t N, int64_t C, int64_t Hi, int64_t Wi, int64_t Ho, int64_t Wo,
+             const A* wpack, const A* bias, int act, A* out, int threads) {
+  constexpr int P = K / 2;
+  const int64_t tasks = N * Ho;
+  const int64_t chunk = chunk_of(tasks, Wo * C * K * K, threads);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n = t / Ho, oh = t % Ho;
+    const A* rows[K];
+    for (int kh = 0; kh < K; ++kh) {
+      const int64_t ih = S * oh - P + kh;
+      rows[kh] = ih >= 0 && ih < Hi ? in + ((n * Hi + ih) * Wi) * C : nullptr;
+    }
+    cl_conv_row<A, K, S>(rows, C, Wi, Wo, wpack, bias, act, out + t * Wo * C);
+  }
+}
+
+template <class A, int K, int S>
+void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A* y, int threads) {
+  const std::vector<A> wp = pack_weights(w, sh.C, K, false);
+  cl_conv<A, K, S>(x, sh.N, sh.C, sh.H, sh.W, sh.Ho, sh.Wo, wp.data(), b, act, y, threads);
+}
+
+// Weight gradient accumulation of output pixels ow0 + r (unchecked columns): acc[kh K + kw] +=
+// g[r] * x[tap]; grows is g's row at channel cb.
+template <class A, int K, int S, int R>
+BFT_INLINE void cl_wgrad_pixels(const A* const* rows, const A* grow, int64_t C, int64_t ow0,
+                                uint32_t m, V<A>* acc, V<A>& accb) {
+  constexpr int P = K / 2, NQ = (R - 1) * S + K;
+  V<A> gv[R];
+  for (int r = 0; r < R; ++r) {
+    gv[r] = load_m(grow + (ow0 + r) * C, m);
+    accb += gv[r];
+  }
+  unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+    constexpr int kh = decltype(kh_)::value;
+    if (!rows[kh]) return;
+    const A* base = rows[kh] + (S * ow0 - P) * C;
+    unroll<NQ>([&](auto q_) BFT_INLINE_LAMBDA {
+      constexpr int q = decltype(q_)::value;
+      const V<A> v = load_m(base + (int64_t)q * C, m);
+      unroll<R>([&](auto r_) BFT_INLINE_LAMBDA {
+        constexpr int r = decltype(r_)::value, kw = q - S * r;
+        if constexpr (kw >= 0 && kw < K) acc[kh * K + kw] += gv[r] * v;
+      });
+    });
+  });
+}
+
+template <class A, int K, int S>
+BFT_INLINE void cl_wgrad_pixel_checked(const A* const* rows, const A* grow, int64_t C, int64_t W,
+                                       int64_t ow, uint32_t m, V<A>* acc, V<A>& accb) {
+  constexpr int P = K / 2;
+  const V<A> gv = load_m(grow + ow * C, m);
+  accb += gv;
+  unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+    constexpr int kh = decltype(kh_)::value;
+    if (!rows[kh]) return;
+    unroll<K>([&](auto kw_) BFT_INLINE_LAMBDA {
+      constexpr int kw = decltype(kw_)::value;
+      const int64_t iw = S * ow - P + kw;
+      if (iw >= 0 && iw < W) acc[kh * K + kw] += gv * load_m(rows[kh] + iw * C, m);
+    });
+  });
+}
+
+// Input gradient of stride 2, channels-last, one row ih of gx: the taps of parity
+// (ih + P, iw + P) read g[(ih + P - kh) / 2][(iw + P - kw) / 2].
+template <class A, int K>
+void cl_grad_input_s2_row(const A* g_img, int64_t C, int64_t Ho, int64_t Wo, int64_t ih,
+                          int64_t W, const A* wpack, A* out) {
+  constexpr int P = K / 2;
+  const A* grows[K];
+  for (int kh = 0; kh < K; ++kh) {
+    const int64_t num = ih + P - kh;
+    grows[kh] = (num % 2 == 0 && num >= 0 && num / 2 < Ho) ? g_img + (num / 2) * Wo * C : nullptr;
+  }
+  for (int64_t cb = 0; cb < C; cb += VL<A>) {
+    const uint32_t m = lanes<A>(0, C - cb);
+    V<A> wv[K * K];
+    for (int i = 0; i < K * K; ++i) wv[i] = load_m(wpack + i * C + cb, m);
+    auto pixel = [&](int64_t iw, auto par) BFT_INLINE_LAMBDA {
+      constexpr int B = decltype(par)::value;  // parity of iw + P: the taps kw with kw % 2 == B
+      V<A> acc{};
+      unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+        constexpr int kh = decltype(kh_)::value;
+        if (!grows[kh]) return;
+        unroll<K>([&](auto kw_) BFT_INLINE_LAMBDA {
+          constexpr int kw = decltype(kw_)::value;
+          if constexpr (kw % 2 == B) {
+            const int64_t ow = (iw + P - kw) / 2;
+            if (iw + P - kw >= 0 && ow < Wo)
+              acc += load_m(grows[kh] + ow * C + cb, m) * wv[kh * K + kw];
+          }
+        });
+      });
+      store_m(out + iw * C + cb, acc, m);
+    };
+    int64_t iw = 0;
+    for (; iw + 1 < W; iw += 2) {
+      pixel(iw, std::integral_constant<int, P % 2>{});
+      pixel(iw + 1, std::integral_constant<int, (P + 1) % 2>{});
+    }
+    if (iw < W) pixel(iw, std::integral_constant<int, P % 2>{});
+  }
+}
+
+// Backward, channels-last. Tasks are chunks of (image, output row) rows; each chunk keeps its
+// own weight/bias gradient partial (reduced in chunk order), and computes the input gradient of
+// the rows of gx that its output rows own (stride 1: the same rows; stride 2: rows 2 oh, 2 oh + 1).
+template <class A, int K, int S>
+void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* gw, A* gb,
+                 int threads) {
+  constexpr int KK = K * K, P = K / 2, R = kPixelBlock<K, S> / 2;
+  const int64_t C = sh.C, rows_total = sh.N * sh.Ho;
+  const int64_t nchunks = std::min<int64_t>(rows_total, 32);
+  const bool wgrad = gw || gb;
+  std::vector<A> part(wgrad ? (size_t)(nchunks * (KK + 1) * C) : 0);
+  const std::vector<A> wflip = pack_weights(w, C, K, true);
+  const std::vector<A> wpack = S == 2 ? pack_weights(w, C, K, false) : std::vector<A>();
+  int64_t lo, hi;
+  interior(sh.W, sh.Wo, K, S, lo, hi);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+  for (int64_t q = 0; q < nchunks; ++q) {
+    const int64_t r0 = q * rows_total / nchunks, r1 = (q + 1) * rows_total / nchunks;
+    if (wgrad) {
+      A* dst = part.data() + q * (KK + 1) * C;
+      for (int64_t cb = 0; cb < C; cb += VL<A>) {
+        const uint32_t m = lanes<A>(0, C - cb);
+        V<A> acc[KK] = {}, accb{};
+        for (int64_t row = r0; row < r1; ++row) {
+          const int64_t n = row / sh.Ho, oh = row % sh.Ho;
+          const A* rows[K];
+          for (int kh = 0; kh < K; ++kh) {
+            const int64_t ih = S * oh - P + kh;
+            rows[kh] = ih >= 0 && ih < sh.H ? x + ((n * sh.H + ih) * sh.W) * C + cb : nullptr;
+          }
+          const A* grow = g + row * sh.Wo * C + cb;
+          int64_t ow = 0;
+          for (; ow < lo; ++ow)
+            cl_wgrad_pixel_checked<A, K, S>(rows, grow, C, sh.W, ow, m, acc, accb);
+          for (; ow + R <= hi; ow += R) cl_wgrad_pixels<A, K, S, R>(rows, grow, C, ow, m, acc, accb);
+          for (; ow < hi; ++ow) cl_wgrad_pixels<A, K, S, 1>(rows, grow, C, ow, m, acc, accb);
+          for (; ow < sh.Wo; ++ow)
+            cl_wgrad_pixel_checked<A, K, S>(rows, grow, C, sh.W, ow, m, acc, accb);
+        }
+        for (int i = 0; i < KK; ++i) store_m(dst + i * C + cb, acc[i], m);
+        store_m(dst + KK * C + cb, accb, m);
+      }
+    }
+    if (gx) {
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t n = row / sh.Ho, oh = row % sh.Ho;
+        if constexpr (S == 1) {
+          const A* rows[K];
+          for (int kh = 0; kh < K; ++kh) {
+            const int64_t ih = oh - P + kh;
+            rows[kh] = ih >= 0 && ih < sh.Ho ? g + ((n * sh.Ho + ih) * sh.Wo) * C : nullptr;
+          }
+          cl_conv_row<A, K, 1>(rows, C, sh.Wo, sh.W, wflip.data(), nullptr, kNone,
+                               gx + ((n * sh.H + oh) * sh.W) * C);
+        } else {
+          for (int64_t ih = 2 * oh; ih < std::min<int64_t>(sh.H, 2 * oh + 2); ++ih)
+            cl_grad_input_s2_row<A, K>(g + n * sh.Ho * sh.Wo * C, C, sh.Ho, sh.Wo, ih, sh.W,
+                                       wpack.data(), gx + ((n * sh.H + ih) * sh.W) * C);
+        }
+      }
+    }
+  }
+  if (wgrad) {
+    // sums[i][c] over the chunks in order: vectorised over c
+    const int64_t row = (KK + 1) * C;
+    std::vector<A> sums((size_t)row, A(0));
+    for (int64_t q = 0; q < nchunks; ++q) {
+      const A* src = part.data() + q * row;
+      for (int64_t e = 0; e < row; ++e) sums[e] += src[e];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      if (gw)
+        for (int i = 0; i < KK; ++i) gw[c * KK + i] = sums[i * C + c];
+      if (gb) gb[c] = sums[KK * C + c];
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------- dispatch
+// Calls f(std::integral_constant<int, K>, std::integral_constant<int, S>) for the runtime k, s.
+template <class F>
+bool dispatch_ks(int K, int S, F&& f) {
+  auto with_s = [&](auto k) {
+    if (S == 1) return f(k, std::integral_constant<int, 1>{}), true;
+    if (S == 2) return f(k, std::integral_constant<int, 2>{}), true;
+    return false;
+  };
+  switch (K) {
+    case 3: return with_s(std::integral_constant<int, 3>{});
+    case 5: return with_s(std::integral_constant<int, 5>{});
+    case 7: return with_s(std::integral_constant<int, 7>{});
+    default: return false;
+  }
+}
+
+template <class A>
+void forward(const Shape& sh, bool channels_last, const A* x, const A* w, const A* b, int act,
+             A* y, int threads) {
+  dispatch_ks(sh.K, sh.S, [&](auto k, auto s) {
+    constexpr int K = decltype(k)::value, S = decltype(s)::value;
+    if (channels_last)
+      forward_cl<A, K, S>(sh, x, w, b, act, y, threads);
+    else
+      forward_nchw<A, K, S>(sh, x, w, b, act, y, threads);
+  });
+}
+
+template <class A>
+void backward(const Shape& sh, bool channels_last, const A* g, const A* x, const A* w, A* gx,
+              A* gw, A* gb, int threads) {
+  dispatch_ks(sh.K, sh.S, [&](auto k, auto s) {
+    constexpr int K = decltype(k)::value, S = decltype(s)::value;
+    if (channels_last)
+      backward_cl<A, K, S>(sh, g, x, w, gx, gw, gb, threads);
+    else
+      backward_nchw<A, K, S>(sh, g, x, w, gx, gw, gb, threads);
+  });
+}
+
+}  // namespace dwconv
