@@ -6,7 +6,7 @@ cache is torch's extension directory (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``); an entry is named by a digest of the sources, the flags and the
 host CPU, and built from a copy of the sources inside it, so identical checkouts share one build.
 A cached library is checked against the digest recorded when it was built before it is loaded (a
-truncated or foreign file is rebuilt, never loaded). If the kernel cannot be built (no C++
+truncated or foreign file is relinked or rebuilt, never loaded). If the kernel cannot be built (no C++
 compiler, no OpenMP, ...) or ``BUTTERFLY_DISABLE_CPU_KERNEL=1`` is set, the backend says why and the
 operator runs the pure-PyTorch reference instead (:func:`butterfly.ops.backend_for` warns once):
 the same results, slower.
