@@ -49,7 +49,8 @@ def pointwise_layers(model: nn.Module, linear: bool = False,
     (see :func:`is_pointwise_conv`) and, with ``linear=True``, ``nn.Linear``.
     ``filter_fn(name, module)`` may veto a layer."""
     return {name: m for name, m in model.named_modules()
-            if (is_pointwise_conv(m) or (linear and isinstance(m, nn.Linear)))
+            if (is_pointwise_conv(m) or (linear and isinstance(m, nn.Linear)
+                                         and not pointwise_refusal(m)))
             and (filter_fn is None or filter_fn(name, m))}
 
 

@@ -65,5 +65,4 @@ SHAPE_CLASSES = {
     "expand-padded": (13, 40, 4),
     "contract": (40, 16, 4),
     "contract-padded": (60, 31, 4),
-    "one-channel": (1, 5, 4),
 }

@@ -155,7 +155,8 @@ def load_weights(model: torch.nn.Module, state: Any, source: str, ema: bool = Fa
     unexpected or differently shaped tensors give a :class:`CheckpointError` naming them."""
     weights = model_weights(state, ema)
     own = model.state_dict()
-    missing = [k for k in own if k not in weights]
+    # a BFT's layout record (_extra_state) is checked when present; older checkpoints lack it
+    missing = [k for k in own if k not in weights and not k.endswith("_extra_state")]
     unexpected = [k for k in weights if k not in own]
     shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in weights and weights[k].shape != v.shape]
