@@ -208,3 +208,18 @@ def test_evaluate_uses_its_own_options_and_writes_a_results_file(trained, tmp_pa
     assert saved["top1"] == pytest.approx(result["top1"], abs=1e-4)
     metrics = json.loads((trained / "metrics.json").read_text())[0]
     assert saved["top1"] == pytest.approx(metrics["val_top1"], abs=1e-4)  # the same 40 images
+
+
+def test_weights_saved_before_bft_layouts_were_recorded_still_load():
+    """A state_dict without the BFTs' layout record (_extra_state) loads; a different layout
+    does not."""
+    import butterfly
+    from train.checkpoint import load_weights
+    model = torch.nn.Sequential(butterfly.BFT(24, 24), torch.nn.BatchNorm2d(24))
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    fresh = torch.nn.Sequential(butterfly.BFT(24, 24), torch.nn.BatchNorm2d(24))
+    load_weights(fresh, {"model": old}, "old.pth")
+    assert torch.equal(fresh[0].weight, model[0].weight)
+    other = torch.nn.Sequential(butterfly.BFT(24, 24, base=2), torch.nn.BatchNorm2d(24))
+    with pytest.raises(RuntimeError, match="layout"):
+        load_weights(other, {"model": model.state_dict()}, "new.pth")

@@ -159,7 +159,7 @@ def load_weights(model: torch.nn.Module, state: Any, source: str, ema: bool = Fa
     missing = [k for k in own if k not in weights and not k.endswith("_extra_state")]
     unexpected = [k for k in weights if k not in own]
     shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in weights and weights[k].shape != v.shape]
+              if k in weights and weights[k].shape != v.shape and not k.endswith("_extra_state")]
 
     def few(names: List[str]) -> str:
         return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
@@ -168,7 +168,10 @@ def load_weights(model: torch.nn.Module, state: Any, source: str, ema: bool = Fa
     if problems:
         raise CheckpointError(f"{source} does not fit the model ({'; '.join(problems)}); check "
                               "--model, the dataset's number of classes and --small-input")
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:   # e.g. a BFT of another layout (see butterfly.BFT's extra state)
+        raise CheckpointError(f"{source} does not fit the model: {err}") from err
 
 
 # ------------------------------------------------------------------------------------ RNG states
