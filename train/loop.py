@@ -81,6 +81,11 @@ class Trainer:
 
         wrapped = DistributedDataParallel(self.model, device_ids=[ctx.device.index] if pin else None) \
             if ctx.distributed else self.model
+        if args.compile and ctx.device.type == "cpu":
+            # Inductor's CPU layout optimisation makes conv inputs channels-last and compiles the
+            # backward for the first input's strides, so a later input size (the last, smaller
+            # batch of an epoch) fails its stride check, with or without BFT layers.
+            torch._inductor.config.layout_optimization = False
         self.train_model = torch.compile(wrapped) if args.compile else wrapped
         self.eval_model = torch.compile(self.model) if args.compile else self.model
 
