@@ -1,5 +1,6 @@
 // PyTorch binding of the fused BFT CPU kernel (bft_cpu_kernel.h): the operators
-// butterfly_cpu::forward and butterfly_cpu::backward, loaded by butterfly/kernels/cpu.py.
+// butterfly_cpu::forward, butterfly_cpu::forward_fused (the forward with an epilogue, see
+// bft_cpu_epilogue.h) and butterfly_cpu::backward, loaded by butterfly/kernels/cpu.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -52,22 +53,84 @@ void dispatch(at::ScalarType t, const char* what, F&& body) {
   }
 }
 
-at::Tensor bft_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
-                       c10::IntArrayRef radices, int64_t out_channels, bool residual) {
-  TORCH_CHECK(x_in.dim() == 3, "butterfly_cpu::forward: expected x of shape (B, C_in, P), got ",
-              x_in.sizes());
-  Plan pl = plan_for(x_in.size(1), out_channels, radices, residual, "butterfly_cpu::forward");
-  check_args(x_in, weight_in, pl, "butterfly_cpu::forward");
+// The fused forward's epilogue arguments, checked (scale and shift in the compute dtype; add
+// contiguous, of x's dtype). `active`: there is a step to apply (without one, forward_fused is
+// the plain forward).
+struct FusedArgs {
+  at::Tensor scale, shift, add;  // undefined: no such step
+  Activation act = Activation::none;
+  bool active = false;
+};
+
+// The forward, shared by forward and forward_fused (`fused`: its epilogue, or null).
+at::Tensor forward_common(const at::Tensor& x_in, const at::Tensor& weight_in,
+                          c10::IntArrayRef radices, int64_t out_channels, bool residual,
+                          const FusedArgs* fused, const char* what) {
+  TORCH_CHECK(x_in.dim() == 3, what, ": expected x of shape (B, C_in, P), got ", x_in.sizes());
+  Plan pl = plan_for(x_in.size(1), out_channels, radices, residual, what);
+  check_args(x_in, weight_in, pl, what);
   at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const int64_t B = x.size(0), P = x.size(2);
   at::Tensor y = at::empty({B, out_channels, P}, x.options());
-  dispatch(x.scalar_type(), "butterfly_cpu::forward", [&](auto* s_tag, auto* a_tag) {
+  dispatch(x.scalar_type(), what, [&](auto* s_tag, auto* a_tag) {
     using S = std::remove_pointer_t<decltype(s_tag)>;
     using A = std::remove_pointer_t<decltype(a_tag)>;
-    forward_impl<S, A>(pl, (const S*)x.data_ptr(), (const A*)weight.data_ptr(), (S*)y.data_ptr(),
-                       B, P, options());
+    const S* xp = (const S*)x.data_ptr();
+    const A* wp = (const A*)weight.data_ptr();
+    if (!fused || !fused->active)
+      return forward_impl<S, A>(pl, xp, wp, (S*)y.data_ptr(), B, P, options());
+    auto data = [](const at::Tensor& t) { return t.defined() ? (const A*)t.data_ptr() : nullptr; };
+    const EpilogueData<A> epi(out_channels, data(fused->scale), data(fused->shift), fused->act);
+    forward_fused_impl<S, A>(pl, xp, wp, (S*)y.data_ptr(), B, P, options(), epi.e,
+                             fused->add.defined() ? (const S*)fused->add.data_ptr() : nullptr);
   });
   return y;
+}
+
+at::Tensor bft_forward(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef radices,
+                       int64_t out_channels, bool residual) {
+  return forward_common(x, weight, radices, out_channels, residual, nullptr,
+                        "butterfly_cpu::forward");
+}
+
+// y = act(bft(x) * scale[c] + shift[c]) + add in the compute dtype, rounded once to x's dtype
+// (butterfly/epilogue.py).
+at::Tensor bft_forward_fused(const at::Tensor& x, const at::Tensor& weight,
+                             c10::IntArrayRef radices, int64_t out_channels, bool residual,
+                             const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& shift, c10::string_view activation,
+                             const std::optional<at::Tensor>& add) {
+  const char* what = "butterfly_cpu::forward_fused";
+  TORCH_CHECK(x.dim() == 3, what, ": expected x of shape (B, C_in, P), got ", x.sizes());
+  FusedArgs f;
+  const std::string act(activation);
+  TORCH_CHECK(parse_activation(act, f.act), what, ": unknown epilogue activation '", act,
+              "'; choose one of ", activation_names());
+  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (auto [t, out, name] : {std::tuple{&scale, &f.scale, "scale"}, {&shift, &f.shift, "shift"}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& v = **t;
+    TORCH_CHECK(v.dim() == 1 && v.size(0) == out_channels, what, ": epilogue ", name,
+                " must have shape (", out_channels, ",), one value per output channel, got ",
+                v.sizes());
+    TORCH_CHECK(v.device().is_cpu() && at::isFloatingType(v.scalar_type()), what, ": epilogue ",
+                name, " must be a floating-point CPU tensor, got ", v.scalar_type(), " on ",
+                v.device());
+    *out = v.to(compute).contiguous();
+  }
+  if (add.has_value()) {
+    const at::Tensor& a = *add;
+    TORCH_CHECK(a.dim() == 3 && a.size(0) == x.size(0) && a.size(1) == out_channels &&
+                    a.size(2) == x.size(2),
+                what, ": epilogue add must have the output's shape (", x.size(0), ", ",
+                out_channels, ", ", x.size(2), "), got ", a.sizes());
+    TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == x.scalar_type(), what,
+                ": epilogue add must be a CPU tensor of x's dtype ", x.scalar_type(), ", got ",
+                a.scalar_type(), " on ", a.device());
+    f.add = a.contiguous();
+  }
+  f.active = f.scale.defined() || f.shift.defined() || f.act != Activation::none || f.add.defined();
+  return forward_common(x, weight, radices, out_channels, residual, &f, what);
 }
 
 std::tuple<at::Tensor, at::Tensor> bft_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
@@ -104,11 +167,14 @@ std::tuple<at::Tensor, at::Tensor> bft_backward(const at::Tensor& grad_in, const
 
 TORCH_LIBRARY(butterfly_cpu, m) {
   m.def("forward(Tensor x, Tensor weight, int[] radices, int out_channels, bool residual) -> Tensor");
+  m.def("forward_fused(Tensor x, Tensor weight, int[] radices, int out_channels, bool residual, "
+        "Tensor? scale, Tensor? shift, str activation, Tensor? add) -> Tensor");
   m.def("backward(Tensor grad, Tensor x, Tensor weight, int[] radices, int out_channels, "
         "bool residual) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(butterfly_cpu, CPU, m) {
   m.impl("forward", &bft::bft_forward);
+  m.impl("forward_fused", &bft::bft_forward_fused);
   m.impl("backward", &bft::bft_backward);
 }

@@ -26,6 +26,7 @@ struct Runs {
     int s0, len, K;  // first stage, number of stages, radix (len == 1 without a kernel)
     int channels;    // product of its radices: the channels of one block
     RunFn<A> fn;     // nullptr: stage_fwd_any
+    RunFn<A> epi_fn[2];  // fn with the epilogue, clamp and swish form (see Form)
     int64_t woff;    // offset of the packed weights in a block's W weights
   };
   std::vector<Run> runs;
@@ -37,7 +38,8 @@ struct Runs {
   // at once (4 instead of 16 streams to memory) made 64 channels at 56x56 25% faster. With
   // `cl_output` (channels-last tiles) a split whose last run has VL channels wins instead: that
   // run transposes its blocks straight into y (256 channels: 0.81 -> 0.48 ms).
-  Runs(const Plan& pl, const A* w, int max_len, bool cl_output) {
+  // `epilogue`: also look up the kernels with an epilogue (apply<true>).
+  Runs(const Plan& pl, const A* w, int max_len, bool cl_output, bool epilogue = false) {
     const int L = pl.stages();
     std::vector<int> next = split(pl, max_len, true);
     if (cl_output && last_channels(pl, next) != Vec<A>::lanes) {
@@ -49,7 +51,10 @@ struct Runs {
       const int len = next[s];
       int channels = 1;
       for (int q = 0; q < len; ++q) channels *= pl.radix[s + q];
-      runs.push_back({s, len, pl.radix[s], channels, find_run<A>(&pl.radix[s], len), off});
+      runs.push_back({s, len, pl.radix[s], channels, find_run<A>(&pl.radix[s], len),
+                      {epilogue ? find_epilogue_run<A>(&pl.radix[s], len, kClamp) : nullptr,
+                       epilogue ? find_epilogue_run<A>(&pl.radix[s], len, kSwish) : nullptr},
+                      off});
       for (int q = 0; q < len; ++q) off += pl.n * pl.radix[s + q];
     }
     packed.resize((size_t)(pl.T * pl.W));
@@ -100,14 +105,20 @@ struct Runs {
 
   // Block t: out = B(src) + res. The first run reads src, the last writes out (adding res), or
   // the channels-last rows `cl` when given (see writes_channels_last), the others work in place
-  // in mid.
+  // in mid. E and `epi`: the last run applies the epilogue and adds `add` (laid out like out, or
+  // like cl, or none) before its store: out (or cl) is then the final output.
+  template <bool E = false>
   void apply(const Plan& pl, int64_t t, Rows<const A> src, Rows<A> mid, Rows<A> out,
              Rows<const A> res, int64_t nv, bool stream, A* cl = nullptr, int64_t cl_ld = 0,
-             int64_t cl_np = 0) const {
+             int64_t cl_np = 0, const Epilogue<A>* epi = nullptr, Rows<const A> add = {}) const {
     if (runs.empty()) {  // n == 1: the identity
       for (int64_t c = 0; c < pl.n; ++c)
-        for (int64_t p = 0; p < nv * Vec<A>::lanes; ++p)
-          out.row(c)[p] = src.row(c)[p] + (res.base ? res.row(c)[p] : A(0));
+        for (int64_t p = 0; p < nv * Vec<A>::lanes; ++p) {
+          A v = src.row(c)[p] + (res.base ? res.row(c)[p] : A(0));
+          if constexpr (E)
+            if (epi) v = epi->scalar(v, c) + (add.base ? add.row(c)[p] : A(0));
+          out.row(c)[p] = v;
+        }
       return;
     }
     for (size_t i = 0; i < runs.size(); ++i) {
@@ -117,8 +128,17 @@ struct Runs {
                       last ? res : Rows<const A>{}, nv, packed.data() + t * pl.W + r.woff,
                       pl.segs[r.s0], pl.stride[r.s0 + r.len - 1], last && stream};
       if (last && cl) args.cl = cl, args.cl_ld = cl_ld, args.cl_np = cl_np;
-      if (r.fn) r.fn(args);
-      else stage_fwd_any(args, r.K);
+      if (E && last && epi) {
+        args.epi = epi, args.add = add;
+        const int form = form_of(*epi);
+        if (r.epi_fn[form - 1]) r.epi_fn[form - 1](args);
+        else if (form == kSwish) stage_fwd_any<A, kSwish>(args, r.K);
+        else stage_fwd_any<A, kClamp>(args, r.K);
+      } else if (r.fn) {
+        r.fn(args);
+      } else {
+        stage_fwd_any(args, r.K);
+      }
     }
   }
 };
@@ -133,9 +153,14 @@ struct Options {
   bool direct = true;                     // runs read x / write y in place when possible
 };
 
-template <class S, class A>
+// y = B(x), or with E (the fused forward) y = epi(B(x)) + add (add: laid out like y, or null).
+// The epilogue is applied where the output is stored: by the last run when it writes y itself
+// (NCHW rows in place, channels-last rows transposed in registers), otherwise by the store of
+// the buffered tile (after the blocks' sum, or of all gathered blocks). Without E (the plain
+// forward) none of this is compiled in.
+template <class S, class A, bool E = false>
 void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64_t P,
-                  const Options& opt) {
+                  const Options& opt, const Epilogue<A>* epi = nullptr, const S* add = nullptr) {
   constexpr int64_t VL = Vec<A>::lanes;
   constexpr bool same = std::is_same_v<S, A>;
   if (B * P == 0) return;
@@ -144,7 +169,7 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   const Tiling tl = make_tiling<A>(B, P, rows, opt.fwd_budget, opt.fwd_cap, opt.threads);
   const int64_t ld = padded_ld<A>(tl.tp);
   const bool sum_blocks = !pl.expand && pl.T > 1;
-  const Runs<A> runs(pl, w, opt.max_run, same && P == 1);
+  const Runs<A> runs(pl, w, opt.max_run, same && P == 1, E);
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
   // y too large to stay in cache (and already in memory): write it with streaming stores
   const int64_t ybytes = B * pl.cout * P * (int64_t)sizeof(S);
@@ -184,23 +209,41 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
         Rows<A> out = to_y     ? Rows<A>{reinterpret_cast<A*>(y + yoff), ycs}
                       : gather ? Rows<A>{gathered + pl.out_off(t) * ld, ld}  // padding rows are
                                : Rows<A>{buf, ld};                          // overwritten next
+        // E, y written by the last run (to_y, to_cl): the epilogue is applied there, from block
+        // t's first output channel, adding the rows of `add` laid out like those of y; a block
+        // written into a buffer gets it from the store of the buffer, below
+        const Epilogue<A> block_epi = E ? epi->at(pl.out_off(t)) : Epilogue<A>{};
+        const Epilogue<A>* run_epi = E && (to_y || to_cl) ? &block_epi : nullptr;
+        const A* run_add =
+            E && add && (to_y || to_cl) ? reinterpret_cast<const A*>(add + yoff) : nullptr;
         if (to_cl) {  // P == 1: y + yoff is the tile's first pixel row
-          runs.apply(pl, t, in, Rows<A>{buf, ld}, out, pl.residual ? in : Rows<const A>{}, nv,
-                     stream && cl_aligned, reinterpret_cast<A*>(y + yoff), pl.cout, s0.np);
+          runs.template apply<E>(pl, t, in, Rows<A>{buf, ld}, out,
+                                 pl.residual ? in : Rows<const A>{}, nv, stream && cl_aligned,
+                                 reinterpret_cast<A*>(y + yoff), pl.cout, s0.np, run_epi,
+                                 Rows<const A>{run_add, pl.cout});
           continue;
         }
-        runs.apply(pl, t, in, Rows<A>{buf, ld}, out, pl.residual ? in : Rows<const A>{}, nv,
-                   to_y && stream);
+        runs.template apply<E>(pl, t, in, Rows<A>{buf, ld}, out,
+                               pl.residual ? in : Rows<const A>{}, nv, to_y && stream, nullptr, 0,
+                               0, run_epi, Rows<const A>{run_add, ycs});
         if (to_y || gather) continue;
         if (sum_blocks) copy_rows(acc, ld, buf, ld, pl.m, lw, t > 0);
-        else store_tile(y, pl.cout, pl.out_off(t), pl.out_rows(t), tl, i, buf, ld, stream);
+        else store_tile<E>(y, pl.cout, pl.out_off(t), pl.out_rows(t), tl, i, buf, ld, stream, epi,
+                           add);
       }
-      if (sum_blocks) store_tile(y, pl.cout, 0, pl.m, tl, i, acc, ld, stream);
-      if (gather) store_tile(y, pl.cout, 0, pl.cout, tl, i, gathered, ld, stream);
+      // contracting blocks: the epilogue applies to their sum
+      if (sum_blocks) store_tile<E>(y, pl.cout, 0, pl.m, tl, i, acc, ld, stream, epi, add);
+      if (gather) store_tile<E>(y, pl.cout, 0, pl.cout, tl, i, gathered, ld, stream, epi, add);
     }
     stream_fence();
   }
 }
+
+// forward_impl with the epilogue (E = true): compiled in bft_cpu_fused.cpp, for the (S, A) of
+// bft_cpu.cpp's dispatch.
+template <class S, class A>
+void forward_fused_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64_t P,
+                        const Options& opt, const Epilogue<A>& epi, const S* add);
 
 template <class S, class A>
 void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx, A* gw,

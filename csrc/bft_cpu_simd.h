@@ -69,21 +69,28 @@ BFT_INLINE void vstore_part(A* p, vec_t<A> v, int count) {
   for (int l = 0; l < count; ++l) p[l] = v[l];
 }
 
+// The functor of a plain copy: returns the vector it is given.
+struct Unchanged {
+  template <class V, class... I>
+  BFT_INLINE V operator()(V v, I...) const { return v; }
+};
+
 // dst[p] = src[p] for p < np, with streaming stores for the vector-aligned part of dst when
-// `stream` (src is read unaligned to realign it).
-template <class A>
-void copy_out(A* dst, const A* src, int64_t np, bool stream) {
+// `stream` (src is read unaligned to realign it). f(v, p, count) is what is stored of the
+// vector v = src[p .. p + VL) (count lanes of it reach dst): the fused forward's epilogue.
+template <class A, class F = Unchanged>
+void copy_out(A* dst, const A* src, int64_t np, bool stream, F f = {}) {
   constexpr int64_t VL = Vec<A>::lanes;
   int64_t p = 0;
   if (stream) {
     const int64_t head = std::min<int64_t>(
         np, (VL - (int64_t)(reinterpret_cast<uintptr_t>(dst) / sizeof(A)) % VL) % VL);
-    if (head) vstore_part(dst, vload(src), (int)head);
-    for (p = head; p + VL <= np; p += VL) vstream(dst + p, vload(src + p));
+    if (head) vstore_part(dst, f(vload(src), int64_t{0}, (int)head), (int)head);
+    for (p = head; p + VL <= np; p += VL) vstream(dst + p, f(vload(src + p), p, (int)VL));
   } else {
-    for (; p + VL <= np; p += VL) vstore(dst + p, vload(src + p));
+    for (; p + VL <= np; p += VL) vstore(dst + p, f(vload(src + p), p, (int)VL));
   }
-  if (p < np) vstore_part(dst + p, vload(src + p), (int)(np - p));
+  if (p < np) vstore_part(dst + p, f(vload(src + p), p, (int)(np - p)), (int)(np - p));
 }
 
 // Orders streamed stores before later loads and stores (call once per thread after streaming).

@@ -13,6 +13,7 @@
 #include <array>
 #include <vector>
 
+#include "bft_cpu_epilogue.h"
 #include "bft_cpu_simd.h"
 
 namespace bft {
@@ -38,6 +39,11 @@ struct RunArgs {
   // transposed in registers and pixel q < cl_np of the tile written to cl + q * cl_ld.
   A* cl = nullptr;
   int64_t cl_ld = 0, cl_np = 0;
+  // The epilogue (kernels of an epilogue form only; channels counted from dst's row 0), then
+  // `add`: rows laid out like dst, or with cl pixel rows add.base + q * add.ld (base ==
+  // nullptr: no add step).
+  const Epilogue<A>* epi = nullptr;
+  Rows<const A> add;
 };
 
 template <class A>
@@ -45,8 +51,10 @@ using RunFn = void (*)(const RunArgs<A>&);
 
 // Block (seg, r) of a run with radices Ks holds channels seg * KP * t + b * t + r, b < KP.
 // Its stage q (radix K, local stride st = product of the radices after q) has groups
-// lg = ls * st + lr; their weights are packed one after the other (K x K each).
-template <class A, int... Ks>
+// lg = ls * st + lr; their weights are packed one after the other (K x K each). E (a Form):
+// kPlain, or apply the epilogue (p.epi, p.add) in that form to every output vector before its
+// store.
+template <class A, int E, int... Ks>
 void run_fwd(const RunArgs<A>& p) {
   using V = vec_t<A>;
   constexpr int VL = Vec<A>::lanes, L = sizeof...(Ks), KP = (Ks * ...);
@@ -54,6 +62,8 @@ void run_fwd(const RunArgs<A>& p) {
   constexpr int per_block = KP * (Ks + ...);
   const int64_t n_end = p.nv * VL;
   const A* w = p.w;
+  // a local copy: stores through d cannot alias it
+  const Epilogue<A> ep = E ? *p.epi : Epilogue<A>{};
   for (int seg = 0; seg < p.a; ++seg) {
     for (int r = 0; r < p.t; ++r, w += per_block) {
       const int64_t c0 = (int64_t)seg * KP * p.t + r;
@@ -61,6 +71,21 @@ void run_fwd(const RunArgs<A>& p) {
       A* d = p.dst.row(c0);
       const A* res = p.res.base ? p.res.row(c0) : nullptr;
       const int64_t ss = p.t * p.src.ld, ds = p.t * p.dst.ld, rs = p.t * p.res.ld;
+      [[maybe_unused]] const A* add = E && p.add.base ? p.add.row(c0) : nullptr;
+      [[maybe_unused]] const int64_t as = p.t * p.add.ld;
+      // the epilogue's factors, loaded once per block: per channel b (NCHW rows), or for the
+      // block's VL channels (channels-last, cl)
+      [[maybe_unused]] V mul[E ? KP : 1], bias[E ? KP : 1], cl_mul{}, cl_bias{};
+      if constexpr (E) {
+        if (KP == VL && p.cl) {
+          cl_mul = vload(ep.mul + c0), cl_bias = vload(ep.bias + c0);
+        } else {
+          unroll<KP>([&](auto b) BFT_INLINE_LAMBDA {
+            mul[b] = Epilogue<A>::template splat<V>(ep.mul[c0 + b * p.t]);
+            bias[b] = Epilogue<A>::template splat<V>(ep.bias[c0 + b * p.t]);
+          });
+        }
+      }
       for (int64_t v = 0; v < n_end; v += VL) {
         V x[KP];
         unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { x[b] = vload(s + b * ss + v); });
@@ -84,16 +109,26 @@ void run_fwd(const RunArgs<A>& p) {
         });
         if (res) unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { x[b] += vload(res + b * rs + v); });
         if constexpr (KP == VL) {
-          if (p.cl) {
+          if (p.cl) {  // t == 1: x[q] is pixel v + q, channels c0 .. c0 + VL
             transpose<A>(x);
             unroll<VL>([&](auto q) BFT_INLINE_LAMBDA {
               if (v + q >= p.cl_np) return;
               A* o = p.cl + (v + q) * p.cl_ld + c0;
+              if constexpr (E) {
+                x[q] = ep.template apply<E == kSwish>(x[q], cl_mul, cl_bias);
+                if (p.add.base) x[q] += vload(p.add.base + (v + q) * p.add.ld + c0);
+              }
               if (p.stream) vstream(o, x[q]);
               else vstore(o, x[q]);
             });
             continue;
           }
+        }
+        if constexpr (E) {
+          unroll<KP>([&](auto b) BFT_INLINE_LAMBDA {
+            x[b] = ep.template apply<E == kSwish>(x[b], mul[b], bias[b]);
+          });
+          if (add) unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { x[b] += vload(add + b * as + v); });
         }
         if (p.stream) unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { vstream(d + b * ds + v, x[b]); });
         else unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { vstore(d + b * ds + v, x[b]); });
@@ -102,12 +137,13 @@ void run_fwd(const RunArgs<A>& p) {
   }
 }
 
-// A single stage of any radix (large primes), with runtime loops.
-template <class A>
+// A single stage of any radix (large primes), with runtime loops; E as in run_fwd.
+template <class A, int E = kPlain>
 void stage_fwd_any(const RunArgs<A>& p, int K) {
   using V = vec_t<A>;
   constexpr int VL = Vec<A>::lanes;
   std::vector<V> o(K);
+  const Epilogue<A> ep = E ? *p.epi : Epilogue<A>{};
   const A* w = p.w;
   for (int seg = 0; seg < p.a; ++seg)
     for (int r = 0; r < p.t; ++r, w += K * K) {
@@ -121,6 +157,10 @@ void stage_fwd_any(const RunArgs<A>& p, int K) {
         }
         for (int i = 0; i < K; ++i) {
           if (p.res.base) o[i] += vload(p.res.row(c0) + i * rs + v);
+          if constexpr (E) {
+            o[i] = ep.template pixels<E == kSwish>(o[i], c0 + i * p.t);
+            if (p.add.base) o[i] += vload(p.add.row(c0) + i * p.t * p.add.ld + v);
+          }
           vstore(p.dst.row(c0) + i * ds + v, o[i]);
         }
       }
@@ -141,11 +181,13 @@ struct RunKernel {
   RunFn<A> fn;
 };
 
-template <class A>
+// The kernels of form E (see Form). Only the plain ones are compiled with bft_cpu.cpp; those with
+// an epilogue are compiled with bft_cpu_fused.cpp, in parallel (find_epilogue_run).
+template <class A, int E = kPlain>
 const std::vector<RunKernel<A>>& run_kernels() {
 #define BFT_ENTRY(...)                                                                \
   RunKernel<A>{{__VA_ARGS__}, (int)std::initializer_list<int>{__VA_ARGS__}.size(), \
-               &run_fwd<A, __VA_ARGS__>},
+               &run_fwd<A, E, __VA_ARGS__>},
   if constexpr (std::is_same_v<A, double>) {
     static const std::vector<RunKernel<A>> table{BFT_SINGLE_STAGES(BFT_ENTRY)};
     return table;
@@ -157,13 +199,17 @@ const std::vector<RunKernel<A>>& run_kernels() {
 #undef BFT_ENTRY
 }
 
-// The compiled kernel for exactly these radices, or nullptr.
-template <class A>
+// The compiled kernel of form E for exactly these radices, or nullptr.
+template <class A, int E = kPlain>
 RunFn<A> find_run(const int* radices, int len) {
-  for (const auto& e : run_kernels<A>())
+  for (const auto& e : run_kernels<A, E>())
     if (e.len == len && std::equal(radices, radices + len, e.radices.begin())) return e.fn;
   return nullptr;
 }
+
+// find_run of form `form` (kClamp or kSwish), defined in bft_cpu_fused.cpp.
+template <class A>
+RunFn<A> find_epilogue_run(const int* radices, int len, int form);
 
 // Copies the weights of the run of stages [s0, s0 + len) into the order run_fwd reads them.
 // stage_w[q] points at the (n / k, k, k) weights of stage s0 + q; `a` segments of the first

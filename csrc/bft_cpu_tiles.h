@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "bft_cpu_epilogue.h"
 #include "bft_cpu_simd.h"
 
 #if defined(__unix__) || defined(__APPLE__)
@@ -202,14 +203,15 @@ void zero_rest(A* buf, int64_t ld, int64_t rows, int64_t valid, int64_t used, in
     for (int64_t p = c < valid ? used : 0; p < lw; ++p) buf[c * ld + p] = A(0);
 }
 
-// The VL x VL block of VL rows in[k * in_ld + 0..VL), transposed into out[k * out_ld + 0..VL).
-template <class A>
-BFT_INLINE void transpose_block(const A* in, int64_t in_ld, A* out, int64_t out_ld) {
+// The VL x VL block of VL rows in[k * in_ld + 0..VL), transposed into out[k * out_ld + 0..VL)
+// (row k of out: f(transposed row k, k)).
+template <class A, class F = Unchanged>
+BFT_INLINE void transpose_block(const A* in, int64_t in_ld, A* out, int64_t out_ld, F f = {}) {
   constexpr int64_t VL = Vec<A>::lanes;
   vec_t<A> r[VL];
   for (int64_t k = 0; k < VL; ++k) r[k] = vload(in + k * in_ld);
   transpose<A>(r);
-  for (int64_t k = 0; k < VL; ++k) vstore(out + k * out_ld, r[k]);
+  for (int64_t k = 0; k < VL; ++k) vstore(out + k * out_ld, f(r[k], k));
 }
 
 // buf[c][p] = src[c * cs + p * ps] for c < rows, p < np. ps == 1: NCHW rows; otherwise a
@@ -237,17 +239,42 @@ void load_rows(A* buf, int64_t ld, const S* src, int64_t rows, int64_t cs, int64
 }
 
 // dst[c * cs + p * ps] = buf[c][p] for c < rows, p < np (buf rows readable up to a whole
-// vector). `stream`: streaming stores where dst is vector-aligned.
-template <class S, class A>
+// vector). `stream`: streaming stores where dst is vector-aligned. E (a Form other than kPlain:
+// the fused forward): dst[c * cs + p * ps] = epi(buf[c][p]) + add[c * cs + p * ps], channels
+// counted from row 0, `add` laid out like dst (or null), in registers on the way out.
+template <class S, class A, int E = kPlain>
 void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_t rows,
-                int64_t np, bool stream) {
+                int64_t np, bool stream, const Epilogue<A>* epi = nullptr,
+                const S* add = nullptr) {
   constexpr int64_t VL = Vec<A>::lanes;
+  const Epilogue<A> ep = E ? *epi : Epilogue<A>{};  // a local copy: stores cannot alias it
+  // element (c, p) as stored, in the compute dtype
+  auto value = [&](int64_t c, int64_t p) BFT_INLINE_LAMBDA {
+    A v = buf[c * ld + p];
+    if constexpr (E) {
+      v = ep.template apply<E == kSwish>(v, ep.mul[c], ep.bias[c]);
+      if (add) v += static_cast<A>(add[c * cs + p * ps]);
+    }
+    return v;
+  };
   if (ps == 1) {
     if constexpr (std::is_same_v<S, A>) {
-      for (int64_t c = 0; c < rows; ++c) copy_out(dst + c * cs, buf + c * ld, np, stream);
+      for (int64_t c = 0; c < rows; ++c) {
+        if constexpr (E) {
+          const A* a = add ? add + c * cs : nullptr;
+          copy_out(dst + c * cs, buf + c * ld, np, stream,
+                   [&](vec_t<A> v, int64_t p, int count) BFT_INLINE_LAMBDA {
+                     v = ep.template pixels<E == kSwish>(v, c);
+                     if (a) v += count == VL ? vload(a + p) : vload_part(a + p, count);
+                     return v;
+                   });
+        } else {
+          copy_out(dst + c * cs, buf + c * ld, np, stream);
+        }
+      }
     } else {
       for (int64_t c = 0; c < rows; ++c)
-        for (int64_t p = 0; p < np; ++p) dst[c * cs + p] = static_cast<S>(buf[c * ld + p]);
+        for (int64_t p = 0; p < np; ++p) dst[c * cs + p] = static_cast<S>(value(c, p));
     }
     return;
   }
@@ -261,14 +288,25 @@ void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_
     for (; p0 + VL <= np; p0 += VL) {
       A* out = staged ? stage : dst + p0 * ps;
       int64_t c0 = 0;
-      for (; c0 + VL <= rows; c0 += VL) transpose_block<A>(buf + c0 * ld + p0, ld, out + c0, ps);
+      for (; c0 + VL <= rows; c0 += VL) {
+        if constexpr (E) {  // row k: pixel p0 + k, channels c0 .. c0 + VL
+          transpose_block<A>(buf + c0 * ld + p0, ld, out + c0, ps,
+                             [&](vec_t<A> r, int64_t k) BFT_INLINE_LAMBDA {
+                               r = ep.template channels<E == kSwish>(r, c0);
+                               if (add) r += vload(add + (p0 + k) * ps + c0);
+                               return r;
+                             });
+        } else {
+          transpose_block<A>(buf + c0 * ld + p0, ld, out + c0, ps);
+        }
+      }
       for (int64_t k = 0; k < VL; ++k)
-        for (int64_t c = c0; c < rows; ++c) out[k * ps + c] = buf[c * ld + p0 + k];
+        for (int64_t c = c0; c < rows; ++c) out[k * ps + c] = value(c, p0 + k);
       if (staged) copy_out(dst + p0 * ps, stage, VL * ps, true);
     }
   }
   for (int64_t p = p0; p < np; ++p)
-    for (int64_t c = 0; c < rows; ++c) dst[p * ps + c] = static_cast<S>(buf[c * ld + p]);
+    for (int64_t c = 0; c < rows; ++c) dst[p * ps + c] = static_cast<S>(value(c, p));
 }
 
 // dst[c][p] (+)= src[c][p] for c < rows, p < np (accumulate: add instead of copy).
@@ -292,13 +330,25 @@ void load_tile(A* buf, int64_t ld, int64_t n, int64_t lw, const Tiling& tl, int6
   zero_rest(buf, ld, n, valid, tl.used(i), lw);
 }
 
-// Stores `rows` buffer rows of every segment of tile i to data + row_off * cs.
-template <class S, class A>
+// Stores `rows` buffer rows of every segment of tile i to data + row_off * cs; with E (the
+// fused forward) as epi(row) + add, epi counting channels from channel 0 of data, add laid out
+// like data (or null).
+template <bool E = false, class S, class A>
 void store_tile(S* data, int64_t C, int64_t row_off, int64_t rows, const Tiling& tl, int64_t i,
-                const A* buf, int64_t ld, bool stream) {
+                const A* buf, int64_t ld, bool stream, const Epilogue<A>* epi = nullptr,
+                const S* add = nullptr) {
   const int64_t cs = tl.cs(C), ps = tl.ps(C);
+  const Epilogue<A> rows_epi = E ? epi->at(row_off) : Epilogue<A>{};
   tl.segments(i, [&](const Segment& s) {
-    store_rows(data + tl.offset(s, C) + row_off * cs, cs, ps, buf + s.lane, ld, rows, s.np, stream);
+    const int64_t off = tl.offset(s, C) + row_off * cs;
+    if constexpr (!E)
+      store_rows(data + off, cs, ps, buf + s.lane, ld, rows, s.np, stream);
+    else if (rows_epi.swish)
+      store_rows<S, A, kSwish>(data + off, cs, ps, buf + s.lane, ld, rows, s.np, stream,
+                               &rows_epi, add ? add + off : nullptr);
+    else
+      store_rows<S, A, kClamp>(data + off, cs, ps, buf + s.lane, ld, rows, s.np, stream,
+                               &rows_epi, add ? add + off : nullptr);
   });
 }
 
