@@ -4,6 +4,7 @@
     python -m benchmarks.depthwise --quick         # fewer rounds, the 28x28 network only
     python -m benchmarks.depthwise --threads 1     # one set of tables per thread count (1 2)
     python -m benchmarks.depthwise --out FILE.md
+    python -m benchmarks.depthwise --malloc-defaults   # glibc frees large blocks to the OS
 
 Shapes, batch 32, float32, k = 3, no bias (as in the zoo):
 
@@ -140,13 +141,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="leave glibc's malloc as it is (freed memory returns to the OS, so "
+                             "large temporaries are page-faulted in again on every call)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "depthwise_cpu.md"))
     args = parser.parse_args(argv)
     if not kernel_available():
         print("the fused CPU kernel is unavailable; nothing to compare", file=sys.stderr)
         return 1
-    malloc = keep_freed_memory()
+    malloc = "glibc's malloc defaults." if args.malloc_defaults else keep_freed_memory()
     rounds, block, settle = (4, 2, 0.01) if args.quick else (8, 3, 0.02)
     before = load_note()
     started = time.time()

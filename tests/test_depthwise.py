@@ -186,6 +186,22 @@ def test_weight_gradient_deterministic(fmt):
         assert torch.equal(gw, first[1]) and torch.equal(gb, first[2])
 
 
+@pytest.mark.parametrize("activation", ("none", "relu", "hardswish"))
+def test_eager_path_matches_operator(activation):
+    """Eager calls skip the custom-op machinery; they give exactly what the operator gives."""
+    x, weight, b = make(2, 24, 7, 5, fmt="cl")
+    results = []
+    for call in (lambda *t: depthwise_conv(*t, 2, activation),
+                 lambda *t: torch.ops.butterfly.depthwise_conv(*t, 2, activation)):
+        leaves = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+                  for t in (x, weight, b)]
+        y = call(*leaves)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), *(t.grad for t in leaves)))
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
 def test_output_mask():
     x, weight, _ = make(2, 8, 7, 5)
     g = torch.randn(2, 8, 7, 5)
