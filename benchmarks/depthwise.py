@@ -87,11 +87,13 @@ def ratio(ms: Dict[str, float]) -> float:
 
 
 def table(rows: List[Tuple[str, Dict[str, float]]]) -> str:
-    head = "| shape | " + " | ".join(STEPS) + " | ratio |"
-    lines = [head, "|" + "---|" * (len(STEPS) + 2)]
+    head = "| shape | " + " | ".join(STEPS) + " | ratio | NCHW / NCHW | CL / CL |"
+    lines = [head, "|" + "---|" * (len(STEPS) + 4)]
     for label, ms in rows:
         cells = " | ".join(f"{ms[k]:.3f}" for k in STEPS)
-        lines.append(f"| {label} | {cells} | {ratio(ms):.2f}x |")
+        same = (f"{ms['torch NCHW'] / ms['kernel NCHW']:.2f}x | "
+                f"{ms['torch CL'] / ms['kernel CL']:.2f}x")
+        lines.append(f"| {label} | {cells} | {ratio(ms):.2f}x | {same} |")
     return "\n".join(lines)
 
 
@@ -167,11 +169,15 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, Python {platform.python_version()}. {malloc}",
         "",
         "Times are medians of steady-state calls, the four steps of a shape interleaved round by "
-        "round; ratio = faster PyTorch format / faster kernel format (> 1: the kernel is faster). "
+        "round; ratio = faster PyTorch format / faster kernel format (> 1: the kernel is faster); "
+        "NCHW / NCHW and CL / CL compare the same format (the zoo's models run NCHW). "
         "The kernel is called through `DepthwiseConv2d` (the `butterfly::depthwise_conv` "
         "custom op, Python dispatch included). The machine was shared while this ran, so "
         "the times are indicative; ratios of steps timed in the same rounds are the figures to "
-        "compare.",
+        "compare. With 2 threads on a 2-core machine that other jobs share, a call waits for "
+        "its slower thread whenever the OS runs something else on the other core: those "
+        "times come in multiples of the scheduler's 4 ms tick and measure the scheduler, not "
+        "the kernels.",
         "",
         f"Before: {before}",
         "",

@@ -871,6 +871,24 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
         // the chunk's partial (K*K + 1, Cp) stays in L1; each row is summed into it channel
         // block by channel block (rows in order, so the sums are the same whatever the threads)
         A* dst = part.data() + q * (KK + 1) * Cp;
+        if (sh.Wo < 16) {
+          // short rows: channel blocks outside, the sums in registers over the chunk's rows
+          // (the same additions in the same order as below, without the loads and stores of
+          // the partial, which cost more than the few pixels of a row)
+          for (int64_t cb = 0; cb < C; cb += VL<A>) {
+            const uint32_t m = lanes<A>(0, C - cb);
+            V<A> acc[KK + 1] = {};
+            for (int64_t row = r0; row < r1; ++row) {
+              const int64_t n = row / sh.Ho, oh = row % sh.Ho;
+              const A* rows[K];
+              input_rows<A, K, S>(x + n * sh.H * sh.W * C + cb, sh.H, sh.W * C, oh, rows);
+              cl_wgrad_row<A, K, S>(rows, g + row * sh.Wo * C + cb, C, sh.W, sh.Wo, lo, hi, m,
+                                    acc);
+            }
+            for (int i = 0; i <= KK; ++i) bft::vstore(dst + i * Cp + cb, acc[i]);
+          }
+          continue;
+        }
         std::fill(dst, dst + (KK + 1) * Cp, A(0));
         for (int64_t row = r0; row < r1; ++row) {
           const int64_t n = row / sh.Ho, oh = row % sh.Ho;
