@@ -19,7 +19,9 @@ layers on the same weights: ``nn.Conv2d(C, C, 3, s, 1, groups=C)`` on NCHW and c
 input, and :class:`butterfly.depthwise.DepthwiseConv2d` (the ``butterfly::depthwise_conv``
 operator, "cpu" backend, called through the module as a model calls it) on both formats.
 Inference is the forward pass under ``torch.no_grad()``; training is forward + backward with
-input and weight gradients. The ratio is the faster PyTorch format over the faster kernel format.
+input and weight gradients. For the 28x28 network it also times fused inference: a conv with
+bias and ReLU6 (as after folding an eval BatchNorm), oneDNN's convolution with a post-op (what
+``butterfly.fusion`` runs today) against the kernel's epilogue. The ratio is the faster PyTorch format over the faster kernel format.
 """
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ import torch
 from torch import nn
 
 import butterfly  # noqa: F401  (registers the zoo models in timm)
-from benchmarks.kernel import cpu_flags, keep_freed_memory, make_step, time_interleaved
-from butterfly.depthwise import DepthwiseConv2d, kernel_available
+from benchmarks.kernel import make_step, time_interleaved
+from benchmarks.machine import cpu_flags, keep_freed_memory
+from butterfly.depthwise import DepthwiseConv2d, depthwise_conv, kernel_available
 from butterfly.kernels import cpu
 
 BATCH = 32
@@ -63,14 +66,46 @@ def network_layers(name: str = NETWORK, size: int = 28) -> List[Tuple[int, int, 
     return found
 
 
+class _Fused(nn.Module):
+    """The kernel with its epilogue: bias and ReLU6 before the store (a folded BatchNorm)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return depthwise_conv(x, self.conv.weight, self.conv.bias, self.conv.stride[0], "relu6")
+
+
+class _OneDNNFused(nn.Module):
+    """PyTorch's fused form (what ``butterfly.fusion.FusedConv`` runs): oneDNN's convolution
+    with ReLU6 as a post-op, else the conv and an in-place ReLU6."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self.op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+
+    def forward(self, x):
+        c = self.conv
+        if self.op is None:
+            return torch.relu6_(c(x)) if hasattr(torch, "relu6_") else c(x).clamp_(0, 6)
+        return self.op(x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation),
+                       c.groups, "hardtanh", [0.0, 6.0], "")
+
+
 def measure(C: int, hw: int, stride: int, train: bool, rounds: int, block: int,
-            settle_s: float) -> Dict[str, float]:
-    """Median milliseconds of the four steps at one shape."""
-    conv = nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=False)
-    conv_cl = nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=False).to(
+            settle_s: float, epilogue: bool = False) -> Dict[str, float]:
+    """Median milliseconds of the four steps at one shape. With ``epilogue``: a conv with bias,
+    then ReLU6, fused (PyTorch: oneDNN's post-op, :class:`_OneDNNFused`; the kernel: its
+    epilogue)."""
+    conv = nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=epilogue)
+    conv_cl = nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=epilogue).to(
         memory_format=torch.channels_last)
     conv_cl.load_state_dict(conv.state_dict())
-    ours = DepthwiseConv2d.from_conv(conv)
+    ours = _Fused(conv) if epilogue else DepthwiseConv2d.from_conv(conv)
+    if epilogue:
+        conv, conv_cl = (_OneDNNFused(c) for c in (conv, conv_cl))
     x = torch.randn(BATCH, C, hw, hw)
     xl = x.contiguous(memory_format=torch.channels_last)
     steps = {"torch NCHW": make_step(conv, x, "auto", train),
@@ -129,6 +164,19 @@ def run_tables(threads: int, quick: bool, rounds: int, block: int, settle_s: flo
             print(f"  {threads}t {kind[:9]} {rows[-1][0]}: {ratio(ms):.2f}x", flush=True)
         rows.append((f"**{NETWORK} at 28x28, all {len(layers)} layers**", total))
         out += [f"\n{NETWORK} at 28x28 (small_input), batch {BATCH}, {kind}, ms:\n", table(rows)]
+        if not train:  # fused inference: bias (a folded BatchNorm) and ReLU6 in the epilogue
+            rows, total = [], {k: 0.0 for k in STEPS}
+            for C, hw, s in shapes:
+                ms = measure(C, hw, s, False, rounds, block, settle_s, epilogue=True)
+                count = layers.count((C, hw, s))
+                for k in STEPS:
+                    total[k] += count * ms[k]
+                rows.append((f"{C}, {hw}x{hw}, s{s}" + (f" (x{count})" if count > 1 else ""),
+                             ms))
+            rows.append((f"**{NETWORK} at 28x28, all {len(layers)} layers**", total))
+            out += [f"\n{NETWORK} at 28x28, batch {BATCH}, fused inference, bias + ReLU6: "
+                    "oneDNN's convolution with a ReLU6 post-op (as butterfly.fusion runs it) vs "
+                    "the kernel's epilogue, ms:\n", table(rows)]
         if not quick:
             rows = []
             for C, hw, s in LARGE:

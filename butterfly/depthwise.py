@@ -331,12 +331,21 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, str
     return _call(x, weight, bias, stride, activation)
 
 
+@torch.fx.wrap
+def _layer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
+    """:class:`DepthwiseConv2d`'s operator call; one node under ``torch.fx`` tracing (timm's FX
+    feature extractors), which cannot branch on the input's rank."""
+    if x.dim() != 4:  # unbatched (C, H, W): nn.Conv2d's semantics
+        return F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2, 1, weight.shape[0])
+    return _call(x, weight, bias, stride, "none")
+
+
 class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same arguments, parameters and state_dict) whose depthwise form runs
     ``butterfly::depthwise_conv``: ``groups == in_channels == out_channels``, a square odd
     kernel, padding ``k // 2`` with zeros, dilation 1, equal strides of 1 or 2. Any other
-    configuration, unbatched input, ``torch.jit`` tracing and ONNX export run
-    ``nn.Conv2d.forward``.
+    configuration, ``torch.jit`` tracing and ONNX export run ``nn.Conv2d.forward`` (unbatched
+    input: ``F.conv2d``). ``torch.fx`` traces the operator's call as one node.
 
     ``DepthwiseConv2d(C, C, 3, stride, 1, groups=C, bias=False)`` replaces
     ``nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=False)``; :meth:`from_conv` wraps an existing
@@ -355,9 +364,9 @@ class DepthwiseConv2d(nn.Conv2d):
                 and self.padding_mode == "zeros")
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 4 and self.runs_operator() and not torch.jit.is_tracing() and \
+        if self.runs_operator() and not torch.jit.is_tracing() and \
                 not torch.onnx.is_in_onnx_export():
-            return _call(x, self.weight, self.bias, self.stride[0], "none")
+            return _layer_forward(x, self.weight, self.bias, self.stride[0])
         return super().forward(x)
 
     @classmethod

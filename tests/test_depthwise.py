@@ -275,6 +275,16 @@ def test_module_is_a_conv():
         torch.testing.assert_close(layer(x), conv(x))
 
 
+def test_fx_trace():
+    """torch.fx traces the layer (one call node for the operator), as timm's FX feature
+    extractors need."""
+    net = nn.Sequential(DepthwiseConv2d(8, 8, 3, 2, 1, groups=8), nn.ReLU())
+    gm = torch.fx.symbolic_trace(net)
+    x = make(2, 8, 7, 5, fmt="cl")[0]
+    torch.testing.assert_close(gm(x), net(x))
+    assert torch.equal(net[0](x[0]), F.conv2d(x[0], net[0].weight, net[0].bias, 2, 1, 1, 8))
+
+
 def test_backend_choice():
     x, weight, _ = make(1, 8, 5, 5)
     assert _use_kernel(x, weight, 1)
