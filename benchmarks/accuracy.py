@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -120,12 +119,8 @@ def latency_ms(model_name: str, repeats: int) -> float:
 
 
 def conditions(opts) -> Dict[str, str]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from benchmarks.machine import cpu_model
+    cpu = cpu_model()
     from butterfly.ops import backend_for
     return {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": cpu,
             "cores": str(os.cpu_count()), "torch threads": str(torch.get_num_threads()),

@@ -31,8 +31,6 @@ thread, which time spent descheduled does not inflate. When CUDA is present, the
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import statistics
 import sys
 import time
@@ -45,6 +43,7 @@ from torch import nn
 import butterfly
 from butterfly import BFT, use_backend
 from benchmarks.kernel_gpu import run_gpu_section
+from benchmarks.machine import cpu_flags, keep_freed_memory, usable_cores
 from butterfly.kernels import cpu
 
 BATCH = 32
@@ -60,35 +59,6 @@ QUICK_SHAPES = [SHAPES[0], SHAPES[4], SHAPES[6]]
 # speed goals set for the kernel, as ratios to the fastest conv (base 4, best BFT format):
 # inference, training
 TARGETS = {64: (2.0, 1.5), 128: (2.0, 1.5), 256: (4.0, 2.5), 512: (6.0, 2.5), 1024: (10.0, 2.5)}
-
-
-def cpu_flags() -> str:
-    flags = cpu.cpu_info()["flags"].split()
-    if not flags:
-        return "unknown"
-    return ", ".join(f for f in ("avx512f", "avx2", "fma") if f in flags) or "none of avx512f/avx2/fma"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def keep_freed_memory() -> str:
-    """Stop glibc from returning freed heap memory to the OS (``mallopt``), as jemalloc or
-    tcmalloc would: otherwise whichever layer allocates after a large free faults in fresh zeroed
-    pages (~1.5 ms per 6 MB), and which one that is depends on the order of the steps. Returns a
-    note for the results."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        ok = libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_max, 0)
-    except (OSError, AttributeError):
-        ok = False
-    if not ok:
-        return "glibc's malloc defaults (mallopt unavailable)."
-    return ("glibc's malloc keeps freed memory (M_TRIM_THRESHOLD 1 GiB, M_MMAP_MAX 0), so that "
-            "the allocator's page faults do not land on whichever step follows a large free "
-            "(`--malloc-defaults` measures without this).")
 
 
 def make_step(module: nn.Module, x: torch.Tensor, backend: str, train: bool) -> Callable[[], None]:
@@ -257,7 +227,7 @@ def main(argv=None) -> int:
                              "each round (default 20; 0: one untimed call)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_cpu.md"),
                         help="markdown file to write")
-    parser.add_argument("--threads", type=int, nargs="+", default=[cores()],
+    parser.add_argument("--threads", type=int, nargs="+", default=[usable_cores()],
                         help="thread counts to run, one set of tables each (default: cores)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="also run with 1 thread, timed by the process's CPU time")
@@ -273,7 +243,7 @@ def main(argv=None) -> int:
     sections = [
         "# BFT CPU kernel vs 1x1 convolution",
         "",
-        f"CPU: {cpu.cpu_info()['model']}, {cores()} cores ({cpu_flags()}); torch {torch.__version__}, "
+        f"CPU: {cpu.cpu_info()['model']}, {usable_cores()} cores ({cpu_flags()}); torch {torch.__version__}, "
         f"butterfly {butterfly.__version__}. Batch {BATCH}, residual on, float32. "
         + f"{rounds} rounds, steps interleaved in a rotating order; in each round a step runs "
         f"untimed for {args.settle_ms:g} ms and then {args.block} timed calls (medians of those: "

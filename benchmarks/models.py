@@ -45,12 +45,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import io
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -66,6 +64,8 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 import butterfly
+from benchmarks.machine import loadavg, now, one_line, torch_threads, usable_cores
+from benchmarks.machine import machine as describe_machine
 from butterfly.flops import count_macs
 
 RESULTS = Path(__file__).parent / "results"
@@ -133,68 +133,14 @@ TIMING = {"full": (5, 0.25, 0.05), "quick": (2, 0.05, 0.01)}
 
 # --------------------------------------------------------------------------- the machine
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma")
-                     if f in flags) or "none of avx512f/avx2/fma"
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def machine() -> Dict:
     try:
         import onnxruntime
         ort_version = onnxruntime.__version__
     except ImportError:
         ort_version = "not installed"
-    return {"cpu": cpu_model(), "flags": cpu_flags(), "logical_cpus": os.cpu_count(),
-            "usable_cpus": usable_cores(), "python": platform.python_version(),
-            "torch": torch.__version__, "timm": timm.__version__, "onnxruntime": ort_version,
-            "butterfly": butterfly.__version__, "platform": platform.platform()}
-
-
-def loadavg() -> List[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    first = next((line.strip() for line in text if line.strip()), "")
-    reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
-    return reason if len(reason) <= 240 else reason[:237] + "..."
+    return describe_machine(timm=timm.__version__, onnxruntime=ort_version,
+                            butterfly=butterfly.__version__)
 
 
 # --------------------------------------------------------------------------- models
@@ -360,6 +306,11 @@ def prep_ort(ctx: Context, structured: bool = False) -> Tuple[Runner, Dict]:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's threads spin-wait after each run by default; the paths take turns in one
+    # process, so spinning threads would steal the cores from the next path's (measured: eager
+    # PyTorch 100x slower right after an onnxruntime run).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: ctx.x.numpy()}
 

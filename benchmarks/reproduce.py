@@ -531,12 +531,8 @@ def busy_processes(limit: int = 6, interval: float = 1.0) -> List[str]:
 
 def machine() -> Dict[str, str]:
     import torch
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from benchmarks.machine import cpu_model
+    cpu = cpu_model()
     try:
         from butterfly.ops import backend_for
         backend = backend_for(torch.device("cpu")).name

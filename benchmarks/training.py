@@ -78,12 +78,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import datetime
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -100,6 +97,9 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 import butterfly
+from benchmarks.machine import (keep_freed_memory, loadavg, now, one_line, torch_threads,
+                                usable_cores)
+from benchmarks.machine import machine as describe_machine
 from butterfly.flops import count_macs
 
 RESULTS = Path(__file__).parent / "results"
@@ -159,63 +159,9 @@ BACKWARD_PREFIX = "autograd::engine::evaluate_function:"
 
 # --------------------------------------------------------------------------- the machine
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def machine() -> Dict:
-    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": usable_cores(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "butterfly": butterfly.__version__,
-            "backend": butterfly.current_backend(), "platform": platform.platform()}
-
-
-def loadavg() -> List[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def now() -> str:
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def keep_freed_memory() -> str:
-    """Stop glibc from returning freed heap memory to the OS (see :mod:`benchmarks.kernel`)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-1, 1 << 30) and libc.mallopt(-4, 0)  # M_TRIM_THRESHOLD, M_MMAP_MAX
-    except (OSError, AttributeError):
-        ok = False
-    return "glibc malloc keeps freed memory" if ok else "malloc defaults (mallopt unavailable)"
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    first = next((line.strip() for line in text if line.strip()), "")
-    reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
-    return reason if len(reason) <= 240 else reason[:237] + "..."
+    return describe_machine(timm=timm.__version__, butterfly=butterfly.__version__,
+                            backend=butterfly.current_backend())
 
 
 # --------------------------------------------------------------------------- models and steps

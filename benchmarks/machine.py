@@ -1,0 +1,80 @@
+"""What every benchmark records about the machine and the conditions of a run, written once."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import os
+import platform
+from typing import Dict, Iterator, List
+
+import torch
+
+from butterfly.kernels.cpu import cpu_info
+
+
+def cpu_model() -> str:
+    return cpu_info()["model"]
+
+
+def cpu_flags() -> str:
+    """The vector extensions that matter here, from the CPU's flags."""
+    flags = cpu_info()["flags"].split()
+    if not flags:
+        return "unknown"
+    return ", ".join(f for f in ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma")
+                     if f in flags) or "none of avx512f/avx2/fma"
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def loadavg() -> List[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def machine(**extra) -> Dict:
+    """CPU, cores and versions, plus ``extra`` entries."""
+    return {"cpu": cpu_model(), "flags": cpu_flags(), "logical_cpus": os.cpu_count(),
+            "usable_cpus": usable_cores(), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(), **extra}
+
+
+def keep_freed_memory() -> str:
+    """Stop glibc from returning freed heap memory to the OS (``mallopt``), as jemalloc or
+    tcmalloc would: otherwise whichever layer allocates after a large free faults in fresh zeroed
+    pages (~1.5 ms per 6 MB), and which one that is depends on the order of the steps. Returns a
+    note for the results."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-1, 1 << 30) and libc.mallopt(-4, 0)  # M_TRIM_THRESHOLD, M_MMAP_MAX
+    except (OSError, AttributeError):
+        ok = False
+    return ("glibc's malloc keeps freed memory (M_TRIM_THRESHOLD 1 GiB, M_MMAP_MAX 0)" if ok
+            else "malloc defaults (mallopt unavailable)")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one short line, for a results table."""
+    text = str(err).strip().splitlines()
+    first = next((line.strip() for line in text if line.strip()), "")
+    reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    return reason if len(reason) <= 240 else reason[:237] + "..."
