@@ -173,6 +173,16 @@ BFT_INLINE V<A> shift_in(V<A> eo, V<A> v2, std::integer_sequence<int, L...>) {
   }
 }
 
+// Lanes M.. of a, then the first lanes of b (b: the next elements of a's sequence).
+template <class A, int M, int... L>
+BFT_INLINE V<A> shift_next(V<A> a, V<A> b, std::integer_sequence<int, L...>) {
+  if constexpr (M == 0) {
+    return a;
+  } else {
+    return bft::shuffle2<A, (L + M)...>(a, b);
+  }
+}
+
 // Lanes (a0, b0, a1, b1, ...) of the first (H = 0) or second (H = 1) half.
 template <class A, int H, int... L>
 BFT_INLINE V<A> interleave(V<A> a, V<A> b, std::integer_sequence<int, L...>) {
@@ -209,22 +219,44 @@ struct RowTaps<A, K, 1> {
 template <class A, int K>
 struct RowTaps<A, K, 2> {
   static constexpr int P = K / 2;
+  // The taps of VL output lanes span 2 VL + K - 2 inputs: 3 vectors, or 4 when K - 2 > VL
+  // (k = 7 with 4 lanes: float64 on AVX2, float32 on SSE).
+  static constexpr int NV =
+      K - 2 < VL<A> ? 3 : K - 2 < 2 * VL<A> ? 4 : (2 * VL<A> + K + VL<A> - 3) / VL<A>;
   int64_t base = 0;
-  uint32_t m[3];
+  uint32_t m[NV];
   RowTaps() = default;
   RowTaps(int64_t col, int64_t W) : base(2 * col - P) {
-    for (int q = 0; q < 3; ++q) m[q] = lanes<A>(-(base + q * VL<A>), W - (base + q * VL<A>));
+    for (int q = 0; q < NV; ++q) m[q] = lanes<A>(-(base + q * VL<A>), W - (base + q * VL<A>));
   }
   BFT_INLINE void load(const A* row, V<A>* tap) const {
     const A* p = row + base;
-    const V<A> v0 = load_m(p, m[0]), v1 = load_m(p + VL<A>, m[1]);
-    const V<A> v2 = load_m(p + 2 * VL<A>, m[2]);
-    const V<A> even = deinterleave<A, 0>(v0, v1, Lanes<A>{});
-    const V<A> odd = deinterleave<A, 1>(v0, v1, Lanes<A>{});
-    unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
-      constexpr int KW = decltype(kw)::value, M = KW / 2, B = KW % 2;
-      tap[KW] = shift_in<A, M, B>(B ? odd : even, v2, Lanes<A>{});
-    });
+    if constexpr (NV > 4) {  // k = 7 with 2 lanes (float64 on SSE): lane by lane
+      for (int kw = 0; kw < K; ++kw)
+        for (int l = 0; l < VL<A>; ++l) {
+          const int e = 2 * l + kw;  // element of p
+          tap[kw][l] = (m[e / VL<A>] >> (e % VL<A>) & 1) ? p[e] : A(0);
+        }
+    } else {
+      const V<A> v0 = load_m(p, m[0]), v1 = load_m(p + VL<A>, m[1]);
+      const V<A> v2 = load_m(p + 2 * VL<A>, m[2]);
+      const V<A> even = deinterleave<A, 0>(v0, v1, Lanes<A>{});
+      const V<A> odd = deinterleave<A, 1>(v0, v1, Lanes<A>{});
+      if constexpr (NV == 3) {
+        unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+          constexpr int KW = decltype(kw)::value, M = KW / 2, B = KW % 2;
+          tap[KW] = shift_in<A, M, B>(B ? odd : even, v2, Lanes<A>{});
+        });
+      } else {
+        const V<A> v3 = load_m(p + 3 * VL<A>, m[3]);
+        const V<A> even2 = deinterleave<A, 0>(v2, v3, Lanes<A>{});
+        const V<A> odd2 = deinterleave<A, 1>(v2, v3, Lanes<A>{});
+        unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+          constexpr int KW = decltype(kw)::value, M = KW / 2, B = KW % 2;
+          tap[KW] = shift_next<A, M>(B ? odd : even, B ? odd2 : even2, Lanes<A>{});
+        });
+      }
+    }
   }
 };
 
