@@ -1,28 +1,30 @@
 // Fused depthwise k x k convolution on CPU tensors (no PyTorch types here; dw_cpu.cpp binds it).
 //
 // y[n, c] = act(conv(x[n, c], w[c]) + b[c]), padding k / 2, stride 1 or 2, odd k = 3, 5, 7.
-// Two layouts, neither copied or transposed:
+// Layouts (docs/depthwise.md):
 //
-// * NCHW: the pixels of a row are the SIMD lanes. A task is (image, channel, strip of output
-//   rows); each output vector is accumulated in a register from the k x k taps, the k taps of an
-//   input row being k (stride 1) or 3 (stride 2, then deinterleaved in registers) masked loads of
-//   that row, so the zero padding is masked-off lanes, never stored. Blocks of RB output rows
-//   share the input rows they read (stride 1, k = 3: 18 loads for 36 FMAs).
-// * Channels-last: the channels are the lanes. A task is (image, output row); along the row,
-//   blocks of R pixels share the input vectors they read (stride 1, k = 3, R = 8: 30 loads for 72
-//   FMAs), with the k*k weight vectors of the channel block held in registers. Pixels whose taps
-//   leave the image (the first and last columns) take a checked path.
+// * Channels-last: the channels are the SIMD lanes. A task is (image, output row); along the
+//   row, blocks of R pixels share the input vectors they read (stride 1, k = 3, R = 8: 30 loads
+//   for 72 FMAs), with the k*k weight vectors of the channel block in registers. Pixels whose
+//   taps leave the image (the first and last columns) take a checked path.
+// * NCHW with output rows of a vector or more: the pixels of a row are the lanes. A task is
+//   (image, channel, strip of output rows); the k taps of an input row are k (stride 1) or 3
+//   (stride 2, deinterleaved in registers) masked loads of that row, so the zero padding is
+//   masked-off lanes, never stored; blocks of up to 8 output rows share the input rows they read.
+// * NCHW with narrower planes: tiles of VL channels, transposed in registers into a
+//   channels-last buffer, run by the channels-last code, transposed back.
 //
-// Bias and activation run on the accumulators before the one store of each output vector.
+// Bias and activation run on the accumulators before the one store of each output vector. Each
+// task prefetches the rows the next one reads first; large outputs use streaming stores.
 //
 // Backward: the input gradient is a convolution of the output gradient with the flipped kernel
-// (stride 1: the forward kernel itself) or, for stride 2, its transposed form by phases: the
+// (stride 1: the forward code itself) or, for stride 2, its transposed form by phases: the
 // input pixel (2i + a, 2j + b) gets the taps of parity (a, b), so each of the four phases is a
-// small dense convolution of g, and their vectors are interleaved in registers before the
-// store. The weight and bias gradients are reductions over images and pixels: every task of a
-// fixed partition (a function of the shape alone, never of the thread count) sums its share in a
-// fixed order into its own partial, and the partials are added in task order. The same inputs
-// give bit-identical gradients, whatever the number of threads or the schedule.
+// small dense convolution of g. The weight and bias gradients are reductions over images and
+// pixels: every task of a fixed partition (a function of the shape alone, never of the thread
+// count) sums its share in a fixed order into its own partial, and the partials are added in
+// task order. The same inputs give bit-identical gradients, whatever the number of threads or
+// the schedule.
 #pragma once
 
 #include <omp.h>
@@ -885,7 +887,7 @@ void reduce_partials(const std::vector<A>& part, int64_t nparts, int64_t C, int 
 template <class A, int K, int S>
 void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* gw, A* gb,
                  int threads) {
-  constexpr int KK = K * K, P = K / 2;
+  constexpr int KK = K * K;
   const int64_t C = sh.C, Cp = padded<A>(C), rows_total = sh.N * sh.Ho;
   const int64_t nchunks = std::min<int64_t>(rows_total, 32);
   const bool wgrad = gw || gb;
@@ -962,7 +964,6 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
       if (stream) bft::stream_fence();
     }
   }
-  (void)P;
   if (wgrad) reduce_partials(part, nchunks, C, KK, gw, gb);
 }
 
