@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Union
+from typing import Dict, Union
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ def export_onnx(model: nn.Module, example, path: PathLike, structured: bool = Tr
     from 1, whatever the example's). The model is exported in eval mode (its mode is restored
     afterwards)."""
     try:
-        import onnxscript  # noqa: F401
+        import onnxscript  # noqa: F401,PLC0415  (optional dependency)
     except ImportError as err:
         raise ImportError("butterfly.export_onnx uses torch.onnx.export(dynamo=True), which needs "
                           "onnxscript: pip install onnxscript onnx onnxruntime") from err
@@ -67,7 +67,7 @@ def check_onnx(path: PathLike, model: nn.Module, example) -> float:
     output against ``model``'s in eval mode (single-output models):
     ``max |onnxruntime - PyTorch| / max |PyTorch|`` (the absolute difference when the output is all
     zeros), so the same bound holds for outputs of any magnitude: ~1e-7 is float32 rounding."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # noqa: PLC0415  (optional dependency)
     args = example if isinstance(example, tuple) else (example,)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {inp.name: a.detach().cpu().numpy() for inp, a in zip(session.get_inputs(), args)}
@@ -83,7 +83,7 @@ def onnx_macs(path: PathLike) -> Dict[str, int]:
     """Multiply-adds of the Einsum, MatMul, Gemm and Conv nodes of an ONNX graph with static shapes,
     by op type (from ONNX shape inference). An Einsum costs the product of the sizes of all its
     indices."""
-    import onnx
+    import onnx  # noqa: PLC0415  (optional dependency)
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
     shapes = {}
     for v in list(graph.value_info) + list(graph.input) + list(graph.output):

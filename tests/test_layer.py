@@ -9,7 +9,7 @@ import butterfly
 from butterfly import BFT, BFTLinear, use_backend
 from butterfly.plan import choose_radices, make_plan
 from butterfly.reference import bft_reference, bft_reference_backward
-from oracle import hadamard, paper_butterfly, paper_layer_matrix, split_stages
+from oracle import hadamard, paper_layer_matrix
 
 # (in, out, base): square powers, mixed radix, padded, expand, contract, tiny and odd shapes
 SHAPES = [(16, 16, 2), (64, 64, 4), (27, 27, 3), (64, 64, 8), (24, 24, 4), (116, 116, 4),
@@ -282,7 +282,7 @@ def test_use_backend_selects_and_restores():
             pass
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st
 
 
 @settings(max_examples=40, deadline=None)

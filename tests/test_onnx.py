@@ -10,7 +10,7 @@ from butterfly.export import check_onnx, export_onnx, onnx_macs
 from butterfly.reference import bft_matmul
 from butterfly.reference import bft_reference
 
-import onnx  # noqa: E402  (test extras: onnx, onnxruntime, onnxscript; a missing one must fail)
+import onnx
 
 
 def _net():

@@ -127,7 +127,7 @@ def _quiet_cpp_extension():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        from torch.utils import cpp_extension
+        from torch.utils import cpp_extension  # noqa: PLC0415  (imported quietly, on first use)
         yield cpp_extension
     finally:
         logger.setLevel(level)
@@ -201,7 +201,7 @@ def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
 
     try:
         load()
-    except Exception:  # noqa: BLE001 - e.g. a damaged object file: start the entry afresh
+    except Exception:
         if not rebuilt or not any(build_dir.glob("*.o")):
             raise
         for path in build_dir.iterdir():
@@ -223,7 +223,7 @@ def _build() -> str:
         for flags in _compile_flags():
             try:
                 return _build_one(flags, sources, cpp_extension)
-            except Exception as exc:  # noqa: BLE001 - any build failure means: try the next flags
+            except Exception as exc:
                 errors.setdefault(_first_error_line(str(exc)), []).append(" ".join(flags))
     if len(errors) == 1:  # the same cause for every flag set
         raise RuntimeError(next(iter(errors)))
@@ -243,7 +243,7 @@ def load_extension() -> Optional[str]:
             try:
                 _state["library"] = _build()
                 _register_fake_kernels()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 _state["error"] = (
                     f"the fused CPU kernel could not be built ({exc}); install a C++20 compiler "
                     f"with OpenMP and ninja (docs/kernel_cpu.md), or set {DISABLE_ENV}=1")
