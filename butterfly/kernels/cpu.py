@@ -201,7 +201,7 @@ def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
 
     try:
         load()
-    except Exception:
+    except Exception:  # e.g. a damaged object file: start the entry afresh
         if not rebuilt or not any(build_dir.glob("*.o")):
             raise
         for path in build_dir.iterdir():
@@ -223,7 +223,7 @@ def _build() -> str:
         for flags in _compile_flags():
             try:
                 return _build_one(flags, sources, cpp_extension)
-            except Exception as exc:
+            except Exception as exc:  # any build failure means: try the next flags
                 errors.setdefault(_first_error_line(str(exc)), []).append(" ".join(flags))
     if len(errors) == 1:  # the same cause for every flag set
         raise RuntimeError(next(iter(errors)))
