@@ -19,11 +19,7 @@ NO_TEST = "<!-- no-test -->"
 MIN_RUN_FRACTION = 0.75
 # Blocks known to fail for a reason outside this file, by (file, a line of the block): each entry
 # says what its file needs; the test is an xfail, not strict, so fixing the block is all it takes.
-KNOWN_BROKEN = {
-    ("docs/models.md", 'backbone = timm.create_model("mobilenetv2_bft_100", features_only=True, '
-                       'out_indices=(2, 3, 4))'):
-        "uses timm and torch imported by the block before it: the block needs its own imports",
-}
+KNOWN_BROKEN: dict = {}
 
 
 def python_blocks(path: Path):
