@@ -41,7 +41,7 @@ from torch import nn
 
 import butterfly  # noqa: F401  (registers the zoo models in timm)
 from benchmarks.kernel import make_step, time_interleaved
-from benchmarks.machine import cpu_flags, keep_freed_memory
+from benchmarks.machine import cpu_flags, keep_freed_memory, write_report
 from butterfly.depthwise import DepthwiseConv2d, depthwise_conv, kernel_available
 from butterfly.kernels import cpu
 
@@ -234,10 +234,7 @@ def main(argv=None) -> int:
         *sections,
         "",
     ])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
-    print(f"wrote {args.out}")
+    write_report(args.out, text)
     return 0
 
 

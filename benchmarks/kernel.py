@@ -43,7 +43,7 @@ from torch import nn
 import butterfly
 from butterfly import BFT, use_backend
 from benchmarks.kernel_gpu import run_gpu_section
-from benchmarks.machine import cpu_flags, keep_freed_memory, usable_cores
+from benchmarks.machine import cpu_flags, keep_freed_memory, usable_cores, write_report
 from butterfly.kernels import cpu
 
 BATCH = 32
@@ -281,10 +281,7 @@ def main(argv=None) -> int:
     text = "\n".join(sections) + "\n"
     if torch.cuda.is_available():
         text += "\n" + run_gpu_section(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
-    print(f"wrote {args.out}")
+    write_report(args.out, text)
     return 0
 
 

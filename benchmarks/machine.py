@@ -6,6 +6,7 @@ import ctypes
 import datetime
 import os
 import platform
+from pathlib import Path
 from typing import Dict, Iterator, List
 
 import torch
@@ -78,3 +79,11 @@ def one_line(err: BaseException) -> str:
     first = next((line.strip() for line in text if line.strip()), "")
     reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
     return reason if len(reason) <= 240 else reason[:237] + "..."
+
+
+def write_report(path, text: str) -> None:
+    """Write a results file (creating its folder), print it and say where it went."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    print(text)
+    print(f"wrote {path}")
