@@ -64,8 +64,10 @@ op that created the node (``sequence_nr``, with ``fwd_thread``). The creating op
 forward op that recorded that sequence number (an op records the autograd counter on entry, and
 the counter moves on when a node is created), so the node and everything under it (e.g.
 ``aten::convolution_backward``, ``butterfly::bft_backward``) take the category of the label that
-op ran under. Any op whose name contains "butterfly" counts as BFT wherever it runs; the share of
-those ops alone is reported too ("butterfly ops"). ``torch::autograd::AccumulateGrad`` has no
+op ran under. The library's operators count by what they are wherever they run: the depthwise
+ones (``butterfly::depthwise_conv``, ``butterfly_cpu::dw_*``) as depthwise conv, every other op
+whose name contains "butterfly" as BFT; the share of the BFT ops alone is reported too
+("butterfly ops"). ``torch::autograd::AccumulateGrad`` has no
 sequence number and counts as other. The shares of a step sum to 100% by construction; they are
 shares of the profiled step, whose small ops the profiler slows down most.
 
@@ -361,6 +363,14 @@ def _parents(event):
         e = e.cpu_parent
 
 
+def op_category(name: str) -> Optional[str]:
+    """The category of one of the library's operators wherever it runs (None for any other op):
+    the depthwise operators count as depthwise, every other butterfly op as BFT."""
+    if "butterfly" not in name:
+        return None
+    return "depthwise" if "depthwise" in name or "dw_" in name else "bft"
+
+
 def attribute(events) -> List[Tuple[object, str, str]]:
     """(event, category, phase) for every profiler event of a step; phase is "forward",
     "backward" (under an autograd engine node) or "optimizer" (under ``Optimizer.*``). See the
@@ -398,8 +408,7 @@ def attribute(events) -> List[Tuple[object, str, str]]:
             phase = "optimizer" if any(p.name.startswith("Optimizer.") for p in _parents(e)) \
                 else "forward"
             category = s.name[len(LABEL_PREFIX):] if kind == "label" else "other"
-        if "butterfly" in e.name:
-            category = "bft"
+        category = op_category(e.name) or category
         out.append((e, category, phase))
     return out
 
@@ -413,7 +422,7 @@ def split_of(events, steps: int) -> Dict:
         t = float(e.self_cpu_time_total)
         total += t
         us[category][phase] += t
-        if "butterfly" in e.name:
+        if op_category(e.name) == "bft":
             butterfly_ops += t
     total = total or 1.0
     shares = {c: 100.0 * sum(v.values()) / total for c, v in us.items()}
@@ -679,7 +688,8 @@ def report(data: Dict) -> str:
             lines += ["", "### Training-step split", "",
                       "Share of the profiled step's self CPU time (forward + backward + "
                       "optimizer; in brackets the backward part). 1x1 conv: dense pointwise "
-                      "convs (what BFT replaces); butterfly ops: ops named `butterfly*` alone.",
+                      "convs (what BFT replaces); butterfly ops: the BFT operators alone (ops "
+                      "named `butterfly*` other than the depthwise ones).",
                       "", "| model | format | profiled step | " +
                       " | ".join(CATEGORY_LABELS[c] for c in CATEGORIES) + " | butterfly ops |",
                       "|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]

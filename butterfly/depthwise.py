@@ -43,8 +43,8 @@ from .ops import backend_for
 KERNEL_SIZES = (3, 5, 7)
 STRIDES = (1, 2)
 
-__all__ = ["DepthwiseConv2d", "depthwise_conv", "depthwise_reference", "kernel_available",
-           "output_format"]
+__all__ = ["DepthwiseConv2d", "depthwise_conv", "depthwise_reference", "is_operator_conv",
+           "kernel_available", "output_format"]
 
 
 # ------------------------------------------------------------------------------ shape rules
@@ -331,6 +331,21 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, str
     return _call(x, weight, bias, stride, activation)
 
 
+def is_operator_conv(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is what ``butterfly::depthwise_conv`` computes: depthwise (``groups ==
+    in_channels == out_channels``), a square odd kernel, zero padding ``k // 2``, dilation 1 and
+    equal strides of 1 or 2."""
+    k = conv.kernel_size
+    if isinstance(conv.padding, str):
+        padded = conv.padding == "same" and tuple(conv.stride) == (1, 1)
+    else:
+        padded = tuple(conv.padding) == (k[0] // 2, k[1] // 2)
+    return (conv.groups == conv.in_channels == conv.out_channels and k[0] == k[1]
+            and k[0] % 2 == 1 and padded and tuple(conv.dilation) == (1, 1)
+            and conv.stride[0] == conv.stride[1] and conv.stride[0] in STRIDES
+            and conv.padding_mode == "zeros")
+
+
 @torch.fx.wrap
 def _layer_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
     """:class:`DepthwiseConv2d`'s operator call; one node under ``torch.fx`` tracing (timm's FX
@@ -353,15 +368,7 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def runs_operator(self) -> bool:
         """Whether :meth:`forward` runs the operator (for 4-d input)."""
-        k = self.kernel_size
-        if isinstance(self.padding, str):
-            padded = self.padding == "same" and tuple(self.stride) == (1, 1)
-        else:
-            padded = tuple(self.padding) == (k[0] // 2, k[1] // 2)
-        return (self.groups == self.in_channels == self.out_channels and k[0] == k[1]
-                and k[0] % 2 == 1 and padded and tuple(self.dilation) == (1, 1)
-                and self.stride[0] == self.stride[1] and self.stride[0] in STRIDES
-                and self.padding_mode == "zeros")
+        return is_operator_conv(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.runs_operator() and not torch.jit.is_tracing() and \

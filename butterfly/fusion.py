@@ -11,7 +11,9 @@ whose intermediate results have no other use becomes one fused layer:
   BatchNorm (and the BFT's bias) as a per-channel scale and shift, which is exact with the
   residual, then the activation and the addition, all before the kernel's one store;
 * :class:`FusedConv`: the conv with the BatchNorm folded into its weights and bias
-  (``torch.nn.utils.fusion.fuse_conv_bn_eval``), run by oneDNN with the activation (or the
+  (``torch.nn.utils.fusion.fuse_conv_bn_eval``). A depthwise conv that
+  ``butterfly::depthwise_conv`` computes runs it on CPU, the bias and activation in the kernel's
+  epilogue (:mod:`butterfly.depthwise`); other convs run by oneDNN with the activation (or the
   addition) as a post-op where PyTorch exposes it (``torch.ops.mkldnn._convolution_pointwise``,
   float32 CPU), else as ``conv2d`` followed by the activation.
 
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .depthwise import DepthwiseConv2d, depthwise_conv, is_operator_conv
 from .epilogue import Epilogue, activate, bft_fused
 from .modules import BFT, dense_equivalent, is_bft
 
@@ -103,6 +106,7 @@ class FusedConv(nn.Module):
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.activation, self.adds = activation, adds
+        self.depthwise = is_operator_conv(conv)
         self.eval()   # an inference layer: built in eval mode
 
     def _onednn(self, x: Tensor) -> bool:
@@ -112,7 +116,9 @@ class FusedConv(nn.Module):
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
         geometry = (self.padding, self.stride, self.dilation, self.groups)
-        if self._onednn(x):
+        if self.depthwise and x.device.type == "cpu" and x.dim() == 4:
+            y = depthwise_conv(x, self.weight, self.bias, self.stride[0], self.activation)
+        elif self._onednn(x):
             if add is not None and self.activation == "none":
                 return _MKLDNN.binary(x, add, self.weight, self.bias, *geometry, "add", None,
                                       None, [], "")
@@ -176,10 +182,10 @@ class FusionResult:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer with BFT layers (and already fused layers) as leaves."""
+    """torch.fx's tracer with BFT layers, depthwise layers and already fused layers as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_bft(m) or isinstance(m, (FusedBFT, FusedConv)) or \
+        return is_bft(m) or isinstance(m, (FusedBFT, FusedConv, DepthwiseConv2d)) or \
             super().is_leaf_module(m, qualname)
 
 
@@ -268,7 +274,7 @@ def fuse(model: nn.Module, example_input) -> FusionResult:
         if isinstance(layer, nn.BatchNorm2d):
             why = _bn_fold(layer) or "BatchNorm after a layer that is not a conv or BFT"
             result.unfused.append((node.name, why))
-        elif isinstance(layer, BFT) or (type(layer) is nn.Conv2d and
+        elif isinstance(layer, BFT) or (type(layer) in (nn.Conv2d, DepthwiseConv2d) and
                                         layer.padding_mode == "zeros"):
             erased |= _fuse_chain(gm, node, layer, result)
     gm.graph.eliminate_dead_code()

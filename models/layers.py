@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from butterfly.depthwise import DepthwiseConv2d
 from butterfly.modules import BFT, is_bft
 
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hswish": nn.Hardswish}
@@ -60,8 +61,12 @@ class ConvBnAct(nn.Module):
 
 def conv_bn_act(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1,
                 act: Optional[str] = "relu") -> ConvBnAct:
-    """A ``kernel x kernel`` conv (``groups=in_chs`` for depthwise), BN, activation."""
-    conv = nn.Conv2d(in_chs, out_chs, kernel, stride, kernel // 2, groups=groups, bias=False)
+    """A ``kernel x kernel`` conv (``groups=in_chs`` for depthwise), BN, activation. A depthwise
+    conv is a :class:`butterfly.depthwise.DepthwiseConv2d`: an ``nn.Conv2d`` with the same
+    parameters and state_dict that runs the library's depthwise kernel (forward and backward)."""
+    depthwise = groups > 1 and groups == in_chs == out_chs
+    conv_cls = DepthwiseConv2d if depthwise else nn.Conv2d
+    conv = conv_cls(in_chs, out_chs, kernel, stride, kernel // 2, groups=groups, bias=False)
     return ConvBnAct(conv, out_chs, act)
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import butterfly
 from benchmarks import training as T
+from butterfly.depthwise import DepthwiseConv2d, kernel_available
 
 PAIR = "fmnist-mobilenetv3"  # the smallest pair: under 1 MMAC per image
 
@@ -121,15 +122,18 @@ def test_groups_merge_pairs_that_share_a_model():
     assert len(groups) == 3 and len(T.groups_of(T.selected_pairs(["all"]))) == 6
 
 
+@pytest.mark.skipif(not kernel_available(), reason="the C++ kernels did not build")
 def test_attribution_of_forward_and_backward(one_thread):
     """Every convolution_backward goes to the module whose forward created it: the 1-channel stem
-    is not depthwise; the BFT's backward is BFT; BatchNorm backward is BatchNorm."""
+    is not depthwise; the BFT's backward is BFT; BatchNorm backward is BatchNorm; the library's
+    depthwise operator (forward and backward) is depthwise, not BFT."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1, bias=False),                 # stem: other
         nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),     # depthwise
         nn.BatchNorm2d(16), nn.ReLU(),
+        DepthwiseConv2d(16, 16, 3, padding=1, groups=16, bias=False),  # depthwise (operator)
         butterfly.BFT(16, 32),                                      # bft
         nn.Conv2d(32, 24, 1, bias=False),                           # pointwise
         nn.BatchNorm2d(24), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
@@ -148,8 +152,14 @@ def test_attribution_of_forward_and_backward(one_thread):
     assert sorted(got[("aten::convolution_backward", "backward")]) == [
         "depthwise", "other", "pointwise"]
     assert got[("aten::native_batch_norm_backward", "backward")] == ["batchnorm"] * 3
-    assert {c for (name, _), cats in got.items() if "butterfly" in name for c in cats} == {"bft"}
-    assert any(phase == "backward" for name, phase in got if "butterfly" in name)
+    def categories(part):
+        return {c for (name, _), cats in got.items() if "butterfly" in name and part(name)
+                for c in cats}
+    assert categories(lambda name: "depthwise" not in name and "dw_" not in name) == {"bft"}
+    assert categories(lambda name: "depthwise" in name or "dw_" in name) == {"depthwise"}
+    assert any(phase == "backward" for name, phase in got
+               if "butterfly" in name and "depthwise" not in name)
+    assert any(phase == "backward" for name, phase in got if "dw_backward" in name)
     split = T.split_of(prof.events(), 1)
     assert sum(split["share"].values()) == pytest.approx(100.0)
     assert split["self_cpu_us"]["other"]["optimizer"] > 0

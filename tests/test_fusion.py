@@ -60,6 +60,9 @@ def test_zoo_models_fuse_exactly_in_float32(name):
     assert ("BFT" in kinds) == ("_bft_" in name) and "conv" in kinds
     assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
     assert result.unfused == []
+    # every depthwise conv runs the depthwise kernel with its BatchNorm and activation folded in
+    depthwise = [m for m in result.model.modules() if isinstance(m, FusedConv) and m.groups > 1]
+    assert depthwise and all(m.depthwise for m in depthwise)
     if "mobilenetv2" in name or "mobilenetv3" in name:   # inverted residuals: the skip fuses
         assert any(f.epilogue.endswith("add") for f in result.fused)
 
@@ -76,6 +79,8 @@ def test_torchvision_model_after_replace_pointwise():
     result = _check(model, torch.randn(1, 3, 40, 40), 1e-5)
     assert sorted(f.name for f in result.fused if f.kind == "BFT") == sorted(replaced)
     assert any(f.epilogue == "bn+add" for f in result.fused)
+    # torchvision's depthwise nn.Conv2d layers run the depthwise kernel once fused
+    assert any(isinstance(m, FusedConv) and m.depthwise for m in result.model.modules())
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
