@@ -89,7 +89,10 @@ DEFAULT_SIZES = {"mobilenetv1_025": 28, "mobilenetv1_bft_100": 24,
 # Ablation keys: BFT constructor options (go to every BFT of the model through the zoo's
 # ``bft_kwargs``) and training options.
 VARIANT_MODEL_KEYS = {"init": str, "base": int, "residual": lambda v: v.lower() in ("1", "true", "yes")}
-VARIANT_TRAIN_KEYS = {"wd": float}
+VARIANT_TRAIN_KEYS = {"wd": float, "bft_wd": float, "bft_lr": float}
+# training keys -> the python -m train option they set (only when the variant has them, so that
+# the main runs' options, and with them their folder digests, stay what they were)
+VARIANT_TRAIN_OPTIONS = {"bft_wd": "--bft-weight-decay", "bft_lr": "--bft-lr-scale"}
 
 
 # ------------------------------------------------------------------------------------ options
@@ -320,6 +323,9 @@ class Job:
             argv += ["--val-subset", str(opts.test_subset)]
         if opts.data_dir:
             argv += ["--data-dir", os.path.abspath(opts.data_dir)]
+        for key, option in VARIANT_TRAIN_OPTIONS.items():
+            if key in train_kw:
+                argv += [option, repr(train_kw[key])]
         if not self.variant:  # ablations never look at the test split
             argv.append("--eval-test")
         return argv

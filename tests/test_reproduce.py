@@ -153,3 +153,21 @@ def test_variants_register_bft_options():
     assert reproduce.variant_model_name("mobilenetv1_bft_100", "wd=0.0") == "mobilenetv1_bft_100"
     with pytest.raises(ValueError):
         reproduce.canonical_variant("init=xavier")
+
+
+def test_training_variants_reach_the_trainer_and_leave_main_runs_alone():
+    """``bft_wd`` / ``bft_lr`` add their ``python -m train`` options to an ablation's run only:
+    a main run's options, and so its folder's digest, are those it always had."""
+    opts = reproduce.parse_args([])
+    spec = reproduce.canonical_variant("bft_lr=0.5,bft_wd=1e-4")
+    main = reproduce.Job("mobilenetv1", "bft", "mobilenetv1_bft_100", 24, 0.1, 0)
+    ablation = reproduce.Job("mobilenetv1", "bft", "mobilenetv1_bft_100", 24, 0.1, 0, spec)
+    argv = ablation.train_argv(opts, None)
+    assert argv[argv.index("--bft-weight-decay") + 1] == "0.0001"
+    assert argv[argv.index("--bft-lr-scale") + 1] == "0.5"
+    assert "--eval-test" not in argv
+    main_argv = main.train_argv(opts, None)
+    assert "--bft-weight-decay" not in main_argv and "--bft-lr-scale" not in main_argv
+    from train.args import parse_args as train_args
+    parsed = train_args(argv)
+    assert parsed.bft_weight_decay == 1e-4 and parsed.bft_lr_scale == 0.5

@@ -1,6 +1,8 @@
 """replace_pointwise on real torchvision/timm architectures, and param_groups."""
 import pytest
 import timm
+import timm.optim
+import timm.scheduler
 import torch
 import torchvision
 from torch import nn
@@ -73,6 +75,26 @@ def test_param_groups_keep_bft_norm_and_bias_out_of_decay():
     ids = {id(p) for p in no_decay["params"]}
     assert id(model[2].weight) in ids and id(model[2].bias) in ids and id(model[1].weight) in ids
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_param_groups_give_bft_weights_their_own_decay_and_lr_scale():
+    """With ``bft_weight_decay`` or ``bft_lr_scale`` the BFT weights get a third group, and timm's
+    scheduler sets its learning rate to the schedule's times ``lr_scale`` at every update."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), BFT(16, 32, bias=True))
+    decay, no_decay, bft = param_groups(model, 4e-5, bft_weight_decay=1e-4, bft_lr_scale=0.5)
+    assert [id(p) for p in bft["params"]] == [id(model[2].weight)]
+    assert bft["weight_decay"] == 1e-4 and bft["lr_scale"] == 0.5
+    assert id(model[2].bias) in {id(p) for p in no_decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) + 1 == len(list(model.parameters()))
+    opt = timm.optim.create_optimizer_v2([decay, no_decay, bft], opt="sgd", lr=0.2,
+                                         weight_decay=4e-5)
+    sched, _ = timm.scheduler.create_scheduler_v2(opt, sched="cosine", num_epochs=10,
+                                                  warmup_epochs=0, step_on_epochs=False,
+                                                  updates_per_epoch=10)
+    sched.step_update(5)
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs[0] == lrs[1] and lrs[2] == pytest.approx(0.5 * lrs[0]) and lrs[0] < 0.2
+    assert [g["weight_decay"] for g in opt.param_groups] == [4e-5, 0.0, 1e-4]
 
 
 def test_layers_with_one_channel_are_kept_and_reported():

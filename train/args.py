@@ -81,6 +81,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def _probability(text: str) -> float:
     value = _non_negative_float(text)
     if value > 1:
@@ -178,6 +185,10 @@ def _add_optimization_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=_non_negative_float,
                    help=by_recipe("weight_decay", "for conv/linear weights; BFT weights, norms "
                                   "and biases get none"))
+    g.add_argument("--bft-weight-decay", type=_non_negative_float, default=0.0,
+                   help="weight decay of the BFT weights (default 0, the paper's choice)")
+    g.add_argument("--bft-lr-scale", type=_positive_float, default=1.0,
+                   help="learning-rate multiplier of the BFT weights (default 1)")
     g.add_argument("--sched", choices=SCHEDULERS,
                    help=by_recipe("sched", "timm scheduler, stepped every iteration"))
     g.add_argument("--decay-milestones", type=_positive_int, nargs="+", default=[90, 180, 270],

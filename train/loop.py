@@ -132,7 +132,9 @@ class Trainer:
         args = self.args
         self.global_batch = args.batch_size * self.ctx.world
         self.lr = args.lr if args.lr_explicit else args.lr_base * self.global_batch / args.lr_base_size
-        self.optimizer = create_optimizer_v2(param_groups(self.model, args.weight_decay),
+        groups = param_groups(self.model, args.weight_decay, args.bft_weight_decay,
+                              args.bft_lr_scale)
+        self.optimizer = create_optimizer_v2(groups,
                                              opt=args.opt, lr=self.lr, momentum=args.momentum,
                                              weight_decay=args.weight_decay)
         self.scheduler, self.epochs = create_scheduler_v2(
