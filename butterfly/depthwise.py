@@ -359,8 +359,9 @@ class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same arguments, parameters and state_dict) whose depthwise form runs
     ``butterfly::depthwise_conv``: ``groups == in_channels == out_channels``, a square odd
     kernel, padding ``k // 2`` with zeros, dilation 1, equal strides of 1 or 2. Any other
-    configuration, ``torch.jit`` tracing and ONNX export run ``nn.Conv2d.forward`` (unbatched
-    input: ``F.conv2d``). ``torch.fx`` traces the operator's call as one node.
+    configuration, ``torch.jit`` tracing, ONNX export and inference under ``torch.compile`` run
+    ``nn.Conv2d.forward`` (unbatched input: ``F.conv2d``). ``torch.fx`` traces the operator's
+    call as one node.
 
     ``DepthwiseConv2d(C, C, 3, stride, 1, groups=C, bias=False)`` replaces
     ``nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=False)``; :meth:`from_conv` wraps an existing
@@ -372,9 +373,17 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.runs_operator() and not torch.jit.is_tracing() and \
-                not torch.onnx.is_in_onnx_export():
+                not torch.onnx.is_in_onnx_export() and not self._inductor_infers(x):
             return _layer_forward(x, self.weight, self.bias, self.stride[0])
         return super().forward(x)
+
+    def _inductor_infers(self, x: Tensor) -> bool:
+        """Under torch.compile without gradients (inference), inductor's own convolution (with
+        freezing, BatchNorm folded into it) beats the operator: 1.1-1.5x faster whole networks
+        on CPU in ``benchmarks/results/models_cpu.md``; with gradients the operator's backward
+        wins (1.3-1.7x faster training steps), so training keeps it."""
+        return torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":

@@ -4,8 +4,8 @@
   (``BFT.to_conv2d()`` / ``BFTLinear.to_linear()``, residual and bias folded in).
 * :func:`optimize_for_inference`: a fused copy of the network (:mod:`butterfly.fusion`: BatchNorms
   folded, activations and residual additions in the layers' epilogues), then every BFT timed
-  against its dense equivalent (with the same epilogue) on the real device and input, and the
-  faster kept.
+  against its dense equivalent (with the same epilogue), and every fused depthwise conv's kernel
+  against PyTorch's convolution, on the real device and input, and the faster kept.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .fusion import FusedBFT, FusedLayer, dense_alternative
+from .fusion import FusedBFT, FusedConv, FusedLayer, dense_alternative
 from .fusion import fuse as _fuse
 from .modules import dense_equivalent, is_bft
 from .surgery import LayerReport, bft_layers, capture_inputs, swap_module
@@ -58,8 +58,21 @@ class LayerChoice:
         return max(self.bft_ms, self.dense_ms) / min(self.bft_ms, self.dense_ms)
 
 
+@dataclass
+class DepthwiseChoice:
+    """What :func:`optimize_for_inference` measured for one fused depthwise conv: the library's
+    depthwise kernel against PyTorch's convolution (oneDNN on CPU), epilogue included."""
+
+    name: str
+    input_shape: Tuple[int, ...]
+    kernel_ms: float
+    torch_ms: float
+    chosen: str                # "kernel" or "torch"
+
+
 class InferenceReport(LayerReport):
-    """The :class:`LayerChoice` of every BFT layer, in model order; ``str()`` gives a table."""
+    """The :class:`LayerChoice` of every BFT layer, in model order; ``str()`` gives a table.
+    ``depthwise`` holds the :class:`DepthwiseChoice` of every fused depthwise conv."""
 
     columns = (("layer", 28, lambda c: c.name or "<model>"),
                ("shape", 11, lambda c: f"{c.in_channels}->{c.out_channels}"),
@@ -75,6 +88,7 @@ class InferenceReport(LayerReport):
         self.device = device
         self.fused: List[FusedLayer] = list(fused)       # every conv/BFT given an epilogue
         self.unfused: List[Tuple[str, str]] = list(unfused)   # (graph node, why it stayed)
+        self.depthwise: List[DepthwiseChoice] = []
 
     def title(self) -> str:
         text = (f"optimize_for_inference on {self.device}: {len(self)} BFT layers, "
@@ -84,6 +98,12 @@ class InferenceReport(LayerReport):
             text += (f"; fused {len(self.fused)} layers ("
                      + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
                      + f"), {len(self.unfused)} left unfused")
+        if self.depthwise:
+            kernel = [c for c in self.depthwise if c.chosen == "kernel"]
+            text += (f"; depthwise convs: {len(kernel)} of {len(self.depthwise)} on the "
+                     f"depthwise kernel ({sum(c.kernel_ms for c in kernel):.3f} ms against "
+                     f"{sum(c.torch_ms for c in kernel):.3f} ms in PyTorch), the others on "
+                     "PyTorch's convolution")
         return text
 
     def __str__(self) -> str:
@@ -122,8 +142,10 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     result is a ``torch.fx.GraphModule`` for inference only). Then, for every BFT layer the example
     reaches, the butterfly is timed against its exact dense equivalent (with the same epilogue) on
     the layer's real input, and the faster is kept. ``fuse=False`` does only the per-layer choice,
-    on the model itself when ``inplace=True``. ``print(report)`` shows each layer's times and
-    choice, what was fused, and what was left unfused and why. The outputs equal the eval-mode
+    on the model itself when ``inplace=True``. With ``fuse=True`` every fused depthwise conv is
+    also timed on the library's depthwise kernel and on PyTorch's convolution, and the faster
+    kept (``report.depthwise``). ``print(report)`` shows each layer's times and choice, what was
+    fused, and what was left unfused and why. The outputs equal the eval-mode
     model's up to floating-point rounding."""
     if fuse and inplace:
         raise ValueError("optimize_for_inference(fuse=True) returns a new, fused model and leaves "
@@ -155,4 +177,28 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
                                   type(layer).__name__, layer.plan.in_channels,
                                   layer.plan.out_channels, tuple(xs[0].shape), bft_s * 1e3,
                                   dense_s * 1e3, chosen, epilogues.get(name, "-")))
+    _choose_depthwise(model, args, report, min_run_time)
     return model, report
+
+
+def _choose_depthwise(model: nn.Module, args: tuple, report: InferenceReport,
+                      min_run_time: float) -> None:
+    """Time every fused depthwise conv the example reaches with the depthwise kernel and with
+    PyTorch's convolution (each with its epilogue), on its real input, and keep the faster."""
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, FusedConv) and m.depthwise}
+    if not layers:
+        return
+    inputs = {}
+    capture_inputs(model, layers, [args], lambda name, layer, *xs: inputs.setdefault(name, xs))
+    for name, layer in layers.items():
+        if name not in inputs:
+            continue
+        xs = inputs[name]
+        kernel_s = time_call(layer, xs, min_run_time)
+        layer.depthwise = False
+        torch_s = time_call(layer, xs, min_run_time)
+        layer.depthwise = torch_s >= kernel_s
+        report.depthwise.append(DepthwiseChoice(name, tuple(xs[0].shape), kernel_s * 1e3,
+                                                torch_s * 1e3,
+                                                "kernel" if layer.depthwise else "torch"))

@@ -252,6 +252,28 @@ def test_compile_matches_eager():
         assert outs[1][0].is_contiguous(memory_format=output_format(x))
 
 
+def test_compile_keeps_the_operator_for_training_only():
+    """Under torch.compile the layer runs the operator when gradients are needed (its backward
+    is faster) and PyTorch's convolution in inference (inductor optimises that one better)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    net = nn.Sequential(DepthwiseConv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.ReLU())
+    x = make(2, 16, 7, 5)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend=record)
+    compiled(x).sum().backward()
+    with torch.no_grad():
+        y = compiled(x)
+    torch.testing.assert_close(y, net(x))
+    assert len(graphs) == 2
+    assert "depthwise_conv" in graphs[0] and "conv2d" not in graphs[0]
+    assert "depthwise_conv" not in graphs[1] and "conv2d" in graphs[1]
+
+
 def test_module_is_a_conv():
     """Same parameters, state_dict and results as nn.Conv2d; other configurations fall back."""
     conv = nn.Conv2d(24, 24, 3, 2, 1, groups=24, bias=True)

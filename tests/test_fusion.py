@@ -162,9 +162,15 @@ def test_optimize_for_inference_fuses_and_keeps_the_measured_choice(capsys):
         chosen = out.get_submodule(c.name)
         assert isinstance(chosen, FusedBFT if c.chosen == "bft" else FusedConv)
         assert c.epilogue != "-"
+    # every fused depthwise conv was timed both ways and runs on the choice
+    depthwise = [n for n, m in out.named_modules() if isinstance(m, FusedConv) and m.groups > 1]
+    assert sorted(c.name for c in report.depthwise) == sorted(depthwise)
+    for c in report.depthwise:
+        assert out.get_submodule(c.name).depthwise == (c.chosen == "kernel")
+        assert c.chosen == ("kernel" if c.kernel_ms <= c.torch_ms else "torch")
     print(report)
     text = capsys.readouterr().out
-    assert "fused" in text and "epilogue" in text
+    assert "fused" in text and "epilogue" in text and "depthwise convs:" in text
     with pytest.raises(ValueError, match="leaves the original untouched"):
         butterfly.optimize_for_inference(model, x, inplace=True)
 
