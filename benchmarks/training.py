@@ -65,8 +65,9 @@ forward op that recorded that sequence number (an op records the autograd counte
 the counter moves on when a node is created), so the node and everything under it (e.g.
 ``aten::convolution_backward``, ``butterfly::bft_backward``) take the category of the label that
 op ran under. The library's operators count by what they are wherever they run: the depthwise
-ones (``butterfly::depthwise_conv``, ``butterfly_cpu::dw_*``) as depthwise conv, every other op
-whose name contains "butterfly" as BFT; the share of the BFT ops alone is reported too
+ones (``butterfly::depthwise_conv``, ``butterfly_cpu::dw_*``) as depthwise conv, the fused
+BatchNorm ones (``butterfly::batch_norm_act``, ``butterfly_cpu::bn_act_*``) as BatchNorm, every
+other op whose name contains "butterfly" as BFT; the share of the BFT ops alone is reported too
 ("butterfly ops"). ``torch::autograd::AccumulateGrad`` has no
 sequence number and counts as other. The shares of a step sum to 100% by construction; they are
 shares of the profiled step, whose small ops the profiler slows down most.
@@ -365,10 +366,13 @@ def _parents(event):
 
 def op_category(name: str) -> Optional[str]:
     """The category of one of the library's operators wherever it runs (None for any other op):
-    the depthwise operators count as depthwise, every other butterfly op as BFT."""
+    the depthwise operators count as depthwise, the fused BatchNorm ones as BatchNorm, every
+    other butterfly op as BFT."""
     if "butterfly" not in name:
         return None
-    return "depthwise" if "depthwise" in name or "dw_" in name else "bft"
+    if "depthwise" in name or "dw_" in name:
+        return "depthwise"
+    return "batchnorm" if "batch_norm" in name or "bn_act" in name else "bft"
 
 
 def attribute(events) -> List[Tuple[object, str, str]]:
@@ -689,7 +693,7 @@ def report(data: Dict) -> str:
                       "Share of the profiled step's self CPU time (forward + backward + "
                       "optimizer; in brackets the backward part). 1x1 conv: dense pointwise "
                       "convs (what BFT replaces); butterfly ops: the BFT operators alone (ops "
-                      "named `butterfly*` other than the depthwise ones).",
+                      "named `butterfly*` other than the depthwise and BatchNorm ones).",
                       "", "| model | format | profiled step | " +
                       " | ".join(CATEGORY_LABELS[c] for c in CATEGORIES) + " | butterfly ops |",
                       "|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]

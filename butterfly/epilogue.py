@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .ops import backend_for
 from .plan import BFTPlan
@@ -58,6 +58,18 @@ class Epilogue:
         parts = (["affine"] if self.scale is not None or self.shift is not None else []) + \
             ([self.activation] if self.activation != "none" else []) + (["add"] if self.add else [])
         return "+".join(parts) or "-"
+
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish",
+                       nn.Hardsigmoid: "hardsigmoid"}
+
+
+def activation_of(module: nn.Module) -> Optional[str]:
+    """The :data:`ACTIVATIONS` name of an activation module (``nn.Hardtanh(0, 6)`` is "relu6"),
+    or None for any other module."""
+    if type(module) is nn.Hardtanh and (module.min_val, module.max_val) == (0.0, 6.0):
+        return "relu6"
+    return _ACTIVATION_MODULES.get(type(module))
 
 
 def activate(y: Tensor, activation: str) -> Tensor:

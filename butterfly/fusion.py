@@ -37,7 +37,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .depthwise import DepthwiseConv2d, depthwise_conv, is_operator_conv
-from .epilogue import Epilogue, activate, bft_fused
+from .epilogue import Epilogue, activate, activation_of, bft_fused
 from .modules import BFT, dense_equivalent, is_bft
 
 _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
@@ -153,8 +153,6 @@ class FusedConv(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ the pass
-_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish",
-                nn.Hardsigmoid: "hardsigmoid"}
 _ACT_FUNCTIONS = {torch.relu: "relu", F.relu: "relu", F.relu6: "relu6", F.hardswish: "hardswish",
                   F.hardsigmoid: "hardsigmoid", torch.relu_: "relu"}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu"}
@@ -212,10 +210,7 @@ def _next(gm: fx.GraphModule, node: fx.Node, chain: List[fx.Node]) -> Optional[f
 
 def _activation(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if type(m) is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0):
-            return "relu6"
-        return _ACT_MODULES.get(type(m))
+        return activation_of(gm.get_submodule(node.target))
     if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
         return _ACT_FUNCTIONS[node.target]
     if node.op == "call_method" and node.target in _ACT_METHODS and len(node.args) == 1:

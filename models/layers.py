@@ -8,10 +8,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+import torch
 from timm.models._features import feature_take_indices
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
+from butterfly.batchnorm import batch_norm_act
 from butterfly.depthwise import DepthwiseConv2d
+from butterfly.epilogue import activation_of
 from butterfly.modules import BFT, is_bft
 
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hswish": nn.Hardswish}
@@ -45,6 +48,8 @@ def act_layer(name: Optional[str]) -> nn.Module:
 
 class ConvBnAct(nn.Module):
     """``conv`` (any module producing ``out_chs`` channels), BatchNorm, activation (or none).
+    In training mode the BatchNorm and the activation run as one fused operator
+    (:func:`butterfly.batchnorm.batch_norm_act`; ``use_backend("reference")``: PyTorch's).
 
     A plain module, not an ``nn.Sequential``, so that timm's feature extractors, which flatten the
     model's top-level ``nn.Sequential`` containers, keep it whole (``stem``, ``conv5``)."""
@@ -56,7 +61,14 @@ class ConvBnAct(nn.Module):
         self.act = act_layer(act)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.bn(self.conv(x)))
+        x = self.conv(x)
+        if self.training and type(self.bn) is nn.BatchNorm2d and not isinstance(x, fx.Proxy) \
+                and not torch.jit.is_tracing():
+            # training: BatchNorm and activation in one fused kernel on CPU (PyTorch elsewhere)
+            activation = "none" if isinstance(self.act, nn.Identity) else activation_of(self.act)
+            if activation is not None:
+                return batch_norm_act(x, self.bn, activation)
+        return self.act(self.bn(x))
 
 
 def conv_bn_act(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1,

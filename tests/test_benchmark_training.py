@@ -155,7 +155,9 @@ def test_attribution_of_forward_and_backward(one_thread):
     def categories(part):
         return {c for (name, _), cats in got.items() if "butterfly" in name and part(name)
                 for c in cats}
-    assert categories(lambda name: "depthwise" not in name and "dw_" not in name) == {"bft"}
+    assert categories(lambda name: "depthwise" not in name and "dw_" not in name
+                      and "bn_act" not in name and "batch_norm" not in name) == {"bft"}
+    assert T.op_category("butterfly_cpu::bn_act_backward") == "batchnorm"
     assert categories(lambda name: "depthwise" in name or "dw_" in name) == {"depthwise"}
     assert any(phase == "backward" for name, phase in got
                if "butterfly" in name and "depthwise" not in name)
