@@ -97,6 +97,39 @@ void with_activation(int act, F&& f) {
   }
 }
 
+// Per-channel sums (out1, out2) over the M rows of a channels_last tensor: add_row(r, q1, q2)
+// adds row r's terms to the block accumulators q1, q2 (C values each). Fixed row chunks with
+// their partial sums reduced in chunk order: the same bits whatever the number of threads.
+template <typename T, typename AddRow>
+void channels_last_sums(int64_t M, int64_t C, AddRow add_row, double* out1, double* out2) {
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(kBlock, 16384 / C));
+  const int64_t chunks = (M + rows - 1) / rows;
+  std::vector<double> part(static_cast<size_t>(chunks) * 2 * C);
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<T> b1(C), b2(C);
+    for (int64_t k = k0; k < k1; ++k) {
+      std::fill(b1.begin(), b1.end(), T(0));
+      std::fill(b2.begin(), b2.end(), T(0));
+      const int64_t r1 = std::min(M, (k + 1) * rows);
+      for (int64_t r = k * rows; r < r1; ++r) add_row(r, b1.data(), b2.data());
+      double* p = part.data() + k * 2 * C;
+      for (int64_t c = 0; c < C; ++c) {
+        p[c] = b1[c];
+        p[C + c] = b2[c];
+      }
+    }
+  });
+  std::fill(out1, out1 + C, 0.0);
+  std::fill(out2, out2 + C, 0.0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    const double* p = part.data() + k * 2 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      out1[c] += p[c];
+      out2[c] += p[C + c];
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------- statistics
 // mean[c], var[c] (biased) and invstd[c] = 1 / sqrt(var[c] + eps) of the batch.
 template <typename T>
@@ -131,41 +164,16 @@ void batch_stats(const Shape& s, bool cl, const T* x, double eps, T* mean, T* in
       }
     });
   } else {
-    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(kBlock, 16384 / C));
-    const int64_t chunks = (M + rows - 1) / rows;
-    std::vector<double> part(static_cast<size_t>(chunks) * 2 * C);
-    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<T> b1(C), b2(C);
-      for (int64_t k = k0; k < k1; ++k) {
-        std::fill(b1.begin(), b1.end(), T(0));
-        std::fill(b2.begin(), b2.end(), T(0));
-        T* q1 = b1.data();
-        T* q2 = b2.data();
-        const T* sh = shift.data();
-        const int64_t r1 = std::min(M, (k + 1) * rows);
-        for (int64_t r = k * rows; r < r1; ++r) {
-          const T* p = x + r * C;
+    const T* sh = shift.data();
+    channels_last_sums<T>(M, C, [&](int64_t r, T* q1, T* q2) {
+      const T* p = x + r * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T v = p[c] - sh[c];
-            q1[c] += v;
-            q2[c] += v * v;
-          }
-        }
-        double* ps = part.data() + k * 2 * C;
-        for (int64_t c = 0; c < C; ++c) {
-          ps[c] = q1[c];
-          ps[C + c] = q2[c];
-        }
-      }
-    });
-    for (int64_t k = 0; k < chunks; ++k) {  // in chunk order: deterministic
-      const double* ps = part.data() + k * 2 * C;
       for (int64_t c = 0; c < C; ++c) {
-        sum[c] += ps[c];
-        sumsq[c] += ps[C + c];
+        const T v = p[c] - sh[c];
+        q1[c] += v;
+        q2[c] += v * v;
       }
-    }
+    }, sum.data(), sumsq.data());
   }
   for (int64_t c = 0; c < C; ++c) {
     const double d = sum[c] / M;  // mean - shift
@@ -240,42 +248,16 @@ void grad_sums(const Shape& s, bool cl, const T* g, const T* x, const T* y, cons
     });
     return;
   }
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(kBlock, 16384 / C));
-  const int64_t chunks = (M + rows - 1) / rows;
-  std::vector<double> part(static_cast<size_t>(chunks) * 2 * C);
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<T> b1(C), b2(C);
-    for (int64_t k = k0; k < k1; ++k) {
-      std::fill(b1.begin(), b1.end(), T(0));
-      std::fill(b2.begin(), b2.end(), T(0));
-      T* q1 = b1.data();
-      T* q2 = b2.data();
-      const int64_t r1 = std::min(M, (k + 1) * rows);
-      for (int64_t r = k * rows; r < r1; ++r) {
-        const T *pg = g + r * C, *px = x + r * C, *py = y + r * C;
+  channels_last_sums<T>(M, C, [&](int64_t r, T* q1, T* q2) {
+    const T *pg = g + r * C, *px = x + r * C, *py = y + r * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T z = pre ? px[c] * scale[c] + shift[c] : T(0);
-          const T gz = activation_grad<T>(pg[c], py[c], z, ACT);
-          q1[c] += gz;
-          q2[c] += gz * (px[c] - mean[c]);
-        }
-      }
-      double* p1 = part.data() + k * 2 * C;
-      for (int64_t c = 0; c < C; ++c) {
-        p1[c] = q1[c];
-        p1[C + c] = q2[c];
-      }
-    }
-  });
-  for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
-  for (int64_t k = 0; k < chunks; ++k) {  // in chunk order: deterministic
-    const double* p1 = part.data() + k * 2 * C;
     for (int64_t c = 0; c < C; ++c) {
-      s1[c] += p1[c];
-      s2[c] += p1[C + c];
+      const T z = pre ? px[c] * scale[c] + shift[c] : T(0);
+      const T gz = activation_grad<T>(pg[c], py[c], z, ACT);
+      q1[c] += gz;
+      q2[c] += gz * (px[c] - mean[c]);
     }
-  }
+  }, s1, s2);
 }
 
 // grad_x = k_g[c] * g_z + k_x[c] * x + k_0[c].
