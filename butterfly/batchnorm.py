@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .depthwise import output_format
 from .epilogue import ACTIVATIONS, activate
 from .kernels import cpu
 from .ops import backend_for
@@ -52,21 +53,14 @@ def _register_fake_kernels() -> None:
     _fakes_registered = True
 
 
-def _format(x: Tensor) -> torch.memory_format:
-    """The kernels' rule: channels_last outputs for channels_last (and not contiguous) input."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _fake_forward(x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     C = x.shape[1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_format(x))
     return y, x.new_empty(C), x.new_empty(C), x.new_empty(C)
 
 
 def _fake_backward(x: Tensor, output_mask) -> Tuple[Tensor, Tensor, Tensor]:
-    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x)) \
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_format(x)) \
         if output_mask[0] else x.new_empty(0)
     C = x.shape[1]
     return gx, x.new_empty(C) if output_mask[1] else x.new_empty(0), \
