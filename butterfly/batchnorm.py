@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -109,7 +110,7 @@ def _(grad, x, y, weight, bias, mean, invstd, activation, output_mask):
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, eps, activation = inputs
     y, mean, invstd, _ = output
-    ctx.activation = activation
+    ctx.activation, ctx.eps = activation, eps
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.save_for_backward(x, y, weight, bias, mean, invstd)
 
@@ -120,11 +121,24 @@ def _backward(ctx, grad_y, grad_mean=None, grad_invstd=None, grad_var=None, eage
     mask = [bool(need[0]), bool(need[1]) and ctx.has_weight, bool(need[2]) and ctx.has_bias]
     if not any(mask):
         return None, None, None, None, None
+    if torch.is_grad_enabled():
+        # create_graph (a gradient penalty, double backward): the kernels have no derivative,
+        # so the gradients are taken through PyTorch's own differentiable BatchNorm instead
+        return _differentiable_backward(ctx, grad_y, x, weight, bias, mask)
     args = (grad_y, x, y, weight, bias, mean, invstd, ctx.activation, mask)
     gx, gw, gb = (torch.ops.butterfly_cpu.bn_act_backward(*args) if eager
                   else torch.ops.butterfly.batch_norm_act_backward(*args))
     return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None,
             None)
+
+
+def _differentiable_backward(ctx, grad_y, x, weight, bias, mask):
+    inputs = [t for t, m in zip((x, weight, bias), mask) if m]
+    with torch.enable_grad():
+        y = activate(F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps),
+                     ctx.activation)
+        grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
+    return tuple(next(grads) if m else None for m in mask) + (None, None)
 
 
 _bn_act_op.register_autograd(_backward, setup_context=_setup_context)

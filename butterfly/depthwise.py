@@ -232,7 +232,11 @@ def _backward(ctx, grad: Tensor, eager: bool = False):
     if not any(mask):
         return None, None, None, None, None
     grad = _activation_backward(ctx, grad, x, weight, bias, out)
-    if eager:
+    if torch.is_grad_enabled():
+        # create_graph (a gradient penalty, double backward): the kernel has no derivative;
+        # PyTorch's convolution_backward has one
+        gx, gw, gb = depthwise_reference_backward(grad, x, weight, ctx.stride, mask)
+    elif eager:
         gx, gw, gb = _backward_body(grad, x, weight, ctx.stride, mask)
     else:
         gx, gw, gb = torch.ops.butterfly.depthwise_conv_backward(grad, x, weight, ctx.stride,

@@ -334,3 +334,19 @@ def test_flop_count():
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         depthwise_conv(x, weight, b, 2)
     assert counter.get_total_flops() == 2 * 2 * 8 * 4 * 3 * 9
+
+
+def test_double_backward():
+    """Second derivatives (gradient penalties) through the layer and the operator: the backward
+    switches to PyTorch's differentiable convolution_backward."""
+    layer = DepthwiseConv2d(4, 4, 3, 2, 1, groups=4).double()
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: depthwise_conv(x, w, b, 2, "relu"),
+                                        (x, layer.weight, layer.bias))
+    g, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    g_ref, = torch.autograd.grad(F.conv2d(x, layer.weight, layer.bias, 2, 1, groups=4)
+                                 .square().sum(), x, create_graph=True)
+    torch.testing.assert_close(g, g_ref)
+    w_grad, = torch.autograd.grad(g.square().sum(), layer.weight)
+    w_ref, = torch.autograd.grad(g_ref.square().sum(), layer.weight)
+    torch.testing.assert_close(w_grad, w_ref)

@@ -110,3 +110,23 @@ def test_a_few_steps_follow_the_reference_loss_curve():
             assert _rel(m_got.running_mean, m_want.running_mean, 1e-6) < 1e-8
             assert _rel(m_got.running_var, m_want.running_var) < 1e-8
             assert m_got.num_batches_tracked == m_want.num_batches_tracked == 5
+
+
+def test_double_backward_equals_the_reference_path():
+    """A gradient penalty (create_graph=True, then backward) through a zoo model in training
+    mode: the kernels have no second derivative, so their backward switches to PyTorch's
+    differentiable formulas and the result equals the reference path's (float64)."""
+    results = []
+    for backend in ("auto", "reference"):
+        model = _model("mobilenetv1_bft_100").double().train()
+        x = torch.randn(2, 1, 21, 19, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(3)).requires_grad_()
+        with butterfly.use_backend(backend):
+            out = model(x)
+            g, = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+            g.square().sum().backward()
+        results.append({n: p.grad for n, p in model.named_parameters()})
+    got, want = results
+    floor = 1e-6 * max(v.abs().max().item() for v in want.values())
+    for n in want:
+        assert _rel(got[n], want[n], floor) < 1e-8, n
