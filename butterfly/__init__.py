@@ -4,6 +4,15 @@ Dependencies run one way: ``plan`` <- ``reference`` <- ``ops`` (the operator; ``
 their backends with it) <- ``modules`` <- ``surgery`` <- ``conversion``, ``inference``, ``export``,
 ``flops``; ``optim`` and ``init`` are leaves beside ``modules``.
 """
+from pathlib import Path as _Path
+
+# A source checkout used without installing it (e.g. a snapshot a long run works from):
+# ``butterfly.models`` and ``butterfly.csrc`` are the checkout's ``models/`` and ``csrc/``, as
+# the install maps them (pyproject.toml). Searched before any installed copy's mapping.
+_checkout = _Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "models" / "builder.py").is_file():
+    __path__.append(str(_checkout))
+
 from . import kernels  # noqa: F401  (registers the compiled backends with the operator)
 from .conversion import convert, from_dense
 from .export import export_onnx
