@@ -136,3 +136,26 @@ def test_create_pointwise():
     assert conv(x).shape == bft(x).shape == (2, 24, 3, 3)
     with pytest.raises(TypeError, match="bft=True"):
         create_pointwise(16, 24, base=2)
+
+
+def test_a_source_snapshot_imports_its_own_models_and_kernels(tmp_path):
+    """A copy of the checkout run without installing it (``benchmarks.reproduce`` works from
+    such snapshots) gets its own models/ and csrc/ as butterfly.models and butterfly.csrc, even
+    where another copy is installed."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("butterfly", "models", "csrc"):
+        shutil.copytree(repo / name, tmp_path / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(repo / "pyproject.toml", tmp_path / "pyproject.toml")
+    code = ("import butterfly, butterfly.models, butterfly.csrc; "
+            "print(butterfly.models.__file__); print(list(butterfly.csrc.__path__)[0])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    models_file, csrc_dir = out.stdout.split()
+    assert Path(models_file).resolve().is_relative_to(tmp_path.resolve())
+    assert Path(csrc_dir).resolve() == (tmp_path / "csrc").resolve()
