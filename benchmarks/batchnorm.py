@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.kernel import time_interleaved
 from benchmarks.machine import keep_freed_memory, loadavg, machine, now, write_report
 from butterfly.batchnorm import batch_norm_act, kernel_runs
 from butterfly.models import layers as zoo_layers
@@ -43,17 +44,10 @@ FORMATS = {"NCHW": torch.contiguous_format, "CL": torch.channels_last}
 
 
 def interleaved(fns: Dict[str, Callable[[], None]], rounds: int, calls: int) -> Dict[str, float]:
-    """Median ms per call of each function, timed round by round in turn."""
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            fn()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.perf_counter() - start) / calls * 1e3)
+    """Median ms per call of each function: :func:`benchmarks.kernel.time_interleaved` (rotating
+    rounds, each step settled before ``calls`` timed calls)."""
+    times = time_interleaved(fns, rounds, warmup=1, budget_s=10.0, clock=time.perf_counter,
+                             block=calls, settle_s=0.02)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -138,8 +132,9 @@ def main(argv=None) -> int:
         f"Command: `{command.strip()}` ({time.time() - started:.0f} s, {now()}).",
         f"Machine: {info}. {malloc}",
         f"Load average before / after: {before} / {loadavg()}.", "",
-        "Medians over interleaved rounds (the two variants of a row alternate), so load from "
-        "other processes falls on both alike.",
+        "Medians over interleaved rounds (`benchmarks.kernel.time_interleaved`: the two "
+        "variants of a row alternate, each settled before it is timed), so load from other "
+        "processes falls on both alike.",
         *sections, ""])
     write_report(args.out, text)
     return 0

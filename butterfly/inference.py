@@ -160,14 +160,8 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     model.eval()
     epilogues = {f.name: f.epilogue for f in fused}
     layers = {name: m for name, m in model.named_modules() if is_bft(m) or isinstance(m, FusedBFT)}
-    inputs = {}
-    if layers:
-        capture_inputs(model, layers, [args], lambda name, layer, *xs: inputs.setdefault(name, xs))
     report = InferenceReport(device=str(args[0].device), fused=fused, unfused=unfused)
-    for name, layer in layers.items():
-        if name not in inputs:
-            continue
-        xs = inputs[name]
+    for name, layer, xs in _reached(model, layers, args):
         dense = dense_alternative(layer)
         bft_s, dense_s = time_call(layer, xs, min_run_time), time_call(dense, xs, min_run_time)
         chosen = "dense" if dense_s < bft_s else "bft"
@@ -181,20 +175,21 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     return model, report
 
 
+def _reached(model: nn.Module, layers: dict, args: tuple):
+    """``(name, layer, its inputs)`` for each of ``layers`` that ``model(*args)`` reaches."""
+    inputs = {}
+    if layers:
+        capture_inputs(model, layers, [args], lambda name, layer, *xs: inputs.setdefault(name, xs))
+    return [(name, layer, inputs[name]) for name, layer in layers.items() if name in inputs]
+
+
 def _choose_depthwise(model: nn.Module, args: tuple, report: InferenceReport,
                       min_run_time: float) -> None:
     """Time every fused depthwise conv the example reaches with the depthwise kernel and with
     PyTorch's convolution (each with its epilogue), on its real input, and keep the faster."""
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, FusedConv) and m.depthwise}
-    if not layers:
-        return
-    inputs = {}
-    capture_inputs(model, layers, [args], lambda name, layer, *xs: inputs.setdefault(name, xs))
-    for name, layer in layers.items():
-        if name not in inputs:
-            continue
-        xs = inputs[name]
+    for name, layer, xs in _reached(model, layers, args):
         kernel_s = time_call(layer, xs, min_run_time)
         layer.depthwise = False
         torch_s = time_call(layer, xs, min_run_time)
