@@ -102,15 +102,16 @@ def apply_epilogue(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], 
 
 
 def check_epilogue(x: Tensor, out_channels: int, scale: Optional[Tensor], shift: Optional[Tensor],
-                   activation: str, add: Optional[Tensor]) -> None:
-    """Clear errors for epilogue arguments that do not fit the layer."""
+                   activation: str, add: Optional[Tensor], out_shape=None) -> None:
+    """Clear errors for epilogue arguments that do not fit the layer (``out_shape``: the
+    output's shape, by default ``(B, C_out, P)`` for ``x`` ``(B, C_in, P)``)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown epilogue activation {activation!r}; choose one of {ACTIVATIONS}")
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None and tuple(t.shape) != (out_channels,):
             raise ValueError(f"epilogue {name} must have shape ({out_channels},), one value per "
                              f"output channel, got {tuple(t.shape)}")
-    want = (x.shape[0], out_channels, x.shape[2])
+    want = tuple(out_shape) if out_shape is not None else (x.shape[0], out_channels, x.shape[2])
     if add is not None and tuple(add.shape) != want:
         raise ValueError(f"epilogue add must have the output's shape {want}, got "
                          f"{tuple(add.shape)}")
@@ -179,3 +180,20 @@ def bft_fused(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool, epilogue
     # Eager inference: the operator's body without the dispatcher (tens of microseconds a call,
     # a tenth of a small layer's time).
     return _run_fused(*args)
+
+
+def bft_fused_image(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool, epilogue: Epilogue,
+                    add: Optional[Tensor] = None) -> Tensor:
+    """:func:`bft_fused` on an image batch ``(N, C_in, H, W)`` in either memory format (``add``,
+    when the epilogue adds, of the output's shape); the output has the input's format."""
+    N, C, H, W = x.shape
+    out = plan.out_channels
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        rows = None if add is None else add.reshape(N, out, H * W)
+        y = bft_fused(x.reshape(N, C, H * W), weight, plan, residual, epilogue, rows)
+        return y.view(N, out, H, W)
+    # channels_last: pixels as rows of C channels, (N*H*W, C, 1), with no copy
+    rows = None if add is None else add.permute(0, 2, 3, 1).reshape(N * H * W, out, 1)
+    y = bft_fused(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1), weight, plan, residual,
+                  epilogue, rows)
+    return y.view(N, H, W, out).permute(0, 3, 1, 2)

@@ -17,6 +17,11 @@ whose intermediate results have no other use becomes one fused layer:
   addition) as a post-op where PyTorch exposes it (``torch.ops.mkldnn._convolution_pointwise``,
   float32 CPU), else as ``conv2d`` followed by the activation.
 
+:func:`merge_separable` then joins a fused depthwise conv and the fused BFT that reads it into a
+:class:`FusedDepthwiseBFT`, one ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.separable`)
+in which the depthwise output never goes to memory; :func:`butterfly.optimize_for_inference`
+keeps it where it measures faster.
+
 What is left alone is reported with the reason: BatchNorms without running statistics (eval mode
 then normalises with batch statistics, which no fold reproduces), BatchNorms after anything else,
 activations with another use, convolutions with non-zero padding modes. Fused layers are for
@@ -37,8 +42,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .depthwise import DepthwiseConv2d, depthwise_conv, is_operator_conv
-from .epilogue import Epilogue, activate, activation_of, bft_fused
+from .epilogue import Epilogue, activate, activation_of, bft_fused_image
 from .modules import BFT, dense_equivalent, is_bft
+from .separable import dw_bft_fused, kernel_applies
 
 _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 # activation -> (oneDNN post-op name, its scalars)
@@ -77,17 +83,7 @@ class FusedBFT(nn.Module):
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
-        N, C, H, W = x.shape
-        out = self.plan.out_channels
-        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-            rows = None if add is None else add.reshape(N, out, H * W)
-            y = bft_fused(x.reshape(N, C, H * W), self.weight, self.plan, self.residual,
-                          self.epilogue, rows)
-            return y.view(N, out, H, W)
-        rows = None if add is None else add.permute(0, 2, 3, 1).reshape(N * H * W, out, 1)
-        y = bft_fused(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1), self.weight, self.plan,
-                      self.residual, self.epilogue, rows)
-        return y.view(N, H, W, out).permute(0, 3, 1, 2)
+        return bft_fused_image(x, self.weight, self.plan, self.residual, self.epilogue, add)
 
     def extra_repr(self) -> str:
         p = self.plan
@@ -106,7 +102,9 @@ class FusedConv(nn.Module):
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.activation, self.adds = activation, adds
-        self.depthwise = is_operator_conv(conv)
+        # kernel_geometry: what butterfly::depthwise_conv computes; depthwise: whether this layer
+        # runs it (optimize_for_inference may hand it back to PyTorch's convolution)
+        self.kernel_geometry = self.depthwise = is_operator_conv(conv)
         self.eval()   # an inference layer: built in eval mode
 
     def _onednn(self, x: Tensor) -> bool:
@@ -152,6 +150,58 @@ class FusedConv(nn.Module):
         return cls(conv, fused.activation, fused.adds)
 
 
+class FusedDepthwiseBFT(nn.Module):
+    """A fused depthwise conv and the fused BFT that reads its output (the depthwise-separable
+    block), for inference. With ``one_pass`` and an input the kernel takes, both run as one
+    ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.separable`); otherwise, or once the BFT was
+    made dense, the two layers ``dw`` and ``pw`` run one after the other."""
+
+    def __init__(self, dw: FusedConv, pw: FusedBFT):
+        super().__init__()
+        self.dw, self.pw, self.one_pass = dw, pw, True
+        self.eval()
+
+    def _kernel(self, x: Tensor) -> bool:
+        return self.one_pass and isinstance(self.pw, FusedBFT) and \
+            kernel_applies(x, self.dw.weight, self.dw.stride[0])
+
+    def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
+        _refuse_training(self, (x, add))
+        if not self._kernel(x):
+            return self.pw(self.dw(x), add)
+        dw, pw = self.dw, self.pw
+        return dw_bft_fused(x, dw.weight, dw.bias, dw.stride[0], dw.activation, pw.weight,
+                            pw.plan, pw.residual, pw.epilogue, add)
+
+    def extra_repr(self) -> str:
+        return f"one_pass={self.one_pass}"
+
+
+def merge_separable(gm: fx.GraphModule) -> List[Tuple[str, str]]:
+    """Merges every fused depthwise conv (no addition in its epilogue) whose only user is a
+    :class:`FusedBFT` reading it as its input into one :class:`FusedDepthwiseBFT`, at the BFT's
+    name (the layers become its ``dw`` and ``pw``); returns ``(block name, the depthwise conv's
+    former name)`` pairs. ``gm``: a graph from :func:`fuse`."""
+    merged = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), FusedBFT):
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        dw = gm.get_submodule(src.target)
+        if not (isinstance(dw, FusedConv) and dw.kernel_geometry and not dw.adds):
+            continue
+        gm.add_submodule(node.target, FusedDepthwiseBFT(dw, gm.get_submodule(node.target)))
+        node.args = (src.args[0],) + tuple(node.args[1:])
+        gm.graph.erase_node(src)
+        merged.append((node.target, src.target))
+    if merged:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return merged
+
+
 # ------------------------------------------------------------------------------------ the pass
 _ACT_FUNCTIONS = {torch.relu: "relu", F.relu: "relu", F.relu6: "relu6", F.hardswish: "hardswish",
                   F.hardsigmoid: "hardsigmoid", torch.relu_: "relu"}
@@ -183,7 +233,8 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer with BFT layers, depthwise layers and already fused layers as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_bft(m) or isinstance(m, (FusedBFT, FusedConv, DepthwiseConv2d)) or \
+        return is_bft(m) or isinstance(m, (FusedBFT, FusedConv, FusedDepthwiseBFT,
+                                           DepthwiseConv2d)) or \
             super().is_leaf_module(m, qualname)
 
 

@@ -4,8 +4,9 @@
   (``BFT.to_conv2d()`` / ``BFTLinear.to_linear()``, residual and bias folded in).
 * :func:`optimize_for_inference`: a fused copy of the network (:mod:`butterfly.fusion`: BatchNorms
   folded, activations and residual additions in the layers' epilogues), then every BFT timed
-  against its dense equivalent (with the same epilogue), and every fused depthwise conv's kernel
-  against PyTorch's convolution, on the real device and input, and the faster kept.
+  against its dense equivalent (with the same epilogue), every fused depthwise conv's kernel
+  against PyTorch's convolution, and every depthwise-separable block in one pass against its two
+  layers apart, on the real device and input, and the faster kept.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .fusion import FusedBFT, FusedConv, FusedLayer, dense_alternative
+from .fusion import FusedBFT, FusedConv, FusedDepthwiseBFT, FusedLayer, dense_alternative
+from .fusion import merge_separable
 from .fusion import fuse as _fuse
 from .modules import dense_equivalent, is_bft
+from .separable import kernel_applies
 from .surgery import LayerReport, bft_layers, capture_inputs, swap_module
 
 
@@ -70,9 +73,23 @@ class DepthwiseChoice:
     chosen: str                # "kernel" or "torch"
 
 
+@dataclass
+class SeparableChoice:
+    """What :func:`optimize_for_inference` measured for one depthwise-separable block (a fused
+    depthwise conv and the fused BFT after it): one ``butterfly::dw_bft_fused`` pass against the
+    two layers apart."""
+
+    name: str
+    input_shape: Tuple[int, ...]
+    one_pass_ms: float
+    apart_ms: float
+    chosen: str                # "one pass" or "apart"
+
+
 class InferenceReport(LayerReport):
     """The :class:`LayerChoice` of every BFT layer, in model order; ``str()`` gives a table.
-    ``depthwise`` holds the :class:`DepthwiseChoice` of every fused depthwise conv."""
+    ``depthwise`` holds the :class:`DepthwiseChoice` of every fused depthwise conv, ``separable``
+    the :class:`SeparableChoice` of every depthwise-separable block."""
 
     columns = (("layer", 28, lambda c: c.name or "<model>"),
                ("shape", 11, lambda c: f"{c.in_channels}->{c.out_channels}"),
@@ -89,6 +106,7 @@ class InferenceReport(LayerReport):
         self.fused: List[FusedLayer] = list(fused)       # every conv/BFT given an epilogue
         self.unfused: List[Tuple[str, str]] = list(unfused)   # (graph node, why it stayed)
         self.depthwise: List[DepthwiseChoice] = []
+        self.separable: List[SeparableChoice] = []
 
     def title(self) -> str:
         text = (f"optimize_for_inference on {self.device}: {len(self)} BFT layers, "
@@ -104,6 +122,11 @@ class InferenceReport(LayerReport):
                      f"depthwise kernel ({sum(c.kernel_ms for c in kernel):.3f} ms against "
                      f"{sum(c.torch_ms for c in kernel):.3f} ms in PyTorch), the others on "
                      "PyTorch's convolution")
+        if self.separable:
+            one = [c for c in self.separable if c.chosen == "one pass"]
+            text += (f"; depthwise-separable blocks: {len(one)} of {len(self.separable)} in one "
+                     f"pass ({sum(c.one_pass_ms for c in one):.3f} ms against "
+                     f"{sum(c.apart_ms for c in one):.3f} ms apart)")
         return text
 
     def __str__(self) -> str:
@@ -144,7 +167,9 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     the layer's real input, and the faster is kept. ``fuse=False`` does only the per-layer choice,
     on the model itself when ``inplace=True``. With ``fuse=True`` every fused depthwise conv is
     also timed on the library's depthwise kernel and on PyTorch's convolution, and the faster
-    kept (``report.depthwise``). ``print(report)`` shows each layer's times and choice, what was
+    kept (``report.depthwise``), and every depthwise conv followed by a BFT is timed as one
+    ``butterfly::dw_bft_fused`` pass and as two layers (``report.separable``; channels_last
+    float CPU input only). ``print(report)`` shows each layer's times and choice, what was
     fused, and what was left unfused and why. The outputs equal the eval-mode
     model's up to floating-point rounding."""
     if fuse and inplace:
@@ -171,7 +196,9 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
                                   type(layer).__name__, layer.plan.in_channels,
                                   layer.plan.out_channels, tuple(xs[0].shape), bft_s * 1e3,
                                   dense_s * 1e3, chosen, epilogues.get(name, "-")))
-    _choose_depthwise(model, args, report, min_run_time)
+    if fuse:
+        _choose_depthwise(model, args, report, min_run_time)
+        _choose_separable(model, args, report, min_run_time)
     return model, report
 
 
@@ -197,3 +224,30 @@ def _choose_depthwise(model: nn.Module, args: tuple, report: InferenceReport,
         report.depthwise.append(DepthwiseChoice(name, tuple(xs[0].shape), kernel_s * 1e3,
                                                 torch_s * 1e3,
                                                 "kernel" if layer.depthwise else "torch"))
+
+
+def _choose_separable(model: nn.Module, args: tuple, report: InferenceReport,
+                      min_run_time: float) -> None:
+    """Merge every depthwise-separable block of the fused graph (:func:`merge_separable`), time
+    each one the example reaches in one pass and with its two layers apart, on its real input,
+    and keep the faster (blocks whose input the one-pass kernel does not take stay apart)."""
+    merged = merge_separable(model)
+    if not merged:
+        return
+    # the report's names keep naming the layers, now inside the blocks
+    moved = {bft: f"{bft}.pw" for bft, _ in merged}
+    moved.update({dw: f"{bft}.dw" for bft, dw in merged})
+    for choice in list(report) + report.depthwise:
+        choice.name = moved.get(choice.name, choice.name)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, FusedDepthwiseBFT)}
+    for name, layer, xs in _reached(model, layers, args):
+        layer.one_pass = False
+        apart_s = time_call(layer, xs, min_run_time)
+        if not kernel_applies(xs[0], layer.dw.weight, layer.dw.stride[0]):
+            continue
+        layer.one_pass = True
+        one_s = time_call(layer, xs, min_run_time)
+        layer.one_pass = one_s <= apart_s
+        report.separable.append(SeparableChoice(name, tuple(xs[0].shape), one_s * 1e3,
+                                                apart_s * 1e3,
+                                                "one pass" if layer.one_pass else "apart"))

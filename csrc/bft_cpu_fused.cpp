@@ -19,13 +19,15 @@ template RunFn<double> find_epilogue_run<double>(const int*, int, int);
 
 template <class S, class A>
 void forward_fused_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64_t P,
-                        const Options& opt, const Epilogue<A>& epi, const S* add) {
-  forward_impl<S, A, true>(pl, x, w, y, B, P, opt, &epi, add);
+                        const Options& opt, const Epilogue<A>& epi, const S* add,
+                        const RowSource<A>* src) {
+  forward_impl<S, A, true>(pl, x, w, y, B, P, opt, &epi, add, src);
 }
 
 #define BFT_INSTANTIATE(S, A)                                                                  \
   template void forward_fused_impl<S, A>(const Plan&, const S*, const A*, S*, int64_t, int64_t, \
-                                         const Options&, const Epilogue<A>&, const S*);
+                                         const Options&, const Epilogue<A>&, const S*,   \
+                                         const RowSource<A>*);
 BFT_INSTANTIATE(float, float)
 BFT_INSTANTIATE(double, double)
 BFT_INSTANTIATE(c10::BFloat16, float)

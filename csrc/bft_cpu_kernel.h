@@ -12,6 +12,7 @@
 
 #include <omp.h>
 
+#include <stdexcept>
 #include <vector>
 
 #include "bft_cpu_stages.h"
@@ -153,19 +154,33 @@ struct Options {
   bool direct = true;                     // runs read x / write y in place when possible
 };
 
+// Where the rows of a channels-last tile (P == 1) come from when they are not read from x: a
+// producer that computes them in the tile pass itself, so its output never goes to memory (the
+// depthwise -> BFT pass of dw_bft_cpu.cpp). fill(r0, n) returns rows r0 .. r0 + n of the
+// input, cin values each (row stride cin), valid until the calling thread's next fill.
+template <class A>
+struct RowSource {
+  virtual const A* fill(int64_t r0, int64_t n) const = 0;
+  virtual ~RowSource() = default;
+};
+
 // y = B(x), or with E (the fused forward) y = epi(B(x)) + add (add: laid out like y, or null).
 // The epilogue is applied where the output is stored: by the last run when it writes y itself
 // (NCHW rows in place, channels-last rows transposed in registers), otherwise by the store of
 // the buffered tile (after the blocks' sum, or of all gathered blocks). Without E (the plain
-// forward) none of this is compiled in.
+// forward) none of this is compiled in. With `src` (P == 1, S == A; x unused) the tiles' rows
+// come from src instead of x.
 template <class S, class A, bool E = false>
 void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64_t P,
-                  const Options& opt, const Epilogue<A>* epi = nullptr, const S* add = nullptr) {
+                  const Options& opt, const Epilogue<A>* epi = nullptr, const S* add = nullptr,
+                  const RowSource<A>* src = nullptr) {
   constexpr int64_t VL = Vec<A>::lanes;
   constexpr bool same = std::is_same_v<S, A>;
   if (B * P == 0) return;
-  // NCHW tiles in the compute dtype read x in place: only the output buffer is in use
-  const int64_t rows = (same && P > 1 && opt.direct ? 1 : 2) * pl.n;
+  if (src && (P != 1 || !same)) throw std::invalid_argument("a RowSource needs P == 1, S == A");
+  // NCHW tiles in the compute dtype read x in place: only the output buffer is in use; a
+  // source's rows (cin per pixel) stay in cache too
+  const int64_t rows = (same && P > 1 && opt.direct ? 1 : 2) * pl.n + (src ? pl.cin : 0);
   const Tiling tl = make_tiling<A>(B, P, rows, opt.fwd_budget, opt.fwd_cap, opt.threads);
   const int64_t ld = padded_ld<A>(tl.tp);
   const bool sum_blocks = !pl.expand && pl.T > 1;
@@ -194,12 +209,19 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
       const bool fast = opt.direct && same && P > 1 && tl.body(i);
       const bool gather = pl.expand && pl.T > 1 && !fast;
       const Segment s0 = tl.first(i);  // the only segment of a body tile
+      const A* sx = src ? src->fill(s0.p0, s0.np) : nullptr;  // P == 1: the tile's rows
       for (int64_t t = 0; t < pl.T; ++t) {
         Rows<const A> in{ubuf, ld};
         const int64_t xoff = tl.offset(s0, pl.cin) + pl.in_off(t) * xcs;
-        if (fast && pl.in_rows(t) == pl.n) in = {reinterpret_cast<const A*>(x + xoff), xcs};
-        else if (t == 0 || !pl.expand)  // expanding blocks all read the same input
+        if (fast && pl.in_rows(t) == pl.n) {
+          in = {reinterpret_cast<const A*>(x + xoff), xcs};
+        } else if (t > 0 && pl.expand) {  // expanding blocks all read the same input
+        } else if (sx) {
+          load_rows(ubuf, ld, sx + pl.in_off(t), pl.in_rows(t), 1, pl.cin, s0.np);
+          zero_rest(ubuf, ld, pl.n, pl.in_rows(t), s0.np, lw);
+        } else {
           load_tile(ubuf, ld, pl.n, lw, tl, i, x, pl.cin, pl.in_off(t), pl.in_rows(t));
+        }
         const bool to_y =
             fast && pl.out_rows(t) == pl.n && !sum_blocks && (aligned_rows || !stream);
         // channels-last: the last run transposes its blocks straight into y's pixel rows
@@ -243,7 +265,8 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
 // bft_cpu.cpp's dispatch.
 template <class S, class A>
 void forward_fused_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64_t P,
-                        const Options& opt, const Epilogue<A>& epi, const S* add);
+                        const Options& opt, const Epilogue<A>& epi, const S* add,
+                        const RowSource<A>* src = nullptr);
 
 template <class S, class A>
 void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx, A* gw,

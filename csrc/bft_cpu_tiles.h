@@ -183,7 +183,7 @@ A* scratch(int slot, int64_t elems) {
     size_t bytes = 0;
     ~Buffer() { std::free(p); }
   };
-  thread_local Buffer buffers[5];
+  thread_local Buffer buffers[6];
   Buffer& b = buffers[slot];
   // one spare vector: partial-vector copies may read (never use) up to a vector past the end
   const size_t bytes = ((size_t)std::max<int64_t>(elems, 1) * sizeof(A) + 63) / 64 * 64 + 64;

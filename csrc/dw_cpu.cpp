@@ -32,13 +32,10 @@ at::MemoryFormat format_of(bool channels_last) {
 }
 
 int activation_code(c10::string_view name) {
-  if (name == "none") return kNone;
-  if (name == "relu") return kRelu;
-  if (name == "relu6") return kRelu6;
-  if (name == "hardswish") return kHardswish;
-  if (name == "hardsigmoid") return kHardsigmoid;
-  TORCH_CHECK(false, "butterfly_cpu::dw_forward: unknown activation '", std::string(name),
+  const int code = dwconv::activation_code(std::string_view(name.data(), name.size()));
+  TORCH_CHECK(code != kAny, "butterfly_cpu::dw_forward: unknown activation '", std::string(name),
               "'; choose one of none, relu, relu6, hardswish, hardsigmoid");
+  return code;
 }
 
 at::ScalarType compute_type(at::ScalarType t) {

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -46,6 +47,16 @@ inline constexpr int VL = bft::Vec<A>::lanes;
 using bft::unroll;
 
 enum Act : int { kAny = -1, kNone = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kHardsigmoid = 4 };
+
+// The code of an activation of butterfly/epilogue.py's list, or kAny for an unknown name.
+inline int activation_code(std::string_view name) {
+  if (name == "none") return kNone;
+  if (name == "relu") return kRelu;
+  if (name == "relu6") return kRelu6;
+  if (name == "hardswish") return kHardswish;
+  if (name == "hardsigmoid") return kHardsigmoid;
+  return kAny;
+}
 
 struct Shape {
   int64_t N, C, H, W, Ho, Wo;
@@ -683,15 +694,19 @@ BFT_INLINE V<A> cl_conv_pixel_checked(const A* const* rows, int64_t C, int64_t W
   return acc;
 }
 
-// One output row of a channels-last convolution: out[ow][c] = act(sum of taps + bias[c]).
-// in_rows[kh]: input row S*oh - P + kh (nullptr: outside); C: channels and pixel stride;
-// wpack: (K*K, wstride) packed weights; bias: wstride values or null.
+// Output pixels [ow0, ow1) of one row of a channels-last convolution: out[ow - ow0][c] =
+// act(sum of taps + bias[c]). in_rows[kh]: input row S*oh - P + kh (nullptr: outside); C:
+// channels and pixel stride (of the input and of out); wpack: (K*K, wstride) packed weights;
+// bias: wstride values or null.
 template <class A, int K, int S, int Act>
-void cl_conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, const A* wpack,
-                 int64_t wstride, const A* bias, A* out, bool stream = false, int act = kNone) {
+void cl_conv_range(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, int64_t ow0,
+                   int64_t ow1, const A* wpack, int64_t wstride, const A* bias, A* out,
+                   bool stream = false, int act = kNone) {
   constexpr int R = kPixelBlock<K, S>;
   int64_t lo, hi;
   interior(W, Wo, K, S, lo, hi);
+  lo = std::min(std::max(lo, ow0), ow1);
+  hi = std::min(std::max(hi, lo), ow1);
   auto put = [&](A* p, V<A> v, uint32_t m) BFT_INLINE_LAMBDA {
     v = activate<A>(v, Act == kAny ? act : Act);
     if (stream)
@@ -707,23 +722,30 @@ void cl_conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, cons
     const A* rows[K];
     for (int kh = 0; kh < K; ++kh) rows[kh] = in_rows[kh] ? in_rows[kh] + cb : nullptr;
     A* o = out + cb;
-    int64_t ow = 0;
+    int64_t ow = ow0;
     for (; ow < lo; ++ow)
-      put(o + ow * C, cl_conv_pixel_checked<A, K, S>(rows, C, W, ow, m, wv, bv), m);
+      put(o + (ow - ow0) * C, cl_conv_pixel_checked<A, K, S>(rows, C, W, ow, m, wv, bv), m);
     for (; ow + R <= hi; ow += R) {
       V<A> acc[R];
       for (int r = 0; r < R; ++r) acc[r] = bv;
       cl_conv_pixels<A, K, S, R>(rows, C, ow, m, wv, acc);
-      for (int r = 0; r < R; ++r) put(o + (ow + r) * C, acc[r], m);
+      for (int r = 0; r < R; ++r) put(o + (ow - ow0 + r) * C, acc[r], m);
     }
     for (; ow < hi; ++ow) {
       V<A> acc[1] = {bv};
       cl_conv_pixels<A, K, S, 1>(rows, C, ow, m, wv, acc);
-      put(o + ow * C, acc[0], m);
+      put(o + (ow - ow0) * C, acc[0], m);
     }
-    for (; ow < Wo; ++ow)
-      put(o + ow * C, cl_conv_pixel_checked<A, K, S>(rows, C, W, ow, m, wv, bv), m);
+    for (; ow < ow1; ++ow)
+      put(o + (ow - ow0) * C, cl_conv_pixel_checked<A, K, S>(rows, C, W, ow, m, wv, bv), m);
   }
+}
+
+// One whole output row: cl_conv_range over [0, Wo).
+template <class A, int K, int S, int Act>
+void cl_conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, const A* wpack,
+                 int64_t wstride, const A* bias, A* out, bool stream = false, int act = kNone) {
+  cl_conv_range<A, K, S, Act>(in_rows, C, W, Wo, 0, Wo, wpack, wstride, bias, out, stream, act);
 }
 
 // Prefetches the rows that output row oh + 1 reads and oh does not (of image `img`).

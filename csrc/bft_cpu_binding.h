@@ -1,0 +1,96 @@
+// What the PyTorch bindings of the BFT kernel share (bft_cpu.cpp: forward, forward_fused,
+// backward; dw_bft_cpu.cpp: the depthwise -> BFT pass): the plan and argument checks, the dtype
+// dispatch and the epilogue's arguments.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "bft_cpu_kernel.h"
+
+namespace bft {
+
+inline Plan plan_for(int64_t cin, int64_t cout, c10::IntArrayRef radices, bool residual,
+                     const char* what) {
+  Plan p;
+  std::string err = make_plan(cin, cout, radices.data(), (int64_t)radices.size(), residual, p);
+  TORCH_CHECK(err.empty(), what, ": ", err, " (in_channels=", cin, ", out_channels=", cout,
+              ", radices=", radices, ")");
+  return p;
+}
+
+inline Options options() {
+  Options o;
+  o.threads = at::get_num_threads();
+  return o;
+}
+
+inline void check_args(const at::Tensor& x, const at::Tensor& weight, const Plan& pl,
+                       const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), what,
+              ": the cpu kernel takes CPU tensors, got ", x.device(), " and ", weight.device());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == pl.T && weight.size(1) == pl.W, what,
+              ": expected weight of shape (", pl.T, ", ", pl.W, ") for ", pl.cin, " -> ",
+              pl.cout, " channels, got ", weight.sizes());
+  auto wt = weight.scalar_type();
+  auto xt = x.scalar_type();
+  TORCH_CHECK((xt == at::kDouble) == (wt == at::kDouble) && (wt == at::kFloat || wt == at::kDouble),
+              what, ": weight must be float64 for float64 input and float32 otherwise, got x ", xt,
+              " and weight ", wt, " (the Python wrapper converts it)");
+}
+
+// Calls body(S*, A*) with null pointers naming the (input, compute) types of dtype t.
+template <class F>
+void dispatch(at::ScalarType t, const char* what, F&& body) {
+  switch (t) {
+    case at::kFloat: body((float*)nullptr, (float*)nullptr); break;
+    case at::kDouble: body((double*)nullptr, (double*)nullptr); break;
+    case at::kBFloat16: body((c10::BFloat16*)nullptr, (float*)nullptr); break;
+    case at::kHalf: body((c10::Half*)nullptr, (float*)nullptr); break;
+    default: TORCH_CHECK(false, what, ": unsupported dtype ", t,
+                         "; use float32/float64/bfloat16/float16 or the reference backend");
+  }
+}
+
+// The fused forward's epilogue arguments, checked (scale and shift in the compute dtype; add
+// contiguous, of x's dtype). `active`: there is a step to apply (without one, forward_fused is
+// the plain forward).
+struct FusedArgs {
+  at::Tensor scale, shift, add;  // undefined: no such step
+  Activation act = Activation::none;
+  bool active = false;
+};
+
+// The scale, shift and activation of an epilogue for input dtype `input` (add is the caller's:
+// its layout differs between operators); `active` is left for the caller to set.
+inline FusedArgs parse_epilogue(at::ScalarType input, int64_t out_channels,
+                                const std::optional<at::Tensor>& scale,
+                                const std::optional<at::Tensor>& shift,
+                                c10::string_view activation, const char* what) {
+  FusedArgs f;
+  const std::string act(activation);
+  TORCH_CHECK(parse_activation(act, f.act), what, ": unknown epilogue activation '", act,
+              "'; choose one of ", activation_names());
+  const auto compute = input == at::kDouble ? at::kDouble : at::kFloat;
+  for (auto [t, out, name] : {std::tuple{&scale, &f.scale, "scale"}, {&shift, &f.shift, "shift"}}) {
+    if (!t->has_value()) continue;
+    const at::Tensor& v = **t;
+    TORCH_CHECK(v.dim() == 1 && v.size(0) == out_channels, what, ": epilogue ", name,
+                " must have shape (", out_channels, ",), one value per output channel, got ",
+                v.sizes());
+    TORCH_CHECK(v.device().is_cpu() && at::isFloatingType(v.scalar_type()), what, ": epilogue ",
+                name, " must be a floating-point CPU tensor, got ", v.scalar_type(), " on ",
+                v.device());
+    *out = v.to(compute).contiguous();
+  }
+  return f;
+}
+
+}  // namespace bft

@@ -1,0 +1,153 @@
+// The depthwise-separable block in one pass over tiles: butterfly_cpu::dw_bft_fused,
+//
+//   y = epi(bft(dw_act(depthwise_conv(x) + dw_bias)))   (epi: bft_cpu_epilogue.h, with add)
+//
+// for channels-last float32/float64 tensors. The BFT's tiles are groups of output pixels
+// (P == 1, rows of the flattened (N, Ho, Wo) output); for each tile the depthwise conv
+// computes those pixels' C channels (dw_cpu_kernel.h's channels-last row code, bias and
+// activation in its epilogue) into a per-thread buffer that stays in cache, and the BFT reads
+// its tile from there (RowSource in bft_cpu_kernel.h). The depthwise output never goes to
+// memory: the block reads x and writes y once, where the two layers apart write and read the
+// intermediate once more. butterfly/fusion.py builds the layers that call it
+// (FusedDepthwiseBFT); the reference is the two fused layers run one after the other.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "bft_cpu_binding.h"
+#include "dw_cpu_kernel.h"
+
+namespace bft {
+namespace {
+
+// Rows r0 .. r0 + n of the depthwise conv's output, flattened (N, Ho, Wo), channels-last.
+template <class A, int K, int S, int Act>
+struct DepthwiseRows final : RowSource<A> {
+  const dwconv::Shape& sh;
+  const A* x;      // (N, H, W, C)
+  const A* wpack;  // (K*K, Cp), dwconv::pack_weights
+  const A* bias;   // Cp values, or null
+  int act;
+
+  DepthwiseRows(const dwconv::Shape& sh, const A* x, const A* wpack, const A* bias, int act)
+      : sh(sh), x(x), wpack(wpack), bias(bias), act(act) {}
+
+  const A* fill(int64_t r0, int64_t n) const override {
+    const int64_t C = sh.C, per_image = sh.Ho * sh.Wo;
+    A* out = scratch<A>(5, n * C);
+    for (int64_t r = r0; r < r0 + n;) {  // a row of the tile's pixels at a time
+      const int64_t img = r / per_image, oh = r % per_image / sh.Wo, ow0 = r % sh.Wo;
+      const int64_t ow1 = std::min(sh.Wo, ow0 + (r0 + n - r));
+      const A* rows[K];
+      dwconv::input_rows<A, K, S>(x + img * sh.H * sh.W * C, sh.H, sh.W * C, oh, rows);
+      dwconv::cl_conv_range<A, K, S, Act>(rows, C, sh.W, sh.Wo, ow0, ow1, wpack,
+                                          dwconv::padded<A>(C), bias, out + (r - r0) * C, false,
+                                          act);
+      r += ow1 - ow0;
+    }
+    return out;
+  }
+};
+
+template <class A>
+void dw_bft_forward(const Plan& pl, const dwconv::Shape& sh, const A* x, const A* dw_w,
+                    const A* dw_b, int dw_act, const A* w, const Epilogue<A>& epi, const A* add,
+                    A* y) {
+  const std::vector<A> wp = dwconv::pack_weights(dw_w, sh.C, sh.K, false);
+  const std::vector<A> bp = dwconv::pack_bias(dw_b, sh.C);
+  dwconv::dispatch_ks(sh.K, sh.S, [&](auto k, auto s) {
+    constexpr int K = decltype(k)::value, S = decltype(s)::value;
+    dwconv::dispatch_act<A, K>(dw_act, [&](auto act_c) {
+      constexpr int Act = decltype(act_c)::value;
+      const DepthwiseRows<A, K, S, Act> src(sh, x, wp.data(), dw_b ? bp.data() : nullptr, dw_act);
+      forward_fused_impl<A, A>(pl, nullptr, w, y, sh.N * sh.Ho * sh.Wo, 1, options(), epi, add,
+                               &src);
+    });
+  });
+}
+
+bool channels_last(const at::Tensor& t) { return t.is_contiguous(at::MemoryFormat::ChannelsLast); }
+
+at::Tensor dw_bft_fused(const at::Tensor& x_in, const at::Tensor& dw_weight_in,
+                        const std::optional<at::Tensor>& dw_bias_in, int64_t stride,
+                        c10::string_view dw_activation, const at::Tensor& weight_in,
+                        c10::IntArrayRef radices, int64_t out_channels, bool residual,
+                        const std::optional<at::Tensor>& scale,
+                        const std::optional<at::Tensor>& shift, c10::string_view activation,
+                        const std::optional<at::Tensor>& add) {
+  const char* what = "butterfly_cpu::dw_bft_fused";
+  TORCH_CHECK(x_in.device().is_cpu() && dw_weight_in.device().is_cpu(), what,
+              ": the cpu kernel takes CPU tensors, got ", x_in.device(), " and ",
+              dw_weight_in.device());
+  TORCH_CHECK(x_in.dim() == 4 && channels_last(x_in), what,
+              ": expected a channels_last (N, C, H, W) input, got shape ", x_in.sizes(),
+              " with strides ", x_in.strides(),
+              " (x.contiguous(memory_format=torch.channels_last), or run the layers apart)");
+  const auto t = x_in.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble, what, ": expected float32 or float64, got ", t,
+              " (run the depthwise and BFT layers apart for other dtypes)");
+  const int64_t N = x_in.size(0), C = x_in.size(1);
+  TORCH_CHECK(dw_weight_in.dim() == 4 && dw_weight_in.size(0) == C && dw_weight_in.size(1) == 1 &&
+                  dw_weight_in.size(2) == dw_weight_in.size(3),
+              what, ": expected a depthwise weight of shape (", C, ", 1, k, k), got ",
+              dw_weight_in.sizes());
+  const int K = (int)dw_weight_in.size(2);
+  TORCH_CHECK(K == 3 || K == 5 || K == 7, what, ": kernel size ", K, " is not supported (3, 5 or 7)");
+  TORCH_CHECK(stride == 1 || stride == 2, what, ": stride must be 1 or 2, got ", stride);
+  const int dw_act = dwconv::activation_code(std::string_view(dw_activation.data(),
+                                                              dw_activation.size()));
+  TORCH_CHECK(dw_act != dwconv::kAny, what, ": unknown depthwise activation '",
+              std::string(dw_activation), "'; choose one of ", activation_names());
+  dwconv::Shape sh{N, C, x_in.size(2), x_in.size(3), 0, 0, K, (int)stride};
+  sh.Ho = dwconv::out_size(sh.H, K, sh.S);
+  sh.Wo = dwconv::out_size(sh.W, K, sh.S);
+
+  const Plan pl = plan_for(C, out_channels, radices, residual, what);
+  check_args(x_in, weight_in, pl, what);
+  FusedArgs f = parse_epilogue(t, out_channels, scale, shift, activation, what);
+  if (add.has_value()) {
+    const at::Tensor& a = *add;
+    TORCH_CHECK(a.dim() == 4 && a.size(0) == N && a.size(1) == out_channels &&
+                    a.size(2) == sh.Ho && a.size(3) == sh.Wo,
+                what, ": epilogue add must have the output's shape (", N, ", ", out_channels,
+                ", ", sh.Ho, ", ", sh.Wo, "), got ", a.sizes());
+    TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == t, what,
+                ": epilogue add must be a CPU tensor of x's dtype ", t, ", got ", a.scalar_type(),
+                " on ", a.device());
+    f.add = a.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  at::Tensor dw_bias;
+  if (dw_bias_in.has_value() && dw_bias_in->defined()) {
+    TORCH_CHECK(dw_bias_in->dim() == 1 && dw_bias_in->size(0) == C, what,
+                ": expected a depthwise bias of shape (", C, "), got ", dw_bias_in->sizes());
+    dw_bias = dw_bias_in->to(t).contiguous();
+  }
+  const at::Tensor dw_weight = dw_weight_in.to(t).contiguous(), weight = weight_in.contiguous();
+  at::Tensor y = at::empty({N, out_channels, sh.Ho, sh.Wo},
+                           x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  auto run = [&](auto* tag) {
+    using A = std::remove_pointer_t<decltype(tag)>;
+    auto data = [](const at::Tensor& v) { return v.defined() ? v.const_data_ptr<A>() : nullptr; };
+    const EpilogueData<A> epi(out_channels, data(f.scale), data(f.shift), f.act);
+    dw_bft_forward<A>(pl, sh, x_in.const_data_ptr<A>(), dw_weight.const_data_ptr<A>(),
+                      data(dw_bias), dw_act, weight.const_data_ptr<A>(), epi.e, data(f.add),
+                      y.mutable_data_ptr<A>());
+  };
+  if (t == at::kDouble)
+    run((double*)nullptr);
+  else
+    run((float*)nullptr);
+  return y;
+}
+
+}  // namespace
+}  // namespace bft
+
+TORCH_LIBRARY_FRAGMENT(butterfly_cpu, m) {
+  m.def("dw_bft_fused(Tensor x, Tensor dw_weight, Tensor? dw_bias, int stride, str dw_activation, "
+        "Tensor weight, int[] radices, int out_channels, bool residual, Tensor? scale, "
+        "Tensor? shift, str activation, Tensor? add) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(butterfly_cpu, CPU, m) { m.impl("dw_bft_fused", &bft::dw_bft_fused); }
