@@ -1,4 +1,5 @@
-"""Model-level CPU benchmark of the zoo: every way a user can run a model, timed per model.
+"""Model-level CPU benchmark of the zoo: every way a user can run a model, each BFT model timed
+side by side with its MAC-matched baseline.
 
     python -m benchmarks.models                    # all of the paper's configurations (~1.5 h)
     python -m benchmarks.models --dry-run          # list the cells a run would measure, and exit
@@ -24,8 +25,11 @@ separate cell, see :data:`PATHS`):
   timed, then the returned model in eager with NCHW input; ``fused_cl``: the same with a
   ``channels_last`` model and input. The first lines of ``str(report)`` are recorded.
 
-For each model, thread count (``torch.set_num_threads``; onnxruntime ``intra_op_num_threads``) and
-batch size, the paths are timed interleaved: rounds in a rotating order, in each round a path runs
+The two models of a row of Table 1 (:data:`PAIRS`: a BFT model and its MAC-matched baseline) are
+timed side by side when both are requested (:func:`measurement_units`): for each thread count
+(``torch.set_num_threads``; onnxruntime ``intra_op_num_threads``) and batch size, the paths of
+both models (of one model, for a configuration without its pair) are timed interleaved: rounds in
+a rotating order, in each round a path runs
 untimed for ``settle`` seconds (at least one call) and is then timed by
 ``torch.utils.benchmark.Timer.blocked_autorange``; a cell reports the median over the timed blocks
 of all rounds (batch 1: latency in ms; batch 32: images per second), with the quartiles. Each output is also
@@ -480,15 +484,36 @@ def plan_cells(args, data: Dict) -> List[Tuple[str, int, str, int, int]]:
     return todo
 
 
-def run_config(name: str, res: int, todo: List, args, data: Dict, run_id: int,
-               out: Path) -> int:
-    """Measure the cells of ``todo`` for one model configuration; returns how many were measured."""
-    timing = TIMING["quick" if args.quick else "full"]
+def measurement_units(configs: List[Tuple[str, int]]) -> List[List[Tuple[str, int]]]:
+    """The configurations grouped into what is timed together: every row of Table 1 (a BFT model
+    and its MAC-matched baseline, :data:`PAIRS`, headline rows first) whose two configurations
+    are both requested, then each BFT model with its baseline at the same resolution, then each
+    remaining configuration alone. The two models of a row are
+    timed in the same interleaved rounds, so that their ratio is taken under the same machine
+    conditions (on this shared machine a model's time drifted by up to 2x between runs a few
+    minutes apart)."""
+    left, units = list(configs), []
+    rows = [(b, br, r, rr) for b, br, r, rr, _ in sorted(PAIRS, key=lambda p: not p[4])]
+    rows += [(b, res, BASELINE_OF[b], res) for b, res in configs if b in BASELINE_OF]
+    for bft, bres, base, rres in rows:
+        pair = [(bft, bres), (base, rres)]
+        if all(c in left for c in pair):
+            units.append(pair)
+            for c in pair:
+                left.remove(c)
+    return units + [[c] for c in left]
+
+
+def _build_config(name: str, res: int, todo: List, args, data: Dict, run_id: int,
+                  out: Path) -> Optional[nn.Module]:
+    """The model of one configuration, its metadata in ``data``; None (every cell of ``todo``
+    recorded as failed) when the model itself fails."""
     key = config_key(name, res)
     try:
         model = build(name)
         if args.force or "error" in data["configs"].get(key, {"error": None}):
             data["configs"][key] = model_meta(name, res, model)
+        return model
     except Exception as err:  # the model itself fails: every cell of it is recorded as failed
         reason = f"model: {one_line(err)}"
         print(f"== {key}: FAILED {reason}", flush=True)
@@ -502,77 +527,119 @@ def run_config(name: str, res: int, todo: List, args, data: Dict, run_id: int,
                 "model": name, "res": res, "path": path, "threads": threads, "batch": batch,
                 "date": now(), "run": run_id, "status": "failed", "reason": reason}
         save_results(data, out / JSON_NAME)
-        return len(todo)
-    meta = data["configs"][key]
-    todo = [c for c in todo if applicable(c[2], meta["bft"])]
-    loads = {"before": loadavg(), "date": now(), "run": run_id}
-    print(f"== {key}: {meta['macs'] / 1e6:.1f} M MACs, {len(todo)} cells, load {loads['before']}",
-          flush=True)
-    measured, onnx_files = 0, {}
+        return None
+
+
+def run_unit(unit: List[Tuple[str, int]], todo: List, args, data: Dict, run_id: int,
+             out: Path) -> int:
+    """Measure the cells of ``todo`` for the configurations of one measurement unit (one, or a
+    Table-1 pair timed side by side); returns how many cells were measured."""
+    timing = TIMING["quick" if args.quick else "full"]
+    measured, members = 0, []
+    for name, res in unit:
+        cells = [c for c in todo if c[0] == name and c[1] == res]
+        model = _build_config(name, res, cells, args, data, run_id, out)
+        if model is None:
+            measured += len(cells)
+            continue
+        meta = data["configs"][config_key(name, res)]
+        cells = [c for c in cells if applicable(c[2], meta["bft"])]
+        loads = {"before": loadavg(), "date": now(), "run": run_id}
+        print(f"== {config_key(name, res)}: {meta['macs'] / 1e6:.1f} M MACs, {len(cells)} cells, "
+              f"load {loads['before']}" + (" (timed side by side with "
+                                             f"{', '.join(config_key(*c) for c in unit if c != (name, res))})"
+                                             if len(unit) > 1 else ""), flush=True)
+        members.append((name, res, model, cells, loads))
+    onnx_files: Dict = {}   # exports shared by the thread counts
     with tempfile.TemporaryDirectory(prefix="bft_models_") as tmp:
         for threads in args.threads:
             for batch in args.batch:
-                paths = [c[2] for c in todo if c[3] == threads and c[4] == batch]
-                if not paths:
-                    continue
-                measured += run_group(name, res, model, paths, threads, batch, timing, tmp,
-                                      data, run_id, onnx_files)
-                save_results(data, out / JSON_NAME)
-    loads["after"] = loadavg()
-    meta.setdefault("loads", []).append(loads)
+                groups = [(name, res, model, [c[2] for c in cells
+                                              if c[3] == threads and c[4] == batch])
+                          for name, res, model, cells, _ in members]
+                groups = [g for g in groups if g[3]]
+                if groups:
+                    measured += run_group(groups, threads, batch, timing, tmp, data, run_id,
+                                          onnx_files)
+                    save_results(data, out / JSON_NAME)
+    for name, res, _, _, loads in members:
+        loads["after"] = loadavg()
+        data["configs"][config_key(name, res)].setdefault("loads", []).append(loads)
     save_results(data, out / JSON_NAME)
     return measured
 
 
-def run_group(name: str, res: int, model: nn.Module, paths: List[str], threads: int, batch: int,
+def _prepare(name: str, model: nn.Module, x: torch.Tensor, paths: List[str], threads: int,
+             tmp: str, onnx_files: Dict) -> Tuple[Dict, Dict, Dict, Dict, Dict]:
+    """Runners of one model's paths: (runners, infos, failed, max diffs, preparation seconds)."""
+    runners, infos, failed, diffs, prep_s = {}, {}, {}, {}, {}
+    try:
+        with torch.inference_mode():
+            want = model(x).float()
+    except Exception as err:  # the eager reference fails: so does every path
+        return {}, {}, {path: f"eager forward: {one_line(err)}" for path in paths}, {}, {}
+    ctx = Context(model, x, threads, tmp, name, onnx_files)
+    for path in paths:
+        t0 = time.perf_counter()
+        try:
+            run, info = PREPARE[path](ctx)
+            diffs[path] = max_rel_diff(run(), want)
+            runners[path], infos[path] = run, info
+        except Exception as err:  # a failing path is recorded, not raised
+            failed[path] = one_line(err)
+        prep_s[path] = round(time.perf_counter() - t0, 2)
+    return runners, infos, failed, diffs, prep_s
+
+
+def run_group(groups: List[Tuple[str, int, nn.Module, List[str]]], threads: int, batch: int,
               timing: Tuple[int, float, float], tmp: str, data: Dict, run_id: int,
               onnx_files: Optional[Dict] = None) -> int:
+    """Times the paths of one or more models (``(name, res, model, paths)``) at one thread count
+    and batch size, all interleaved in the same rounds, and records a cell per path."""
     rounds, min_run_time, settle_s = timing
     start, load_before = time.perf_counter(), loadavg()
-    torch.manual_seed(1)
-    x = torch.randn(batch, 3, res, res)
-    runners, infos, failed, diffs, prep_s = {}, {}, {}, {}, {}
+    onnx_files = {} if onnx_files is None else onnx_files
+    prepared, runners = {}, {}
     with torch_threads(threads):
-        try:
-            with torch.inference_mode():
-                want = model(x).float()
-        except Exception as err:  # the eager reference fails: so does every path
-            want, failed = None, {path: f"eager forward: {one_line(err)}" for path in paths}
-        ctx = Context(model, x, threads, tmp, name, onnx_files)
-        for path in paths if want is not None else ():
-            t0 = time.perf_counter()
-            try:
-                run, info = PREPARE[path](ctx)
-                diffs[path] = max_rel_diff(run(), want)
-                runners[path], infos[path] = run, info
-            except Exception as err:  # a failing path is recorded, not raised
-                failed[path] = one_line(err)
-            prep_s[path] = round(time.perf_counter() - t0, 2)
+        for name, res, model, paths in groups:
+            torch.manual_seed(1)
+            x = torch.randn(batch, 3, res, res)
+            files = onnx_files.setdefault(config_key(name, res), {})
+            prepared[(name, res)] = _prepare(name, model, x, paths, threads, tmp, files)
+            for path, run in prepared[(name, res)][0].items():
+                runners[cell_key(name, res, path, threads, batch)] = run
         times, calls, timing_failed = time_interleaved(runners, threads, rounds, min_run_time,
                                                        settle_s)
-    failed.update(timing_failed)
     load_after, date = loadavg(), now()
     group_s = round(time.perf_counter() - start, 1)
-    for path in paths:
-        cell = {"model": name, "res": res, "path": path, "threads": threads, "batch": batch,
-                "date": date, "run": run_id, "load_before": load_before, "load_after": load_after,
-                "prepare_s": prep_s.get(path), "group_s": group_s, "quick": timing is TIMING["quick"],
-                "cpus": usable_cores()}
-        if path in failed:
-            cell.update(status="failed", reason=failed[path])
-            print(f"   {path:<15} t{threads} b{batch}: FAILED {failed[path]}", flush=True)
-        else:
-            t = times[path]
-            q1, q3 = quartiles(t)
-            median = statistics.median(t)
-            cell.update(status="ok", ms=median * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3,
-                        min_ms=min(t) * 1e3, samples=len(t), calls=calls[path], img_s=batch / median,
-                        max_rel_diff=diffs[path], **infos[path])
-            print(f"   {path:<15} t{threads} b{batch}: {median * 1e3:9.2f} ms "
-                  f"({batch / median:8.1f} img/s, IQR {q1 * 1e3:.2f}-{q3 * 1e3:.2f}, "
-                  f"{calls[path]} calls, diff {diffs[path]:.1e})", flush=True)
-        data["cells"][cell_key(name, res, path, threads, batch)] = cell
-    return len(paths)
+    side_by_side = [config_key(name, res) for name, res, _, _ in groups]
+    measured = 0
+    for name, res, _, paths in groups:
+        _, infos, failed, diffs, prep_s = prepared[(name, res)]
+        for path in paths:
+            key = cell_key(name, res, path, threads, batch)
+            cell = {"model": name, "res": res, "path": path, "threads": threads, "batch": batch,
+                    "date": date, "run": run_id, "load_before": load_before,
+                    "load_after": load_after, "prepare_s": prep_s.get(path), "group_s": group_s,
+                    "quick": timing is TIMING["quick"], "cpus": usable_cores(),
+                    "timed_with": side_by_side}
+            reason = failed.get(path) or timing_failed.get(key)
+            if reason:
+                cell.update(status="failed", reason=reason)
+                print(f"   {name}@{res} {path:<15} t{threads} b{batch}: FAILED {reason}", flush=True)
+            else:
+                t = times[key]
+                q1, q3 = quartiles(t)
+                median = statistics.median(t)
+                cell.update(status="ok", ms=median * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3,
+                            min_ms=min(t) * 1e3, samples=len(t), calls=calls[key],
+                            img_s=batch / median, max_rel_diff=diffs[path], **infos[path])
+                print(f"   {name}@{res} {path:<15} t{threads} b{batch}: {median * 1e3:9.2f} ms "
+                      f"({batch / median:8.1f} img/s, IQR {q1 * 1e3:.2f}-{q3 * 1e3:.2f}, "
+                      f"{calls[key]} calls, diff {diffs[path]:.1e})", flush=True)
+            data["cells"][key] = cell
+            measured += 1
+    return measured
 
 
 # --------------------------------------------------------------------------- the report
@@ -659,7 +726,8 @@ def ratio_rows(data: Dict, pairs) -> List[str]:
                     cols.append("-")
                     continue
                 ratio = (cb["ms"] / cb["batch"]) / (cr["ms"] / cr["batch"])
-                mark = " L" if loaded(cb) or loaded(cr) else ""
+                mark = (" L" if loaded(cb) or loaded(cr) else "") + \
+                    ("" if kr in cb.get("timed_with", ()) else " apart")
                 cols.append(f"**{ratio:.2f}** ({cb['ms'] / cb['batch']:.2f} {cb['path']} / "
                             f"{cr['ms'] / cr['batch']:.2f} {cr['path']}){mark}")
             if all(c == "-" for c in cols):
@@ -875,7 +943,11 @@ def report(data: Dict) -> str:
         data, PAIRS, "BFT vs its MAC-matched baseline (the paper's Table 1 rows)",
         "Ratio = BFT time per image / baseline time per image, each with its fastest path at that "
         "thread count and batch: **< 1 means the BFT model is faster**. * = the headline pair of "
-        "each family; L = one of the two was measured under load (see the per-model tables).")
+        "each family; L = one of the two was measured under load (see the per-model tables); "
+        "apart = the two were not timed side by side (the benchmark times both models of a row "
+        "in the same interleaved rounds when both are requested; times of one model drift by up "
+        "to 2x between runs minutes apart on this shared machine, so only side-by-side ratios "
+        "are comparable).")
     lines += ratio_table(
         data, same_res_pairs(data), "BFT vs baseline at the same resolution",
         "The same ratio for every resolution at which both models of a family pair were measured "
@@ -1018,11 +1090,11 @@ def main(argv=None) -> int:
             if args.force or f"t{threads}" not in data["rates"]:
                 print(f"== machine rates, {threads} thread(s)", flush=True)
                 data["rates"][f"t{threads}"] = machine_rates(threads, args.quick)
-    for name, res in configs_of(args):
-        cells = [c for c in todo if c[0] == name and c[1] == res]
+    for unit in measurement_units(configs_of(args)):
+        cells = [c for c in todo if (c[0], c[1]) in unit]
         if not cells:
             continue
-        measured += run_config(name, res, cells, args, data, run_id, out)
+        measured += run_unit(unit, cells, args, data, run_id, out)
     run["load_end"], run["elapsed_s"] = loadavg(), round(time.perf_counter() - start, 1)
     if not measured:
         data["runs"].remove(run)

@@ -46,6 +46,9 @@ def test_command_end_to_end(tmp_path):
     assert "### MobileNetV3-Small 0.35 @64" in md and "### MobileNetV3-Small+BFT 0.5 @64" in md
     assert "| eager_cl |" in md and "| fused |" in md
     assert "BFT vs baseline at the same resolution" in md  # the ratio of the pair at 64
+    for key, cell in data["cells"].items():   # the pair was timed side by side
+        assert sorted(cell["timed_with"]) == sorted(f"{m}@64" for m in PAIR), key
+    assert " apart)" not in md and "apart |" not in md
     assert (tmp_path / bench.PLOT_NAME).stat().st_size > 0
     fused = data["cells"][bench.cell_key(PAIR[0], 64, "fused", 1, 1)]
     if fused["status"] == "ok":
@@ -118,6 +121,16 @@ def test_paper_table_and_pairs():
         assert 0.6 <= b["mflops"] / r["mflops"] <= 1.2  # MAC-matched in the paper
         assert b["top1"] > r["top1"]
     assert sum(h for *_, h in bench.PAIRS) == 4
+
+
+def test_measurement_units_pair_each_bft_model_with_its_baseline():
+    configs = [("mobilenetv1_bft_100", 160), ("mobilenetv1_025", 192), ("mobilenetv1_025", 224),
+               ("shufflenetv2_bft_125", 128), ("shufflenetv2_050", 128), ("mobilenetv1_050", 224)]
+    units = bench.measurement_units(configs)
+    assert units[0] == [("mobilenetv1_bft_100", 160), ("mobilenetv1_025", 224)]   # the headline
+    assert [("shufflenetv2_bft_125", 128), ("shufflenetv2_050", 128)] in units
+    assert [("mobilenetv1_025", 192)] in units and [("mobilenetv1_050", 224)] in units
+    assert sorted(c for u in units for c in u) == sorted(configs)
 
 
 def test_report_summary_lines():
