@@ -4,6 +4,7 @@ side by side with its MAC-matched baseline.
     python -m benchmarks.models                    # all of the paper's configurations (~1.5 h)
     python -m benchmarks.models --dry-run          # list the cells a run would measure, and exit
     python -m benchmarks.models --models mobilenetv3_small_035 mobilenetv3_small_bft_050 --quick
+    python -m benchmarks.models --configs mobilenetv1_bft_100@160 mobilenetv1_025@224 --quick
     python -m benchmarks.models --paths eager fused --threads 1 --batch 1 --note "idle machine"
     python -m benchmarks.models --force            # re-measure cells already in the JSON
     python -m benchmarks.models --retry-failed     # re-measure only the cells that failed
@@ -38,6 +39,11 @@ after each model and each group of cells. With the "what bounds it" pair (mobile
 mobilenetv1_050 at 224), the machine's copy bandwidth and conv / depthwise / BFT multiply-add rates
 are measured too, once per thread count.
 
+By default glibc's malloc is told to keep freed memory (``mallopt``, as jemalloc or tcmalloc
+do; ``--malloc-defaults`` measures without): with glibc's defaults, whichever model or path
+allocates after another one's large free faults in fresh zeroed pages, and timing two models side
+by side made the BFT model's batch-32 times vary by 2x with what ran before it.
+
 Results are cached per cell in ``models_cpu.json`` (under ``--out-dir``, default
 ``benchmarks/results``); a rerun skips cells already there unless ``--force``, and the JSON is
 saved after every group, so an interrupted run loses at most one group. ``models_cpu.md`` and
@@ -68,7 +74,8 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 import butterfly
-from benchmarks.machine import loadavg, now, one_line, torch_threads, usable_cores
+from benchmarks.machine import (keep_freed_memory, loadavg, now, one_line, torch_threads,
+                                usable_cores)
 from benchmarks.machine import machine as describe_machine
 from butterfly.flops import count_macs
 
@@ -457,6 +464,8 @@ def save_results(data: Dict, path: Path) -> None:
 
 
 def configs_of(args) -> List[Tuple[str, int]]:
+    if args.configs:
+        return list(args.configs)
     configs = []
     for name in args.models:
         resolutions = args.res or [r for (m, r) in PAPER if m == name] or [224]
@@ -926,7 +935,7 @@ def report(data: Dict) -> str:
         count = sum(c["run"] == run["id"] for c in data["cells"].values())
         lines.append(f"| {run['id']} | {run['date']} | `{run['command']}` | "
                      f"{run['load_start']} -> {run.get('load_end', '?')} | {count} | "
-                     f"{run.get('note') or ''} |")
+                     f"{'; '.join(filter(None, (run.get('note'), run.get('malloc'))))} |")
     lines += ["", "Random weights (seed 0), eval mode, float32, 1000 classes, "
               "`torch.inference_mode()`. Paths: `eager` (NCHW), `eager_cl` (channels_last model "
               "and input), `compile` (torch.compile, inductor, freezing, channels_last, compiled "
@@ -1035,6 +1044,9 @@ def parse_args(argv):
                         help="zoo names (default: the eight models of the paper's Table 1)")
     parser.add_argument("--res", nargs="+", type=int, default=None,
                         help="input resolutions for every model (default: the paper's)")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="MODEL@RES",
+                        help="exactly these configurations, e.g. mobilenetv1_bft_100@160 "
+                             "mobilenetv1_025@224 (instead of --models and --res)")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--threads", nargs="+", type=int, default=THREADS)
     parser.add_argument("--batch", nargs="+", type=int, default=BATCHES)
@@ -1042,6 +1054,10 @@ def parse_args(argv):
     parser.add_argument("--force", action="store_true", help="re-measure cached cells")
     parser.add_argument("--retry-failed", action="store_true",
                         help="re-measure the cached cells that failed (the others stay cached)")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="keep glibc's malloc settings (by default freed memory stays in the "
+                             "process, as with jemalloc or tcmalloc: otherwise a model that "
+                             "allocates after another one's large free faults in fresh pages)")
     parser.add_argument("--note", default="", help="free text recorded with the run (what else "
                         "was running, ...)")
     parser.add_argument("--out-dir", default=str(RESULTS),
@@ -1049,6 +1065,17 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true",
                         help="print the cells that would be measured and exit")
     args = parser.parse_args(argv)
+    if args.configs:
+        if args.res or "--models" in (argv or []):
+            parser.error("--configs replaces --models and --res: give one or the other")
+        parsed = []
+        for item in args.configs:
+            name, _, res = item.partition("@")
+            if not res.isdigit() or int(res) < 8:
+                parser.error(f"--configs {item}: expected MODEL@RES, e.g. mobilenetv1_bft_100@160")
+            parsed.append((name, int(res)))
+        args.configs = list(dict.fromkeys(parsed))
+        args.models = [name for name, _ in args.configs]
     known = set(timm.list_models())
     unknown = [m for m in args.models if m not in known]
     if unknown:
@@ -1080,7 +1107,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
     run_id = max((r["id"] for r in data["runs"]), default=0) + 1
     command = " ".join(["python -m benchmarks.models", *map(shlex.quote, argv)])
-    run = {"id": run_id, "date": now(), "command": command, "note": args.note,
+    malloc = "glibc's malloc defaults" if args.malloc_defaults else keep_freed_memory()
+    run = {"id": run_id, "date": now(), "command": command, "note": args.note, "malloc": malloc,
            "load_start": loadavg(), "machine": machine()}
     data["runs"].append(run)
     start = time.perf_counter()

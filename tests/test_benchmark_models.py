@@ -141,7 +141,16 @@ def test_report_summary_lines():
     assert bench.report_summary("only a title") == ["only a title"]
 
 
-@pytest.mark.parametrize("argv", [["--models", "no_such_model"], ["--threads", "0"]])
+def test_configs_option_names_exact_configurations():
+    args = bench.parse_args(["--configs", "mobilenetv1_bft_100@160", "mobilenetv1_025@224"])
+    assert bench.configs_of(args) == [("mobilenetv1_bft_100", 160), ("mobilenetv1_025", 224)]
+    assert bench.measurement_units(bench.configs_of(args)) == [bench.configs_of(args)]
+
+
+@pytest.mark.parametrize("argv", [["--models", "no_such_model"], ["--threads", "0"],
+                                  ["--configs", "mobilenetv1_025"],
+                                  ["--configs", "mobilenetv1_025@224", "--res", "160"],
+                                  ["--configs", "no_such_model@224"]])
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
