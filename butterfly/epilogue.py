@@ -139,6 +139,8 @@ def _run_fused(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
     reference epilogue."""
     check_epilogue(x, out_channels, scale, shift, activation, add)
     backend = backend_for(x.device, x, weight, radices)
+    if backend.name != "cpu":   # only the C++ kernel reads strided rows in place
+        x = x.contiguous()
     fused = _FUSED.get(backend.name)
     if fused is not None:
         return fused(x, weight, radices, out_channels, residual, scale, shift, activation, add)
@@ -171,7 +173,7 @@ def bft_fused(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool, epilogue
     if epilogue.add != (add is not None):
         raise ValueError("the epilogue adds a tensor: pass add=" if epilogue.add else
                          "add= was given, but the epilogue has no add step")
-    x = x.contiguous()
+    x = x if strided_rows(x) else x.contiguous()
     add = None if add is None else add.contiguous()
     args = (x, weight.reshape(plan.num_blocks, plan.weights_per_block), list(plan.radices),
             plan.out_channels, residual, epilogue.scale, epilogue.shift, epilogue.activation, add)
@@ -182,18 +184,40 @@ def bft_fused(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool, epilogue
     return _run_fused(*args)
 
 
+def strided_rows(x: Tensor) -> bool:
+    """Whether ``x`` ``(B, C, 1)`` is rows of contiguous channels at one stride, which the CPU
+    kernel reads in place (a channels_last tensor's pixels, or a channel slice of them)."""
+    return x.dim() == 3 and x.shape[2] == 1 and x.stride(1) == 1 and x.shape[0] > 1 and \
+        x.stride(0) >= x.shape[1]
+
+
+def pixel_rows(x: Tensor) -> Optional[Tensor]:
+    """The ``(N*H*W, C, 1)`` view of the pixels of a channels_last ``x`` ``(N, C, H, W)`` (or of
+    a channel slice of one, ShuffleNetV2's split: rows at a stride larger than ``C``); None when
+    ``x`` is NCHW-contiguous or laid out otherwise."""
+    if x.is_contiguous():
+        return None
+    N, C, H, W = x.shape
+    try:
+        rows = x.permute(0, 2, 3, 1).view(N * H * W, C, 1)
+    except RuntimeError:   # the pixels are not at one stride
+        return None
+    return rows if rows.stride(1) == 1 else None
+
+
 def bft_fused_image(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool, epilogue: Epilogue,
                     add: Optional[Tensor] = None) -> Tensor:
     """:func:`bft_fused` on an image batch ``(N, C_in, H, W)`` in either memory format (``add``,
-    when the epilogue adds, of the output's shape); the output has the input's format."""
+    when the epilogue adds, of the output's shape); the output has the input's format (a channel
+    slice of a channels_last tensor gives a channels_last output)."""
     N, C, H, W = x.shape
     out = plan.out_channels
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        rows = None if add is None else add.reshape(N, out, H * W)
-        y = bft_fused(x.reshape(N, C, H * W), weight, plan, residual, epilogue, rows)
+    rows = pixel_rows(x)
+    if rows is None:
+        skip = None if add is None else add.reshape(N, out, H * W)
+        y = bft_fused(x.reshape(N, C, H * W), weight, plan, residual, epilogue, skip)
         return y.view(N, out, H, W)
     # channels_last: pixels as rows of C channels, (N*H*W, C, 1), with no copy
-    rows = None if add is None else add.permute(0, 2, 3, 1).reshape(N * H * W, out, 1)
-    y = bft_fused(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1), weight, plan, residual,
-                  epilogue, rows)
+    skip = None if add is None else add.permute(0, 2, 3, 1).reshape(N * H * W, out, 1)
+    y = bft_fused(rows, weight, plan, residual, epilogue, skip)
     return y.view(N, H, W, out).permute(0, 3, 1, 2)

@@ -22,6 +22,11 @@ whose intermediate results have no other use becomes one fused layer:
 in which the depthwise output never goes to memory; :func:`butterfly.optimize_for_inference`
 keeps it where it measures faster.
 
+ShuffleNetV2's concatenation and channel shuffle (``cat``, ``view``, ``transpose``, ``reshape``:
+two copies, and the reshape turns channels_last into NCHW) become :func:`concat_shuffle`, one
+pass that keeps the format; the split (``chunk``) stays a view, which the BFT kernel reads in
+place (rows of channels at a stride).
+
 What is left alone is reported with the reason: BatchNorms without running statistics (eval mode
 then normalises with batch statistics, which no fold reproduces), BatchNorms after anything else,
 activations with another use, convolutions with non-zero padding modes. Fused layers are for
@@ -230,6 +235,7 @@ class FusionResult:
     model: fx.GraphModule
     fused: List[FusedLayer] = field(default_factory=list)
     unfused: List[Tuple[str, str]] = field(default_factory=list)   # (node, why it stayed)
+    shuffles: List[str] = field(default_factory=list)   # cat nodes folded into concat_shuffle
 
 
 class _Tracer(fx.Tracer):
@@ -307,6 +313,60 @@ def _bn_affine(bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
     return scale, shift
 
 
+@torch.fx.wrap
+def concat_shuffle(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.cat((a, b), 1)`` followed by a channel shuffle of two groups (ShuffleNetV2's):
+    output channel ``2j`` is ``a[:, j]`` and ``2j + 1`` is ``b[:, j]``, written in one pass, in
+    ``a``'s memory format. (The model's cat, view, transpose and reshape copy twice, and the
+    reshape turns channels_last into NCHW.)"""
+    N, C, H, W = a.shape
+    if a.stride(1) == 1 and not a.is_contiguous():   # channels_last, or a channel slice of it
+        pairs = torch.stack((a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)), dim=4)
+        return pairs.view(N, H, W, 2 * C).permute(0, 3, 1, 2)
+    return torch.stack((a, b), dim=2).view(N, 2 * C, H, W)
+
+
+def _method(node: fx.Node, name: str) -> bool:
+    return node is not None and node.op == "call_method" and node.target == name
+
+
+def _fold_channel_shuffles(gm: fx.GraphModule) -> List[str]:
+    """Replaces every ``cat((a, b), 1) -> view(N, 2, C/2, H, W) -> transpose(1, 2) ->
+    reshape(N, C, H, W)`` (the cat used by nothing else but its shape) with
+    :func:`concat_shuffle`; returns the names of the cat nodes."""
+    folded = []
+    for cat in list(gm.graph.nodes):
+        if cat.op != "call_function" or cat.target is not torch.cat:
+            continue
+        dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+        parts = cat.args[0]
+        shapes = [_shape(p) if isinstance(p, fx.Node) else None for p in parts] \
+            if isinstance(parts, (list, tuple)) else []
+        if dim != 1 or len(shapes) != 2 or None in shapes or shapes[0] != shapes[1] or \
+                len(shapes[0]) != 4:
+            continue
+        N, C, H, W = shapes[0]
+        views = [u for u in cat.users if _method(u, "view")]
+        others = [u for u in cat.users if u not in views]
+        if len(views) != 1 or any(not (u.op == "call_function" and u.target is getattr)
+                                  for u in others):
+            continue
+        view = views[0]
+        transpose = _only_user(view)
+        reshape = _only_user(transpose) if _method(transpose, "transpose") else None
+        if not _method(reshape, "reshape") or tuple(transpose.args[1:]) not in ((1, 2), (2, 1)) \
+                or _shape(view) != (N, 2, C, H, W) or _shape(reshape) != (N, 2 * C, H, W):
+            continue
+        with gm.graph.inserting_after(reshape):
+            new = gm.graph.call_function(concat_shuffle, tuple(parts))
+        new.meta = dict(reshape.meta)
+        reshape.replace_all_uses_with(new)
+        for n in (reshape, transpose, view):
+            gm.graph.erase_node(n)
+        folded.append(cat.name)
+    return folded
+
+
 def fuse(model: nn.Module, example_input) -> FusionResult:
     """A fused copy of ``model`` (eval mode) as an ``fx.GraphModule``, and what was fused; the
     model itself is not changed. ``example_input`` (a tensor or tuple of inputs) gives the shapes
@@ -326,6 +386,7 @@ def fuse(model: nn.Module, example_input) -> FusionResult:
         elif isinstance(layer, BFT) or (type(layer) in (nn.Conv2d, DepthwiseConv2d) and
                                         layer.padding_mode == "zeros"):
             erased |= _fuse_chain(gm, node, layer, result)
+    result.shuffles = _fold_channel_shuffles(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()

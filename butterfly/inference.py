@@ -107,6 +107,7 @@ class InferenceReport(LayerReport):
         self.unfused: List[Tuple[str, str]] = list(unfused)   # (graph node, why it stayed)
         self.depthwise: List[DepthwiseChoice] = []
         self.separable: List[SeparableChoice] = []
+        self.shuffles: List[str] = []   # concatenations + channel shuffles folded into one pass
 
     def title(self) -> str:
         text = (f"optimize_for_inference on {self.device}: {len(self)} BFT layers, "
@@ -122,6 +123,9 @@ class InferenceReport(LayerReport):
                      f"depthwise kernel ({sum(c.kernel_ms for c in kernel):.3f} ms against "
                      f"{sum(c.torch_ms for c in kernel):.3f} ms in PyTorch), the others on "
                      "PyTorch's convolution")
+        if self.shuffles:
+            text += (f"; {len(self.shuffles)} concatenation + channel shuffle pairs written in "
+                     "one pass")
         if self.separable:
             one = [c for c in self.separable if c.chosen == "one pass"]
             text += (f"; depthwise-separable blocks: {len(one)} of {len(self.separable)} in one "
@@ -186,6 +190,7 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     epilogues = {f.name: f.epilogue for f in fused}
     layers = {name: m for name, m in model.named_modules() if is_bft(m) or isinstance(m, FusedBFT)}
     report = InferenceReport(device=str(args[0].device), fused=fused, unfused=unfused)
+    report.shuffles = result.shuffles if fuse else []
     for name, layer, xs in _reached(model, layers, args):
         dense = dense_alternative(layer)
         bft_s, dense_s = time_call(layer, xs, min_run_time), time_call(dense, xs, min_run_time)

@@ -20,8 +20,14 @@ at::Tensor forward_common(const at::Tensor& x_in, const at::Tensor& weight_in,
   TORCH_CHECK(x_in.dim() == 3, what, ": expected x of shape (B, C_in, P), got ", x_in.sizes());
   Plan pl = plan_for(x_in.size(1), out_channels, radices, residual, what);
   check_args(x_in, weight_in, pl, what);
-  at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  // rows of channels (P == 1) may sit at a larger stride (a channel slice of a channels-last
+  // tensor: ShuffleNetV2's split); the kernel reads them in place
+  const bool strided_rows = x_in.size(2) == 1 && x_in.stride(1) == 1 && x_in.size(0) > 1 &&
+                            x_in.stride(0) >= x_in.size(1);
+  at::Tensor x = strided_rows ? x_in : x_in.contiguous(), weight = weight_in.contiguous();
   const int64_t B = x.size(0), P = x.size(2);
+  Options opt = options();
+  if (strided_rows) opt.x_row_stride = x.stride(0);
   at::Tensor y = at::empty({B, out_channels, P}, x.options());
   dispatch(x.scalar_type(), what, [&](auto* s_tag, auto* a_tag) {
     using S = std::remove_pointer_t<decltype(s_tag)>;
@@ -29,10 +35,10 @@ at::Tensor forward_common(const at::Tensor& x_in, const at::Tensor& weight_in,
     const S* xp = (const S*)x.data_ptr();
     const A* wp = (const A*)weight.data_ptr();
     if (!fused || !fused->active)
-      return forward_impl<S, A>(pl, xp, wp, (S*)y.data_ptr(), B, P, options());
+      return forward_impl<S, A>(pl, xp, wp, (S*)y.data_ptr(), B, P, opt);
     auto data = [](const at::Tensor& t) { return t.defined() ? (const A*)t.data_ptr() : nullptr; };
     const EpilogueData<A> epi(out_channels, data(fused->scale), data(fused->shift), fused->act);
-    forward_fused_impl<S, A>(pl, xp, wp, (S*)y.data_ptr(), B, P, options(), epi.e,
+    forward_fused_impl<S, A>(pl, xp, wp, (S*)y.data_ptr(), B, P, opt, epi.e,
                              fused->add.defined() ? (const S*)fused->add.data_ptr() : nullptr);
   });
   return y;

@@ -152,6 +152,7 @@ struct Options {
   int64_t fwd_cap = 4096, bwd_cap = 512;  // most pixels per tile
   int64_t stream_bytes = 8 << 20;         // outputs at least this large bypass the caches
   bool direct = true;                     // runs read x / write y in place when possible
+  int64_t x_row_stride = 0;               // P == 1: elements between rows of x (0: C_in)
 };
 
 // Where the rows of a channels-last tile (P == 1) come from when they are not read from x: a
@@ -186,6 +187,8 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   const bool sum_blocks = !pl.expand && pl.T > 1;
   const Runs<A> runs(pl, w, opt.max_run, same && P == 1, E);
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
+  // P == 1: the row stride of x (tl.offset and tl.ps take it in place of the channel count)
+  const int64_t xrow = P == 1 && opt.x_row_stride ? opt.x_row_stride : pl.cin;
   // y too large to stay in cache (and already in memory): write it with streaming stores
   const int64_t ybytes = B * pl.cout * P * (int64_t)sizeof(S);
   const bool stream = same && ybytes >= opt.stream_bytes && pages_resident(y, ybytes);
@@ -220,7 +223,7 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
           load_rows(ubuf, ld, sx + pl.in_off(t), pl.in_rows(t), 1, pl.cin, s0.np);
           zero_rest(ubuf, ld, pl.n, pl.in_rows(t), s0.np, lw);
         } else {
-          load_tile(ubuf, ld, pl.n, lw, tl, i, x, pl.cin, pl.in_off(t), pl.in_rows(t));
+          load_tile(ubuf, ld, pl.n, lw, tl, i, x, xrow, pl.in_off(t), pl.in_rows(t));
         }
         const bool to_y =
             fast && pl.out_rows(t) == pl.n && !sum_blocks && (aligned_rows || !stream);

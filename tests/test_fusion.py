@@ -183,3 +183,54 @@ def test_torch_compile_over_a_fused_model():
     compiled = torch.compile(fused)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bft_reads_a_channel_slice_of_a_channels_last_tensor_in_place(dtype):
+    """ShuffleNetV2's split: rows of channels at a stride larger than C go to the kernel as they
+    are (no copy) and the output stays channels_last."""
+    from butterfly.epilogue import bft_fused_image, pixel_rows
+    layer = butterfly.BFT(40, 64, dtype=dtype)
+    full = torch.randn(3, 80, 5, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    epilogue = Epilogue(torch.rand(64, dtype=dtype) + 0.5, torch.randn(64, dtype=dtype), "relu")
+    for x in (full[:, 40:], full[:, :40]):
+        assert pixel_rows(x) is not None and pixel_rows(x).stride(0) == 80
+        with torch.no_grad():
+            got = bft_fused_image(x, layer.weight, layer.plan, True, epilogue)
+            want = bft_fused_image(x.contiguous(), layer.weight, layer.plan, True, epilogue)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert pixel_rows(full.contiguous()) is None   # NCHW stays NCHW
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_concat_shuffle_equals_the_models_cat_and_shuffle(fmt):
+    from butterfly.fusion import concat_shuffle
+    full = torch.randn(2, 32, 5, 3).contiguous(memory_format=fmt)
+    a, b = full[:, :16], torch.randn(2, 16, 5, 3).contiguous(memory_format=fmt)
+    cat = torch.cat((a, b), 1)
+    want = cat.view(2, 2, 16, 5, 3).transpose(1, 2).reshape(2, 32, 5, 3)
+    got = concat_shuffle(a, b)
+    assert torch.equal(got, want)
+    assert got.is_contiguous(memory_format=fmt)
+
+
+def test_shufflenet_shuffles_fold_and_keep_channels_last():
+    model = _randomize_bn(timm.create_model("shufflenetv2_bft_125", num_classes=10))
+    x = torch.randn(1, 3, 45, 37).contiguous(memory_format=torch.channels_last)
+    result = fuse(model.to(memory_format=torch.channels_last), x)
+    assert len(result.shuffles) == sum(len(s) for s in model.stages)   # one per block
+    code = result.model.code
+    assert "concat_shuffle" in code and "transpose" not in code
+    with torch.no_grad():
+        got, want = result.model(x), model(x)
+        assert _rel(got, want) < 1e-5
+        # every layer's input stays channels_last (nothing falls back to NCHW copies)
+        formats = []
+        hooks = [m.register_forward_pre_hook(
+            lambda m, args: formats.append(args[0].stride(1) == 1))
+            for m in result.model.modules() if isinstance(m, (FusedBFT, FusedConv))]
+        result.model(x)
+        for h in hooks:
+            h.remove()
+    assert formats and all(formats)

@@ -58,8 +58,8 @@ def _fused(x: Tensor, weight: Tensor, radices: List[int], out_channels: int, res
            add: Optional[Tensor]) -> Tensor:
     if not _fake_registered:  # the backend was chosen, so the extension is loaded
         _register_fake_kernel()
-    return torch.ops.butterfly_cpu.forward_fused(
-        x.contiguous(), cpu._kernel_weight(x, weight), radices, out_channels, residual,
+    return torch.ops.butterfly_cpu.forward_fused(   # x: contiguous, or rows at a stride
+        x, cpu._kernel_weight(x, weight), radices, out_channels, residual,
         _compute(x, scale), _compute(x, shift), activation,
         None if add is None else add.contiguous())
 
