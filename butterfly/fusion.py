@@ -47,8 +47,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .depthwise import DepthwiseConv2d, depthwise_conv, is_operator_conv
-from .epilogue import Epilogue, activate, activation_of, bft_fused_image
+from .epilogue import Epilogue, activate, activation_of, bft_fused_image, pixel_rows
+from .kernels import cpu
 from .modules import BFT, dense_equivalent, is_bft
+from .ops import backend_for
 from .separable import dw_bft_fused, kernel_applies
 
 _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
@@ -317,13 +319,19 @@ def _bn_affine(bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
 def concat_shuffle(a: Tensor, b: Tensor) -> Tensor:
     """``torch.cat((a, b), 1)`` followed by a channel shuffle of two groups (ShuffleNetV2's):
     output channel ``2j`` is ``a[:, j]`` and ``2j + 1`` is ``b[:, j]``, written in one pass, in
-    ``a``'s memory format. (The model's cat, view, transpose and reshape copy twice, and the
-    reshape turns channels_last into NCHW.)"""
+    ``a``'s memory format (channels_last on CPU: ``butterfly_cpu::interleave_rows``,
+    ``csrc/shuffle_cpu.cpp``). The model's cat, view, transpose and reshape copy twice, and the
+    reshape turns channels_last into NCHW."""
     N, C, H, W = a.shape
-    if a.stride(1) == 1 and not a.is_contiguous():   # channels_last, or a channel slice of it
-        pairs = torch.stack((a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)), dim=4)
-        return pairs.view(N, H, W, 2 * C).permute(0, 3, 1, 2)
-    return torch.stack((a, b), dim=2).view(N, 2 * C, H, W)
+    rows_a, rows_b = pixel_rows(a), pixel_rows(b)
+    if rows_a is None or rows_b is None:   # NCHW
+        return torch.stack((a, b), dim=2).view(N, 2 * C, H, W)
+    if a.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            backend_for(a.device).name == "cpu" and cpu.load_extension() is not None:
+        out = torch.ops.butterfly_cpu.interleave_rows(rows_a.squeeze(2), rows_b.squeeze(2))
+    else:   # channels_last in PyTorch (inductor fuses this into one loop)
+        out = torch.stack((rows_a.squeeze(2), rows_b.squeeze(2)), dim=2)
+    return out.view(N, H, W, 2 * C).permute(0, 3, 1, 2)
 
 
 def _method(node: fx.Node, name: str) -> bool:

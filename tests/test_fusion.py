@@ -204,15 +204,29 @@ def test_bft_reads_a_channel_slice_of_a_channels_last_tensor_in_place(dtype):
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_concat_shuffle_equals_the_models_cat_and_shuffle(fmt):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_concat_shuffle_equals_the_models_cat_and_shuffle(fmt, dtype, backend):
     from butterfly.fusion import concat_shuffle
-    full = torch.randn(2, 32, 5, 3).contiguous(memory_format=fmt)
-    a, b = full[:, :16], torch.randn(2, 16, 5, 3).contiguous(memory_format=fmt)
+    full = torch.randn(2, 34, 5, 3).to(dtype).contiguous(memory_format=fmt)
+    a, b = full[:, 17:], torch.randn(2, 17, 5, 3).to(dtype).contiguous(memory_format=fmt)
     cat = torch.cat((a, b), 1)
-    want = cat.view(2, 2, 16, 5, 3).transpose(1, 2).reshape(2, 32, 5, 3)
-    got = concat_shuffle(a, b)
+    want = cat.view(2, 2, 17, 5, 3).transpose(1, 2).reshape(2, 34, 5, 3)
+    with butterfly.use_backend(backend):   # auto, channels_last: butterfly_cpu::interleave_rows
+        got = concat_shuffle(a, b)
     assert torch.equal(got, want)
     assert got.is_contiguous(memory_format=fmt)
+
+
+def test_interleave_rows_refuses_what_it_cannot_lay_out():
+    butterfly.kernels.cpu.load_extension()
+    a = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match="one shape"):
+        torch.ops.butterfly_cpu.interleave_rows(a, torch.randn(4, 5))
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.butterfly_cpu.interleave_rows(a.t().contiguous().t()[:, :6], a)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        torch.ops.butterfly_cpu.interleave_rows(a, a.double())
 
 
 def test_shufflenet_shuffles_fold_and_keep_channels_last():
