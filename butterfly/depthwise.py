@@ -44,7 +44,7 @@ KERNEL_SIZES = (3, 5, 7)
 STRIDES = (1, 2)
 
 __all__ = ["DepthwiseConv2d", "depthwise_conv", "depthwise_reference", "is_operator_conv",
-           "kernel_available", "output_format"]
+           "kernel_args", "kernel_available", "output_format"]
 
 
 # ------------------------------------------------------------------------------ shape rules
@@ -137,6 +137,18 @@ def _use_kernel(x: Tensor, weight: Tensor, stride: int) -> bool:
 def _kernel_param(x: Tensor, p: Tensor) -> Tensor:
     """A weight or bias in the kernel's compute dtype."""
     return p.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def kernel_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int,
+                activation: str) -> Optional[tuple]:
+    """The arguments after ``x`` of ``butterfly_cpu::dw_forward`` when the C++ kernel runs this
+    call (weight and bias in the kernel's compute dtype), else None: for layers that call the
+    kernel directly on later inputs like ``x`` (``butterfly.fusion.FusedConv``)."""
+    check_args(x, weight, bias, stride, activation)
+    if not _use_kernel(x, weight, stride):
+        return None
+    return (_kernel_param(x, weight).contiguous(),
+            None if bias is None else _kernel_param(x, bias).contiguous(), stride, activation)
 
 
 # -------------------------------------------------------------------------------- operators
