@@ -178,6 +178,30 @@ def test_bounds_section_from_synthetic_results():
     assert "4.0x the activation bytes" in text and "measured at batch 32: 10.00 vs 10.00" in text
 
 
+def test_pareto_frontier_and_dominated_configurations():
+    assert bench.pareto([(1.0, 2.0), (0.5, 1.0), (2.0, 1.5), (3.0, 3.0)]) == \
+        [(0.5, 1.0), (1.0, 2.0), (3.0, 3.0)]
+    data = {"runs": [], "rates": {}, "configs": {}, "cells": {}}
+    for name, res, ms in [("mobilenetv1_025", 224, 1.0), ("mobilenetv1_050", 224, 2.0),
+                          ("mobilenetv1_bft_100", 160, 1.5), ("mobilenetv1_bft_200", 224, 2.5),
+                          ("shufflenetv2_050", 224, 0.1)]:
+        key = bench.config_key(name, res)
+        data["configs"][key] = {"model": name, "res": res, "bft": "_bft_" in name,
+                                "label": bench.LABELS[name], "paper": bench.PAPER[(name, res)]}
+        data["cells"][bench.cell_key(name, res, "eager", 2, 1)] = {
+            "model": name, "res": res, "path": "eager", "threads": 2, "batch": 1, "status": "ok",
+            "ms": ms}
+    lines = bench.dominated(data)
+    # MobileNetV1 0.5@224 (63.3%, 2 ms) is slower than BFT 1.0@160 and less accurate than BFT
+    # 2.0@224 (64.32%): neither is beaten; ShuffleNetV2's baseline never counts for MobileNetV1
+    assert lines == ["- MobileNetV1+BFT 1.0 @160 (54.30%, 1.50 ms): no baseline is both faster "
+                     "and more accurate",
+                     "- MobileNetV1+BFT 2.0 @224 (64.32%, 2.50 ms): no baseline is both faster "
+                     "and more accurate"]
+    data["cells"][bench.cell_key("mobilenetv1_050", 224, "eager", 2, 1)]["ms"] = 1.2
+    assert "MobileNetV1 0.5 @224 (63.30%, 1.20 ms) beat it on both" in bench.dominated(data)[0]
+
+
 def test_failing_model_is_recorded_and_retried(tmp_path, monkeypatch, one_thread):
     def no_model(name):
         raise ValueError(f"cannot build {name}")
