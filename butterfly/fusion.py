@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import List, Optional, Set, Tuple
+from typing import Callable, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -57,6 +57,22 @@ _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 # activation -> (oneDNN post-op name, its scalars)
 _ONEDNN_ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
                "hardswish": ("hardswish", []), "hardsigmoid": ("hardsigmoid", [])}
+
+
+def _kernel_call(cache: dict, x: Tensor, build: Callable[[], Optional[tuple]]) -> Optional[tuple]:
+    """A fused layer's C++ kernel arguments after the input for inputs like ``x`` (None: the
+    kernel does not run them), built by ``build`` through the operator's own checks on the first
+    call per backend choice, device and dtype; eager calls then skip those checks (about 30 us a
+    layer, a large share of a small layer at batch 1)."""
+    key = (current_backend(), x.device.type, x.dtype)
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+def _kernel_cast(x: Tensor, t: Optional[Tensor]) -> Optional[Tensor]:
+    """A weight or epilogue tensor in the kernels' compute dtype for input ``x``."""
+    return None if t is None else cpu._kernel_weight(x, t).contiguous()
 
 
 def _refuse_training(module: nn.Module, inputs: Tuple[Optional[Tensor], ...]) -> None:
@@ -82,41 +98,32 @@ class FusedBFT(nn.Module):
         self.activation, self.adds = epilogue.activation, epilogue.add
         self.register_buffer("scale", None if epilogue.scale is None else epilogue.scale.detach())
         self.register_buffer("shift", None if epilogue.shift is None else epilogue.shift.detach())
-        self._kernel_args = {}   # see _prepared
+        self._kernel_args: dict = {}   # see _kernel_call
         self.eval()   # an inference layer: built in eval mode
 
     @property
     def epilogue(self) -> Epilogue:
         return Epilogue(self.scale, self.shift, self.activation, self.adds)
 
-    def _prepared(self, x: Tensor) -> Optional[tuple]:
-        """The arguments of ``butterfly_cpu::forward_fused`` after the input, cast for inputs
-        like ``x``, or None when the CPU kernel does not run them; decided through the operator's
-        own checks on the first call per backend choice, device and dtype (eager calls then skip
-        tens of microseconds of checks, a sixth of a small layer's time)."""
-        key = (current_backend(), x.device.type, x.dtype)
-        if key not in self._kernel_args:
+    def _kernel_args_for(self, x: Tensor) -> Optional[tuple]:
+        """``butterfly_cpu::forward_fused``'s arguments after the input (:func:`_kernel_call`)."""
+        def build():
             p = self.plan
             w = self.weight.view(p.num_blocks, p.weights_per_block)
-            ok = x.device.type == "cpu" and backend_for(x.device, x, w, p.radices).name == "cpu" \
-                and cpu.load_extension() is not None
-            dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-            cast = (lambda t: None if t is None else t.to(dt).contiguous())
-            self._kernel_args[key] = (cast(w), list(p.radices), p.out_channels, self.residual,
-                                      cast(self.scale), cast(self.shift), self.activation) \
-                if ok else None
-        return self._kernel_args[key]
+            if x.device.type != "cpu" or backend_for(x.device, x, w, p.radices).name != "cpu" \
+                    or cpu.load_extension() is None:
+                return None
+            return (_kernel_cast(x, w), list(p.radices), p.out_channels, self.residual,
+                    _kernel_cast(x, self.scale), _kernel_cast(x, self.shift), self.activation)
+        return _kernel_call(self._kernel_args, x, build)
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
-        if self._kernel_args and not torch.compiler.is_compiling() and x.dim() == 4:
-            args = self._kernel_args.get((current_backend(), x.device.type, x.dtype))
-            if args is not None:   # checked on an earlier call: the kernel directly
+        if not torch.compiler.is_compiling() and x.dim() == 4:
+            args = self._kernel_args_for(x)
+            if args is not None:
                 return _fused_rows(x, args, add)
-        y = bft_fused_image(x, self.weight, self.plan, self.residual, self.epilogue, add)
-        if not torch.compiler.is_compiling():
-            self._prepared(x)   # the next calls may take the kernel directly
-        return y
+        return bft_fused_image(x, self.weight, self.plan, self.residual, self.epilogue, add)
 
     def extra_repr(self) -> str:
         p = self.plan
@@ -153,7 +160,7 @@ class FusedConv(nn.Module):
         # kernel_geometry: what butterfly::depthwise_conv computes; depthwise: whether this layer
         # runs it (optimize_for_inference may hand it back to PyTorch's convolution)
         self.kernel_geometry = self.depthwise = is_operator_conv(conv)
-        self._kernel_args = {}   # (backend choice, dtype) -> butterfly_cpu::dw_forward's arguments
+        self._kernel_args: dict = {}   # see _kernel_call
         self.eval()   # an inference layer: built in eval mode
 
     def _onednn(self, x: Tensor) -> bool:
@@ -164,16 +171,13 @@ class FusedConv(nn.Module):
         _refuse_training(self, (x, add))
         geometry = (self.padding, self.stride, self.dilation, self.groups)
         if self.depthwise and x.device.type == "cpu" and x.dim() == 4:
-            compiling = torch.compiler.is_compiling()
-            key = (current_backend(), x.dtype)
-            args = None if compiling else self._kernel_args.get(key)
-            if args is not None:   # checked on an earlier call: the kernel directly
+            args = None if torch.compiler.is_compiling() else _kernel_call(
+                self._kernel_args, x, lambda: kernel_args(x, self.weight, self.bias,
+                                                          self.stride[0], self.activation))
+            if args is not None:
                 y = torch.ops.butterfly_cpu.dw_forward(x, *args)
             else:
                 y = depthwise_conv(x, self.weight, self.bias, self.stride[0], self.activation)
-                if not compiling:
-                    self._kernel_args[key] = kernel_args(x, self.weight, self.bias,
-                                                         self.stride[0], self.activation)
         elif self._onednn(x):
             if add is not None and self.activation == "none":
                 return _MKLDNN.binary(x, add, self.weight, self.bias, *geometry, "add", None,
@@ -217,47 +221,35 @@ class FusedDepthwiseBFT(nn.Module):
     def __init__(self, dw: FusedConv, pw: FusedBFT):
         super().__init__()
         self.dw, self.pw, self.one_pass = dw, pw, True
-        self._kernel_args = {}   # see _prepared
+        self._kernel_args: dict = {}   # see _kernel_call
         self.eval()
 
-    def _prepared(self, x: Tensor) -> Optional[tuple]:
-        """The arguments of ``butterfly_cpu::dw_bft_fused`` after the input, cast for inputs
-        like ``x``, or None when the one-pass kernel does not take them; decided by
-        :func:`butterfly.separable.kernel_applies` on the first call per backend choice, device
-        and dtype (eager calls then skip about 30 microseconds of checks)."""
-        key = (current_backend(), x.device.type, x.dtype)
-        if key not in self._kernel_args:
+    def _kernel_args_for(self, x: Tensor) -> Optional[tuple]:
+        """``butterfly_cpu::dw_bft_fused``'s arguments after the input (:func:`_kernel_call`),
+        decided by :func:`butterfly.separable.kernel_applies`."""
+        def build():
             dw, pw = self.dw, self.pw
-            p = pw.plan
-            cast = (lambda t: None if t is None else t.to(x.dtype).contiguous())
-            self._kernel_args[key] = (
-                cast(dw.weight), cast(dw.bias), dw.stride[0], dw.activation,
-                cast(pw.weight.view(p.num_blocks, p.weights_per_block)), list(p.radices),
-                p.out_channels, pw.residual, cast(pw.scale), cast(pw.shift), pw.activation) \
-                if kernel_applies(x, dw.weight, dw.stride[0]) else None
-        return self._kernel_args[key]
-
-    def _kernel(self, x: Tensor) -> bool:
-        if not (self.one_pass and isinstance(self.pw, FusedBFT)):
-            return False
-        if torch.compiler.is_compiling():   # the operator itself falls back when it must; the
-            return x.is_contiguous(memory_format=torch.channels_last)   # backend check breaks graphs
-        return kernel_applies(x, self.dw.weight, self.dw.stride[0])
+            if not kernel_applies(x, dw.weight, dw.stride[0]):
+                return None
+            p, cast = pw.plan, (lambda t: None if t is None else t.to(x.dtype).contiguous())
+            return (cast(dw.weight), cast(dw.bias), dw.stride[0], dw.activation,
+                    cast(pw.weight.view(p.num_blocks, p.weights_per_block)), list(p.radices),
+                    p.out_channels, pw.residual, cast(pw.scale), cast(pw.shift), pw.activation)
+        return _kernel_call(self._kernel_args, x, build)
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
-        if self.one_pass and isinstance(self.pw, FusedBFT) and x.dim() == 4 and \
-                not torch.compiler.is_compiling() and \
+        dw, pw = self.dw, self.pw
+        if self.one_pass and isinstance(pw, FusedBFT) and x.dim() == 4 and \
                 x.is_contiguous(memory_format=torch.channels_last):
-            args = self._prepared(x)
-            if args is not None:   # the operator's checks ran once, in kernel_applies
+            if torch.compiler.is_compiling():   # one traced operator, which falls back itself
+                return dw_bft_fused(x, dw.weight, dw.bias, dw.stride[0], dw.activation,
+                                    pw.weight, pw.plan, pw.residual, pw.epilogue, add)
+            args = self._kernel_args_for(x)
+            if args is not None:
                 skip = None if add is None else add.contiguous(memory_format=torch.channels_last)
                 return torch.ops.butterfly_cpu.dw_bft_fused(x, *args, skip)
-        if not self._kernel(x):
-            return self.pw(self.dw(x), add)
-        dw, pw = self.dw, self.pw
-        return dw_bft_fused(x, dw.weight, dw.bias, dw.stride[0], dw.activation, pw.weight,
-                            pw.plan, pw.residual, pw.epilogue, add)
+        return pw(dw(x), add)
 
     def extra_repr(self) -> str:
         return f"one_pass={self.one_pass}"
