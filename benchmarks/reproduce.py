@@ -25,14 +25,20 @@ MobileNetV1 0.25 vs MobileNetV1-BFT 1.0, ShuffleNetV2 0.5 vs ShuffleNetV2-BFT 1.
   skipped (``result.json`` in their folder under ``--runs``), unfinished ones resume exactly from
   their checkpoints. After every finished run the results are rewritten
   (``--results``/reproduction_fashion_mnist.{md,json} and reproduction_*.png).
-* When every main run is finished, batch-1 CPU latency of each model is measured at one thread,
-  then the ``--variant`` ablations (if any) train on the validation split only.
+* When every main run is finished, batch-1 CPU latency of each model is measured at one thread
+  on every path (eager, and ``butterfly.optimize_for_inference`` in NCHW and channels_last; the
+  fastest is the one reported), then the ``--variant`` ablations (if any) train on the validation
+  split only.
+* ``--families`` trains a subset. The families of the results file already in ``--results`` that
+  this command does not train are kept in it, with the command and code that produced them, when
+  that file used the same training settings (see :func:`earlier_families`).
 
 See docs/reproduction.md for the design and how to read the results.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import functools
 import hashlib
@@ -561,34 +567,49 @@ def machine() -> Dict[str, str]:
             "host": platform.node()}
 
 
-def measure_latency(items: Sequence[Member], repeats: int, rounds: int = 5) -> Dict[str, float]:
-    """Median wall time (ms) of one eager forward pass on one image at each model's input size,
-    eval mode, one thread; the models take turns in rotating order, ``rounds`` x ``repeats`` calls
-    each, so a burst of other work spreads over all of them."""
+LATENCY_PATHS = ("eager", "fused", "fused_cl")
+
+
+def measure_latency(items: Sequence[Member], repeats: int,
+                    rounds: int = 5) -> Dict[str, Dict[str, float]]:
+    """Median wall time (ms) of one forward pass on one image at each model's input size, eval
+    mode, one thread, on each path of :data:`LATENCY_PATHS`: ``eager`` (the model in PyTorch,
+    NCHW), ``fused`` and ``fused_cl`` (``butterfly.optimize_for_inference`` for that input, NCHW
+    and channels_last). Every (model, path) takes turns in rotating order, ``rounds`` x
+    ``repeats`` calls each, so a burst of other work spreads over all of them."""
     import torch
+    import butterfly
     from train.model import create_model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        nets = {}
+        runners = {}
         for m in items:
             torch.manual_seed(0)
-            nets[m.model] = (create_model(m.model, 10, 1, small_input=True).eval(),
-                             torch.randn(1, 1, m.img_size, m.img_size))
-        times: Dict[str, List[float]] = {k: [] for k in nets}
-        names = list(nets)
+            net = create_model(m.model, 10, 1, small_input=True).eval()
+            x = torch.randn(1, 1, m.img_size, m.img_size)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+            runners[(m.model, "eager")] = (net, x)
+            runners[(m.model, "fused")] = (butterfly.optimize_for_inference(net, x)[0], x)
+            runners[(m.model, "fused_cl")] = (butterfly.optimize_for_inference(net_cl, x_cl)[0], x_cl)
+        times: Dict[Tuple[str, str], List[float]] = {k: [] for k in runners}
+        keys = list(runners)
         with torch.inference_mode():
-            for net, x in nets.values():
+            for net, x in runners.values():
                 for _ in range(10):
                     net(x)
             for r in range(rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    net, x = nets[name]
+                for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                    net, x = runners[key]
                     for _ in range(repeats):
                         t = time.perf_counter()
                         net(x)
-                        times[name].append(time.perf_counter() - t)
-        return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+                        times[key].append(time.perf_counter() - t)
+        out: Dict[str, Dict[str, float]] = {}
+        for (model, path), v in times.items():
+            out.setdefault(model, {})[path] = 1e3 * statistics.median(v)
+        return out
     finally:
         torch.set_num_threads(threads)
 
@@ -689,8 +710,9 @@ def verdict(cmp: Dict) -> str:
     return "DID NOT HOLD (no difference)"
 
 
-def collect(opts, state: Dict, done: Dict[str, Dict]) -> Dict:
-    """The results document (what the json holds; the md and plots are drawn from it)."""
+def collect(opts, state: Dict, done: Dict[str, Dict], kept: Optional[Dict[str, Dict]] = None) -> Dict:
+    """The results document (what the json holds; the md and plots are drawn from it), with the
+    families of ``kept`` (:func:`earlier_families`) merged in."""
     jobs, decisions, main_done = schedule(opts, done)
     train_images, test_images = state["split"]
     runs, by_model = [], {}
@@ -721,8 +743,11 @@ def collect(opts, state: Dict, done: Dict[str, Dict]) -> Dict:
             "complete": len(seeds) == len(opts.seeds),
             "train_img_s_epoch": [statistics.mean(h["train_images_per_s"] for h in res[s]["history"])
                                   for s in seeds],
-            "latency_ms": state.get("latency", {}).get(f"{m.model}@{m.img_size}"),
+            "latency_ms": None, "latency_path": None, "latency_paths_ms": {},
         }
+        lat = state.get("latency", {}).get(f"{m.model}@{m.img_size}")
+        if lat is not None:
+            entry.update(latency_fields(lat))
         sp = state.get("speed", {}).get(f"{m.model}@{m.img_size}")
         if sp:
             entry["train_img_s_measured"], entry["eval_img_s_measured"] = sp["train_img_s"], sp["eval_img_s"]
@@ -756,20 +781,12 @@ def collect(opts, state: Dict, done: Dict[str, Dict]) -> Dict:
     # Runs known so far, or the least the plan needs (the sweep plus the other seeds per model).
     n_main = max(len([j for j in jobs if not j.variant]),
                  len(members(opts)) * (len(opts.lrs) + len(opts.seeds) - 1))
-    return {
+    doc = {
         "format": FORMAT,
         "command": state["command"],
         "started": state.get("started"), "updated": datetime.datetime.now().isoformat(timespec="minutes"),
         "machine": state["machine"], "conditions": state["conditions"],
-        "config": {"epochs": opts.epochs, "batch_size": opts.batch_size, "optimizer": "SGD, momentum "
-                   f"{opts.momentum} (timm 'momentum', no Nesterov)", "weight_decay": opts.weight_decay,
-                   "schedule": f"linear warm-up {opts.warmup_epochs} epoch from lr/10, cosine to 0 "
-                   "(per step)", "lr_grid": opts.lrs, "lr_extend": opts.lr_extend, "seeds": opts.seeds,
-                   "val_holdout": opts.val_holdout, "train_images": train_images,
-                   "train_subset": opts.train_subset,
-                   "test_images": test_images, "augmentation": "random shift up to 2 px, horizontal "
-                   "flip 0.5", "small_input": True, "threads_per_run": 1, "parallel": opts.parallel,
-                   "mac_tolerance": MAC_TOLERANCE},
+        "config": run_config(opts, train_images, test_images),
         "pairs": [state["pairs"][f] for f in opts.families],
         "budget": state.get("budget", {}), "speed": state.get("speed", {}),
         "progress": {"main_runs_finished": len([j for j in jobs if not j.variant and j.tag(opts) in done]),
@@ -779,6 +796,100 @@ def collect(opts, state: Dict, done: Dict[str, Dict]) -> Dict:
         "runs": runs, "comparisons": comparisons, "variants": variants,
         "latency": state.get("latency_conditions"),
     }
+    if kept:
+        add_earlier_families(doc, kept, state.get("latency", {}))
+    return doc
+
+
+def run_config(opts, train_images: int, test_images: int) -> Dict:
+    """The training settings every run of this command shares (the json's ``config``)."""
+    return {"epochs": opts.epochs, "batch_size": opts.batch_size,
+            "optimizer": f"SGD, momentum {opts.momentum} (timm 'momentum', no Nesterov)",
+            "weight_decay": opts.weight_decay,
+            "schedule": f"linear warm-up {opts.warmup_epochs} epoch from lr/10, cosine to 0 (per step)",
+            "lr_grid": opts.lrs, "lr_extend": opts.lr_extend, "seeds": opts.seeds,
+            "val_holdout": opts.val_holdout, "train_images": train_images,
+            "train_subset": opts.train_subset, "test_images": test_images,
+            "augmentation": "random shift up to 2 px, horizontal flip 0.5", "small_input": True,
+            "threads_per_run": 1, "parallel": opts.parallel, "mac_tolerance": MAC_TOLERANCE}
+
+
+# What decides what a run trains: another family's results are kept only where these agree (the
+# others, such as ``parallel``, change how long it takes, not what it gives).
+TRAINING_SETTINGS = ("epochs", "batch_size", "optimizer", "weight_decay", "schedule", "lr_grid",
+                     "lr_extend", "seeds", "val_holdout", "train_images", "train_subset",
+                     "test_images", "augmentation", "small_input", "mac_tolerance")
+
+
+def earlier_families(opts, config: Dict) -> Dict[str, Dict]:
+    """The families of the results file already in ``opts.results`` that this command does not
+    train (``--families`` left them out), when that file was written with the same training
+    settings: ``{family: {"runs", "comparison", "pair", "variants", "source"}}``. ``source`` says
+    which command, code and date produced them (carried over when that file had kept them itself),
+    so that a family can be (re)trained alone without losing the others: after adding a family,
+    or after its run folders were lost."""
+    old = _read_json(os.path.join(opts.results, f"{STEM}.json"))
+    if not old or old.get("format") != FORMAT:
+        return {}
+    differ = [k for k in TRAINING_SETTINGS if old["config"].get(k) != config.get(k)]
+    others = [c["family"] for c in old["comparisons"] if c["family"] not in opts.families]
+    if differ:
+        if others:
+            log(f"not keeping {', '.join(others)} from {opts.results}: trained with other settings "
+                f"({', '.join(differ)})")
+        return {}
+    out = {}
+    for fam in others:
+        if fam not in FAMILIES:
+            continue
+        f = FAMILIES[fam]
+        source = old.get("kept", {}).get(fam) or {
+            "command": old["command"], "code": old["machine"].get("code"), "started": old["started"],
+            "updated": old["updated"], "training": old["conditions"].get("training")}
+        out[fam] = {"runs": [r for r in old["runs"] if r["family"] == fam],
+                    "comparison": next(c for c in old["comparisons"] if c["family"] == fam),
+                    "pair": next(p for p in old["pairs"] if p["baseline"] == f.baseline),
+                    "variants": [v for v in old.get("variants", []) if v["family"] == fam],
+                    "source": source}
+    return out
+
+
+def main_run_count(entry: Dict) -> int:
+    """Main runs behind a model's entry: its learning-rate sweep plus its other seeds."""
+    return len(entry["lr_sweep"]) + max(len(entry["seeds"]) - 1, 0)
+
+
+def add_earlier_families(doc: Dict, kept: Dict[str, Dict], latency: Dict) -> None:
+    """Merges the families of :func:`earlier_families` into ``doc``, in :data:`FAMILIES` order;
+    their latency is this command's measurement where it made one."""
+    order = list(FAMILIES)
+    for fam, k in kept.items():
+        for r in k["runs"]:
+            lat = latency.get(f"{r['model']}@{r['img_size']}")
+            if lat is not None:
+                r.update(latency_fields(lat))
+        doc["runs"] += k["runs"]
+        doc["comparisons"].append(k["comparison"])
+        doc["pairs"].append(k["pair"])
+        doc["variants"] += k["variants"]
+        prog = doc["progress"]
+        n = sum(main_run_count(r) for r in k["runs"])
+        prog["main_runs_finished"] += n
+        prog["main_runs_planned"] += n
+        prog["main_complete"] = prog["main_complete"] and all(r["complete"] for r in k["runs"])
+    doc["runs"].sort(key=lambda r: order.index(r["family"]))  # stable: baseline, then BFT
+    doc["comparisons"].sort(key=lambda c: order.index(c["family"]))
+    fam_of = {FAMILIES[f].baseline: f for f in order}
+    doc["pairs"].sort(key=lambda p: order.index(fam_of[p["baseline"]]))
+    doc["kept"] = {fam: k["source"] for fam, k in kept.items()}
+
+
+def latency_fields(measured) -> Dict:
+    """A model's latency entries from its measurement ({path: ms}; a bare number: eager only, as
+    state files written before the fused paths were timed hold it)."""
+    paths = measured if isinstance(measured, dict) else {"eager": measured}
+    best = min(paths, key=paths.get)
+    return {"latency_ms": paths[best], "latency_path": best, "latency_paths_ms": dict(paths)}
 
 
 def _fmt(v: Optional[float], digits: int = 2) -> str:
@@ -828,7 +939,7 @@ def markdown(doc: Dict) -> str:
           "of the claim's direction at tiny scale (a few million multiply-adds), not of the "
           "ImageNet numbers.", "", "## Results (test split, evaluated once after the last epoch)", "",
           "| family | model | kind | input | MMACs | params (M) | lr | test top-1 % | per seed | "
-          "final val top-1 % | latency ms | train img/s |",
+          "final val top-1 % | latency ms (path) | train img/s |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
         speed = r.get("train_img_s_measured")
@@ -836,13 +947,26 @@ def markdown(doc: Dict) -> str:
                  f"{r['img_size']}x{r['img_size']} | {r['macs'] / 1e6:.3f} | {r['params'] / 1e6:.3f} | "
                  f"{_fmt(r['lr'], 3) if r['lr'] else '–'} | {_pm(r['top1'])} | "
                  f"{', '.join(f'{v:.2f}' for v in r['top1']) or '–'} | {_pm(r['val_top1'])} | "
-                 f"{_fmt(r['latency_ms'])} | {_fmt(speed, 0)} |")
+                 f"{_fmt(r['latency_ms'])}" + (f" ({r['latency_path']})" if r.get("latency_path") else "")
+                 + f" | {_fmt(speed, 0)} |")
     L += ["", f"Top-1: mean ± standard deviation over seeds {', '.join(map(str, cfg['seeds']))} "
           "(a model's column lists the seeds finished). MMACs: `butterfly.flops.count_macs` at the "
-          "input size, 10 classes. Latency: median of one eager forward pass on one image, eval "
-          "mode, 1 thread (see Conditions). Train img/s: measured before training at 1 thread "
-          "without loader processes (data loading included).", "",
-          "## Paired comparison per family (seed s of BFT minus seed s of the baseline)", "",
+          "input size, 10 classes. Latency: median of one forward pass on one image, eval mode, 1 "
+          "thread, on the model's fastest path (see Conditions and the table below). Train img/s: "
+          "measured before training at 1 thread without loader processes (data loading included)."]
+    timed = [r for r in doc["runs"] if r.get("latency_paths_ms")]
+    if timed:
+        paths = [p for p in LATENCY_PATHS if any(p in r["latency_paths_ms"] for r in timed)]
+        L += ["", "Latency per path (ms, batch 1, 1 thread; the fastest in bold): `eager` is the model "
+              "in PyTorch (NCHW); `fused` and `fused_cl` are `butterfly.optimize_for_inference(model, "
+              "x)` for NCHW and channels_last input.", "",
+              "| model | input | " + " | ".join(paths) + " |", "|---|---|" + "---|" * len(paths)]
+        for r in timed:
+            cells = [r["latency_paths_ms"].get(p) for p in paths]
+            L.append(f"| `{r['model']}` | {r['img_size']} | "
+                     + " | ".join((f"**{v:.3f}**" if p == r["latency_path"] else f"{v:.3f}")
+                                  if v is not None else "–" for p, v in zip(paths, cells)) + " |")
+    L += ["", "## Paired comparison per family (seed s of BFT minus seed s of the baseline)", "",
           "| family | MACs BFT/baseline | seeds | difference per seed | mean ± std | t (df) | p | "
           "BFT ahead | paper gain |", "|---|---|---|---|---|---|---|---|---|"]
     for c in doc["comparisons"]:
@@ -915,6 +1039,11 @@ def markdown(doc: Dict) -> str:
           f"- Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory']}; Python "
           f"{mach['python']}, torch {mach['torch']}, BFT backend {mach['BFT backend']}.",
           f"- While training: {cond.get('training', 'not recorded')}."]
+    for fam, src in doc.get("kept", {}).items():
+        L.append(f"- {FAMILIES[fam].label}: trained by an earlier run of this command with the same "
+                 f"training settings, `{src['command']}` (code {src['code']}), started "
+                 f"{src['started']}, last updated {src['updated']}; kept because this run's "
+                 f"--families left it out. While it trained: {src.get('training') or 'not recorded'}.")
     lat = doc.get("latency")
     if lat:
         L.append(f"- Latency measured {lat['when']} with no training run of this command going; "
@@ -985,7 +1114,7 @@ def plots(doc: Dict, folder: str) -> List[str]:
     written.append(_save(fig, folder, "reproduction_lr_sweep.png"))
 
     for key, xlabel, name in (("macs", "multiply-adds per image (millions)", "reproduction_top1_vs_macs.png"),
-                              ("latency_ms", "batch-1 CPU latency, 1 thread (ms)",
+                              ("latency_ms", "batch-1 CPU latency, 1 thread, fastest path (ms)",
                                "reproduction_top1_vs_latency.png")):
         fig, ax = plt.subplots(figsize=(6, 4.2))
         drawn = False
@@ -1031,8 +1160,9 @@ def _save(fig, folder: str, name: str) -> str:
     return path
 
 
-def write_results(opts, state: Dict, done: Dict[str, Dict]) -> Dict:
-    doc = collect(opts, state, done)
+def write_results(opts, state: Dict, done: Dict[str, Dict],
+                  kept: Optional[Dict[str, Dict]] = None) -> Dict:
+    doc = collect(opts, state, done, kept)
     os.makedirs(opts.results, exist_ok=True)
     _write_json(os.path.join(opts.results, f"{STEM}.json"), doc)
     text = markdown(doc)
@@ -1203,19 +1333,27 @@ def main(argv=None) -> int:
 
     conditions()
     done = all_done(opts)
-    write_results(opts, state, done)
+    kept = earlier_families(opts, run_config(opts, *state["split"]))
+    for fam, k in kept.items():
+        log(f"keeping {FAMILIES[fam].label} from {opts.results} (code {k['source']['code']}, "
+            f"updated {k['source']['updated']}): not in --families")
+    kept_members = [Member(fam, r["kind"], r["model"], r["img_size"])
+                    for fam, k in kept.items() for r in k["runs"]]
+    kept_complete = all(r["complete"] for k in kept.values() for r in k["runs"])
+    write_results(opts, state, done, kept)
     while True:
         jobs, decisions, main_done = schedule(opts, done)
-        if main_done and "latency" not in state and not runner.running:
+        if main_done and kept_complete and "latency" not in state and not runner.running:
             log("every main run is finished: measuring batch-1 latency at 1 thread")
             before, busy = load_average(), busy_processes()
-            lat = measure_latency(members(opts), opts.latency_repeats)
-            state["latency"] = {f"{m.model}@{m.img_size}": lat[m.model] for m in members(opts)}
+            timed = members(opts) + kept_members
+            lat = measure_latency(timed, opts.latency_repeats)
+            state["latency"] = {f"{m.model}@{m.img_size}": lat[m.model] for m in timed}
             state["latency_conditions"] = {
                 "when": datetime.datetime.now().isoformat(timespec="minutes"), "load_before": before,
                 "load_after": load_average(), "busy": busy, "rounds": 5, "repeats": opts.latency_repeats}
             _write_json(state_path, state)
-            write_results(opts, state, done)
+            write_results(opts, state, done, kept)
         pending = [j for j in jobs if j.tag(opts) not in done and j.tag(opts) not in runner.running
                    and j.tag(opts) not in failed and (not j.variant or "latency" in state)]
         while pending and len(runner.running) < opts.parallel:
@@ -1237,7 +1375,7 @@ def main(argv=None) -> int:
                 log(f"done  {tag}: val top-1 {final_val(r):.2f}%"
                     + (f", test top-1 {r['test_top1']:.2f}%" if "test_top1" in r else "")
                     + f" ({seconds / 60:.1f} min)")
-                write_results(opts, state, done)
+                write_results(opts, state, done, kept)
                 _, new_decisions, _ = schedule(opts, done)
                 for key, dec in new_decisions.items():
                     if key not in decisions:
@@ -1260,7 +1398,7 @@ def main(argv=None) -> int:
                     exit_code = 1
                 else:
                     time.sleep(5)
-    doc = write_results(opts, state, done)
+    doc = write_results(opts, state, done, kept)
     log(f"results: {os.path.join(opts.results, STEM)}.md / .json")
     for c in doc["comparisons"]:
         log(f"{FAMILIES[c['family']].label}: {c['verdict']}"

@@ -1,5 +1,6 @@
-"""``python -m benchmarks.reproduce``: end to end on a tiny budget, the computed MAC matching, and a
-killed-and-restarted reproduction giving the numbers of an uninterrupted one.
+"""``python -m benchmarks.reproduce``: end to end on a tiny budget, the computed MAC matching, a
+killed-and-restarted reproduction giving the numbers of an uninterrupted one, and a family
+trained alone keeping the others' results.
 
 The runs use a tiny synthetic Fashion-MNIST (IDX files written here: 192 training images, 32 of
 them held out for validation, 64 test images), one epoch, one seed, one learning rate.
@@ -80,6 +81,9 @@ def test_end_to_end_writes_md_and_json(uninterrupted, tmp_path):
         assert len(r["top1"]) == 1 and 0 <= r["top1"][0] <= 100 and r["lr"] == 0.1
         assert r["lr_sweep"] == [{"lr": 0.1, "seed": 0, "val_top1": r["val_top1"][0]}]
         assert r["latency_ms"] > 0 and r["complete"]
+        assert set(r["latency_paths_ms"]) == set(reproduce.LATENCY_PATHS)
+        assert r["latency_ms"] == min(r["latency_paths_ms"].values())
+        assert r["latency_paths_ms"][r["latency_path"]] == r["latency_ms"]
         assert len(r["val_curves"]["0"]) == 1
     macs = {r["model"]: r["macs"] for r in doc["runs"]}
     pair = doc["pairs"][0]
@@ -140,6 +144,46 @@ def test_killed_and_restarted_gives_the_same_numbers(uninterrupted, tiny_data, t
     assert "resumed from epoch 1 step 2" in log
     resumed = json.load(open(os.path.join(results, "reproduction_fashion_mnist.json")))
     assert numbers(resumed) == numbers(uninterrupted[1])
+
+
+def test_a_family_trained_alone_keeps_the_others(uninterrupted, tiny_data, tmp_path):
+    """--families shufflenetv2 into a results folder holding mobilenetv1: both end up in the
+    file, mobilenetv1's numbers untouched and its provenance recorded; with other training
+    settings the old family is dropped instead of being mixed in."""
+    import shutil
+    plain_results, plain = uninterrupted
+    results = str(tmp_path / "results")
+    shutil.copytree(plain_results, results)
+    argv = tiny_argv(tiny_data, str(tmp_path / "runs"), results)
+    argv[argv.index("mobilenetv1")] = "shufflenetv2"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert reproduce.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.load(open(os.path.join(results, "reproduction_fashion_mnist.json")))
+    assert [c["family"] for c in doc["comparisons"]] == ["mobilenetv1", "shufflenetv2"]
+    assert [r["model"] for r in doc["runs"]] == [
+        "mobilenetv1_025", "mobilenetv1_bft_100", "shufflenetv2_050", "shufflenetv2_bft_125"]
+    assert numbers({"runs": doc["runs"][:2]}) == numbers(plain)
+    assert doc["comparisons"][0] == plain["comparisons"][0]
+    assert [p["baseline"] for p in doc["pairs"]] == ["mobilenetv1_025", "shufflenetv2_050"]
+    assert doc["kept"]["mobilenetv1"]["command"] == plain["command"]
+    assert doc["progress"]["main_runs_finished"] == doc["progress"]["main_runs_planned"] == 4
+    assert doc["progress"]["main_complete"]
+    # the kept family's latency is measured again with the new one's (every path)
+    for r in doc["runs"]:
+        assert set(r["latency_paths_ms"]) == set(reproduce.LATENCY_PATHS), r["model"]
+    text = open(os.path.join(results, "reproduction_fashion_mnist.md")).read()
+    assert "kept because this run's --families left it out" in text
+    assert "Status: complete" in text
+
+    # other training settings: the earlier families are not kept
+    config = reproduce.run_config(reproduce.parse_args(argv + ["--epochs", "2"]), 160, 64)
+    assert reproduce.earlier_families(reproduce.parse_args(argv), config) == {}
+    same = reproduce.run_config(reproduce.parse_args(argv), 160, 64)
+    assert set(reproduce.earlier_families(reproduce.parse_args(argv), same)) == {"mobilenetv1"}
 
 
 def test_variants_register_bft_options():
