@@ -55,16 +55,21 @@ def numbers(doc: dict) -> list:
     return [{k: r[k] for k in keep} for r in doc["runs"]]
 
 
+def run_one_thread(argv: list) -> None:
+    """The command in this process with one torch thread, as its runs use."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert reproduce.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("plain")
     results = str(root / "results")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert reproduce.main(tiny_argv(tiny_data, str(root / "runs"), results)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_one_thread(tiny_argv(tiny_data, str(root / "runs"), results))
     with open(os.path.join(results, "reproduction_fashion_mnist.json")) as f:
         return results, json.load(f)
 
@@ -133,12 +138,7 @@ def test_killed_and_restarted_gives_the_same_numbers(uninterrupted, tiny_data, t
     assert not partial["progress"]["main_complete"] and partial["runs"][0]["top1"]
 
     before = os.path.getmtime(os.path.join(runs, first, "result.json"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert reproduce.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_one_thread(argv)
     assert os.path.getmtime(os.path.join(runs, first, "result.json")) == before  # skipped
     log = open(os.path.join(runs, second, "worker.log")).read()
     assert "resumed from epoch 1 step 2" in log
@@ -156,12 +156,7 @@ def test_a_family_trained_alone_keeps_the_others(uninterrupted, tiny_data, tmp_p
     shutil.copytree(plain_results, results)
     argv = tiny_argv(tiny_data, str(tmp_path / "runs"), results)
     argv[argv.index("mobilenetv1")] = "shufflenetv2"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert reproduce.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_one_thread(argv)
     doc = json.load(open(os.path.join(results, "reproduction_fashion_mnist.json")))
     assert [c["family"] for c in doc["comparisons"]] == ["mobilenetv1", "shufflenetv2"]
     assert [r["model"] for r in doc["runs"]] == [
