@@ -768,13 +768,19 @@ def same_res_pairs(data: Dict) -> List[Tuple]:
     return pairs
 
 
+def headline_pairs() -> List[Tuple[Tuple[str, int], Tuple[str, int]]]:
+    """The README's pairs ((BFT model, res), (baseline, res)), the "what bounds it" pair first."""
+    pairs = [((b, br), (r, rr)) for b, br, r, rr, headline in PAIRS if headline]
+    return sorted(pairs, key=lambda p: p != BOUNDS_PAIR)
+
+
 def bounds_section(data: Dict) -> List[str]:
-    (bft, bres), (base, rres) = BOUNDS_PAIR
-    lines = [f"## What bounds it: {bft} vs {base}", ""]
+    bft, base = BOUNDS_PAIR
+    lines = ["## What bounds it: the headline pairs", ""]
     rates = data.get("rates", {})
     if not rates:
-        return lines + [f"Not measured yet: the machine rates are measured with `{bft}` at {bres} "
-                        f"or `{base}` at {rres}.", ""]
+        return lines + [f"Not measured yet: the machine rates are measured with `{bft[0]}` at "
+                        f"{bft[1]} or `{base[0]}` at {base[1]}.", ""]
     lines += ["Machine rates, measured by this benchmark (medians):", "",
               "| threads | copy GB/s (read + write) | dense 1x1 conv GMAC/s | depthwise 3x3 GMAC/s "
               "| BFT GMAC/s | shapes |", "|---:|---:|---:|---:|---:|---|"]
@@ -782,42 +788,52 @@ def bounds_section(data: Dict) -> List[str]:
     def g(v, spec=".1f"):
         return "-" if v is None else f"{v:{spec}}"
 
-    for t in sorted(rates, key=lambda k: -int(k[1:])):
+    thread_keys = sorted(rates, key=lambda k: -int(k[1:]))
+    for t in thread_keys:
         r = rates[t]
         lines.append(f"| {r['threads']} | {g(r['copy_GBs'])} | {g(r['dense_GMACs'])} | "
                      f"{g(r['depthwise_GMACs'])} | {g(r['bft_GMACs'])} | {r['shapes']} |")
     lines.append("")
-    metas = [(k, data["configs"].get(config_key(*k))) for k in BOUNDS_PAIR]
-    if any(m is None or "macs_by_kind" not in m for _, m in metas):
-        return lines + [f"Run `{bft}` at {bres} and `{base}` at {rres} for the model rows.", ""]
+    pairs = [p for p in headline_pairs()
+             if all("macs_by_kind" in data["configs"].get(config_key(*k), {}) for k in p)]
+    if not pairs:
+        return lines + [f"Run `{bft[0]}` at {bft[1]} and `{base[0]}` at {base[1]} (or another "
+                        "headline pair) for the model rows.", ""]
     lines += [
         "Per image, float32. *activations*: the input and output tensors of every leaf module "
         "(a BFT counted as one layer), summed: what eager PyTorch reads and writes at least once "
         "if nothing stays in cache; *layers only*: the same for the conv, BFT and linear layers "
         "alone, what is left when BatchNorms and activations are fused into them (the least any "
         "path moves). *memory time* = (bytes + weights) / copy bandwidth, for both counts. "
-        "*compute time* = sum over layer kinds of MACs / that kind's measured rate. *measured*: "
-        "the best path's time per image. The larger of the two lower bounds (memory time with "
-        "layers only, compute time) is the nearer wall; a measured time far above both is "
-        "overhead (framework, small ops, cache misses) rather than either limit.", "",
+        "*compute time* = sum over layer kinds of MACs / that kind's measured rate; *without "
+        "BFT*: the same with the BFT layers free (what the rest of a BFT model costs however fast "
+        "its BFT kernel gets). *measured*: the best path's time per image. The larger of the two "
+        "lower bounds (memory time with layers only, compute time) is the nearer wall; a measured "
+        "time far above both is overhead (framework, small ops, cache misses) rather than either "
+        "limit. The rates are those of one shape per kind, so the bounds are estimates, not "
+        "guarantees: a layer kind runs slower at other shapes (small maps, few channels).", "",
         "| model | MACs (M): dense / depthwise / BFT | activations MB: all / layers only "
         "| weights MB | threads | memory time ms: all / layers only | compute time ms "
-        "| measured ms, batch 1 (path) | measured ms/image, batch 32 (path) | nearer bound |",
+        "(without BFT) | measured ms, batch 1 (path) | measured ms/image, batch 32 (path) "
+        "| nearer bound |",
         "|---|---|---|---:|---:|---|---:|---|---|---|"]
     summary = {}
-    for (name, res), meta in metas:
+    for (name, res) in dict.fromkeys(k for p in pairs for k in p):
+        meta = data["configs"][config_key(name, res)]
         m = meta["macs_by_kind"]
         layers_bytes = meta.get("act_bytes_layers", meta["act_bytes"])
-        for t in sorted(rates, key=lambda k: -int(k[1:])):
+        for t in thread_keys:
             r = rates[t]
             threads = r["threads"]
-            mem_ms = mem_layers_ms = compute_ms = None
+            mem_ms = mem_layers_ms = compute_ms = rest_ms = None
             if r.get("copy_GBs"):
                 bw = r["copy_GBs"] * 1e9
                 mem_ms = (meta["act_bytes"] + meta["weight_bytes"]) / bw * 1e3
                 mem_layers_ms = (layers_bytes + meta["weight_bytes"]) / bw * 1e3
             if all(r.get(f"{k}_GMACs") for k in ("dense", "depthwise", "bft")):
-                compute_ms = sum(m[k] / (r[f"{k}_GMACs"] * 1e9) for k in m) * 1e3
+                per_kind = {k: m[k] / (r[f"{k}_GMACs"] * 1e9) * 1e3 for k in m}
+                compute_ms = sum(per_kind.values())
+                rest_ms = compute_ms - per_kind["bft"]
             cols, measured = [], {}
             for batch in (1, 32):
                 c = best(data, config_key(name, res), threads, batch)
@@ -829,37 +845,60 @@ def bounds_section(data: Dict) -> List[str]:
                 bound = max(mem_layers_ms, compute_ms)
                 nearer = "memory" if mem_layers_ms > compute_ms else "compute"
                 nearer += f" ({bound / min(mem_layers_ms, compute_ms):.1f}x the other)"
-                summary[(name, threads)] = (bound, nearer.split()[0], measured)
+                summary[(name, res, threads)] = (bound, nearer.split()[0], measured, rest_ms)
+            rest = f" ({rest_ms:.2f})" if rest_ms is not None and m["bft"] else ""
             lines.append(
                 f"| {name} @{res} | {m['dense'] / 1e6:.1f} / {m['depthwise'] / 1e6:.1f} / "
                 f"{m['bft'] / 1e6:.1f} | {meta['act_bytes'] / 1e6:.1f} / {layers_bytes / 1e6:.1f} | "
                 f"{meta['weight_bytes'] / 1e6:.1f} | {threads} | {g(mem_ms, '.2f')} / "
-                f"{g(mem_layers_ms, '.2f')} | {g(compute_ms, '.2f')} | {cols[0]} | {cols[1]} | "
-                f"{nearer} |")
-    mb, mr = metas[0][1], metas[1][1]
-    lines += ["", f"{bft} moves {mb['act_bytes'] / mr['act_bytes']:.1f}x the activation bytes of "
-              f"{base} ({mb.get('act_bytes_layers', 0) / max(mr.get('act_bytes_layers', 1), 1):.1f}x "
-              f"counting the layers only) for {mb['macs'] / mr['macs']:.2f}x its multiply-adds: the "
-              "BFT model is wider at equal MACs (the paper's section 5 notes its larger working "
-              "memory)."]
-    for t in sorted(rates, key=lambda k: -int(k[1:])):
-        threads = rates[t]["threads"]
-        if (bft, threads) not in summary or (base, threads) not in summary:
-            continue
-        (b_bound, b_kind, b_meas), (r_bound, r_kind, r_meas) = summary[(bft, threads)], \
-            summary[(base, threads)]
-        text = (f"{threads} thread{'s' if threads > 1 else ''}: lower bounds {b_bound:.2f} ms "
-                f"({b_kind}) for {bft} and {r_bound:.2f} ms ({r_kind}) for {base}, ratio "
-                f"{b_bound / r_bound:.2f}")
-        for batch in (32, 1):
-            if batch in b_meas and batch in r_meas:
-                text += (f"; measured at batch {batch}: {b_meas[batch]:.2f} vs "
-                         f"{r_meas[batch]:.2f} ms per image (ratio "
-                         f"{b_meas[batch] / r_meas[batch]:.2f}), "
-                         f"{b_meas[batch] / b_bound:.1f}x and {r_meas[batch] / r_bound:.1f}x "
-                         "their bounds")
-        lines.append("* " + text + ".")
-    return lines + [""]
+                f"{g(mem_layers_ms, '.2f')} | {g(compute_ms, '.2f')}{rest} | {cols[0]} | "
+                f"{cols[1]} | {nearer} |")
+    lines.append("")
+    for (bname, bres), (rname, rres) in pairs:
+        mb = data["configs"][config_key(bname, bres)]
+        mr = data["configs"][config_key(rname, rres)]
+        lines.append(
+            f"**{bname} @{bres} vs {rname} @{rres}**: {mb['act_bytes'] / mr['act_bytes']:.1f}x the "
+            f"activation bytes ({mb.get('act_bytes_layers', 0) / max(mr.get('act_bytes_layers', 1), 1):.1f}x "
+            f"counting the layers only) and "
+            f"{mb['macs_by_kind']['depthwise'] / max(mr['macs_by_kind']['depthwise'], 1):.1f}x the "
+            f"depthwise multiply-adds, for {mb['macs'] / mr['macs']:.2f}x the multiply-adds: the BFT "
+            "model is wider at equal MACs (the paper's section 5 notes its larger working memory).")
+        for t in thread_keys:
+            threads = rates[t]["threads"]
+            if (bname, bres, threads) not in summary or (rname, rres, threads) not in summary:
+                continue
+            (b_bound, b_kind, b_meas, b_rest), (r_bound, r_kind, r_meas, _) = \
+                summary[(bname, bres, threads)], summary[(rname, rres, threads)]
+            text = (f"{threads} thread{'s' if threads > 1 else ''}: lower bounds {b_bound:.2f} ms "
+                    f"({b_kind}) and {r_bound:.2f} ms ({r_kind}), ratio {b_bound / r_bound:.2f}; "
+                    f"with its BFT layers free the BFT model still computes for {b_rest:.2f} ms "
+                    f"({b_rest / r_bound:.2f}x the baseline's bound)")
+            bft_macs = mb["macs_by_kind"]["bft"]
+            for batch in (32, 1):
+                if batch in b_meas and batch in r_meas:
+                    text += (f"; measured at batch {batch}: {b_meas[batch]:.2f} vs "
+                             f"{r_meas[batch]:.2f} ms per image (ratio "
+                             f"{b_meas[batch] / r_meas[batch]:.2f}), "
+                             f"{b_meas[batch] / b_bound:.1f}x and {r_meas[batch] / r_bound:.1f}x "
+                             "their bounds, " + parity_text(bft_macs, b_rest, r_meas[batch],
+                                                            rates[t].get("bft_GMACs")))
+            lines.append("* " + text + ".")
+        lines.append("")
+    return lines
+
+
+def parity_text(bft_macs: float, rest_ms: float, baseline_ms: float,
+                bft_rate: Optional[float]) -> str:
+    """What matching the baseline's measured time would take of the BFT layers, with the rest of
+    the BFT model at its compute bound: the multiply-add rate they would need, or that no rate is
+    enough (the rest alone takes the baseline's time)."""
+    if baseline_ms <= rest_ms:
+        return "so no BFT kernel speed reaches parity (the rest of the model alone takes longer)"
+    need = bft_macs / ((baseline_ms - rest_ms) * 1e-3) / 1e9
+    have = f", measured {bft_rate:.0f}" if bft_rate else ""
+    return (f"so parity needs the BFT layers at {need:.0f} GMAC/s or more{have}, with the rest "
+            "of the model at its bound")
 
 
 def model_section(data: Dict, key: str) -> List[str]:

@@ -173,9 +173,16 @@ def test_bounds_section_from_synthetic_results():
             "ms": 320.0}
     text = "\n".join(bench.bounds_section(data))
     # BFT model: memory 10 ms (layers only) > compute 6 ms; baseline: compute 2.5 ms > memory
-    assert "| 40.00 / 10.00 | 6.00 |" in text and "memory (1.7x the other)" in text
+    # (in brackets: the BFT model's compute with its BFT layers free, 1 ms of depthwise)
+    assert "| 40.00 / 10.00 | 6.00 (1.00) |" in text and "memory (1.7x the other)" in text
     assert "| 10.00 / 2.50 | 2.50 |" in text
     assert "4.0x the activation bytes" in text and "measured at batch 32: 10.00 vs 10.00" in text
+    assert "still computes for 1.00 ms (0.40x the baseline's bound)" in text
+    # parity with the baseline's 10 ms: 1e8 BFT MACs in 10 - 1 ms
+    assert "parity needs the BFT layers at 11 GMAC/s or more, measured 20" in text
+    assert "no BFT kernel speed" in bench.parity_text(10**8, 2.0, 1.5, 20.0)
+    # only pairs with both models measured get rows
+    assert "shufflenetv2" not in text
 
 
 def test_pareto_frontier_and_dominated_configurations():
