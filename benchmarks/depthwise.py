@@ -22,6 +22,9 @@ Inference is the forward pass under ``torch.no_grad()``; training is forward + b
 input and weight gradients. For the 28x28 network it also times fused inference: a conv with
 bias and ReLU6 (as after folding an eval BatchNorm), oneDNN's convolution with a post-op (what
 ``butterfly.fusion`` runs today) against the kernel's epilogue. The ratio is the faster PyTorch format over the faster kernel format.
+
+Without ``--quick`` it also times the depthwise -> BFT blocks of :data:`BLOCK_MODELS` (batch 1
+and 32, channels_last) in one pass against their two layers apart (:func:`block_tables`).
 """
 from __future__ import annotations
 
@@ -39,17 +42,21 @@ import timm
 import torch
 from torch import nn
 
-import butterfly  # noqa: F401  (registers the zoo models in timm)
+import butterfly  # also registers the zoo models in timm
 from benchmarks.kernel import make_step, time_interleaved
 from benchmarks.machine import cpu_flags, keep_freed_memory, write_report
 from butterfly.depthwise import DepthwiseConv2d, depthwise_conv, kernel_available
+from butterfly.fusion import FusedDepthwiseBFT
 from butterfly.kernels import cpu
+from butterfly.separable import kernel_applies
 
 BATCH = 32
 NETWORK = "mobilenetv1_bft_100"
 # (C, H = W, stride) at 224x224 scale
 LARGE = [(64, 112, 1), (128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1)]
 STEPS = ("torch NCHW", "torch CL", "kernel NCHW", "kernel CL")
+# The depthwise -> BFT blocks of these (model, resolution), channels_last, batch 1 and BATCH.
+BLOCK_MODELS = [("mobilenetv1_bft_100", 160), ("shufflenetv2_bft_125", 224)]
 
 
 def network_layers(name: str = NETWORK, size: int = 28) -> List[Tuple[int, int, int]]:
@@ -147,6 +154,62 @@ def load_note() -> str:
         f"    {b}" for b in busy) if busy else "")
 
 
+def separable_blocks(name: str, res: int, batch: int) -> List[Tuple[str, FusedDepthwiseBFT, torch.Tensor]]:
+    """The depthwise -> BFT blocks of ``optimize_for_inference(model, x)`` (channels_last) that
+    the one-pass kernel takes, each with its input in the model."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
+    fused, _ = butterfly.optimize_for_inference(model, x)
+    blocks = {n: m for n, m in fused.named_modules() if isinstance(m, FusedDepthwiseBFT)}
+    inputs: Dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, args[0]))
+             for n, m in blocks.items()]
+    with torch.inference_mode():
+        fused(x)
+    for h in hooks:
+        h.remove()
+    return [(n, m, inputs[n]) for n, m in blocks.items()
+            if n in inputs and kernel_applies(inputs[n], m.dw.weight, m.dw.stride[0])]
+
+
+def block_steps(blk: FusedDepthwiseBFT, x: torch.Tensor) -> Dict[str, object]:
+    """The block in one pass (``butterfly::dw_bft_fused``) and with its two layers apart."""
+    def step(one_pass: bool):
+        def run():
+            blk.one_pass = one_pass
+            with torch.inference_mode():
+                blk(x)
+        return run
+    return {"one pass": step(True), "apart": step(False)}
+
+
+def block_tables(threads: int, rounds: int, block: int, settle_s: float) -> str:
+    """Per block and in total: one pass against apart, for BLOCK_MODELS at batch 1 and BATCH."""
+    torch.set_num_threads(threads)
+    out = []
+    for name, res in BLOCK_MODELS:
+        for batch in (1, BATCH):
+            rows, total = [], {"one pass": 0.0, "apart": 0.0}
+            for bname, blk, x in separable_blocks(name, res, batch):
+                times = time_interleaved(block_steps(blk, x), rounds, warmup=2, budget_s=10.0,
+                                         clock=time.perf_counter, block=block, settle_s=settle_s)
+                ms = {k: statistics.median(v) for k, v in times.items()}
+                for k in total:
+                    total[k] += ms[k]
+                shape = "x".join(map(str, x.shape[1:]))
+                rows.append(f"| {bname} | {shape} -> {blk.pw.plan.out_channels} | {ms['one pass']:.3f} | "
+                            f"{ms['apart']:.3f} | {ms['apart'] / ms['one pass']:.2f}x |")
+            rows.append(f"| **all {len(rows)} blocks** | | {total['one pass']:.3f} | "
+                        f"{total['apart']:.3f} | {total['apart'] / total['one pass']:.2f}x |")
+            print(f"  {threads}t blocks {name}@{res} batch {batch}: "
+                  f"{total['apart'] / total['one pass']:.2f}x", flush=True)
+            out += [f"\n`{name}` @{res}, batch {batch}, channels_last, ms per call:\n",
+                    "| block | input (C x H x W) -> out | one pass | apart | speed-up |",
+                    "|---|---|---:|---:|---:|", *rows]
+    return "\n".join(out)
+
+
 def run_tables(threads: int, quick: bool, rounds: int, block: int, settle_s: float) -> str:
     torch.set_num_threads(threads)
     out = [f"### {threads} thread{'s' if threads > 1 else ''}"]
@@ -184,6 +247,13 @@ def run_tables(threads: int, quick: bool, rounds: int, block: int, settle_s: flo
                 rows.append((f"{C}, {hw}x{hw}, s{s}", ms))
                 print(f"  {threads}t {kind[:9]} {rows[-1][0]}: {ratio(ms):.2f}x", flush=True)
             out += [f"\n224x224-scale shapes, batch {BATCH}, {kind}, ms:\n", table(rows)]
+    if not quick:
+        out += ["\nThe depthwise-separable block in one pass (`butterfly::dw_bft_fused`: the "
+                "depthwise output of each tile stays in cache and the BFT reads it there) against "
+                "its two fused layers apart (`FusedConv` on the depthwise kernel, then "
+                "`FusedBFT`), each block of `butterfly.optimize_for_inference(model, x)` on its "
+                "input in the model, inference:",
+                block_tables(threads, max(3, rounds // 2), block, settle_s)]
     return "\n".join(out)
 
 
