@@ -201,19 +201,23 @@ def limits(results, label: str) -> str:
         low, high = f"{min(values):{fmt}}", f"{max(values):{fmt}}"
         return low if low == high else f"{low}-{high}"
 
+    small_copies = [c for c, _ in small]
+    memory_bound = bool(small_copies) and max(small_copies) <= 2.0
     return (f"What limits it ({label}, inference; fastest BFT variant per shape vs the copy of its "
             "output): " + "; ".join(rows) + ". A BFT moves as many bytes as the convolution it "
             "replaces (it reads the input once and writes the output once) but executes 5-50x "
-            f"fewer multiply-adds. Up to 128 channels it takes {span([c for c, _ in small], '.1f')}x "
-            "the time of a plain copy: memory bandwidth bounds it (the copy reads and writes "
-            "through the cache; the kernel streams large outputs past it, so it can beat the "
-            f"copy). From 232 channels on it takes {span([c for c, _ in large], '.1f')}x the copy "
+            f"fewer multiply-adds. Up to 128 channels it takes {span(small_copies, '.1f')}x "
+            "the time of a plain copy" + (
+                ": memory bandwidth bounds it (the copy reads and writes through the cache; the "
+                "kernel streams large outputs past it, so it can beat the copy)" if memory_bound
+                else ": near the copy (memory-bound) only where the maps are largest") +
+            f". From 232 channels on it takes {span([c for c, _ in large], '.1f')}x the copy "
             f"(which then runs from cache) and reaches {span([g for _, g in large], '.0f')} GMAC/s, "
             "far below the FMA peak (2 x 16 lanes per cycle per core): every fused run of stages "
-            "reads and writes 16 rows at once from L2 or memory, and profiles (perf, cpu-clock "
-            "samples) put the time on those row loads and stores, not on the FMAs. The "
-            f"convolution, by contrast, is bound by its FMAs ({span(conv, '.0f')} GMAC/s here), so "
-            "the ratio grows with the channel count.")
+            "reads and writes 16 rows at once from L2 or memory, and channels-last tiles are "
+            "transposed in registers on the way in and out. The convolution, by contrast, is "
+            f"bound by its FMAs ({span(conv, '.0f')} GMAC/s here), so the ratio grows with the "
+            "channel count.")
 
 
 def main(argv=None) -> int:

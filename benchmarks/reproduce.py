@@ -555,6 +555,12 @@ def machine() -> Dict[str, str]:
                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    if not commit:  # a snapshot without git (docs/reproduction.md): the commit it was made from
+        try:
+            with open(os.path.join(CODE_ROOT, "COMMIT")) as f:
+                commit = f.read().strip()
+        except OSError:
+            pass
     mem = ""
     try:
         with open("/proc/meminfo") as f:
