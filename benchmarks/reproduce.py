@@ -749,11 +749,8 @@ def collect(opts, state: Dict, done: Dict[str, Dict], kept: Optional[Dict[str, D
             "complete": len(seeds) == len(opts.seeds),
             "train_img_s_epoch": [statistics.mean(h["train_images_per_s"] for h in res[s]["history"])
                                   for s in seeds],
-            "latency_ms": None, "latency_path": None, "latency_paths_ms": {},
         }
-        lat = state.get("latency", {}).get(f"{m.model}@{m.img_size}")
-        if lat is not None:
-            entry.update(latency_fields(lat))
+        entry = with_latency(entry, state.get("latency", {}))
         sp = state.get("speed", {}).get(f"{m.model}@{m.img_size}")
         if sp:
             entry["train_img_s_measured"], entry["eval_img_s_measured"] = sp["train_img_s"], sp["eval_img_s"]
@@ -870,11 +867,7 @@ def add_earlier_families(doc: Dict, kept: Dict[str, Dict], latency: Dict) -> Non
     their latency is this command's measurement where it made one."""
     order = list(FAMILIES)
     for fam, k in kept.items():
-        for r in k["runs"]:
-            lat = latency.get(f"{r['model']}@{r['img_size']}")
-            if lat is not None:
-                r.update(latency_fields(lat))
-        doc["runs"] += k["runs"]
+        doc["runs"] += [with_latency(r, latency) for r in k["runs"]]
         doc["comparisons"].append(k["comparison"])
         doc["pairs"].append(k["pair"])
         doc["variants"] += k["variants"]
@@ -890,12 +883,17 @@ def add_earlier_families(doc: Dict, kept: Dict[str, Dict], latency: Dict) -> Non
     doc["kept"] = {fam: k["source"] for fam, k in kept.items()}
 
 
-def latency_fields(measured) -> Dict:
-    """A model's latency entries from its measurement ({path: ms}; a bare number: eager only, as
-    state files written before the fused paths were timed hold it)."""
+def with_latency(entry: Dict, latency: Dict) -> Dict:
+    """A copy of a model's entry with its latency fields from ``latency`` (the state's
+    ``{"model@size": {path: ms}}``; a bare number is eager only, as state files written before
+    the fused paths were timed hold it), or the entry's own where the model was not measured."""
+    measured = latency.get(f"{entry['model']}@{entry['img_size']}")
+    if measured is None:
+        return {"latency_ms": None, "latency_path": None, "latency_paths_ms": {}, **entry}
     paths = measured if isinstance(measured, dict) else {"eager": measured}
     best = min(paths, key=paths.get)
-    return {"latency_ms": paths[best], "latency_path": best, "latency_paths_ms": dict(paths)}
+    return {**entry, "latency_ms": paths[best], "latency_path": best,
+            "latency_paths_ms": dict(paths)}
 
 
 def _fmt(v: Optional[float], digits: int = 2) -> str:

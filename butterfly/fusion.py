@@ -231,10 +231,11 @@ class FusedDepthwiseBFT(nn.Module):
             dw, pw = self.dw, self.pw
             if not kernel_applies(x, dw.weight, dw.stride[0]):
                 return None
-            p, cast = pw.plan, (lambda t: None if t is None else t.to(x.dtype).contiguous())
-            return (cast(dw.weight), cast(dw.bias), dw.stride[0], dw.activation,
-                    cast(pw.weight.view(p.num_blocks, p.weights_per_block)), list(p.radices),
-                    p.out_channels, pw.residual, cast(pw.scale), cast(pw.shift), pw.activation)
+            p = pw.plan
+            return (_kernel_cast(x, dw.weight), _kernel_cast(x, dw.bias), dw.stride[0],
+                    dw.activation, _kernel_cast(x, pw.weight.view(p.num_blocks, p.weights_per_block)),
+                    list(p.radices), p.out_channels, pw.residual, _kernel_cast(x, pw.scale),
+                    _kernel_cast(x, pw.shift), pw.activation)
         return _kernel_call(self._kernel_args, x, build)
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
