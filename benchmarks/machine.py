@@ -42,10 +42,28 @@ def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def last_level_cache_bytes() -> int:
+    """Size of the largest cache level of CPU 0 (Linux sysfs; 0 where it cannot be read)."""
+    sizes = {}
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+        try:
+            sizes[level] = int(text.rstrip("KMG")) * scale
+        except ValueError:
+            continue
+    return sizes[max(sizes)] if sizes else 0
+
+
 def machine(**extra) -> Dict:
-    """CPU, cores and versions, plus ``extra`` entries."""
+    """CPU, cores, the last-level cache and versions, plus ``extra`` entries."""
     return {"cpu": cpu_model(), "flags": cpu_flags(), "logical_cpus": os.cpu_count(),
-            "usable_cpus": usable_cores(), "python": platform.python_version(),
+            "usable_cpus": usable_cores(), "llc_MiB": last_level_cache_bytes() / 2 ** 20,
+            "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform(), **extra}
 
 

@@ -177,11 +177,12 @@ def applicable(path: str, bft: bool) -> bool:
     return bft or path not in BFT_ONLY
 
 
-def layer_profile(model: nn.Module, res: int) -> Dict:
-    """Per image (batch 1, float32): the activation bytes every leaf module (a BFT counted as one
-    layer) reads and writes (its input and output tensors), the same for the conv, BFT and linear
-    layers alone (what remains when BatchNorms and activations are fused into them), and the
-    multiply-adds by layer kind (dense: 1x1 / full convs and linear layers; depthwise; bft)."""
+def layer_profile(model: nn.Module, res: int, in_chans: int = 3) -> Dict:
+    """Per image (batch 1, float32, the model run in eval mode): the activation bytes every leaf
+    module (a BFT counted as one layer) reads and writes (its input and output tensors), the same
+    for the conv, BFT and linear layers alone (what remains when BatchNorms and activations are
+    fused into them), and the multiply-adds by layer kind (dense: 1x1 / full convs and linear
+    layers; depthwise; bft)."""
     act = [0, 0]
     macs = {"dense": 0, "depthwise": 0, "bft": 0}
 
@@ -217,10 +218,12 @@ def layer_profile(model: nn.Module, res: int) -> Dict:
         elif not list(module.children()):
             leaves.append(module)
     handles = [m.register_forward_hook(hook) for m in leaves]
+    training = model.training
     try:
         with torch.inference_mode():
-            model(torch.randn(1, 3, res, res))
+            model.eval()(torch.randn(1, in_chans, res, res))
     finally:
+        model.train(training)
         for h in handles:
             h.remove()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

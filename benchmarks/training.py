@@ -72,6 +72,16 @@ other op whose name contains "butterfly" as BFT; the share of the BFT ops alone 
 sequence number and counts as other. The shares of a step sum to 100% by construction; they are
 shares of the profiled step, whose small ops the profiler slows down most.
 
+What bounds it (:func:`step_bounds`, :func:`bounds_lines`): the run measures the machine's rates
+once per thread count (:func:`benchmarks.models.machine_rates`: copy bandwidth and the dense,
+depthwise and BFT multiply-add rates, cached in the JSON under ``rates``), and every model's
+layer profile (:func:`benchmarks.models.layer_profile`: activation bytes with BatchNorms and
+activations fused away, weight bytes, multiply-adds by layer kind). From them each section gives
+a memory floor (the least traffic of a step, :data:`STEP_PASSES`, at copy bandwidth) and a
+compute floor (the step's multiply-adds at each kind's rate) per model, the measured step against
+the larger floor, and per pair the bytes ratio and the floor ratio next to the measured ratio:
+when both models run near their floors, no fusion that applies to both can move their ratio.
+
 Results are cached per cell in ``training_cpu.json`` (under ``--out-dir``, default
 ``benchmarks/results``): a rerun skips cells already there unless ``--force``; the JSON is saved
 after every group. ``training_cpu.md`` is regenerated from the whole JSON at the end of each run.
@@ -103,6 +113,7 @@ import butterfly
 from benchmarks.machine import (keep_freed_memory, loadavg, now, one_line, torch_threads,
                                 usable_cores)
 from benchmarks.machine import machine as describe_machine
+from benchmarks.models import layer_profile, machine_rates
 from butterfly.flops import count_macs
 
 RESULTS = Path(__file__).parent / "results"
@@ -203,7 +214,8 @@ def config_meta(config: str, model: nn.Module) -> Dict:
             "num_classes": s["num_classes"], "small_input": s["small_input"],
             "macs": int(count_macs(model, (s["in_chans"], res, res))),
             "params": sum(p.numel() for p in model.parameters()),
-            "bft_layers": sum(1 for m in model.modules() if butterfly.is_bft(m))}
+            "bft_layers": sum(1 for m in model.modules() if butterfly.is_bft(m)),
+            **layer_profile(model, res, s["in_chans"])}
 
 
 def make_batch(config: str, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -456,7 +468,7 @@ def profile_split(runner: Runner, steps: int = 1) -> Dict:
 def load_results(path: Path) -> Dict:
     data = json.loads(path.read_text()) if path.exists() else {}
     data.setdefault("version", 1)
-    for key in ("runs", "configs", "cells", "splits"):
+    for key in ("runs", "configs", "cells", "splits", "rates"):
         data.setdefault(key, [] if key == "runs" else {})
     return data
 
@@ -599,6 +611,99 @@ def run_group(threads: int, group: List[str], cells: List[str], splits: List[str
 
 # --------------------------------------------------------------------------- the report
 
+# Passes of one training step, per image: multiply-adds 3x the forward's (forward, input
+# gradient, weight gradient); activation bytes 2.5x the forward's layers-only count (forward:
+# each layer reads its input and writes its output; backward: it reads its output's gradient and
+# its input, and writes its input's gradient); weights 8x per step (read in forward and backward,
+# gradient written, the optimizer reads weight, gradient and momentum and writes two).
+STEP_PASSES = {"macs": 3, "activations": 2.5, "weights": 8}
+
+
+def step_bounds(meta: Dict, rates: Dict, batch: int) -> Optional[Dict]:
+    """Lower bounds of a training step's time per image, in ms, from the model's layer profile
+    (:func:`benchmarks.models.layer_profile`) and the measured machine rates
+    (:func:`benchmarks.models.machine_rates`): *memory*, the step's least traffic
+    (:data:`STEP_PASSES`) at copy bandwidth; *compute*, its multiply-adds at each layer kind's
+    rate; *rest*, the compute bound with the BFT layers free. None without a profile or rates."""
+    m = meta.get("macs_by_kind")
+    if not m or not rates or not all(rates.get(f"{k}_GMACs") for k in m) \
+            or not rates.get("copy_GBs"):
+        return None
+    per_kind = {k: STEP_PASSES["macs"] * m[k] / (rates[f"{k}_GMACs"] * 1e9) * 1e3 for k in m}
+    traffic = (STEP_PASSES["activations"] * meta["act_bytes_layers"]
+               + STEP_PASSES["weights"] * meta["weight_bytes"] / batch)
+    memory = traffic / (rates["copy_GBs"] * 1e9) * 1e3
+    compute = sum(per_kind.values())
+    return {"memory_ms": memory, "compute_ms": compute, "rest_ms": compute - per_kind["bft"],
+            "bound_ms": max(memory, compute), "kind": "memory" if memory > compute else "compute",
+            "working_set_MB": meta["act_bytes"] * batch / 1e6}
+
+
+def bounds_lines(data: Dict, threads: int, batch: int) -> List[str]:
+    """The "what bounds it" part of a (threads, batch) section: every profiled model's lower
+    bounds next to its best measured step, then each pair's ratios."""
+    rates = data["rates"].get(f"t{threads}")
+    rows, bounds = [], {}
+    for config in sorted(data["configs"]):
+        meta = data["configs"][config]
+        b, cell = step_bounds(meta, rates, batch), best_cell(data, config, threads, batch)
+        if b is None or cell is None:
+            continue
+        bounds[config] = b
+        measured = cell["ms"] / batch
+        m = meta["macs_by_kind"]
+        rest = f" ({b['rest_ms']:.2f})" if m["bft"] else ""
+        rows.append(f"| {parse_config(config)[0]} | {label(config)} | {m['dense'] / 1e6:.1f} / "
+                    f"{m['depthwise'] / 1e6:.1f} / {m['bft'] / 1e6:.1f} | "
+                    f"{meta['act_bytes_layers'] / 1e6:.2f} | {b['working_set_MB']:.0f} | "
+                    f"{b['memory_ms']:.3f} | {b['compute_ms']:.3f}{rest} | {measured:.3f} "
+                    f"({cell['path']}) | {measured / b['bound_ms']:.1f}x ({b['kind']}) |")
+    if not rows:
+        return []
+    llc = (data["runs"][-1].get("machine", {}).get("llc_MiB") if data["runs"] else None)
+    lines = ["", "### What bounds it", "",
+             f"Machine rates ({threads} thread{'s' if threads > 1 else ''}, measured by this "
+             f"benchmark with `benchmarks.models.machine_rates`, {rates['date']}): copy "
+             f"{rates['copy_GBs']:.1f} GB/s (read + write), dense 1x1 conv "
+             f"{rates['dense_GMACs']:.0f}, depthwise 3x3 {rates['depthwise_GMACs']:.0f}, BFT "
+             f"{rates['bft_GMACs']:.0f} GMAC/s (inference kernels: {rates['shapes']}).", "",
+             "Per image. *layers-only activations*: the input and output bytes of every conv, BFT "
+             "and linear layer in one forward (what is left to move when BatchNorms and "
+             "activations are fused into the layers); *working set*: every leaf module's input "
+             "and output over the batch (what eager training keeps for backward, roughly)"
+             + (f", against a last-level cache of {llc:.0f} MiB (shared with the machine's other "
+                "tenants)" if llc else "") + ". *memory floor*: "
+             f"{STEP_PASSES['activations']:g}x the layers-only activations plus "
+             f"{STEP_PASSES['weights']}x the weights per step, at copy bandwidth (a step cannot "
+             "move less if its working set does not stay in cache); *compute floor*: "
+             f"{STEP_PASSES['macs']}x the forward's multiply-adds at each layer kind's measured "
+             "rate (in brackets, with the BFT layers free). Both are estimates from one shape per "
+             "kind, not guarantees. *measured / floor*: how far the best path is from the larger "
+             "floor.", "",
+             "| setting | model | MACs (M): dense / depthwise / BFT | layers-only activations MB "
+             "| working set MB | memory floor ms | compute floor ms | measured ms (path) | "
+             "measured / floor |", "|---|---|---|---:|---:|---:|---|---|---|"] + rows + [""]
+    for pair in PAIRS.values():
+        bft, base = pair_configs(pair)
+        if bft not in bounds or base not in bounds:
+            continue
+        b, a = bounds[bft], bounds[base]
+        mb = best_cell(data, bft, threads, batch)["ms"] / batch
+        ma = best_cell(data, base, threads, batch)["ms"] / batch
+        mem_ratio = data["configs"][bft]["act_bytes_layers"] / data["configs"][base]["act_bytes_layers"]
+        verdict = (
+            f"at its floor the BFT model would take {b['bound_ms'] / ma:.2f}x the baseline's "
+            "measured step" + (" (parity needs faster kernels than these rates)"
+                               if b["bound_ms"] > ma else "")
+            + f"; its memory floor alone is {b['memory_ms'] / ma:.2f}x it")
+        lines.append(f"* **{pair.name}**: {mem_ratio:.1f}x the layers-only activation bytes; "
+                     f"floors {b['bound_ms']:.3f} vs {a['bound_ms']:.3f} ms (ratio "
+                     f"{b['bound_ms'] / a['bound_ms']:.2f}), measured {mb:.3f} vs {ma:.3f} ms "
+                     f"(ratio {mb / ma:.2f}); {verdict}.")
+    return lines
+
+
+
 def best_cell(data: Dict, config: str, threads: int, batch: int) -> Optional[Dict]:
     cells = [data["cells"].get(cell_key(config, p, threads, batch)) for p in PATHS]
     cells = [c for c in cells if c and c.get("status") == "ok"]
@@ -708,6 +813,7 @@ def report(data: Dict) -> str:
                           for c in CATEGORIES]
                 lines.append(f"| {label(s['config'])} | {fmt} | {s['profiled_step_ms']:.0f} ms | "
                              + " | ".join(shares) + f" | {s['butterfly_ops_share']:.1f}% |")
+        lines += bounds_lines(data, threads, batch)
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -777,6 +883,10 @@ def main(argv=None) -> int:
         (out / MD_NAME).write_text(report(data))
 
     start = time.perf_counter()
+    for threads in args.threads if todo else []:
+        if args.force or f"t{threads}" not in data["rates"]:
+            print(f"== machine rates: {threads} thread(s)", flush=True)
+            data["rates"][f"t{threads}"] = machine_rates(threads, args.quick)
     for threads, group, cells, splits in todo:
         print(f"== {', '.join(group)}: {threads} thread(s)", flush=True)
         run_group(threads, group, cells, splits, args, data, run_id, save)

@@ -115,6 +115,39 @@ def test_failure_during_timing_is_recorded():
     assert len(times["fine"]) == T.TIMING["quick"]["rounds"] * T.TIMING["quick"]["block"]
 
 
+def test_step_bounds_by_hand():
+    meta = {"macs_by_kind": {"dense": 2e6, "depthwise": 1e6, "bft": 3e6},
+            "act_bytes_layers": 4e6, "act_bytes": 10e6, "weight_bytes": 3.2e6}
+    rates = {"copy_GBs": 10.0, "dense_GMACs": 100.0, "depthwise_GMACs": 10.0, "bft_GMACs": 30.0}
+    b = T.step_bounds(meta, rates, batch=32)
+    # memory: (2.5 * 4 MB + 8 * 3.2 MB / 32) at 10 GB/s = 10.8 MB / 10 GB/s = 1.08 ms
+    assert b["memory_ms"] == pytest.approx(1.08)
+    # compute: 3x (2e6 / 100e9 + 1e6 / 10e9 + 3e6 / 30e9) s = 3 * 0.22 ms = 0.66 ms
+    assert b["compute_ms"] == pytest.approx(0.66)
+    assert b["rest_ms"] == pytest.approx(0.36)
+    assert b["bound_ms"] == pytest.approx(1.08) and b["kind"] == "memory"
+    assert b["working_set_MB"] == pytest.approx(320)
+    assert T.step_bounds(meta, {**rates, "bft_GMACs": None}, 32) is None
+    assert T.step_bounds({"macs": 1}, rates, 32) is None
+
+
+def test_bounds_section_in_the_report(quick_run):
+    out, data = quick_run
+    rates = data["rates"]["t1"]
+    assert rates["copy_GBs"] > 0 and rates["bft_GMACs"] > 0 and rates["quick"]
+    for config in T.pair_configs(T.PAIRS[PAIR]):
+        meta = data["configs"][config]
+        assert meta["act_bytes_layers"] > 0 and meta["weight_bytes"] > 0
+        assert sum(meta["macs_by_kind"].values()) > 0
+    lines = T.bounds_lines(data, threads=1, batch=T.BATCH)
+    assert lines[1] == "### What bounds it"
+    assert sum(1 for line in lines if line.startswith("| fmnist |")) == 2
+    pair_line = [line for line in lines if line.startswith(f"* **{PAIR}**")]
+    assert len(pair_line) == 1 and "layers-only activation bytes" in pair_line[0]
+    assert "### What bounds it" in (out / T.MD_NAME).read_text()
+    assert T.bounds_lines({**data, "rates": {}}, threads=1, batch=T.BATCH) == []
+
+
 def test_groups_merge_pairs_that_share_a_model():
     groups = T.groups_of(T.selected_pairs(["fmnist"]))
     assert groups[0] == ["fmnist/mobilenetv1_bft_100@28", "fmnist/mobilenetv1_025@28",
