@@ -63,8 +63,12 @@ def _step_grads(name: str, fmt, dtype, backend: str, x: torch.Tensor):
 def test_gradients_equal_the_reference_path(name, fmt):
     """One training-mode step, batch 1 at an odd size (stride-2 blocks round up), through the
     kernels and through the reference. float64: equal to 1e-9. float32: a batch-1 BatchNorm
-    network amplifies rounding (the float32 reference is itself up to ~1e-2 from float64), so
-    the kernels' float32 error against float64 must be no larger than the reference's own."""
+    network amplifies rounding, and a gradient that is tiny next to the others (near zero in
+    exact arithmetic) is all rounding in either path, so float32 errors are measured in the
+    scale of the largest gradient (the size an update sees). There the kernels must be within
+    1e-3 of float64, or within twice the float32 reference's own error where rounding makes that
+    larger (a ReLU that flips: the reference is up to ~1e-2 off on some families). A float32
+    kernel bug (a wrong tail, a wrong accumulator) shows as errors of order 1e-1 and more."""
     x = torch.randn(1, 1, 45, 37)
     want, want_buffers = _step_grads(name, fmt, torch.float64, "reference", x)
     got, got_buffers = _step_grads(name, fmt, torch.float64, "auto", x)
@@ -77,9 +81,10 @@ def test_gradients_equal_the_reference_path(name, fmt):
         assert _rel(got_buffers[n], want_buffers[n], 1e-6) < 1e-9, n
     got32, _ = _step_grads(name, fmt, torch.float32, "auto", x)
     ref32, _ = _step_grads(name, fmt, torch.float32, "reference", x)
-    err = max(_rel(got32[n], want[n], floor) for n in want)
-    ref_err = max(_rel(ref32[n], want[n], floor) for n in want)
-    assert err <= max(2 * ref_err, 1e-4), (err, ref_err)
+    floor32 = 1e3 * floor
+    err = max(_rel(got32[n], want[n], floor32) for n in want)
+    ref_err = max(_rel(ref32[n], want[n], floor32) for n in want)
+    assert err <= max(2 * ref_err, 1e-3), (err, ref_err)
 
 
 def test_a_few_steps_follow_the_reference_loss_curve():
