@@ -74,16 +74,16 @@ def test_gradients_equal_the_reference_path(name, fmt):
     got, got_buffers = _step_grads(name, fmt, torch.float64, "auto", x)
     # some gradients are zero up to rounding (a BatchNorm bias followed by a linear layer and a
     # training-mode BatchNorm, which removes any constant): relative to 1e-6 of the largest
-    floor = 1e-6 * max(g.abs().max().item() for g in want.values())
+    largest = max(g.abs().max().item() for g in want.values())
+    floor = 1e-6 * largest
     for n in want:
         assert _rel(got[n], want[n], floor) < 1e-9, n
     for n in want_buffers:   # running means can be zero up to rounding too (after a BatchNorm)
         assert _rel(got_buffers[n], want_buffers[n], 1e-6) < 1e-9, n
     got32, _ = _step_grads(name, fmt, torch.float32, "auto", x)
     ref32, _ = _step_grads(name, fmt, torch.float32, "reference", x)
-    floor32 = 1e3 * floor
-    err = max(_rel(got32[n], want[n], floor32) for n in want)
-    ref_err = max(_rel(ref32[n], want[n], floor32) for n in want)
+    err = max(_rel(got32[n], want[n], 1e-3 * largest) for n in want)
+    ref_err = max(_rel(ref32[n], want[n], 1e-3 * largest) for n in want)
     assert err <= max(2 * ref_err, 1e-3), (err, ref_err)
 
 
