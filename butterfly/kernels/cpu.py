@@ -146,10 +146,11 @@ def _toolchain_problem(cpp_extension) -> str:
 
 
 def _sources() -> List[Path]:
+    """Every ``.cpp`` and ``.h`` under ``csrc/`` (recursively), sorted; one extension of them all."""
     src = _source_dir()
-    sources = sorted(src.glob("*.cpp")) + sorted(src.glob("*.h"))
-    if not any(p.name == "bft_cpu.cpp" for p in sources):
-        raise FileNotFoundError(f"bft_cpu.cpp is missing from {src}; reinstall butterfly-transform")
+    sources = sorted(p for p in src.rglob("*") if p.suffix in (".cpp", ".h"))
+    if not any(p.suffix == ".cpp" for p in sources):
+        raise FileNotFoundError(f"no C++ sources in {src}; reinstall butterfly-transform")
     return sources
 
 
