@@ -81,7 +81,7 @@ def _source_dir() -> Path:
     except ModuleNotFoundError:
         spec = None
     for location in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(location) / "bft_cpu.cpp").is_file():
+        if any(Path(location).rglob("*.cpp")):
             return Path(location)
     return Path(__file__).resolve().parents[2] / "csrc"  # an editable install made before csrc/
 
@@ -159,7 +159,7 @@ def _entry_name(flags: Sequence[str], sources: Sequence[Path]) -> str:
     contents (not their paths: identical checkouts share an entry)."""
     digest = hashlib.sha1(cpu_info()["flags"].encode() + " ".join(flags).encode())
     for p in sources:
-        digest.update(p.name.encode() + p.read_bytes())
+        digest.update(p.relative_to(_source_dir()).as_posix().encode() + p.read_bytes())
     return f"butterfly_cpu_{digest.hexdigest()[:12]}"
 
 
@@ -187,15 +187,19 @@ def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
     # sources share one build instead of rebuilding whenever another checkout used the entry.
     src_copy = build_dir / "src"
     src_copy.mkdir(exist_ok=True)
+    root = _source_dir()
     for p in sources:
-        if not (src_copy / p.name).exists() or (src_copy / p.name).read_bytes() != p.read_bytes():
-            shutil.copyfile(p, src_copy / p.name)
+        dst = src_copy / p.relative_to(root)
+        if not dst.exists() or dst.read_bytes() != p.read_bytes():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dst)
     rebuilt = not library.exists()
     if rebuilt:
         _announce(build_dir)
 
     def load() -> None:
-        cpp_extension.load(name, [str(src_copy / p.name) for p in sources if p.suffix == ".cpp"],
+        cpp_extension.load(name, [str(src_copy / p.relative_to(root)) for p in sources
+                                 if p.suffix == ".cpp"],
                            extra_cflags=flags, extra_ldflags=["-fopenmp"] if "-fopenmp" in flags
                            else [], extra_include_paths=[str(src_copy)],
                            build_directory=str(build_dir), is_python_module=False, verbose=False)
