@@ -1,8 +1,8 @@
 """butterfly: the Butterfly Transform (BFT) as a fast, drop-in PyTorch layer.
 
-Dependencies run one way: ``plan`` <- ``reference`` <- ``ops`` (the operator; ``kernels`` register
-their backends with it) <- ``modules`` <- ``surgery`` <- ``conversion``, ``inference``, ``export``,
-``flops``; ``optim`` and ``init`` are leaves beside ``modules``.
+Packages, dependencies running one way: ``plan`` <- ``ops`` (the operators and the dispatch policy)
+<- ``kernels`` (backends that register themselves with ``ops``) ; ``ops`` <- ``nn`` (the layers)
+<- ``passes`` (network rewrites) ; ``flops`` and ``optim`` on top. ``butterfly.models`` is the zoo.
 """
 from pathlib import Path as _Path
 
@@ -13,15 +13,14 @@ _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "models" / "builder.py").is_file():
     __path__.append(str(_checkout))
 
-from . import kernels  # noqa: F401  (registers the compiled backends with the operator)
-from .conversion import convert, from_dense
-from .export import export_onnx
-from .inference import densify, optimize_for_inference
-from .modules import BFT, BFTLinear, is_bft
+from . import kernels  # noqa: F401  (registers the compiled backends with the operators)
+from . import flops  # noqa: F401
+from .nn import BFT, BFTLinear, is_bft
 from .ops import available_backends, bft, current_backend, use_backend
 from .optim import param_groups
+from .passes import convert, densify, export_onnx, from_dense, optimize_for_inference
+from .passes import replace_pointwise
 from .plan import BFTPlan, make_plan
-from .surgery import replace_pointwise
 
 __all__ = ["BFT", "BFTLinear", "BFTPlan", "available_backends", "bft", "convert", "current_backend",
            "densify", "export_onnx", "from_dense", "is_bft", "make_plan", "optimize_for_inference",

@@ -23,7 +23,7 @@ with warnings.catch_warnings():  # fvcore's import touches torch.jit.script, dep
     from fvcore.nn.jit_handles import get_shape
 
 from .plan import BFTPlan
-from .surgery import eval_mode
+from .passes.surgery import eval_mode
 
 BFT_OPS = ("butterfly::bft",)
 # fvcore's handles for the layers that multiply (its unit is the multiply-add).

@@ -5,7 +5,7 @@ from typing import Dict, List
 
 from torch import nn
 
-from .modules import is_bft
+from .nn.bft import is_bft
 
 
 def param_groups(model: nn.Module, weight_decay: float, bft_weight_decay: float = 0.0,

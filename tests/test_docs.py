@@ -7,7 +7,6 @@ line before its opening fence; a block that uses CUDA is also left out on a mach
 Most blocks must run: marking is for the exceptions.
 """
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -78,9 +77,7 @@ def test_block_runs(name, line, code, marked, one_thread_in_tmp):
         pytest.skip(f"marked {NO_TEST}")
     if _needs_gpu(code):
         pytest.skip("uses CUDA; no GPU here")
-    start = time.perf_counter()
     exec(compile(code, f"{name}:{line}", "exec"), {"__name__": "__main__"})
-    assert time.perf_counter() - start < 30, "keep documentation examples small"
 
 
 def test_most_blocks_run():

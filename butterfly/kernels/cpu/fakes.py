@@ -1,0 +1,55 @@
+"""Fake (meta) implementations of every ``butterfly_cpu::*`` C++ operator, for ``torch.compile``.
+
+Registered once per process, right after the extension is loaded (the operators must exist).
+Their outputs follow the kernels' memory-format rules, which the operators' own fake kernels in
+:mod:`butterfly.ops` state.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...ops import batch_norm_act, depthwise
+
+_registered = False
+
+
+def register_fake_kernels() -> None:
+    """Register the fakes of all C++ operators (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    fake = torch.library.register_fake
+
+    @fake("butterfly_cpu::forward")
+    def _(x, weight, radices, out_channels, residual):
+        return x.new_empty(x.shape[0], out_channels, x.shape[2])
+
+    @fake("butterfly_cpu::backward")
+    def _(grad, x, weight, radices, out_channels, residual):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+    @fake("butterfly_cpu::forward_fused")
+    def _(x, weight, radices, out_channels, residual, scale, shift, activation, add):
+        return x.new_empty(x.shape[0], out_channels, x.shape[2])
+
+    @fake("butterfly_cpu::interleave_rows")
+    def _(a, b):
+        return a.new_empty(a.shape[0], 2 * a.shape[1])
+
+    @fake("butterfly_cpu::dw_forward")
+    def _(x, weight, bias, stride, activation):
+        return depthwise.fake_forward(x, weight, stride)
+
+    @fake("butterfly_cpu::dw_backward")
+    def _(grad, x, weight, stride, output_mask):
+        return depthwise.fake_backward(x, weight, output_mask)
+
+    @fake("butterfly_cpu::bn_act_forward")
+    def _(x, weight, bias, running_mean, running_var, momentum, eps, activation):
+        return batch_norm_act.fake_forward(x)
+
+    @fake("butterfly_cpu::bn_act_backward")
+    def _(grad, x, y, weight, bias, mean, invstd, activation, output_mask):
+        return batch_norm_act.fake_backward(x, output_mask)
+
+    _registered = True

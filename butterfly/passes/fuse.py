@@ -1,0 +1,536 @@
+"""Fusing a network for inference: eval-mode BatchNorms folded, activations and residual additions
+moved into the epilogue of the layer before them.
+
+The network is traced with ``torch.fx`` (BFT layers as leaves) and every chain
+
+    (BFT | Conv2d) -> [BatchNorm2d] -> [activation] -> [+ other]
+
+whose intermediate results have no other use becomes one fused layer:
+
+* :class:`FusedBFT`: the ``butterfly::bft_fused`` operator (:mod:`butterfly.epilogue`): the
+  BatchNorm (and the BFT's bias) as a per-channel scale and shift, which is exact with the
+  residual, then the activation and the addition, all before the kernel's one store;
+* :class:`FusedConv`: the conv with the BatchNorm folded into its weights and bias
+  (``torch.nn.utils.fusion.fuse_conv_bn_eval``). A depthwise conv that
+  ``butterfly::depthwise_conv`` computes runs it on CPU, the bias and activation in the kernel's
+  epilogue (:mod:`butterfly.depthwise`); other convs run by oneDNN with the activation (or the
+  addition) as a post-op where PyTorch exposes it (``torch.ops.mkldnn._convolution_pointwise``,
+  float32 CPU), else as ``conv2d`` followed by the activation.
+
+:func:`merge_separable` then joins a fused depthwise conv and the fused BFT that reads it into a
+:class:`FusedDepthwiseBFT`, one ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.separable`)
+in which the depthwise output never goes to memory; :func:`butterfly.optimize_for_inference`
+keeps it where it measures faster.
+
+ShuffleNetV2's concatenation and channel shuffle (``cat``, ``view``, ``transpose``, ``reshape``:
+two copies, and the reshape turns channels_last into NCHW) become :func:`concat_shuffle`, one
+pass that keeps the format; the split (``chunk``) stays a view, which the BFT kernel reads in
+place (rows of channels at a stride).
+
+What is left alone is reported with the reason: BatchNorms without running statistics (eval mode
+then normalises with batch statistics, which no fold reproduces), BatchNorms after anything else,
+activations with another use, convolutions with non-zero padding modes. Fused layers are for
+inference: in training mode, or with inputs that need gradients, they raise.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Set, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from ..nn.bft import BFT, dense_equivalent, is_bft
+from ..nn.depthwise import DepthwiseConv2d, is_operator_conv
+from ..ops.bft_fused import Epilogue, activate, activation_of, bft_fused_image, pixel_rows
+from ..ops.depthwise import depthwise_conv, kernel_args
+from ..ops.dispatch import backend_for, current_backend, kernels_loaded
+from ..ops.dw_bft_fused import dw_bft_fused, kernel_applies
+from ..ops.reference import compute_dtype
+
+_MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+# activation -> (oneDNN post-op name, its scalars)
+_ONEDNN_ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
+               "hardswish": ("hardswish", []), "hardsigmoid": ("hardsigmoid", [])}
+
+
+def _kernel_call(cache: dict, x: Tensor, build: Callable[[], Optional[tuple]]) -> Optional[tuple]:
+    """A fused layer's C++ kernel arguments after the input for inputs like ``x`` (None: the
+    kernel does not run them), built by ``build`` through the operator's own checks on the first
+    call per backend choice, device and dtype; eager calls then skip those checks (about 30 us a
+    layer, a large share of a small layer at batch 1)."""
+    key = (current_backend(), x.device.type, x.dtype)
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+def _kernel_cast(x: Tensor, t: Optional[Tensor]) -> Optional[Tensor]:
+    """A weight or epilogue tensor in the kernels' compute dtype for input ``x``."""
+    return None if t is None else t.to(compute_dtype(x)).contiguous()
+
+
+def _refuse_training(module: nn.Module, inputs: Tuple[Optional[Tensor], ...]) -> None:
+    if module.training:
+        raise RuntimeError(f"{type(module).__name__} is a fused inference layer: call .eval() on "
+                           "the fused model, and train the original model instead (the fusion "
+                           "pass does not change it)")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise RuntimeError(f"{type(module).__name__} is a fused inference layer and has no "
+                           "gradient: run it under torch.no_grad() or torch.inference_mode(), and "
+                           "train the original model instead")
+
+
+class FusedBFT(nn.Module):
+    """A BFT with its epilogue (:class:`butterfly.epilogue.Epilogue`), for inference. Takes
+    ``(N, C, H, W)`` input in either memory format (and ``add`` of the output's shape when the
+    epilogue adds), returns the output in the input's format."""
+
+    def __init__(self, layer: BFT, epilogue: Epilogue):
+        super().__init__()
+        self.plan, self.residual = layer.plan, layer.residual
+        self.register_buffer("weight", layer.weight.detach().clone())
+        self.activation, self.adds = epilogue.activation, epilogue.add
+        self.register_buffer("scale", None if epilogue.scale is None else epilogue.scale.detach())
+        self.register_buffer("shift", None if epilogue.shift is None else epilogue.shift.detach())
+        self._kernel_args: dict = {}   # see _kernel_call
+        self.eval()   # an inference layer: built in eval mode
+
+    @property
+    def epilogue(self) -> Epilogue:
+        return Epilogue(self.scale, self.shift, self.activation, self.adds)
+
+    def _kernel_args_for(self, x: Tensor) -> Optional[tuple]:
+        """``butterfly_cpu::forward_fused``'s arguments after the input (:func:`_kernel_call`)."""
+        def build():
+            p = self.plan
+            w = self.weight.view(p.num_blocks, p.weights_per_block)
+            if x.device.type != "cpu" or backend_for(x.device, x, w, p.radices).name != "cpu" \
+                    or not kernels_loaded("cpu", x.device):
+                return None
+            return (_kernel_cast(x, w), list(p.radices), p.out_channels, self.residual,
+                    _kernel_cast(x, self.scale), _kernel_cast(x, self.shift), self.activation)
+        return _kernel_call(self._kernel_args, x, build)
+
+    def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
+        _refuse_training(self, (x, add))
+        if not torch.compiler.is_compiling() and x.dim() == 4:
+            args = self._kernel_args_for(x)
+            if args is not None:
+                return _fused_rows(x, args, add)
+        return bft_fused_image(x, self.weight, self.plan, self.residual, self.epilogue, add)
+
+    def extra_repr(self) -> str:
+        p = self.plan
+        return (f"{p.in_channels}, {p.out_channels}, radices={p.radices}, "
+                f"residual={self.residual}, epilogue={self.epilogue.describe()}")
+
+
+def _fused_rows(x: Tensor, args: tuple, add: Optional[Tensor]) -> Tensor:
+    """``butterfly_cpu::forward_fused`` on an image batch, laid out as
+    :func:`butterfly.epilogue.bft_fused_image` lays it out."""
+    N, C, H, W = x.shape
+    out = args[2]
+    rows = pixel_rows(x)
+    if rows is None:
+        skip = None if add is None else add.reshape(N, out, H * W).contiguous()
+        y = torch.ops.butterfly_cpu.forward_fused(x.reshape(N, C, H * W).contiguous(), *args, skip)
+        return y.view(N, out, H, W)
+    skip = None if add is None else add.permute(0, 2, 3, 1).reshape(N * H * W, out, 1).contiguous()
+    y = torch.ops.butterfly_cpu.forward_fused(rows, *args, skip)
+    return y.view(N, H, W, out).permute(0, 3, 1, 2)
+
+
+class FusedConv(nn.Module):
+    """A ``Conv2d`` (BatchNorm folded in) with its epilogue: ``act(conv(x)) + add``, or with
+    ``add_first`` ``act(conv(x) + add)``, for inference."""
+
+    def __init__(self, conv: nn.Conv2d, activation: str = "none", adds: bool = False):
+        super().__init__()
+        self.register_buffer("weight", conv.weight.detach().clone())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.activation, self.adds = activation, adds
+        # kernel_geometry: what butterfly::depthwise_conv computes; depthwise: whether this layer
+        # runs it (optimize_for_inference may hand it back to PyTorch's convolution)
+        self.kernel_geometry = self.depthwise = is_operator_conv(conv)
+        self._kernel_args: dict = {}   # see _kernel_call
+        self.eval()   # an inference layer: built in eval mode
+
+    def _onednn(self, x: Tensor) -> bool:
+        return _MKLDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32 \
+            and self.weight.dtype == torch.float32
+
+    def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
+        _refuse_training(self, (x, add))
+        geometry = (self.padding, self.stride, self.dilation, self.groups)
+        if self.depthwise and x.device.type == "cpu" and x.dim() == 4:
+            args = None if torch.compiler.is_compiling() else _kernel_call(
+                self._kernel_args, x, lambda: kernel_args(x, self.weight, self.bias,
+                                                          self.stride[0], self.activation))
+            if args is not None:
+                y = torch.ops.butterfly_cpu.dw_forward(x, *args)
+            else:
+                y = depthwise_conv(x, self.weight, self.bias, self.stride[0], self.activation)
+        elif self._onednn(x):
+            if add is not None and self.activation == "none":
+                return _MKLDNN.binary(x, add, self.weight, self.bias, *geometry, "add", None,
+                                      None, [], "")
+            attr, scalars = _ONEDNN_ACT[self.activation]
+            y = _MKLDNN(x, self.weight, self.bias, *geometry, attr, scalars, "")
+        else:
+            y = activate(F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
+                                  self.dilation, self.groups), self.activation)
+        return y if add is None else y.add_(add)
+
+    def extra_repr(self) -> str:
+        out, cin_g = self.weight.shape[:2]
+        ops = "+".join(([self.activation] if self.activation != "none" else [])
+                       + (["add"] if self.adds else [])) or "-"
+        return (f"{cin_g * self.groups}, {out}, kernel={tuple(self.weight.shape[2:])}, "
+                f"stride={tuple(self.stride)}, groups={self.groups}, epilogue={ops}")
+
+    @classmethod
+    def from_fused_bft(cls, fused: FusedBFT) -> "FusedConv":
+        """The dense 1x1 conv that computes exactly what ``fused`` computes (epilogue included)."""
+        layer = BFT(fused.plan.in_channels, fused.plan.out_channels, residual=fused.residual,
+                    device=fused.weight.device, dtype=fused.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(fused.weight.view(layer.weight.shape))
+        conv = dense_equivalent(layer)
+        with torch.no_grad():
+            if fused.scale is not None:
+                conv.weight.mul_(fused.scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
+            if fused.shift is not None:
+                conv.bias = nn.Parameter(fused.shift.detach().to(conv.weight.dtype).clone())
+        return cls(conv, fused.activation, fused.adds)
+
+
+class FusedDepthwiseBFT(nn.Module):
+    """A fused depthwise conv and the fused BFT that reads its output (the depthwise-separable
+    block), for inference. With ``one_pass`` and an input the kernel takes, both run as one
+    ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.separable`); otherwise, or once the BFT was
+    made dense, the two layers ``dw`` and ``pw`` run one after the other."""
+
+    def __init__(self, dw: FusedConv, pw: FusedBFT):
+        super().__init__()
+        self.dw, self.pw, self.one_pass = dw, pw, True
+        self._kernel_args: dict = {}   # see _kernel_call
+        self.eval()
+
+    def _kernel_args_for(self, x: Tensor) -> Optional[tuple]:
+        """``butterfly_cpu::dw_bft_fused``'s arguments after the input (:func:`_kernel_call`),
+        decided by :func:`butterfly.separable.kernel_applies`."""
+        def build():
+            dw, pw = self.dw, self.pw
+            if not kernel_applies(x, dw.weight, dw.stride[0]):
+                return None
+            p = pw.plan
+            return (_kernel_cast(x, dw.weight), _kernel_cast(x, dw.bias), dw.stride[0],
+                    dw.activation, _kernel_cast(x, pw.weight.view(p.num_blocks, p.weights_per_block)),
+                    list(p.radices), p.out_channels, pw.residual, _kernel_cast(x, pw.scale),
+                    _kernel_cast(x, pw.shift), pw.activation)
+        return _kernel_call(self._kernel_args, x, build)
+
+    def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
+        _refuse_training(self, (x, add))
+        dw, pw = self.dw, self.pw
+        if self.one_pass and isinstance(pw, FusedBFT) and x.dim() == 4 and \
+                x.is_contiguous(memory_format=torch.channels_last):
+            if torch.compiler.is_compiling():   # one traced operator, which falls back itself
+                return dw_bft_fused(x, dw.weight, dw.bias, dw.stride[0], dw.activation,
+                                    pw.weight, pw.plan, pw.residual, pw.epilogue, add)
+            args = self._kernel_args_for(x)
+            if args is not None:
+                skip = None if add is None else add.contiguous(memory_format=torch.channels_last)
+                return torch.ops.butterfly_cpu.dw_bft_fused(x, *args, skip)
+        return pw(dw(x), add)
+
+    def extra_repr(self) -> str:
+        return f"one_pass={self.one_pass}"
+
+
+def merge_separable(gm: fx.GraphModule) -> List[Tuple[str, str]]:
+    """Merges every fused depthwise conv (no addition in its epilogue) whose only user is a
+    :class:`FusedBFT` reading it as its input into one :class:`FusedDepthwiseBFT`, at the BFT's
+    name (the layers become its ``dw`` and ``pw``); returns ``(block name, the depthwise conv's
+    former name)`` pairs. ``gm``: a graph from :func:`fuse`."""
+    merged = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), FusedBFT):
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        dw = gm.get_submodule(src.target)
+        if not (isinstance(dw, FusedConv) and dw.kernel_geometry and not dw.adds):
+            continue
+        gm.add_submodule(node.target, FusedDepthwiseBFT(dw, gm.get_submodule(node.target)))
+        node.args = (src.args[0],) + tuple(node.args[1:])
+        gm.graph.erase_node(src)
+        merged.append((node.target, src.target))
+    if merged:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return merged
+
+
+# ------------------------------------------------------------------------------------ the pass
+_ACT_FUNCTIONS = {torch.relu: "relu", F.relu: "relu", F.relu6: "relu6", F.hardswish: "hardswish",
+                  F.hardsigmoid: "hardsigmoid", torch.relu_: "relu"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+@dataclass
+class FusedLayer:
+    """What the fusion pass did to one conv or BFT layer."""
+
+    name: str
+    kind: str                  # "BFT" or "conv"
+    epilogue: str              # e.g. "bn+relu+add"
+    in_channels: int
+    out_channels: int
+
+
+@dataclass
+class FusionResult:
+    """The fused model, what was fused, and what stayed (with the reason)."""
+
+    model: fx.GraphModule
+    fused: List[FusedLayer] = field(default_factory=list)
+    unfused: List[Tuple[str, str]] = field(default_factory=list)   # (node, why it stayed)
+    shuffles: List[str] = field(default_factory=list)   # cat nodes folded into concat_shuffle
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer with BFT layers, depthwise layers and already fused layers as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_bft(m) or isinstance(m, (FusedBFT, FusedConv, FusedDepthwiseBFT,
+                                           DepthwiseConv2d)) or \
+            super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``model`` as an ``fx.GraphModule`` whose BFT layers are single call nodes."""
+    graph = _Tracer().trace(model)
+    return fx.GraphModule(model, graph, model.__class__.__name__)
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _next(gm: fx.GraphModule, node: fx.Node, chain: List[fx.Node]) -> Optional[fx.Node]:
+    """The only user of ``node``, past ``nn.Identity`` layers (which join ``chain``)."""
+    nxt = _only_user(node)
+    while nxt is not None and nxt.op == "call_module" and \
+            isinstance(gm.get_submodule(nxt.target), nn.Identity):
+        chain.append(nxt)
+        nxt = _only_user(nxt)
+    return nxt
+
+
+def _activation(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    if node.op == "call_module":
+        return activation_of(gm.get_submodule(node.target))
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+        return _ACT_FUNCTIONS[node.target]
+    if node.op == "call_method" and node.target in _ACT_METHODS and len(node.args) == 1:
+        return _ACT_METHODS[node.target]
+    return None
+
+
+def _shape(node: fx.Node) -> Optional[torch.Size]:
+    return getattr(node.meta.get("tensor_meta"), "shape", None)
+
+
+def _addend(node: fx.Node, value: fx.Node) -> Optional[fx.Node]:
+    """The other operand when ``node`` is ``value + other`` of the same shape, else None."""
+    is_add = (node.op == "call_function" and node.target in _ADDS) or \
+        (node.op == "call_method" and node.target in ("add", "add_"))
+    if not is_add or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    other = b if a is value else a if b is value else None
+    if not isinstance(other, fx.Node) or other is value:
+        return None
+    shape, other_shape = _shape(value), _shape(other)
+    return other if shape is not None and shape == other_shape else None
+
+
+def _bn_fold(bn: nn.BatchNorm2d) -> Optional[str]:
+    """Why ``bn`` cannot be folded ('' when it can)."""
+    if bn.running_mean is None or bn.running_var is None:
+        return "BatchNorm without running statistics normalises with batch statistics in eval"
+    return ""
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+    """``(scale, shift)`` of an eval-mode BatchNorm: ``bn(y) = y * scale + shift``."""
+    inv = torch.rsqrt(bn.running_var.detach() + bn.eps)
+    scale = inv if bn.weight is None else bn.weight.detach() * inv
+    shift = -bn.running_mean.detach() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach()
+    return scale, shift
+
+
+@torch.fx.wrap
+def concat_shuffle(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.cat((a, b), 1)`` followed by a channel shuffle of two groups (ShuffleNetV2's):
+    output channel ``2j`` is ``a[:, j]`` and ``2j + 1`` is ``b[:, j]``, written in one pass, in
+    ``a``'s memory format (channels_last on CPU: ``butterfly_cpu::interleave_rows``,
+    ``csrc/shuffle_cpu.cpp``). The model's cat, view, transpose and reshape copy twice, and the
+    reshape turns channels_last into NCHW."""
+    N, C, H, W = a.shape
+    rows_a, rows_b = pixel_rows(a), pixel_rows(b)
+    if rows_a is None or rows_b is None:   # NCHW
+        return torch.stack((a, b), dim=2).view(N, 2 * C, H, W)
+    if a.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            backend_for(a.device).name == "cpu" and kernels_loaded("cpu", a.device):
+        out = torch.ops.butterfly_cpu.interleave_rows(rows_a.squeeze(2), rows_b.squeeze(2))
+    else:   # channels_last in PyTorch (inductor fuses this into one loop)
+        out = torch.stack((rows_a.squeeze(2), rows_b.squeeze(2)), dim=2)
+    return out.view(N, H, W, 2 * C).permute(0, 3, 1, 2)
+
+
+def _method(node: fx.Node, name: str) -> bool:
+    return node is not None and node.op == "call_method" and node.target == name
+
+
+def _fold_channel_shuffles(gm: fx.GraphModule) -> List[str]:
+    """Replaces every ``cat((a, b), 1) -> view(N, 2, C/2, H, W) -> transpose(1, 2) ->
+    reshape(N, C, H, W)`` (the cat used by nothing else but its shape) with
+    :func:`concat_shuffle`; returns the names of the cat nodes."""
+    folded = []
+    for cat in list(gm.graph.nodes):
+        if cat.op != "call_function" or cat.target is not torch.cat:
+            continue
+        dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+        parts = cat.args[0]
+        shapes = [_shape(p) if isinstance(p, fx.Node) else None for p in parts] \
+            if isinstance(parts, (list, tuple)) else []
+        if dim != 1 or len(shapes) != 2 or None in shapes or shapes[0] != shapes[1] or \
+                len(shapes[0]) != 4:
+            continue
+        N, C, H, W = shapes[0]
+        views = [u for u in cat.users if _method(u, "view")]
+        others = [u for u in cat.users if u not in views]
+        if len(views) != 1 or any(not (u.op == "call_function" and u.target is getattr)
+                                  for u in others):
+            continue
+        view = views[0]
+        transpose = _only_user(view)
+        reshape = _only_user(transpose) if _method(transpose, "transpose") else None
+        if not _method(reshape, "reshape") or tuple(transpose.args[1:]) not in ((1, 2), (2, 1)) \
+                or _shape(view) != (N, 2, C, H, W) or _shape(reshape) != (N, 2 * C, H, W):
+            continue
+        with gm.graph.inserting_after(reshape):
+            new = gm.graph.call_function(concat_shuffle, tuple(parts))
+        new.meta = dict(reshape.meta)
+        reshape.replace_all_uses_with(new)
+        for n in (reshape, transpose, view):
+            gm.graph.erase_node(n)
+        folded.append(cat.name)
+    return folded
+
+
+def fuse(model: nn.Module, example_input) -> FusionResult:
+    """A fused copy of ``model`` (eval mode) as an ``fx.GraphModule``, and what was fused; the
+    model itself is not changed. ``example_input`` (a tensor or tuple of inputs) gives the shapes
+    that decide which additions fuse."""
+    gm = trace(copy.deepcopy(model).eval())
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*args)
+    result, erased = FusionResult(gm), set()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.name in erased:
+            continue
+        layer = gm.get_submodule(node.target)
+        if isinstance(layer, nn.BatchNorm2d):
+            why = _bn_fold(layer) or "BatchNorm after a layer that is not a conv or BFT"
+            result.unfused.append((node.name, why))
+        elif isinstance(layer, BFT) or (type(layer) in (nn.Conv2d, DepthwiseConv2d) and
+                                        layer.padding_mode == "zeros"):
+            erased |= _fuse_chain(gm, node, layer, result)
+    result.shuffles = _fold_channel_shuffles(gm)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.eval()
+    return result
+
+
+def _fuse_chain(gm: fx.GraphModule, node: fx.Node, layer: nn.Module,
+                result: FusionResult) -> Set[str]:
+    """Fuses the chain that starts at ``node``; returns the names of the nodes it removed."""
+    chain, steps, bn = [node], [], None
+    nxt = _next(gm, node, chain)
+    if nxt is not None and nxt.op == "call_module" and \
+            isinstance(gm.get_submodule(nxt.target), nn.BatchNorm2d):
+        why = _bn_fold(gm.get_submodule(nxt.target))
+        if why:
+            nxt = None   # reported when the loop reaches the BatchNorm
+        else:
+            bn = gm.get_submodule(nxt.target)
+            chain.append(nxt)
+            steps.append("bn")
+            nxt = _next(gm, nxt, chain)
+    activation = _activation(gm, nxt) if nxt is not None else None
+    if activation is not None:
+        chain.append(nxt)
+        steps.append(activation)
+        nxt = _next(gm, nxt, chain)
+    other = _addend(nxt, chain[-1]) if nxt is not None else None
+    if other is not None:
+        chain.append(nxt)
+        steps.append("add")
+    if not steps:
+        return set()
+    gm.add_submodule(node.target, _fused_module(layer, bn, activation or "none", other is not None))
+    with gm.graph.inserting_after(chain[-1]):
+        new = gm.graph.call_module(node.target, (node.args[0],) + ((other,) if other else ()))
+    new.meta = dict(chain[-1].meta)   # its shape, for the chains that use it
+    chain[-1].replace_all_uses_with(new)
+    for n in reversed(chain):
+        gm.graph.erase_node(n)
+    channels = (layer.plan.in_channels, layer.plan.out_channels) if is_bft(layer) else \
+        (layer.in_channels, layer.out_channels)
+    result.fused.append(FusedLayer(node.target, "BFT" if is_bft(layer) else "conv",
+                                   "+".join(steps), *channels))
+    return {n.name for n in chain}
+
+
+def _fused_module(layer: nn.Module, bn: Optional[nn.BatchNorm2d], activation: str,
+                  adds: bool) -> nn.Module:
+    """The layer with the BatchNorm ``bn`` (or none) folded in and the rest of its epilogue."""
+    if not is_bft(layer):
+        conv = layer if bn is None else fuse_conv_bn_eval(layer, bn)
+        return FusedConv(conv, activation, adds)
+    scale, shift = _bn_affine(bn) if bn is not None else (None, None)
+    if layer.bias is not None:   # (B x + b) * scale + shift
+        bias = layer.bias.detach()
+        shift = bias * (1 if scale is None else scale) + (0 if shift is None else shift)
+    return FusedBFT(layer, Epilogue(scale, shift, activation, adds))
+
+
+def dense_alternative(module: nn.Module) -> Optional[nn.Module]:
+    """The dense layer equivalent to a :class:`FusedBFT` (or a plain BFT), for the measured choice
+    between the two."""
+    if isinstance(module, FusedBFT):
+        return FusedConv.from_fused_bft(module)
+    if is_bft(module):
+        return dense_equivalent(module)
+    return None
+
