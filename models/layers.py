@@ -12,10 +12,10 @@ import torch
 from timm.models._features import feature_take_indices
 from torch import Tensor, fx, nn
 
-from butterfly.batchnorm import batch_norm_act
-from butterfly.depthwise import DepthwiseConv2d
-from butterfly.epilogue import activation_of
-from butterfly.modules import BFT, is_bft
+from butterfly.ops.batch_norm_act import batch_norm_act
+from butterfly.nn.depthwise import DepthwiseConv2d
+from butterfly.ops.bft_fused import activation_of
+from butterfly.nn.bft import BFT, is_bft
 
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hswish": nn.Hardswish}
 
@@ -49,7 +49,7 @@ def act_layer(name: Optional[str]) -> nn.Module:
 class ConvBnAct(nn.Module):
     """``conv`` (any module producing ``out_chs`` channels), BatchNorm, activation (or none).
     In training mode the BatchNorm and the activation run as one fused operator
-    (:func:`butterfly.batchnorm.batch_norm_act`; ``use_backend("reference")``: PyTorch's).
+    (:func:`butterfly.ops.batch_norm_act.batch_norm_act`; ``use_backend("reference")``: PyTorch's).
 
     A plain module, not an ``nn.Sequential``, so that timm's feature extractors, which flatten the
     model's top-level ``nn.Sequential`` containers, keep it whole (``stem``, ``conv5``)."""
@@ -74,7 +74,7 @@ class ConvBnAct(nn.Module):
 def conv_bn_act(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups: int = 1,
                 act: Optional[str] = "relu") -> ConvBnAct:
     """A ``kernel x kernel`` conv (``groups=in_chs`` for depthwise), BN, activation. A depthwise
-    conv is a :class:`butterfly.depthwise.DepthwiseConv2d`: an ``nn.Conv2d`` with the same
+    conv is a :class:`butterfly.nn.DepthwiseConv2d`: an ``nn.Conv2d`` with the same
     parameters and state_dict that runs the library's depthwise kernel (forward and backward)."""
     depthwise = groups > 1 and groups == in_chs == out_chs
     conv_cls = DepthwiseConv2d if depthwise else nn.Conv2d
@@ -84,7 +84,7 @@ def conv_bn_act(in_chs: int, out_chs: int, kernel: int, stride: int = 1, groups:
 
 def init_weights(module: nn.Module) -> None:
     """The one initialisation of every model: He-normal convs, unit BN, small-normal classifier.
-    BFT layers keep the initialisation they were built with (see :mod:`butterfly.init`)."""
+    BFT layers keep the initialisation they were built with (see :mod:`butterfly.nn.init`)."""
     if is_bft(module):
         return
     if isinstance(module, nn.Conv2d):
