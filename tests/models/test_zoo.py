@@ -146,7 +146,7 @@ def test_a_source_snapshot_imports_its_own_models_and_kernels(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     for name in ("butterfly", "models", "csrc"):
         shutil.copytree(repo / name, tmp_path / name,
                         ignore=shutil.ignore_patterns("__pycache__"))

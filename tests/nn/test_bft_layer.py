@@ -9,6 +9,7 @@ import butterfly
 from butterfly import BFT, BFTLinear, use_backend
 from butterfly.plan import choose_radices, make_plan
 from butterfly.ops.reference import bft_reference, bft_reference_backward
+from checks import double_backward_check
 from oracle import hadamard, paper_layer_matrix
 
 # (in, out, base): square powers, mixed radix, padded, expand, contract, tiny and odd shapes
@@ -78,22 +79,6 @@ def test_gradcheck(cin, cout, base, residual):
 
 # square, expand (in < out), contract (in > out), mixed radix (4*3*2, 2*3), padded (5 -> 6)
 DOUBLE_BACKWARD_SHAPES = [(16, 16, 4), (6, 10, 2), (12, 5, 4), (24, 24, 4), (5, 5, 2)]
-
-
-def double_backward_check(cin, cout, base, residual, backend):
-    """gradcheck and gradgradcheck of the operator in float64: the backward of the backward
-    (``butterfly::bft_backward`` is differentiable) in every input and weight direction."""
-    plan = make_plan(cin, cout, base)
-    x = torch.randn(2, cin, 3, dtype=torch.float64, requires_grad=True)
-    w = (torch.randn(plan.num_blocks, plan.weights_per_block, dtype=torch.float64) / 2)
-    w.requires_grad_()
-
-    def f(x, w):
-        return torch.ops.butterfly.bft(x, w, list(plan.radices), cout, residual)
-
-    with use_backend(backend):
-        assert torch.autograd.gradcheck(f, (x, w))
-        assert torch.autograd.gradgradcheck(f, (x, w))
 
 
 @pytest.mark.parametrize("cin,cout,base", DOUBLE_BACKWARD_SHAPES)

@@ -21,7 +21,7 @@ from train.data import FashionMNIST, find_fashion_mnist
 from train.loop import Trainer, run
 from train.distributed import setup
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = find_fashion_mnist(None)
 pytestmark = [pytest.mark.skipif(DATA is None, reason="Fashion-MNIST not found: apt-get install "
                                                       "dataset-fashion-mnist"),

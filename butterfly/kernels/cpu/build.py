@@ -29,10 +29,16 @@ import platform
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no OS file lock; torch's own build lock still applies
+    fcntl = None
 
 from ...ops.dispatch import forget_warnings
 from .fakes import register_fake_kernels
@@ -93,8 +99,9 @@ def _compile_flags() -> List[List[str]]:
     native = ["-march=native"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         native.append("-mprefer-vector-width=512")
-    base = ["-O3", "-ffp-contract=fast"]
-    return [base + native + ["-fopenmp"], base + ["-fopenmp"], base]
+    base, omp = ["-O3", "-ffp-contract=fast"], ["-fopenmp"]
+    # OpenMP and -march=native are each optional: a compiler without one still gets the other
+    return [base + native + omp, base + native, base + omp, base]
 
 
 def _file_digest(path: Path) -> str:
@@ -163,58 +170,155 @@ def _entry_name(flags: Sequence[str], sources: Sequence[Path]) -> str:
     return f"butterfly_cpu_{digest.hexdigest()[:12]}"
 
 
-def _announce(build_dir: Path) -> None:
-    """Say once per process that the kernel is being compiled, and where it is cached."""
-    if not _state.get("announced"):
-        _state["announced"] = True
-        print(f"butterfly: compiling the fused CPU kernel (first use; about a minute), cached in "
-              f"{build_dir}", file=sys.stderr, flush=True)
+def _verified(library: Path, record: Path) -> bool:
+    """Whether ``library`` is the finished build its entry recorded (its SHA-256 in ``record``)."""
+    try:
+        return library.is_file() and record.read_text() == _file_digest(library)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _entry_lock(build_dir: Path) -> Iterator[None]:
+    """Hold the cache entry for this process while it builds: other processes wait (and say so).
+
+    An OS file lock, released when the holder exits however it exits; so a build that was killed
+    leaves no lock behind, and the ``lock`` file that torch's own build step leaves then is stale
+    and removed."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "butterfly.lock", "a") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"butterfly: another process is compiling the CPU kernels in {build_dir}; "
+                      "waiting for it", file=sys.stderr, flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ninja_dir() -> Optional[str]:
+    """The folder of the ninja that belongs to this Python environment (pip's ``ninja``), if any.
+
+    Every build of an entry must run the same ninja: two ninja versions read each other's
+    ``.ninja_log`` as "command line changed" and recompile everything."""
+    candidates = []
+    try:
+        import ninja  # noqa: PLC0415  (optional: only to find its binary)
+        candidates.append(Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    candidates.append(Path(sys.executable).parent)
+    for folder in candidates:
+        if any((folder / exe).is_file() for exe in ("ninja", "ninja.exe")):
+            return str(folder)
+    return None
+
+
+@contextlib.contextmanager
+def _environment_ninja() -> Iterator[None]:
+    """``PATH`` with this environment's ninja first, for the duration of a build."""
+    folder, path = _ninja_dir(), os.environ.get("PATH", "")
+    if folder is not None:
+        os.environ["PATH"] = folder + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+class _Progress:
+    """Says on stderr that the kernels are being compiled, one line per finished file, and the
+    total time: a first build takes minutes, and a silent one looks like a hang."""
+
+    def __init__(self, build_dir: Path, sources: Sequence[Path]):
+        self.build_dir, self.total = build_dir, len(sources)
+        self.done: set = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _say(self, text: str) -> None:
+        print(f"butterfly: {text}", file=sys.stderr, flush=True)
+
+    def _finished(self) -> set:
+        return {p.name for p in self.build_dir.glob("*.o") if p.stat().st_mtime >= self.start}
+
+    def _watch(self) -> None:
+        while not self.stop.wait(1.0):
+            for name in sorted(self._finished() - self.done):
+                self.done.add(name)
+                self._say(f"[{len(self.done)}/{self.total}] {name} "
+                          f"({time.monotonic() - self.clock:.0f} s)")
+
+    def __enter__(self) -> "_Progress":
+        self.start, self.clock = time.time() - 1, time.monotonic()
+        self._say(f"compiling the CPU kernels ({self.total} files; first use only, cached in "
+                  f"{self.build_dir})")
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind, *rest) -> None:
+        self.stop.set()
+        self.thread.join()
+        if kind is None:
+            self._say(f"CPU kernels ready ({time.monotonic() - self.clock:.0f} s)")
 
 
 def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
-    """Build (or load from the cache) the extension for one flag set; returns its name.
+    """Load the extension for one flag set from its cache entry, building it first if needed;
+    returns its name.
 
-    A library is loaded only if its SHA-256 is the one recorded when it was built: a truncated or
-    foreign file (loading one can kill the process with SIGBUS) is deleted and relinked from the
-    entry's objects, and if that fails the entry is rebuilt from scratch."""
+    A finished entry is loaded directly, without running ninja: the entry's name is already the
+    digest of everything the build depends on, and the library is loaded only if its SHA-256 is
+    the one recorded when it was built (a truncated or foreign file, which can kill the process
+    with SIGBUS, is relinked from the entry's objects, or the entry rebuilt)."""
     name = _entry_name(flags, sources)
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     library, record = build_dir / f"{name}.so", build_dir / "library.sha256"
-    if library.exists() and not (record.exists() and record.read_text() == _file_digest(library)):
-        library.unlink()
+    if _verified(library, record):
+        torch.ops.load_library(str(library))
+        return name
+    with _entry_lock(build_dir):
+        if _verified(library, record):  # another process finished it while we waited
+            torch.ops.load_library(str(library))
+            return name
+        library.unlink(missing_ok=True)
         record.unlink(missing_ok=True)
-    # Build from a copy inside the cache entry: the same paths for every checkout, so identical
-    # sources share one build instead of rebuilding whenever another checkout used the entry.
-    src_copy = build_dir / "src"
-    src_copy.mkdir(exist_ok=True)
-    root = _source_dir()
-    for p in sources:
-        dst = src_copy / p.relative_to(root)
-        if not dst.exists() or dst.read_bytes() != p.read_bytes():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, dst)
-    rebuilt = not library.exists()
-    if rebuilt:
-        _announce(build_dir)
+        # Build from a copy inside the cache entry: the same paths for every checkout, so
+        # identical sources share one build.
+        root, src_copy = _source_dir(), build_dir / "src"
+        for p in sources:
+            dst = src_copy / p.relative_to(root)
+            if not dst.exists() or dst.read_bytes() != p.read_bytes():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, dst)
+        cpp = [src_copy / p.relative_to(root) for p in sources if p.suffix == ".cpp"]
 
-    def load() -> None:
-        cpp_extension.load(name, [str(src_copy / p.relative_to(root)) for p in sources
-                                 if p.suffix == ".cpp"],
-                           extra_cflags=flags, extra_ldflags=["-fopenmp"] if "-fopenmp" in flags
-                           else [], extra_include_paths=[str(src_copy)],
-                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+        def load() -> None:
+            cpp_extension.load(name, [str(p) for p in cpp], extra_cflags=flags,
+                               extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
+                               extra_include_paths=[str(src_copy)],
+                               build_directory=str(build_dir), is_python_module=False,
+                               verbose=False)
 
-    try:
-        load()
-    except Exception:  # e.g. a damaged object file: start the entry afresh
-        if not rebuilt or not any(build_dir.glob("*.o")):
-            raise
-        for path in build_dir.iterdir():
-            if path.is_file() and path.name != "lock":
-                path.unlink()
-        load()
-    if rebuilt or not record.exists():
-        record.write_text(_file_digest(library))
+        with _environment_ninja(), _Progress(build_dir, cpp):
+            try:
+                load()
+            except Exception:  # e.g. a damaged object file: start the entry afresh
+                if not any(build_dir.glob("*.o")):
+                    raise
+                for path in build_dir.iterdir():
+                    if path.is_file() and path.name not in ("lock", "butterfly.lock"):
+                        path.unlink()
+                load()
+        staged = record.with_suffix(".tmp")
+        staged.write_text(_file_digest(library))
+        os.replace(staged, record)
     return name
 
 
@@ -251,7 +355,7 @@ def load_extension() -> Optional[str]:
             except Exception as exc:
                 _state["error"] = (
                     f"the fused CPU kernel could not be built ({exc}); install a C++20 compiler "
-                    f"with OpenMP and ninja (docs/kernel_cpu.md), or set {DISABLE_ENV}=1")
+                    f"and ninja (docs/kernel_cpu.md), or set {DISABLE_ENV}=1")
         return _state.get("library")
 
 
