@@ -36,7 +36,7 @@
 #include <utility>
 #include <vector>
 
-#include "bft_cpu_simd.h"
+#include "common/simd.h"
 
 namespace dwconv {
 

@@ -13,7 +13,7 @@
 #include <string>
 #include <tuple>
 
-#include "bft_cpu_kernel.h"
+#include "bft/kernel.h"
 
 namespace bft {
 

@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "bft_cpu_epilogue.h"
-#include "bft_cpu_simd.h"
+#include "bft/epilogue.h"
+#include "common/simd.h"
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>

@@ -15,8 +15,8 @@
 #include <stdexcept>
 #include <vector>
 
-#include "bft_cpu_stages.h"
-#include "bft_cpu_tiles.h"
+#include "bft/stages.h"
+#include "bft/tiles.h"
 
 namespace bft {
 

@@ -8,7 +8,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "bft_cpu_binding.h"
+#include "bft/binding.h"
 
 namespace bft {
 namespace {

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "bft_cpu_simd.h"
+#include "common/simd.h"
 
 namespace bft {
 

@@ -14,8 +14,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "bft_cpu_binding.h"
-#include "dw_cpu_kernel.h"
+#include "bft/binding.h"
+#include "depthwise/dw_kernel.h"
 
 namespace bft {
 namespace {

@@ -18,7 +18,7 @@
 #include <string>
 #include <tuple>
 
-#include "dw_cpu_kernel.h"
+#include "depthwise/dw_kernel.h"
 
 namespace dwconv {
 namespace {

@@ -5,7 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "bft_cpu_kernel.h"
+#include "bft/kernel.h"
 
 namespace bft {
 

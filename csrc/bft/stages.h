@@ -13,8 +13,8 @@
 #include <array>
 #include <vector>
 
-#include "bft_cpu_epilogue.h"
-#include "bft_cpu_simd.h"
+#include "bft/epilogue.h"
+#include "common/simd.h"
 
 namespace bft {
 
