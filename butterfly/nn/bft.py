@@ -170,7 +170,7 @@ class _BFTBase(nn.Module):
         ``(..., C)``) for a least-squares fit of its outputs. ``residual``: ``True`` fits ``W - I``
         (a BFT computing ``Bx + x``), ``False`` fits ``W``, ``"auto"`` fits both and keeps the
         smaller error. The layer has the weight's device and dtype; the relative error of the fit
-        is in ``layer.fit_error`` (see :func:`butterfly.factorization.fit_weights`)."""
+        is in ``layer.fit_error`` (see :func:`butterfly.nn.factorization.fit_weights`)."""
         weight, bias = dense_weight(weight, bias)
         cov = None if calib is None else input_covariance(calib.to(weight.device),
                                                           issubclass(cls, BFTLinear))
@@ -218,7 +218,7 @@ class BFT(_BFTBase):
     Takes ``(N, C_in, H, W)`` input in either memory format and returns ``(N, C_out, H, W)`` in the
     same format. ``base`` is the preferred radix (the paper's k), ``residual`` adds the identity
     (``Bx + x``), ``init`` is one of ``"paper"``, ``"identity"``, ``"ortho"`` (see
-    :mod:`butterfly.init`). Channel counts that are not powers of ``base`` and ``in != out`` are
+    :mod:`butterfly.nn.init`). Channel counts that are not powers of ``base`` and ``in != out`` are
     supported (see :mod:`butterfly.plan`); ``macs_per_pixel`` is what the layer executes.
     """
 

@@ -60,13 +60,10 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().forward(x)
 
     def _inductor_infers(self, x: Tensor) -> bool:
-        """Under torch.compile without gradients (inference), inductor's own convolution (with
-        freezing, BatchNorm folded into it) beats the operator: measured on this project's CPU
-        with the models benchmark's compile path, whole networks ran 1.2-1.6x faster that way
-        in 7 of 8 cells (e.g. mobilenetv1_025@224, batch 32: 12.5 against 17.9 ms; the eighth,
-        mobilenetv1_bft_100@160 at batch 32, 10% slower). With gradients the
-        operator's backward wins (training steps 1.3-1.7x faster, e.g. mobilenetv1_025@28:
-        11.3 against 19.2 ms), so training keeps it."""
+        """Whether inductor's own convolution runs this call: under torch.compile without
+        gradients (inference), where inductor folds BatchNorm into it with freezing. With
+        gradients the operator's backward is faster, so training keeps the operator (the models
+        and training benchmarks measure both; docs/depthwise.md)."""
         return torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
 

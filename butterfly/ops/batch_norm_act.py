@@ -157,11 +157,9 @@ def batch_norm_act(x: Tensor, bn: nn.BatchNorm2d, activation: str = "none") -> T
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
     if not bn.training or torch.compiler.is_compiling() or not kernel_runs(x, bn):
-        # under torch.compile inductor fuses PyTorch's BatchNorm and activation itself: the
-        # compiled training steps of 5 of the 7 Fashion-MNIST-shaped zoo models ran 1.5-2.3x
-        # faster that way than through this operator (benchmarks.training's compile path, e.g.
-        # mobilenetv1_025@28 15.3 against 22.9 ms); mobilenetv1_bft_100 ran 1.4x slower, but
-        # its eager channels_last step is faster than either
+        # under torch.compile inductor fuses PyTorch's BatchNorm and activation itself, which
+        # the training benchmark's compile path measures faster than this operator
+        # (docs/depthwise.md)
         return activate(bn(x), activation)
     if x.shape[1] != bn.num_features:
         raise ValueError(f"{bn}: expected input with {bn.num_features} channels, got "

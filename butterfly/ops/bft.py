@@ -129,7 +129,7 @@ def bft(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool) -> Tensor:
     """Apply the BFT of ``plan`` to ``x`` of shape ``(B, C_in, P)``; returns ``(B, C_out, P)``.
 
     Under ``torch.onnx.export`` the stages are traced as plain PyTorch ops instead of the operator
-    (:func:`butterfly.reference.bft_matmul`), so the graph has standard ONNX ops and keeps
+    (:func:`butterfly.ops.reference.bft_matmul`), so the graph has standard ONNX ops and keeps
     O(n log n)."""
     weight = weight.reshape(plan.num_blocks, plan.weights_per_block)
     # torch.compile decomposes the operator into the chosen backend's kernels while it traces, so

@@ -14,7 +14,7 @@ the step. This module is the operator, its backends and a drop-in layer:
   ``"auto"`` on CPU tensors) runs the fused C++ kernel ``butterfly_cpu::dw_forward`` /
   ``dw_backward`` (``csrc/dw_cpu.cpp``) for k = 3, 5, 7 and float32/float64 (bfloat16 and
   float16 compute in float32); everything else, and ``"reference"``, runs
-  :func:`depthwise_reference`: ``F.conv2d(groups=C)`` and :func:`butterfly.epilogue.activate`,
+  :func:`depthwise_reference`: ``F.conv2d(groups=C)`` and :func:`butterfly.ops.bft_fused.activate`,
   the oracle the kernel is tested against.
 * :class:`DepthwiseConv2d` is an ``nn.Conv2d`` (same arguments, parameters and state_dict) whose
   forward runs the operator when the conv is depthwise with a square odd kernel, zero padding
@@ -118,7 +118,7 @@ def kernel_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int,
                 activation: str) -> Optional[tuple]:
     """The arguments after ``x`` of ``butterfly_cpu::dw_forward`` when the C++ kernel runs this
     call (weight and bias in the kernel's compute dtype), else None: for layers that call the
-    kernel directly on later inputs like ``x`` (``butterfly.fusion.FusedConv``)."""
+    kernel directly on later inputs like ``x`` (``butterfly.passes.fuse.FusedConv``)."""
     check_args(x, weight, bias, stride, activation)
     if not _use_kernel(x, weight, stride):
         return None

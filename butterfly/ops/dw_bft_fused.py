@@ -1,5 +1,5 @@
 """The depthwise-separable block as one operator, ``butterfly::dw_bft_fused``: a depthwise conv
-with its bias and activation, then a BFT with its epilogue (:mod:`butterfly.epilogue`),
+with its bias and activation, then a BFT with its epilogue (:mod:`butterfly.ops.bft_fused`),
 
     h = dw_activation(depthwise_conv(x, dw_weight, stride) + dw_bias)
     y = activation(bft(h) * scale + shift) + add

@@ -1,7 +1,7 @@
 """Conversion: a trained dense network becomes a BFT network to fine-tune.
 
 Every pointwise layer is replaced by a BFT fitted to it (``BFT.from_dense``; the fit itself is in
-:mod:`butterfly.factorization`), optionally on the activations the dense network produces.
+:mod:`butterfly.nn.factorization`), optionally on the activations the dense network produces.
 """
 from __future__ import annotations
 

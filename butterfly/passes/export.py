@@ -5,7 +5,7 @@ Two forms:
 * structured: every BFT becomes its stages as standard ONNX ops (Pad, Reshape, Transpose, one
   batched MatMul per stage, ReduceSum), so the graph keeps the O(n log n) cost: while
   ``torch.onnx.export`` runs, ``butterfly.ops.bft`` traces
-  :func:`butterfly.reference.bft_matmul` instead of the operator (MatMul rather than the
+  :func:`butterfly.ops.reference.bft_matmul` instead of the operator (MatMul rather than the
   reference's Einsum: every ONNX runtime has it, and runs it faster).
 * dense: the BFTs are first replaced by their exact dense 1x1 convolutions (:func:`densify`), for
   runtimes whose fastest pointwise layer is a dense one.

@@ -7,18 +7,18 @@ The network is traced with ``torch.fx`` (BFT layers as leaves) and every chain
 
 whose intermediate results have no other use becomes one fused layer:
 
-* :class:`FusedBFT`: the ``butterfly::bft_fused`` operator (:mod:`butterfly.epilogue`): the
+* :class:`FusedBFT`: the ``butterfly::bft_fused`` operator (:mod:`butterfly.ops.bft_fused`): the
   BatchNorm (and the BFT's bias) as a per-channel scale and shift, which is exact with the
   residual, then the activation and the addition, all before the kernel's one store;
 * :class:`FusedConv`: the conv with the BatchNorm folded into its weights and bias
   (``torch.nn.utils.fusion.fuse_conv_bn_eval``). A depthwise conv that
   ``butterfly::depthwise_conv`` computes runs it on CPU, the bias and activation in the kernel's
-  epilogue (:mod:`butterfly.depthwise`); other convs run by oneDNN with the activation (or the
+  epilogue (:mod:`butterfly.ops.depthwise`); other convs run by oneDNN with the activation (or the
   addition) as a post-op where PyTorch exposes it (``torch.ops.mkldnn._convolution_pointwise``,
   float32 CPU), else as ``conv2d`` followed by the activation.
 
 :func:`merge_separable` then joins a fused depthwise conv and the fused BFT that reads it into a
-:class:`FusedDepthwiseBFT`, one ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.separable`)
+:class:`FusedDepthwiseBFT`, one ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.ops.dw_bft_fused`)
 in which the depthwise output never goes to memory; :func:`butterfly.optimize_for_inference`
 keeps it where it measures faster.
 
@@ -63,8 +63,8 @@ _ONEDNN_ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh",
 def _kernel_call(cache: dict, x: Tensor, build: Callable[[], Optional[tuple]]) -> Optional[tuple]:
     """A fused layer's C++ kernel arguments after the input for inputs like ``x`` (None: the
     kernel does not run them), built by ``build`` through the operator's own checks on the first
-    call per backend choice, device and dtype; eager calls then skip those checks (about 30 us a
-    layer, a large share of a small layer at batch 1)."""
+    call per backend choice, device and dtype; eager calls then skip those checks (a fixed cost
+    per call that matters for small layers at batch 1)."""
     key = (current_backend(), x.device.type, x.dtype)
     if key not in cache:
         cache[key] = build()
@@ -88,7 +88,7 @@ def _refuse_training(module: nn.Module, inputs: Tuple[Optional[Tensor], ...]) ->
 
 
 class FusedBFT(nn.Module):
-    """A BFT with its epilogue (:class:`butterfly.epilogue.Epilogue`), for inference. Takes
+    """A BFT with its epilogue (:class:`butterfly.ops.bft_fused.Epilogue`), for inference. Takes
     ``(N, C, H, W)`` input in either memory format (and ``add`` of the output's shape when the
     epilogue adds), returns the output in the input's format."""
 
@@ -134,7 +134,7 @@ class FusedBFT(nn.Module):
 
 def _fused_rows(x: Tensor, args: tuple, add: Optional[Tensor]) -> Tensor:
     """``butterfly_cpu::forward_fused`` on an image batch, laid out as
-    :func:`butterfly.epilogue.bft_fused_image` lays it out."""
+    :func:`butterfly.ops.bft_fused.bft_fused_image` lays it out."""
     N, C, H, W = x.shape
     out = args[2]
     rows = pixel_rows(x)
@@ -216,7 +216,7 @@ class FusedConv(nn.Module):
 class FusedDepthwiseBFT(nn.Module):
     """A fused depthwise conv and the fused BFT that reads its output (the depthwise-separable
     block), for inference. With ``one_pass`` and an input the kernel takes, both run as one
-    ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.separable`); otherwise, or once the BFT was
+    ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.ops.dw_bft_fused`); otherwise, or once the BFT was
     made dense, the two layers ``dw`` and ``pw`` run one after the other."""
 
     def __init__(self, dw: FusedConv, pw: FusedBFT):
@@ -227,7 +227,7 @@ class FusedDepthwiseBFT(nn.Module):
 
     def _kernel_args_for(self, x: Tensor) -> Optional[tuple]:
         """``butterfly_cpu::dw_bft_fused``'s arguments after the input (:func:`_kernel_call`),
-        decided by :func:`butterfly.separable.kernel_applies`."""
+        decided by :func:`butterfly.ops.dw_bft_fused.kernel_applies`."""
         def build():
             dw, pw = self.dw, self.pw
             if not kernel_applies(x, dw.weight, dw.stride[0]):

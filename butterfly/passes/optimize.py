@@ -2,7 +2,7 @@
 
 * :func:`densify`: every BFT of a network replaced by its exact dense equivalent
   (``BFT.to_conv2d()`` / ``BFTLinear.to_linear()``, residual and bias folded in).
-* :func:`optimize_for_inference`: a fused copy of the network (:mod:`butterfly.fusion`: BatchNorms
+* :func:`optimize_for_inference`: a fused copy of the network (:mod:`butterfly.passes.fuse`: BatchNorms
   folded, activations and residual additions in the layers' epilogues), then every BFT timed
   against its dense equivalent (with the same epilogue), every fused depthwise conv's kernel
   against PyTorch's convolution, and every depthwise-separable block in one pass against its two
@@ -164,7 +164,7 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     """A copy of ``model`` made faster for inference on the device, dtype and memory format of
     ``example_input`` (a tensor or a tuple of inputs), and a report of what was done.
 
-    ``fuse=True``: the copy is fused (:func:`butterfly.fusion.fuse`: eval-mode BatchNorms folded
+    ``fuse=True``: the copy is fused (:func:`butterfly.passes.fuse.fuse`: eval-mode BatchNorms folded
     into the conv or BFT before them, activations and residual additions in their epilogues; the
     result is a ``torch.fx.GraphModule`` for inference only). Then, for every BFT layer the example
     reaches, the butterfly is timed against its exact dense equivalent (with the same epilogue) on

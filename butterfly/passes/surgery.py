@@ -106,7 +106,7 @@ def _channels(module: nn.Module) -> str:
 class ReplacedNames(list):
     """The names of the layers :func:`replace_pointwise` replaced (a plain ``list``), and in
     ``skipped`` the layers it kept, by name, with the reason (see
-    :func:`butterfly.modules.bft_refusal`)."""
+    :func:`butterfly.nn.bft.bft_refusal`)."""
 
     def __init__(self, names=(), skipped: Optional[Dict[str, str]] = None):
         super().__init__(names)

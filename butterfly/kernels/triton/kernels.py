@@ -1,4 +1,4 @@
-"""Triton kernels of the BFT operator (the launch code is in :mod:`butterfly.kernels.triton_bft`).
+"""Triton kernels of the BFT operator (the launch code is in :mod:`butterfly.kernels.triton.bft`).
 
 A program owns a tile of ``BP`` pixels x all ``NP`` channels of a square block and keeps it on chip
 across every stage: the input is read once and the output written once.
