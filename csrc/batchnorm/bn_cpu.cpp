@@ -1,14 +1,15 @@
 // Training-mode BatchNorm fused with its activation, on CPU: the operators
 // butterfly_cpu::bn_act_forward and butterfly_cpu::bn_act_backward, added to the namespace of
-// bft_cpu.cpp's operators (TORCH_LIBRARY_FRAGMENT) and loaded with them by
-// butterfly/kernels/cpu.py; butterfly/batchnorm.py adds their fake kernels and autograd.
+// the BFT's operators (bft/bft_cpu.cpp; here TORCH_LIBRARY_FRAGMENT) and loaded with them. The
+// Python side adds their autograd (the BatchNorm-activation operator,
+// butterfly/ops/batch_norm_act.py) and fake kernels (the CPU backend, butterfly/kernels/cpu/).
 //
-// Forward -> (y, mean, invstd, biased variance): one pass for the per-channel sums of x and x^2 (double accumulators), one pass for
-// y = act(x * scale + shift). Backward: one pass for the per-channel sums of g_z and
-// g_z * (x - mean), where g_z is the gradient before the activation (taken from the output y for
-// relu and relu6, from the recomputed pre-activation for hardswish and hardsigmoid), one pass
-// for grad_x. PyTorch runs the BatchNorm's statistics, normalisation and the activation (and
-// their backward) as separate passes.
+// Forward -> (y, mean, invstd, biased variance): one pass for the per-channel sums of x and x^2
+// (double accumulators), one pass for y = act(x * scale + shift). Backward: one pass for the
+// per-channel sums of g_z and g_z * (x - mean), where g_z is the gradient before the activation
+// (taken from the output y for relu and relu6, from the recomputed pre-activation for hardswish
+// and hardsigmoid), one pass for grad_x. PyTorch runs the BatchNorm's statistics, normalisation
+// and the activation (and their backward) as separate passes.
 //
 // Reductions: NCHW one channel per task; channels_last fixed row chunks with per-chunk partial
 // sums reduced in chunk order. Either way the sums are bit-identical whatever the number of
@@ -31,19 +32,22 @@
 #include <utility>
 #include <vector>
 
+#include "common/activation.h"
+
 namespace bnact {
 namespace {
 
-enum Act { kNone = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kHardsigmoid = 4 };
+using activation::kHardsigmoid;
+using activation::kHardswish;
+using activation::kNone;
+using activation::kRelu;
+using activation::kRelu6;
 
 int activation_code(c10::string_view name, const char* what) {
-  if (name == "none") return kNone;
-  if (name == "relu") return kRelu;
-  if (name == "relu6") return kRelu6;
-  if (name == "hardswish") return kHardswish;
-  if (name == "hardsigmoid") return kHardsigmoid;
-  TORCH_CHECK(false, what, ": unknown activation '", std::string(name),
-              "'; choose one of none, relu, relu6, hardswish, hardsigmoid");
+  const int code = activation::code_of(std::string_view(name.data(), name.size()));
+  TORCH_CHECK(code >= 0, what, ": unknown activation '", std::string(name), "'; choose one of ",
+              activation::name_list());
+  return code;
 }
 
 template <typename T>
@@ -91,7 +95,7 @@ constexpr int64_t kBlock = 256;
 
 template <int A, typename F>
 void with_activation(int act, F&& f) {
-  if constexpr (A <= kHardsigmoid) {
+  if constexpr (A < activation::kCount) {
     if (act == A) return f(std::integral_constant<int, A>{});
     with_activation<A + 1>(act, std::forward<F>(f));
   }

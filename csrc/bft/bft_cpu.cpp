@@ -1,6 +1,7 @@
-// PyTorch binding of the fused BFT CPU kernel (bft_cpu_kernel.h): the operators
-// butterfly_cpu::forward, butterfly_cpu::forward_fused (the forward with an epilogue, see
-// bft_cpu_epilogue.h) and butterfly_cpu::backward, loaded by butterfly/kernels/cpu.py.
+// PyTorch binding of the fused BFT CPU kernel (bft/kernel.h): the operators butterfly_cpu::forward,
+// butterfly_cpu::forward_fused (the forward with an epilogue, see bft/epilogue.h) and
+// butterfly_cpu::backward, which define the operator namespace (TORCH_LIBRARY) that the other
+// folders' operators join. Loaded by the Python side's CPU backend (butterfly/kernels/cpu/).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -51,7 +52,7 @@ at::Tensor bft_forward(const at::Tensor& x, const at::Tensor& weight, c10::IntAr
 }
 
 // y = act(bft(x) * scale[c] + shift[c]) + add in the compute dtype, rounded once to x's dtype
-// (butterfly/epilogue.py).
+// (the fused epilogue operator, butterfly/ops/bft_fused.py).
 at::Tensor bft_forward_fused(const at::Tensor& x, const at::Tensor& weight,
                              c10::IntArrayRef radices, int64_t out_channels, bool residual,
                              const std::optional<at::Tensor>& scale,
@@ -71,7 +72,7 @@ at::Tensor bft_forward_fused(const at::Tensor& x, const at::Tensor& weight,
                 a.scalar_type(), " on ", a.device());
     f.add = a.contiguous();
   }
-  f.active = f.scale.defined() || f.shift.defined() || f.act != Activation::none || f.add.defined();
+  f.active = f.scale.defined() || f.shift.defined() || f.act != activation::kNone || f.add.defined();
   return forward_common(x, weight, radices, out_channels, residual, &f, what);
 }
 

@@ -1,6 +1,6 @@
-// What the PyTorch bindings of the BFT kernel share (bft_cpu.cpp: forward, forward_fused,
-// backward; dw_bft_cpu.cpp: the depthwise -> BFT pass): the plan and argument checks, the dtype
-// dispatch and the epilogue's arguments.
+// What the PyTorch bindings of the BFT kernel share (bft/bft_cpu.cpp: forward, forward_fused,
+// backward; depthwise/dw_bft_cpu.cpp: the depthwise -> BFT pass): the plan and argument checks,
+// the dtype dispatch and the epilogue's arguments.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -64,7 +64,7 @@ void dispatch(at::ScalarType t, const char* what, F&& body) {
 // the plain forward).
 struct FusedArgs {
   at::Tensor scale, shift, add;  // undefined: no such step
-  Activation act = Activation::none;
+  Activation act = activation::kNone;
   bool active = false;
 };
 
@@ -75,9 +75,10 @@ inline FusedArgs parse_epilogue(at::ScalarType input, int64_t out_channels,
                                 const std::optional<at::Tensor>& shift,
                                 c10::string_view activation, const char* what) {
   FusedArgs f;
-  const std::string act(activation);
-  TORCH_CHECK(parse_activation(act, f.act), what, ": unknown epilogue activation '", act,
-              "'; choose one of ", activation_names());
+  const int code = activation::code_of(std::string_view(activation.data(), activation.size()));
+  TORCH_CHECK(code >= 0, what, ": unknown epilogue activation '", std::string(activation),
+              "'; choose one of ", activation::name_list());
+  f.act = static_cast<Activation>(code);
   const auto compute = input == at::kDouble ? at::kDouble : at::kFloat;
   for (auto [t, out, name] : {std::tuple{&scale, &f.scale, "scale"}, {&shift, &f.shift, "shift"}}) {
     if (!t->has_value()) continue;

@@ -1,4 +1,5 @@
-// The epilogue of the fused forward (butterfly_cpu::forward_fused, see butterfly/epilogue.py):
+// The epilogue of the fused BFT forward (butterfly_cpu::forward_fused; the Python side is the fused
+// epilogue operator, butterfly/ops/bft_fused.py):
 //
 //   y = act(bft(x) * scale[c] + shift[c]) + add
 //
@@ -6,33 +7,23 @@
 // last run's store, or the store of a buffered tile), so that BFT -> BatchNorm -> activation
 // costs one pass over memory. The plain forward is the case without an epilogue: the kernels
 // that store with one are separate instantiations (template parameter E, a Form), compiled in
-// bft_cpu_fused.cpp, so the plain forward's code does not change.
+// their own translation units (bft/bft_cpu_fused.cpp), so the plain forward's code does not
+// change.
 #pragma once
 
 #include <limits>
 #include <string>
 #include <vector>
 
+#include "common/activation.h"
 #include "common/simd.h"
 
 namespace bft {
 
-enum class Activation { none, relu, relu6, hardswish, hardsigmoid };
+using namespace simd;  // common/simd.h
 
-inline const char* activation_names() { return "none, relu, relu6, hardswish, hardsigmoid"; }
-
-// false: not one of activation_names()
-inline bool parse_activation(const std::string& name, Activation& act) {
-  static const std::pair<const char*, Activation> table[] = {
-      {"none", Activation::none},
-      {"relu", Activation::relu},
-      {"relu6", Activation::relu6},
-      {"hardswish", Activation::hardswish},
-      {"hardsigmoid", Activation::hardsigmoid}};
-  for (const auto& [n, a] : table)
-    if (name == n) return act = a, true;
-  return false;
-}
+// An epilogue's activation: a code of the list in common/activation.h.
+using Activation = activation::Code;
 
 // The epilogue as the kernels apply it to channel c (pointers offset to the rows being stored):
 //   u = y * mul[c] + bias[c]
@@ -60,7 +51,7 @@ struct Epilogue {
 
   // u = y * m + b, activated (V: vec_t<A> or A)
   template <bool Swish, class V>
-  BFT_INLINE V apply(V y, V m, V b) const {
+  SIMD_INLINE V apply(V y, V m, V b) const {
     const V u = y * m + b;
     if constexpr (Swish)
       return u * clamp(u * splat<V>(A(1) / A(6)) + splat<V>(A(0.5)), splat<V>(0), splat<V>(1));
@@ -69,22 +60,22 @@ struct Epilogue {
   }
   // VL pixels of channel c
   template <bool Swish>
-  BFT_INLINE vec_t<A> pixels(vec_t<A> y, int64_t c) const {
+  SIMD_INLINE vec_t<A> pixels(vec_t<A> y, int64_t c) const {
     return apply<Swish>(y, splat<vec_t<A>>(mul[c]), splat<vec_t<A>>(bias[c]));
   }
   // channels c .. c + VL of one pixel
   template <bool Swish>
-  BFT_INLINE vec_t<A> channels(vec_t<A> y, int64_t c) const {
+  SIMD_INLINE vec_t<A> channels(vec_t<A> y, int64_t c) const {
     return apply<Swish>(y, vload(mul + c), vload(bias + c));
   }
   // one value of channel c, either form
-  BFT_INLINE A scalar(A y, int64_t c) const {
+  SIMD_INLINE A scalar(A y, int64_t c) const {
     return swish ? apply<true>(y, mul[c], bias[c]) : apply<false>(y, mul[c], bias[c]);
   }
 
   // a broadcast to V (x - 0 is x and folds away; x + 0 is not, for x = -0, and would add)
   template <class V>
-  static BFT_INLINE V splat(A a) {
+  static SIMD_INLINE V splat(A a) {
     if constexpr (std::is_same_v<V, A>) return a;
     else return a - V{};
   }
@@ -92,7 +83,7 @@ struct Epilogue {
  private:
   // clamp(u, lo, hi) as max then min, NaN kept (comparisons with NaN are false)
   template <class V>
-  static BFT_INLINE V clamp(V u, V lo, V hi) {
+  static SIMD_INLINE V clamp(V u, V lo, V hi) {
     u = lo > u ? lo : u;
     return hi < u ? hi : u;
   }
@@ -115,7 +106,7 @@ struct EpilogueData {
 
   EpilogueData(int64_t channels, const A* scale, const A* shift, Activation act)
       : mul((size_t)channels), bias((size_t)channels) {
-    const bool sigmoid = act == Activation::hardsigmoid;
+    const bool sigmoid = act == activation::kHardsigmoid;
     for (int64_t c = 0; c < channels; ++c) {
       const A s = scale ? scale[c] : A(1), b = shift ? shift[c] : A(0);
       mul[c] = sigmoid ? s / A(6) : s;
@@ -124,9 +115,9 @@ struct EpilogueData {
     constexpr A inf = std::numeric_limits<A>::infinity();
     e.mul = mul.data();
     e.bias = bias.data();
-    e.swish = act == Activation::hardswish;
-    e.lo = act == Activation::none ? -inf : A(0);
-    e.hi = act == Activation::relu6 ? A(6) : sigmoid ? A(1) : inf;
+    e.swish = act == activation::kHardswish;
+    e.lo = act == activation::kNone ? -inf : A(0);
+    e.hi = act == activation::kRelu6 ? A(6) : sigmoid ? A(1) : inf;
   }
   EpilogueData(const EpilogueData&) = delete;
   EpilogueData& operator=(const EpilogueData&) = delete;
@@ -134,7 +125,7 @@ struct EpilogueData {
 
 // The first `count` (< VL) lanes from p, the others zero (never reads past p + count).
 template <class A>
-BFT_INLINE vec_t<A> vload_part(const A* p, int count) {
+SIMD_INLINE vec_t<A> vload_part(const A* p, int count) {
 #if defined(__AVX512F__)
   const __mmask16 m = (__mmask16)((1u << count) - 1);
   if constexpr (std::is_same_v<A, float>) return (vec_t<A>)_mm512_maskz_loadu_ps(m, p);

@@ -1,4 +1,4 @@
-// The fused BFT operator on CPU tensors (no PyTorch types here; bft_cpu.cpp binds it).
+// The fused BFT operator's kernel on CPU tensors (no PyTorch types here; bft/bft_cpu.cpp binds it).
 //
 // x is (B, C_in, P): NCHW for P > 1, channels-last / linear rows for P == 1. Each tile (see
 // Tiling) is computed block by block in per-thread buffers that stay in cache: all stages run
@@ -10,7 +10,7 @@
 // inputs give bit-identical gradients.
 #pragma once
 
-#include <omp.h>
+#include "common/openmp.h"
 
 #include <stdexcept>
 #include <vector>
@@ -35,10 +35,10 @@ struct Runs {
 
   // Splits the stages into as few runs as possible and, among those splits, maximises the
   // smallest run's channel count (a lone radix-2 stage does 2 FMAs per load: the weakest). Among
-  // equals, the longest runs come first: the last run writes the output, and fewer rows written
-  // at once (4 instead of 16 streams to memory) made 64 channels at 56x56 25% faster. With
-  // `cl_output` (channels-last tiles) a split whose last run has VL channels wins instead: that
-  // run transposes its blocks straight into y (256 channels: 0.81 -> 0.48 ms).
+  // equals, the longest runs come first: the last run writes the output, and the fewer rows it
+  // writes at once (fewer streams to memory), the faster. With `cl_output` (channels-last tiles)
+  // a split whose last run has VL channels wins instead: that run transposes its blocks straight
+  // into y, saving the store and reload of a buffered tile.
   // `epilogue`: also look up the kernels with an epilogue (apply<true>).
   Runs(const Plan& pl, const A* w, int max_len, bool cl_output, bool epilogue = false) {
     const int L = pl.stages();
@@ -157,7 +157,7 @@ struct Options {
 
 // Where the rows of a channels-last tile (P == 1) come from when they are not read from x: a
 // producer that computes them in the tile pass itself, so its output never goes to memory (the
-// depthwise -> BFT pass of dw_bft_cpu.cpp). fill(r0, n) returns rows r0 .. r0 + n of the
+// depthwise -> BFT pass of depthwise/dw_bft_cpu.cpp). fill(r0, n) returns rows r0 .. r0 + n of the
 // input, cin values each (row stride cin), valid until the calling thread's next fill.
 template <class A>
 struct RowSource {
@@ -193,11 +193,11 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   const int64_t ybytes = B * pl.cout * P * (int64_t)sizeof(S);
   const bool stream = same && ybytes >= opt.stream_bytes && pages_resident(y, ybytes);
   // the last run may write y rows itself when they are vector-aligned
-  const bool aligned_rows = reinterpret_cast<uintptr_t>(y) % BFT_VECTOR_BYTES == 0 &&
-                            (P * (int64_t)sizeof(S)) % BFT_VECTOR_BYTES == 0;
+  const bool aligned_rows = reinterpret_cast<uintptr_t>(y) % SIMD_VECTOR_BYTES == 0 &&
+                            (P * (int64_t)sizeof(S)) % SIMD_VECTOR_BYTES == 0;
   // channels-last pixel rows of y whose blocks of VL channels are vector-aligned
-  const bool cl_aligned = reinterpret_cast<uintptr_t>(y) % BFT_VECTOR_BYTES == 0 &&
-                          (pl.cout * (int64_t)sizeof(S)) % BFT_VECTOR_BYTES == 0;
+  const bool cl_aligned = reinterpret_cast<uintptr_t>(y) % SIMD_VECTOR_BYTES == 0 &&
+                          (pl.cout * (int64_t)sizeof(S)) % SIMD_VECTOR_BYTES == 0;
 #pragma omp parallel num_threads(opt.threads)
   {
     A* ubuf = scratch<A>(0, pl.n * ld);  // the block's input
@@ -284,8 +284,8 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
   const int64_t gxbytes = B * pl.cin * P * (int64_t)sizeof(S);
   const bool stream = same && gxbytes >= opt.stream_bytes && pages_resident(gx, gxbytes);
-  const bool aligned_rows = reinterpret_cast<uintptr_t>(gx) % BFT_VECTOR_BYTES == 0 &&
-                            (P * (int64_t)sizeof(S)) % BFT_VECTOR_BYTES == 0;
+  const bool aligned_rows = reinterpret_cast<uintptr_t>(gx) % SIMD_VECTOR_BYTES == 0 &&
+                            (P * (int64_t)sizeof(S)) % SIMD_VECTOR_BYTES == 0;
   // weight-gradient partials: chunk c owns tiles [c * per, (c + 1) * per)
   const int64_t chunks = std::min<int64_t>(tl.ntiles, 32), gwn = pl.T * pl.W;
   const int64_t per = chunks ? (tl.ntiles + chunks - 1) / chunks : 0;

@@ -18,6 +18,8 @@
 
 namespace bft {
 
+using namespace simd;  // common/simd.h
+
 // Rows of a tile: row c starts at base + c * ld (base == nullptr: no rows).
 template <class A>
 struct Rows {
@@ -80,7 +82,7 @@ void run_fwd(const RunArgs<A>& p) {
         if (KP == VL && p.cl) {
           cl_mul = vload(ep.mul + c0), cl_bias = vload(ep.bias + c0);
         } else {
-          unroll<KP>([&](auto b) BFT_INLINE_LAMBDA {
+          unroll<KP>([&](auto b) SIMD_INLINE_LAMBDA {
             mul[b] = Epilogue<A>::template splat<V>(ep.mul[c0 + b * p.t]);
             bias[b] = Epilogue<A>::template splat<V>(ep.bias[c0 + b * p.t]);
           });
@@ -88,30 +90,30 @@ void run_fwd(const RunArgs<A>& p) {
       }
       for (int64_t v = 0; v < n_end; v += VL) {
         V x[KP];
-        unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { x[b] = vload(s + b * ss + v); });
+        unroll<KP>([&](auto b) SIMD_INLINE_LAMBDA { x[b] = vload(s + b * ss + v); });
         const A* wq = w;
-        unroll<L>([&](auto q) BFT_INLINE_LAMBDA {
+        unroll<L>([&](auto q) SIMD_INLINE_LAMBDA {
           constexpr int Q = decltype(q)::value, K = k[Q];
           constexpr int st = [] { int m = 1; for (int i = Q + 1; i < L; ++i) m *= k[i]; return m; }();
-          unroll<KP / K>([&](auto lg) BFT_INLINE_LAMBDA {
+          unroll<KP / K>([&](auto lg) SIMD_INLINE_LAMBDA {
             constexpr int G = decltype(lg)::value, base = (G / st) * K * st + G % st;
             const A* wg = wq + lg * K * K;
             V o[K];
-            unroll<K>([&](auto i) BFT_INLINE_LAMBDA {
+            unroll<K>([&](auto i) SIMD_INLINE_LAMBDA {
               o[i] = wg[i * K] * x[base];
-              unroll<K - 1>([&](auto j) BFT_INLINE_LAMBDA {
+              unroll<K - 1>([&](auto j) SIMD_INLINE_LAMBDA {
                 o[i] += wg[i * K + j + 1] * x[base + (j + 1) * st];
               });
             });
-            unroll<K>([&](auto i) BFT_INLINE_LAMBDA { x[base + i * st] = o[i]; });
+            unroll<K>([&](auto i) SIMD_INLINE_LAMBDA { x[base + i * st] = o[i]; });
           });
           wq += KP * K;
         });
-        if (res) unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { x[b] += vload(res + b * rs + v); });
+        if (res) unroll<KP>([&](auto b) SIMD_INLINE_LAMBDA { x[b] += vload(res + b * rs + v); });
         if constexpr (KP == VL) {
           if (p.cl) {  // t == 1: x[q] is pixel v + q, channels c0 .. c0 + VL
             transpose<A>(x);
-            unroll<VL>([&](auto q) BFT_INLINE_LAMBDA {
+            unroll<VL>([&](auto q) SIMD_INLINE_LAMBDA {
               if (v + q >= p.cl_np) return;
               A* o = p.cl + (v + q) * p.cl_ld + c0;
               if constexpr (E) {
@@ -125,13 +127,13 @@ void run_fwd(const RunArgs<A>& p) {
           }
         }
         if constexpr (E) {
-          unroll<KP>([&](auto b) BFT_INLINE_LAMBDA {
+          unroll<KP>([&](auto b) SIMD_INLINE_LAMBDA {
             x[b] = ep.template apply<E == kSwish>(x[b], mul[b], bias[b]);
           });
-          if (add) unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { x[b] += vload(add + b * as + v); });
+          if (add) unroll<KP>([&](auto b) SIMD_INLINE_LAMBDA { x[b] += vload(add + b * as + v); });
         }
-        if (p.stream) unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { vstream(d + b * ds + v, x[b]); });
-        else unroll<KP>([&](auto b) BFT_INLINE_LAMBDA { vstore(d + b * ds + v, x[b]); });
+        if (p.stream) unroll<KP>([&](auto b) SIMD_INLINE_LAMBDA { vstream(d + b * ds + v, x[b]); });
+        else unroll<KP>([&](auto b) SIMD_INLINE_LAMBDA { vstore(d + b * ds + v, x[b]); });
       }
     }
   }
@@ -262,17 +264,17 @@ void stage_bwd(const BwdArgs<A>& p) {
       const int64_t gst = p.t * p.g.ld, xst = p.t * p.act.ld, ost = p.t * p.out.ld,
                     rst = p.t * p.res.ld;
       V acc[K * K];
-      unroll<K * K>([&](auto e) BFT_INLINE_LAMBDA { acc[e] = V{}; });
+      unroll<K * K>([&](auto e) SIMD_INLINE_LAMBDA { acc[e] = V{}; });
       for (int64_t v = 0; v < n_end; v += VL) {
         V gi[K], xj[K];
-        unroll<K>([&](auto j) BFT_INLINE_LAMBDA {
+        unroll<K>([&](auto j) SIMD_INLINE_LAMBDA {
           gi[j] = vload(gs + j * gst + v);
           xj[j] = vload(xs + j * xst + v);
         });
-        unroll<K * K>([&](auto e) BFT_INLINE_LAMBDA { acc[e] += gi[e / K] * xj[e % K]; });
-        unroll<K>([&](auto j) BFT_INLINE_LAMBDA {
+        unroll<K * K>([&](auto e) SIMD_INLINE_LAMBDA { acc[e] += gi[e / K] * xj[e % K]; });
+        unroll<K>([&](auto j) SIMD_INLINE_LAMBDA {
           V o = wg[j] * gi[0];
-          unroll<K - 1>([&](auto i) BFT_INLINE_LAMBDA { o += wg[(i + 1) * K + j] * gi[i + 1]; });
+          unroll<K - 1>([&](auto i) SIMD_INLINE_LAMBDA { o += wg[(i + 1) * K + j] * gi[i + 1]; });
           if (res) o += vload(res + j * rst + v);
           if (p.stream) vstream(os + j * ost + v, o);
           else vstore(os + j * ost + v, o);

@@ -17,7 +17,9 @@
 
 namespace bft {
 
-// Block size m, T blocks of n = prod(radices) channels; see butterfly/plan.py.
+using namespace simd;  // common/simd.h
+
+// Block size m, T blocks of n = prod(radices) channels, as the Python planner lays them out.
 struct Plan {
   int64_t cin = 0, cout = 0, m = 0, n = 1, T = 1, W = 0;
   bool expand = true, residual = false;
@@ -206,7 +208,7 @@ void zero_rest(A* buf, int64_t ld, int64_t rows, int64_t valid, int64_t used, in
 // The VL x VL block of VL rows in[k * in_ld + 0..VL), transposed into out[k * out_ld + 0..VL)
 // (row k of out: f(transposed row k, k)).
 template <class A, class F = Unchanged>
-BFT_INLINE void transpose_block(const A* in, int64_t in_ld, A* out, int64_t out_ld, F f = {}) {
+SIMD_INLINE void transpose_block(const A* in, int64_t in_ld, A* out, int64_t out_ld, F f = {}) {
   constexpr int64_t VL = Vec<A>::lanes;
   vec_t<A> r[VL];
   for (int64_t k = 0; k < VL; ++k) r[k] = vload(in + k * in_ld);
@@ -249,7 +251,7 @@ void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_
   constexpr int64_t VL = Vec<A>::lanes;
   const Epilogue<A> ep = E ? *epi : Epilogue<A>{};  // a local copy: stores cannot alias it
   // element (c, p) as stored, in the compute dtype
-  auto value = [&](int64_t c, int64_t p) BFT_INLINE_LAMBDA {
+  auto value = [&](int64_t c, int64_t p) SIMD_INLINE_LAMBDA {
     A v = buf[c * ld + p];
     if constexpr (E) {
       v = ep.template apply<E == kSwish>(v, ep.mul[c], ep.bias[c]);
@@ -263,7 +265,7 @@ void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_
         if constexpr (E) {
           const A* a = add ? add + c * cs : nullptr;
           copy_out(dst + c * cs, buf + c * ld, np, stream,
-                   [&](vec_t<A> v, int64_t p, int count) BFT_INLINE_LAMBDA {
+                   [&](vec_t<A> v, int64_t p, int count) SIMD_INLINE_LAMBDA {
                      v = ep.template pixels<E == kSwish>(v, c);
                      if (a) v += count == VL ? vload(a + p) : vload_part(a + p, count);
                      return v;
@@ -291,7 +293,7 @@ void store_rows(S* dst, int64_t cs, int64_t ps, const A* buf, int64_t ld, int64_
       for (; c0 + VL <= rows; c0 += VL) {
         if constexpr (E) {  // row k: pixel p0 + k, channels c0 .. c0 + VL
           transpose_block<A>(buf + c0 * ld + p0, ld, out + c0, ps,
-                             [&](vec_t<A> r, int64_t k) BFT_INLINE_LAMBDA {
+                             [&](vec_t<A> r, int64_t k) SIMD_INLINE_LAMBDA {
                                r = ep.template channels<E == kSwish>(r, c0);
                                if (add) r += vload(add + (p0 + k) * ps + c0);
                                return r;

@@ -1,5 +1,5 @@
-// Portable SIMD helpers for the BFT CPU kernel: GCC/Clang vector extensions, so the same code
-// compiles to AVX-512, AVX2, SSE or NEON (whatever -march=native offers).
+// Portable SIMD helpers of the CPU kernels: GCC/Clang vector extensions, so the same code compiles
+// to AVX-512, AVX2, SSE or NEON (whatever -march=native offers).
 #pragma once
 
 #include <algorithm>
@@ -12,42 +12,42 @@
 #include <immintrin.h>
 #endif
 #if defined(__AVX512F__)
-#define BFT_VECTOR_BYTES 64
+#define SIMD_VECTOR_BYTES 64
 #elif defined(__AVX__)
-#define BFT_VECTOR_BYTES 32
+#define SIMD_VECTOR_BYTES 32
 #else
-#define BFT_VECTOR_BYTES 16
+#define SIMD_VECTOR_BYTES 16
 #endif
 
-#define BFT_INLINE inline __attribute__((always_inline))
-#define BFT_INLINE_LAMBDA __attribute__((always_inline))
+#define SIMD_INLINE inline __attribute__((always_inline))
+#define SIMD_INLINE_LAMBDA __attribute__((always_inline))
 
-namespace bft {
+namespace simd {
 
 template <class A>
 struct Vec {
-  typedef A type __attribute__((vector_size(BFT_VECTOR_BYTES)));
-  static constexpr int lanes = BFT_VECTOR_BYTES / sizeof(A);
+  typedef A type __attribute__((vector_size(SIMD_VECTOR_BYTES)));
+  static constexpr int lanes = SIMD_VECTOR_BYTES / sizeof(A);
 };
 template <class A>
 using vec_t = typename Vec<A>::type;
 
 template <class A>
-BFT_INLINE vec_t<A> vload(const A* p) {
+SIMD_INLINE vec_t<A> vload(const A* p) {
   vec_t<A> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
 template <class A>
-BFT_INLINE void vstore(A* p, vec_t<A> v) {
+SIMD_INLINE void vstore(A* p, vec_t<A> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
 // A store that bypasses the caches (p aligned to the vector size): for outputs too large to
 // stay in cache, it saves reading every output line before writing it.
 template <class A>
-BFT_INLINE void vstream(A* p, vec_t<A> v) {
+SIMD_INLINE void vstream(A* p, vec_t<A> v) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<A, float>) return _mm512_stream_ps(p, (__m512)v);
   if constexpr (std::is_same_v<A, double>) return _mm512_stream_pd(p, (__m512d)v);
@@ -60,7 +60,7 @@ BFT_INLINE void vstream(A* p, vec_t<A> v) {
 
 // Stores the first `count` (< VL) lanes of v to p.
 template <class A>
-BFT_INLINE void vstore_part(A* p, vec_t<A> v, int count) {
+SIMD_INLINE void vstore_part(A* p, vec_t<A> v, int count) {
 #if defined(__AVX512F__)
   const __mmask16 m = (__mmask16)((1u << count) - 1);
   if constexpr (std::is_same_v<A, float>) return _mm512_mask_storeu_ps(p, m, (__m512)v);
@@ -72,7 +72,7 @@ BFT_INLINE void vstore_part(A* p, vec_t<A> v, int count) {
 // The functor of a plain copy: returns the vector it is given.
 struct Unchanged {
   template <class V, class... I>
-  BFT_INLINE V operator()(V v, I...) const { return v; }
+  SIMD_INLINE V operator()(V v, I...) const { return v; }
 };
 
 // dst[p] = src[p] for p < np, with streaming stores for the vector-aligned part of dst when
@@ -102,20 +102,20 @@ inline void stream_fence() {
 
 // Calls f(std::integral_constant<int, I>{}) for I = 0..N-1, fully unrolled at compile time.
 template <int N, class F>
-BFT_INLINE void unroll(F&& f) {
-  [&]<int... I>(std::integer_sequence<int, I...>) BFT_INLINE_LAMBDA {
+SIMD_INLINE void unroll(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) SIMD_INLINE_LAMBDA {
     (f(std::integral_constant<int, I>{}), ...);
   }(std::make_integer_sequence<int, N>{});
 }
 
 // Lanes I... of the concatenation (a, b) (GCC before 12 lacks __builtin_shufflevector).
 template <class A, int... I>
-BFT_INLINE vec_t<A> shuffle2(vec_t<A> a, vec_t<A> b) {
+SIMD_INLINE vec_t<A> shuffle2(vec_t<A> a, vec_t<A> b) {
 #if defined(__clang__)
   return __builtin_shufflevector(a, b, I...);
 #else
   typedef std::conditional_t<sizeof(A) == 4, int32_t, int64_t> M;
-  typedef M mask_t __attribute__((vector_size(BFT_VECTOR_BYTES)));
+  typedef M mask_t __attribute__((vector_size(SIMD_VECTOR_BYTES)));
   return __builtin_shuffle(a, b, mask_t{I...});
 #endif
 }
@@ -123,7 +123,7 @@ BFT_INLINE vec_t<A> shuffle2(vec_t<A> a, vec_t<A> b) {
 // One step of a transposing reduction: a and b hold VL / w partial sums of width w each; the
 // result holds 2 * VL / w sums of width w / 2 (block 2i: a's i-th, block 2i + 1: b's i-th).
 template <class A, int W, int... L>
-BFT_INLINE vec_t<A> fold(vec_t<A> a, vec_t<A> b, std::integer_sequence<int, L...>) {
+SIMD_INLINE vec_t<A> fold(vec_t<A> a, vec_t<A> b, std::integer_sequence<int, L...>) {
   constexpr int VL = Vec<A>::lanes, H = W / 2;
   auto lo = shuffle2<A, (((L / H) % 2 ? VL : 0) + (L / H / 2) * W + L % H)...>(a, b);
   auto hi = shuffle2<A, (((L / H) % 2 ? VL : 0) + (L / H / 2) * W + H + L % H)...>(a, b);
@@ -133,13 +133,13 @@ BFT_INLINE vec_t<A> fold(vec_t<A> a, vec_t<A> b, std::integer_sequence<int, L...
 // Reduces `count` (a power of two <= VL) vectors acc[0..count) whose blocks have width W into
 // one vector: after log2(count) folds, block j holds the full sum of acc[j] (natural order).
 template <class A, int Count, int W = Vec<A>::lanes>
-BFT_INLINE vec_t<A> fold_all(const vec_t<A>* acc) {
+SIMD_INLINE vec_t<A> fold_all(const vec_t<A>* acc) {
   if constexpr (Count == 1) {
     return acc[0];
   } else {
     constexpr int Half = Count / 2;
     vec_t<A> next[Half];
-    unroll<Half>([&](auto i) BFT_INLINE_LAMBDA {
+    unroll<Half>([&](auto i) SIMD_INLINE_LAMBDA {
       next[i] = fold<A, W>(acc[i], acc[i + Half], std::make_integer_sequence<int, Vec<A>::lanes>{});
     });
     return fold_all<A, Half, W / 2>(next);
@@ -148,19 +148,19 @@ BFT_INLINE vec_t<A> fold_all(const vec_t<A>* acc) {
 
 // out[i] += (sum of the lanes of acc[i]) for i < N, in a fixed order (deterministic).
 template <class A, int N>
-BFT_INLINE void add_lane_sums(const vec_t<A>* acc, A* out) {
+SIMD_INLINE void add_lane_sums(const vec_t<A>* acc, A* out) {
   constexpr int VL = Vec<A>::lanes;
-  unroll<(N + VL - 1) / VL>([&](auto c) BFT_INLINE_LAMBDA {
+  unroll<(N + VL - 1) / VL>([&](auto c) SIMD_INLINE_LAMBDA {
     constexpr int first = c * VL, count = std::min(VL, N - first);
     constexpr int pow2 = count <= 1 ? 1 : 1 << (32 - __builtin_clz(count - 1));
     vec_t<A> part[pow2];
-    unroll<pow2>([&](auto i) BFT_INLINE_LAMBDA { part[i] = i < count ? acc[first + i] : vec_t<A>{}; });
+    unroll<pow2>([&](auto i) SIMD_INLINE_LAMBDA { part[i] = i < count ? acc[first + i] : vec_t<A>{}; });
     vec_t<A> s = fold_all<A, pow2>(part);
     constexpr int width = VL / pow2;  // lanes still summed per accumulator
     if constexpr (width == 1 && count == VL) {
       vstore(out + first, vload(out + first) + s);
     } else {
-      unroll<count>([&](auto i) BFT_INLINE_LAMBDA {
+      unroll<count>([&](auto i) SIMD_INLINE_LAMBDA {
         A v = 0;
         for (int l = 0; l < width; ++l) v += s[i * width + l];
         out[first + i] += v;
@@ -169,14 +169,14 @@ BFT_INLINE void add_lane_sums(const vec_t<A>* acc, A* out) {
   });
 }
 
-}  // namespace bft
+}  // namespace simd
 
-namespace bft {
+namespace simd {
 
 // One step of an in-register transpose: swaps the off-diagonal B x B sub-blocks of the pair
 // (a, b) = (rows i, i + B).
 template <class A, int B, int... L>
-BFT_INLINE void swap_blocks(vec_t<A>& a, vec_t<A>& b, std::integer_sequence<int, L...>) {
+SIMD_INLINE void swap_blocks(vec_t<A>& a, vec_t<A>& b, std::integer_sequence<int, L...>) {
   constexpr int VL = Vec<A>::lanes;
   vec_t<A> lo = shuffle2<A, ((L & B) ? VL + L - B : L)...>(a, b);
   vec_t<A> hi = shuffle2<A, ((L & B) ? VL + L : L + B)...>(a, b);
@@ -186,15 +186,15 @@ BFT_INLINE void swap_blocks(vec_t<A>& a, vec_t<A>& b, std::integer_sequence<int,
 
 // Transposes the VL x VL block held in r[0..VL) (r[i][j] <-> r[j][i]).
 template <class A>
-BFT_INLINE void transpose(vec_t<A>* r) {
+SIMD_INLINE void transpose(vec_t<A>* r) {
   constexpr int VL = Vec<A>::lanes;
-  unroll<__builtin_ctz(VL)>([&](auto s) BFT_INLINE_LAMBDA {
+  unroll<__builtin_ctz(VL)>([&](auto s) SIMD_INLINE_LAMBDA {
     constexpr int B = 1 << decltype(s)::value;
-    unroll<VL / 2>([&](auto k) BFT_INLINE_LAMBDA {
+    unroll<VL / 2>([&](auto k) SIMD_INLINE_LAMBDA {
       constexpr int K = decltype(k)::value, i = (K / B) * 2 * B + K % B;
       swap_blocks<A, B>(r[i], r[i + B], std::make_integer_sequence<int, VL>{});
     });
   });
 }
 
-}  // namespace bft
+}  // namespace simd

@@ -32,9 +32,9 @@ at::MemoryFormat format_of(bool channels_last) {
 }
 
 int activation_code(c10::string_view name) {
-  const int code = dwconv::activation_code(std::string_view(name.data(), name.size()));
-  TORCH_CHECK(code != kAny, "butterfly_cpu::dw_forward: unknown activation '", std::string(name),
-              "'; choose one of none, relu, relu6, hardswish, hardsigmoid");
+  const int code = activation::code_of(std::string_view(name.data(), name.size()));
+  TORCH_CHECK(code >= 0, "butterfly_cpu::dw_forward: unknown activation '", std::string(name),
+              "'; choose one of ", activation::name_list());
   return code;
 }
 

@@ -27,7 +27,7 @@
 // the schedule.
 #pragma once
 
-#include <omp.h>
+#include "common/openmp.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -36,27 +36,25 @@
 #include <utility>
 #include <vector>
 
+#include "common/activation.h"
 #include "common/simd.h"
 
 namespace dwconv {
 
 template <class A>
-using V = bft::vec_t<A>;
+using V = simd::vec_t<A>;
 template <class A>
-inline constexpr int VL = bft::Vec<A>::lanes;
-using bft::unroll;
+inline constexpr int VL = simd::Vec<A>::lanes;
+using simd::unroll;
 
-enum Act : int { kAny = -1, kNone = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3, kHardsigmoid = 4 };
-
-// The code of an activation of butterfly/epilogue.py's list, or kAny for an unknown name.
-inline int activation_code(std::string_view name) {
-  if (name == "none") return kNone;
-  if (name == "relu") return kRelu;
-  if (name == "relu6") return kRelu6;
-  if (name == "hardswish") return kHardswish;
-  if (name == "hardsigmoid") return kHardsigmoid;
-  return kAny;
-}
+// Activations: the codes of common/activation.h; a kernel's template parameter Act is one of
+// them, or kAny: the activation is then its runtime argument `act`.
+using activation::kHardsigmoid;
+using activation::kHardswish;
+using activation::kNone;
+using activation::kRelu;
+using activation::kRelu6;
+inline constexpr int kAny = -1;
 
 struct Shape {
   int64_t N, C, H, W, Ho, Wo;
@@ -68,13 +66,13 @@ inline int64_t out_size(int64_t in, int K, int S) { return (in + 2 * (K / 2) - K
 
 // ------------------------------------------------------------------------------------ vectors
 template <class A>
-BFT_INLINE V<A> splat(A a) {
+SIMD_INLINE V<A> splat(A a) {
   return V<A>{} + a;
 }
 
 // The lanes l with lo <= l < hi, as a bit mask.
 template <class A>
-BFT_INLINE uint32_t lanes(int64_t lo, int64_t hi) {
+SIMD_INLINE uint32_t lanes(int64_t lo, int64_t hi) {
   lo = std::max<int64_t>(lo, 0);
   hi = std::min<int64_t>(hi, VL<A>);
   if (hi <= lo) return 0;
@@ -85,13 +83,12 @@ template <class A>
 inline constexpr uint32_t kFull = (uint32_t)((uint64_t{1} << VL<A>) - 1);
 
 // Prefetches [p, p + bytes): the rows that the next task reads first. The hardware prefetcher,
-// fed one cache line of every C-channel pixel at a time, brings them in too late (channels-last
-// forward, 64 channels x 112 pixels: 20 -> 8 ms; NCHW 18 -> 7 ms). Into L1 when they fit
-// (`near`, up to 32 KB), else into L2 (prefetching into L2 only was 1.6x slower here).
+// fed one cache line of every C-channel pixel at a time, brings them in too late. Into L1 when
+// they fit (`near`, up to 32 KB), else into L2.
 // The prefetches are volatile asm on x86: GCC deletes a loop of __builtin_prefetch calls once
 // it is inlined (-ffinite-loops treats the loop as free of side effects).
 template <int Hint>
-BFT_INLINE void prefetch_line(const char* p) {
+SIMD_INLINE void prefetch_line(const char* p) {
 #if defined(__x86_64__) || defined(__i386__)
   if constexpr (Hint == 3)
     asm volatile("prefetcht0 %0" : : "m"(*p));
@@ -117,12 +114,12 @@ inline constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
 // p[l] for the lanes of m, zero elsewhere. p + l need not be addressable for lanes outside m.
 template <class A>
-BFT_INLINE V<A> load_m(const A* p, uint32_t m) {
+SIMD_INLINE V<A> load_m(const A* p, uint32_t m) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<A, float>) return (V<A>)_mm512_maskz_loadu_ps((__mmask16)m, p);
   if constexpr (std::is_same_v<A, double>) return (V<A>)_mm512_maskz_loadu_pd((__mmask8)m, p);
 #endif
-  if (m == kFull<A>) return bft::vload(p);
+  if (m == kFull<A>) return simd::vload(p);
   V<A> v{};
   for (int l = 0; l < VL<A>; ++l)
     if (m >> l & 1) v[l] = p[l];
@@ -130,20 +127,20 @@ BFT_INLINE V<A> load_m(const A* p, uint32_t m) {
 }
 
 template <class A>
-BFT_INLINE void store_m(A* p, V<A> v, uint32_t m) {
+SIMD_INLINE void store_m(A* p, V<A> v, uint32_t m) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<A, float>) return _mm512_mask_storeu_ps(p, (__mmask16)m, (__m512)v);
   if constexpr (std::is_same_v<A, double>)
     return _mm512_mask_storeu_pd(p, (__mmask8)m, (__m512d)v);
 #endif
-  if (m == kFull<A>) return bft::vstore(p, v);
+  if (m == kFull<A>) return simd::vstore(p, v);
   for (int l = 0; l < VL<A>; ++l)
     if (m >> l & 1) p[l] = v[l];
 }
 
 // The activations of butterfly/epilogue.py's `activate` (NaN stays NaN, as in PyTorch).
 template <class A>
-BFT_INLINE V<A> activate(V<A> y, int act) {
+SIMD_INLINE V<A> activate(V<A> y, int act) {
   const V<A> zero{}, six = splat<A>(6);
   switch (act) {
     case kRelu:
@@ -171,36 +168,36 @@ BFT_INLINE V<A> activate(V<A> y, int act) {
 
 // Lanes 2l + B of the concatenation (a, b).
 template <class A, int B, int... L>
-BFT_INLINE V<A> deinterleave(V<A> a, V<A> b, std::integer_sequence<int, L...>) {
-  return bft::shuffle2<A, (2 * L + B)...>(a, b);
+SIMD_INLINE V<A> deinterleave(V<A> a, V<A> b, std::integer_sequence<int, L...>) {
+  return simd::shuffle2<A, (2 * L + B)...>(a, b);
 }
 
 // Lanes M.. of eo, then lanes B, B + 2, ... of v2 (the next elements of the same parity).
 template <class A, int M, int B, int... L>
-BFT_INLINE V<A> shift_in(V<A> eo, V<A> v2, std::integer_sequence<int, L...>) {
+SIMD_INLINE V<A> shift_in(V<A> eo, V<A> v2, std::integer_sequence<int, L...>) {
   constexpr int n = VL<A>;
   if constexpr (M == 0) {
     return eo;
   } else {
-    return bft::shuffle2<A, (L < n - M ? L + M : n + 2 * (L - (n - M)) + B)...>(eo, v2);
+    return simd::shuffle2<A, (L < n - M ? L + M : n + 2 * (L - (n - M)) + B)...>(eo, v2);
   }
 }
 
 // Lanes M.. of a, then the first lanes of b (b: the next elements of a's sequence).
 template <class A, int M, int... L>
-BFT_INLINE V<A> shift_next(V<A> a, V<A> b, std::integer_sequence<int, L...>) {
+SIMD_INLINE V<A> shift_next(V<A> a, V<A> b, std::integer_sequence<int, L...>) {
   if constexpr (M == 0) {
     return a;
   } else {
-    return bft::shuffle2<A, (L + M)...>(a, b);
+    return simd::shuffle2<A, (L + M)...>(a, b);
   }
 }
 
 // Lanes (a0, b0, a1, b1, ...) of the first (H = 0) or second (H = 1) half.
 template <class A, int H, int... L>
-BFT_INLINE V<A> interleave(V<A> a, V<A> b, std::integer_sequence<int, L...>) {
+SIMD_INLINE V<A> interleave(V<A> a, V<A> b, std::integer_sequence<int, L...>) {
   constexpr int n = VL<A>;
-  return bft::shuffle2<A, ((L % 2 ? n : 0) + H * n / 2 + L / 2)...>(a, b);
+  return simd::shuffle2<A, ((L % 2 ? n : 0) + H * n / 2 + L / 2)...>(a, b);
 }
 
 template <class A>
@@ -221,8 +218,8 @@ struct RowTaps<A, K, 1> {
   RowTaps(int64_t col, int64_t W) : c0(col) {
     for (int kw = 0; kw < K; ++kw) m[kw] = lanes<A>(P - c0 - kw, W - (c0 + kw - P));
   }
-  BFT_INLINE void load(const A* row, V<A>* tap) const {
-    unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+  SIMD_INLINE void load(const A* row, V<A>* tap) const {
+    unroll<K>([&](auto kw) SIMD_INLINE_LAMBDA {
       constexpr int KW = decltype(kw)::value;
       tap[KW] = load_m(row + c0 + KW - P, m[KW]);
     });
@@ -242,7 +239,7 @@ struct RowTaps<A, K, 2> {
   RowTaps(int64_t col, int64_t W) : base(2 * col - P) {
     for (int q = 0; q < NV; ++q) m[q] = lanes<A>(-(base + q * VL<A>), W - (base + q * VL<A>));
   }
-  BFT_INLINE void load(const A* row, V<A>* tap) const {
+  SIMD_INLINE void load(const A* row, V<A>* tap) const {
     const A* p = row + base;
     if constexpr (NV > 4) {  // k = 7 with 2 lanes (float64 on SSE): lane by lane
       for (int kw = 0; kw < K; ++kw)
@@ -256,7 +253,7 @@ struct RowTaps<A, K, 2> {
       const V<A> even = deinterleave<A, 0>(v0, v1, Lanes<A>{});
       const V<A> odd = deinterleave<A, 1>(v0, v1, Lanes<A>{});
       if constexpr (NV == 3) {
-        unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+        unroll<K>([&](auto kw) SIMD_INLINE_LAMBDA {
           constexpr int KW = decltype(kw)::value, M = KW / 2, B = KW % 2;
           tap[KW] = shift_in<A, M, B>(B ? odd : even, v2, Lanes<A>{});
         });
@@ -264,7 +261,7 @@ struct RowTaps<A, K, 2> {
         const V<A> v3 = load_m(p + 3 * VL<A>, m[3]);
         const V<A> even2 = deinterleave<A, 0>(v2, v3, Lanes<A>{});
         const V<A> odd2 = deinterleave<A, 1>(v2, v3, Lanes<A>{});
-        unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+        unroll<K>([&](auto kw) SIMD_INLINE_LAMBDA {
           constexpr int KW = decltype(kw)::value, M = KW / 2, B = KW % 2;
           tap[KW] = shift_next<A, M>(B ? odd : even, B ? odd2 : even2, Lanes<A>{});
         });
@@ -284,26 +281,26 @@ template <class A>
 struct Uniform {
   const A* base;
   int64_t stride;
-  BFT_INLINE const A* operator()(int j) const { return base + j * stride; }
+  SIMD_INLINE const A* operator()(int j) const { return base + j * stride; }
 };
 
 template <class A>
 struct Listed {
   const A* const* rows;
-  BFT_INLINE const A* operator()(int j) const { return rows[j]; }
+  SIMD_INLINE const A* operator()(int j) const { return rows[j]; }
 };
 
 // acc[r] += sum over taps of w[kh][kw] * x[S (o + r) + kh - P][S (c0 + l) + kw - P].
 template <class A, int K, int S, int RB, class Src>
-BFT_INLINE void conv_block(const RowTaps<A, K, S>& rt, Src rows, const V<A>* w, V<A>* acc) {
-  unroll<kBlockRows<K, S, RB>>([&](auto jj) BFT_INLINE_LAMBDA {
+SIMD_INLINE void conv_block(const RowTaps<A, K, S>& rt, Src rows, const V<A>* w, V<A>* acc) {
+  unroll<kBlockRows<K, S, RB>>([&](auto jj) SIMD_INLINE_LAMBDA {
     constexpr int j = decltype(jj)::value;
     V<A> tap[K];
     rt.load(rows(j), tap);
-    unroll<RB>([&](auto rr) BFT_INLINE_LAMBDA {
+    unroll<RB>([&](auto rr) SIMD_INLINE_LAMBDA {
       constexpr int R_ = decltype(rr)::value, kh = j - S * R_;
       if constexpr (kh >= 0 && kh < K) {
-        unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+        unroll<K>([&](auto kw) SIMD_INLINE_LAMBDA {
           constexpr int KW = decltype(kw)::value;
           acc[R_] += tap[KW] * w[kh * K + KW];
         });
@@ -314,15 +311,15 @@ BFT_INLINE void conv_block(const RowTaps<A, K, S>& rt, Src rows, const V<A>* w, 
 
 // acc[kh K + kw] += sum over the block of g[o + r][c0 + l] * x[S (o + r) + kh - P][...].
 template <class A, int K, int S, int RB, class Src>
-BFT_INLINE void wgrad_block(const RowTaps<A, K, S>& rt, Src rows, const V<A>* g, V<A>* acc) {
-  unroll<kBlockRows<K, S, RB>>([&](auto jj) BFT_INLINE_LAMBDA {
+SIMD_INLINE void wgrad_block(const RowTaps<A, K, S>& rt, Src rows, const V<A>* g, V<A>* acc) {
+  unroll<kBlockRows<K, S, RB>>([&](auto jj) SIMD_INLINE_LAMBDA {
     constexpr int j = decltype(jj)::value;
     V<A> tap[K];
     rt.load(rows(j), tap);
-    unroll<RB>([&](auto rr) BFT_INLINE_LAMBDA {
+    unroll<RB>([&](auto rr) SIMD_INLINE_LAMBDA {
       constexpr int R_ = decltype(rr)::value, kh = j - S * R_;
       if constexpr (kh >= 0 && kh < K) {
-        unroll<K>([&](auto kw) BFT_INLINE_LAMBDA {
+        unroll<K>([&](auto kw) SIMD_INLINE_LAMBDA {
           constexpr int KW = decltype(kw)::value;
           acc[kh * K + KW] += g[R_] * tap[KW];
         });
@@ -338,7 +335,7 @@ inline constexpr int kRowBlock = K == 3 ? (S == 1 ? 8 : 4) : 2;
 // Calls body(o, std::integral_constant<int, R>) for blocks that cover rows [o0, o1): blocks of
 // RB rows, then of RB / 2, ..., 1 for the rest.
 template <int RB, class F>
-BFT_INLINE void for_row_blocks(int64_t o0, int64_t o1, F&& body) {
+SIMD_INLINE void for_row_blocks(int64_t o0, int64_t o1, F&& body) {
   int64_t o = o0;
   for (; o + RB <= o1; o += RB) body(o, std::integral_constant<int, RB>{});
   if constexpr (RB > 1) for_row_blocks<RB / 2>(o, o1, body);
@@ -389,10 +386,10 @@ void conv_plane(const A* in, int64_t Hi, int64_t Wi, A* out, int64_t Wo, int64_t
   for (int i = 0; i < K * K; ++i) wl[i] = splat(w[i]);
   const V<A> bv = splat(bias);
   const A* zero = cols.zero_row();
-  for_row_blocks<RB>(o0, o1, [&](int64_t o, auto rb) BFT_INLINE_LAMBDA {
+  for_row_blocks<RB>(o0, o1, [&](int64_t o, auto rb) SIMD_INLINE_LAMBDA {
     constexpr int R = decltype(rb)::value, NR = kBlockRows<K, S, R>;
     const int64_t first = S * o - P;
-    auto run = [&](auto src) BFT_INLINE_LAMBDA {
+    auto run = [&](auto src) SIMD_INLINE_LAMBDA {
       for (int64_t ci = 0; ci < cols.n; ++ci) {
         const RowTaps<A, K, S> rt = cols.taps[ci];
         const uint32_t om = cols.out_mask[ci];
@@ -403,7 +400,7 @@ void conv_plane(const A* in, int64_t Hi, int64_t Wi, A* out, int64_t Wo, int64_t
           A* dst = out + (o + r) * Wo + ci * VL<A>;
           const V<A> v = activate<A>(acc[r], Act == kAny ? act : Act);
           if (stream)
-            bft::vstream(dst, v);
+            simd::vstream(dst, v);
           else
             store_m(dst, v, om);
         }
@@ -427,7 +424,7 @@ void conv_plane(const A* in, int64_t Hi, int64_t Wi, A* out, int64_t Wo, int64_t
 // (the common case, where the activation's code is worth specialising), else with kAny: the
 // activation is then a runtime argument (fewer instantiations: a faster build).
 template <class A, int K, class F>
-BFT_INLINE void dispatch_act(int act, F&& f) {
+SIMD_INLINE void dispatch_act(int act, F&& f) {
   if constexpr (std::is_same_v<A, float> && K == 3) {
     switch (act) {
       case kRelu: return f(std::integral_constant<int, kRelu>{});
@@ -462,7 +459,7 @@ void forward_nchw(const Shape& sh, const A* x, const A* w, const A* b, int act, 
       conv_plane<A, K, S, Act>(x + plane * sh.H * sh.W, sh.H, sh.W, y + plane * sh.Ho * sh.Wo,
                                sh.Wo, o0, o1, cols, w + c * K * K, b ? b[c] : A(0), stream, act);
     }
-    if (stream) bft::stream_fence();
+    if (stream) simd::stream_fence();
   });
 }
 
@@ -493,15 +490,15 @@ void grad_input_s2_plane(const A* g, int64_t Ho, int64_t Wo, A* gx, int64_t H, i
       for (int dh = 0; dh < ND; ++dh)
         for (int dw = 0; dw < ND; ++dw) L[dh][dw] = load_m(grow[dh] + j0 + D0 + dw, cm[dw]);
       V<A> acc[2][2] = {};
-      unroll<2>([&](auto a_) BFT_INLINE_LAMBDA {
+      unroll<2>([&](auto a_) SIMD_INLINE_LAMBDA {
         constexpr int a = decltype(a_)::value;
-        unroll<2>([&](auto b_) BFT_INLINE_LAMBDA {
+        unroll<2>([&](auto b_) SIMD_INLINE_LAMBDA {
           constexpr int b = decltype(b_)::value;
-          unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+          unroll<K>([&](auto kh_) SIMD_INLINE_LAMBDA {
             constexpr int kh = decltype(kh_)::value;
             if constexpr ((a + P - kh) % 2 == 0) {
               constexpr int dh = (a + P - kh) / 2 - D0;
-              unroll<K>([&](auto kw_) BFT_INLINE_LAMBDA {
+              unroll<K>([&](auto kw_) SIMD_INLINE_LAMBDA {
                 constexpr int kw = decltype(kw_)::value;
                 if constexpr ((b + P - kw) % 2 == 0) {
                   constexpr int dw = (b + P - kw) / 2 - D0;
@@ -533,10 +530,10 @@ void wgrad_plane(const A* xp, int64_t H, int64_t W, const A* gp, int64_t Wo, int
   V<A> acc[KK + 1] = {};  // the k*k taps, then the bias
   V<A>& accb = acc[KK];
   const A* zero = cols.zero_row();
-  for_row_blocks<RB>(o0, o1, [&](int64_t o, auto rb) BFT_INLINE_LAMBDA {
+  for_row_blocks<RB>(o0, o1, [&](int64_t o, auto rb) SIMD_INLINE_LAMBDA {
     constexpr int R = decltype(rb)::value, NR = kBlockRows<K, S, R>;
     const int64_t first = S * o - P;
-    auto run = [&](auto src) BFT_INLINE_LAMBDA {
+    auto run = [&](auto src) SIMD_INLINE_LAMBDA {
       for (int64_t ci = 0; ci < cols.n; ++ci) {
         const RowTaps<A, K, S> rt = cols.taps[ci];
         const uint32_t gm = cols.out_mask[ci];
@@ -563,7 +560,7 @@ void wgrad_plane(const A* xp, int64_t H, int64_t W, const A* gp, int64_t Wo, int
     }
   });
   for (int i = 0; i <= KK; ++i) dst[i] = A(0);
-  bft::add_lane_sums<A, KK + 1>(acc, dst);  // a fixed tree of shuffles and adds
+  simd::add_lane_sums<A, KK + 1>(acc, dst);  // a fixed tree of shuffles and adds
 }
 
 // Backward, NCHW: gx, gw, gb (each may be null). Tasks are (image, channel, strip); each writes
@@ -659,17 +656,17 @@ std::vector<A> pack_bias(const A* b, int64_t C) {
 // acc[r] += taps of output pixels ow0 + r (unchecked columns). rows[kh]: the input row of tap
 // row kh (nullptr: outside), each offset to the channel block; C: the pixel stride.
 template <class A, int K, int S, int R>
-BFT_INLINE void cl_conv_pixels(const A* const* rows, int64_t C, int64_t ow0, uint32_t m,
+SIMD_INLINE void cl_conv_pixels(const A* const* rows, int64_t C, int64_t ow0, uint32_t m,
                                const V<A>* w, V<A>* acc) {
   constexpr int P = K / 2, NQ = (R - 1) * S + K;
-  unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+  unroll<K>([&](auto kh_) SIMD_INLINE_LAMBDA {
     constexpr int kh = decltype(kh_)::value;
     if (!rows[kh]) return;
     const A* base = rows[kh] + (S * ow0 - P) * C;
-    unroll<NQ>([&](auto q_) BFT_INLINE_LAMBDA {
+    unroll<NQ>([&](auto q_) SIMD_INLINE_LAMBDA {
       constexpr int q = decltype(q_)::value;
       const V<A> v = load_m(base + (int64_t)q * C, m);
-      unroll<R>([&](auto r_) BFT_INLINE_LAMBDA {
+      unroll<R>([&](auto r_) SIMD_INLINE_LAMBDA {
         constexpr int r = decltype(r_)::value, kw = q - S * r;
         if constexpr (kw >= 0 && kw < K) acc[r] += v * w[kh * K + kw];
       });
@@ -679,13 +676,13 @@ BFT_INLINE void cl_conv_pixels(const A* const* rows, int64_t C, int64_t ow0, uin
 
 // One output pixel with checked columns.
 template <class A, int K, int S>
-BFT_INLINE V<A> cl_conv_pixel_checked(const A* const* rows, int64_t C, int64_t W, int64_t ow,
+SIMD_INLINE V<A> cl_conv_pixel_checked(const A* const* rows, int64_t C, int64_t W, int64_t ow,
                                       uint32_t m, const V<A>* w, V<A> acc) {
   constexpr int P = K / 2;
-  unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+  unroll<K>([&](auto kh_) SIMD_INLINE_LAMBDA {
     constexpr int kh = decltype(kh_)::value;
     if (!rows[kh]) return;
-    unroll<K>([&](auto kw_) BFT_INLINE_LAMBDA {
+    unroll<K>([&](auto kw_) SIMD_INLINE_LAMBDA {
       constexpr int kw = decltype(kw_)::value;
       const int64_t iw = S * ow - P + kw;
       if (iw >= 0 && iw < W) acc += load_m(rows[kh] + iw * C, m) * w[kh * K + kw];
@@ -707,18 +704,18 @@ void cl_conv_range(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, in
   interior(W, Wo, K, S, lo, hi);
   lo = std::min(std::max(lo, ow0), ow1);
   hi = std::min(std::max(hi, lo), ow1);
-  auto put = [&](A* p, V<A> v, uint32_t m) BFT_INLINE_LAMBDA {
+  auto put = [&](A* p, V<A> v, uint32_t m) SIMD_INLINE_LAMBDA {
     v = activate<A>(v, Act == kAny ? act : Act);
     if (stream)
-      bft::vstream(p, v);
+      simd::vstream(p, v);
     else
       store_m(p, v, m);
   };
   for (int64_t cb = 0; cb < C; cb += VL<A>) {
     const uint32_t m = lanes<A>(0, C - cb);
     V<A> wv[K * K];
-    for (int i = 0; i < K * K; ++i) wv[i] = bft::vload(wpack + i * wstride + cb);
-    const V<A> bv = bias ? bft::vload(bias + cb) : V<A>{};
+    for (int i = 0; i < K * K; ++i) wv[i] = simd::vload(wpack + i * wstride + cb);
+    const V<A> bv = bias ? simd::vload(bias + cb) : V<A>{};
     const A* rows[K];
     for (int kh = 0; kh < K; ++kh) rows[kh] = in_rows[kh] ? in_rows[kh] + cb : nullptr;
     A* o = out + cb;
@@ -750,7 +747,7 @@ void cl_conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, cons
 
 // Prefetches the rows that output row oh + 1 reads and oh does not (of image `img`).
 template <class A, int K, int S>
-BFT_INLINE void prefetch_next_rows(const A* img, int64_t Hi, int64_t row_len, int64_t oh,
+SIMD_INLINE void prefetch_next_rows(const A* img, int64_t Hi, int64_t row_len, int64_t oh,
                                    int64_t Ho) {
   if (oh + 1 >= Ho) return;
   for (int q = 0; q < S; ++q) {
@@ -761,7 +758,7 @@ BFT_INLINE void prefetch_next_rows(const A* img, int64_t Hi, int64_t row_len, in
 
 // The rows of image `img` (Hi rows of Wi * C) that output row oh reads: nullptr outside.
 template <class A, int K, int S>
-BFT_INLINE void input_rows(const A* img, int64_t Hi, int64_t row_len, int64_t oh,
+SIMD_INLINE void input_rows(const A* img, int64_t Hi, int64_t row_len, int64_t oh,
                            const A** rows) {
   for (int kh = 0; kh < K; ++kh) {
     const int64_t ih = S * oh - K / 2 + kh;
@@ -786,14 +783,14 @@ void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A*
       cl_conv_row<A, K, S, Act>(rows, C, sh.W, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
                                 y + t * sh.Wo * C, stream, act);
     }
-    if (stream) bft::stream_fence();
+    if (stream) simd::stream_fence();
   });
 }
 
 // Weight gradient accumulation of output pixels ow0 + r (unchecked columns): acc[kh K + kw] +=
 // g[r] * x[tap]; grow is g's row at the channel block.
 template <class A, int K, int S, int R>
-BFT_INLINE void cl_wgrad_pixels(const A* const* rows, const A* grow, int64_t C, int64_t ow0,
+SIMD_INLINE void cl_wgrad_pixels(const A* const* rows, const A* grow, int64_t C, int64_t ow0,
                                 uint32_t m, V<A>* acc) {
   constexpr int P = K / 2, NQ = (R - 1) * S + K;
   V<A> gv[R];
@@ -801,14 +798,14 @@ BFT_INLINE void cl_wgrad_pixels(const A* const* rows, const A* grow, int64_t C, 
     gv[r] = load_m(grow + (ow0 + r) * C, m);
     acc[K * K] += gv[r];
   }
-  unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+  unroll<K>([&](auto kh_) SIMD_INLINE_LAMBDA {
     constexpr int kh = decltype(kh_)::value;
     if (!rows[kh]) return;
     const A* base = rows[kh] + (S * ow0 - P) * C;
-    unroll<NQ>([&](auto q_) BFT_INLINE_LAMBDA {
+    unroll<NQ>([&](auto q_) SIMD_INLINE_LAMBDA {
       constexpr int q = decltype(q_)::value;
       const V<A> v = load_m(base + (int64_t)q * C, m);
-      unroll<R>([&](auto r_) BFT_INLINE_LAMBDA {
+      unroll<R>([&](auto r_) SIMD_INLINE_LAMBDA {
         constexpr int r = decltype(r_)::value, kw = q - S * r;
         if constexpr (kw >= 0 && kw < K) acc[kh * K + kw] += gv[r] * v;
       });
@@ -817,15 +814,15 @@ BFT_INLINE void cl_wgrad_pixels(const A* const* rows, const A* grow, int64_t C, 
 }
 
 template <class A, int K, int S>
-BFT_INLINE void cl_wgrad_pixel_checked(const A* const* rows, const A* grow, int64_t C, int64_t W,
+SIMD_INLINE void cl_wgrad_pixel_checked(const A* const* rows, const A* grow, int64_t C, int64_t W,
                                        int64_t ow, uint32_t m, V<A>* acc) {
   constexpr int P = K / 2;
   const V<A> gv = load_m(grow + ow * C, m);
   acc[K * K] += gv;
-  unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+  unroll<K>([&](auto kh_) SIMD_INLINE_LAMBDA {
     constexpr int kh = decltype(kh_)::value;
     if (!rows[kh]) return;
-    unroll<K>([&](auto kw_) BFT_INLINE_LAMBDA {
+    unroll<K>([&](auto kw_) SIMD_INLINE_LAMBDA {
       constexpr int kw = decltype(kw_)::value;
       const int64_t iw = S * ow - P + kw;
       if (iw >= 0 && iw < W) acc[kh * K + kw] += gv * load_m(rows[kh] + iw * C, m);
@@ -836,7 +833,7 @@ BFT_INLINE void cl_wgrad_pixel_checked(const A* const* rows, const A* grow, int6
 // acc (K*K taps, then the bias) += the sums of one output row; rows and grow at the channel
 // block, C: the pixel stride.
 template <class A, int K, int S>
-BFT_INLINE void cl_wgrad_row(const A* const* rows, const A* grow, int64_t C, int64_t W,
+SIMD_INLINE void cl_wgrad_row(const A* const* rows, const A* grow, int64_t C, int64_t W,
                              int64_t Wo, int64_t lo, int64_t hi, uint32_t m, V<A>* acc) {
   constexpr int R = kPixelBlock<K, S> / 2;
   int64_t ow = 0;
@@ -860,14 +857,14 @@ void cl_grad_input_s2_row(const A* g_img, int64_t C, int64_t Ho, int64_t Wo, int
   for (int64_t cb = 0; cb < C; cb += VL<A>) {
     const uint32_t m = lanes<A>(0, C - cb);
     V<A> wv[K * K];
-    for (int i = 0; i < K * K; ++i) wv[i] = bft::vload(wpack + i * wstride + cb);
-    auto pixel = [&](int64_t iw, auto par) BFT_INLINE_LAMBDA {
+    for (int i = 0; i < K * K; ++i) wv[i] = simd::vload(wpack + i * wstride + cb);
+    auto pixel = [&](int64_t iw, auto par) SIMD_INLINE_LAMBDA {
       constexpr int B = decltype(par)::value;  // parity of iw + P: the taps kw with kw % 2 == B
       V<A> acc{};
-      unroll<K>([&](auto kh_) BFT_INLINE_LAMBDA {
+      unroll<K>([&](auto kh_) SIMD_INLINE_LAMBDA {
         constexpr int kh = decltype(kh_)::value;
         if (!grows[kh]) return;
-        unroll<K>([&](auto kw_) BFT_INLINE_LAMBDA {
+        unroll<K>([&](auto kw_) SIMD_INLINE_LAMBDA {
           constexpr int kw = decltype(kw_)::value;
           if constexpr (kw % 2 == B) {
             const int64_t ow = (iw + P - kw) / 2;
@@ -941,7 +938,7 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
               cl_wgrad_row<A, K, S>(rows, g + row * sh.Wo * C + cb, C, sh.W, sh.Wo, lo, hi, m,
                                     acc);
             }
-            for (int i = 0; i <= KK; ++i) bft::vstore(dst + i * Cp + cb, acc[i]);
+            for (int i = 0; i <= KK; ++i) simd::vstore(dst + i * Cp + cb, acc[i]);
           }
           continue;
         }
@@ -950,17 +947,17 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
           const int64_t n = row / sh.Ho, oh = row % sh.Ho;
           const A* img = x + n * sh.H * sh.W * C;
           prefetch_next_rows<A, K, S>(img, sh.H, sh.W * C, oh, sh.Ho);
-          // g's next row into L2 only: with x's next row it would overflow L1 (measured best)
+          // g's next row into L2 only: with x's next row it would overflow L1
           if (row + 1 < r1)
             prefetch_bytes(g + (row + 1) * sh.Wo * C, sh.Wo * C * sizeof(A), false);
           for (int64_t cb = 0; cb < C; cb += VL<A>) {
             const uint32_t m = lanes<A>(0, C - cb);
             V<A> acc[KK + 1];
-            for (int i = 0; i <= KK; ++i) acc[i] = bft::vload(dst + i * Cp + cb);
+            for (int i = 0; i <= KK; ++i) acc[i] = simd::vload(dst + i * Cp + cb);
             const A* rows[K];
             input_rows<A, K, S>(img + cb, sh.H, sh.W * C, oh, rows);
             cl_wgrad_row<A, K, S>(rows, g + row * sh.Wo * C + cb, C, sh.W, sh.Wo, lo, hi, m, acc);
-            for (int i = 0; i <= KK; ++i) bft::vstore(dst + i * Cp + cb, acc[i]);
+            for (int i = 0; i <= KK; ++i) simd::vstore(dst + i * Cp + cb, acc[i]);
           }
         }
       }
@@ -983,7 +980,7 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
                                      wpack.data(), Cp, gx + t * sh.W * C);
         }
       }
-      if (stream) bft::stream_fence();
+      if (stream) simd::stream_fence();
     }
   }
   if (wgrad) reduce_partials(part, nchunks, C, KK, gw, gb);
@@ -1009,8 +1006,8 @@ void to_tile(const A* planes, int64_t plane_stride, int64_t HW, int64_t cw, A* t
     const uint32_t pm = lanes<A>(0, pc);
     V<A> r[L];
     for (int l = 0; l < L; ++l) r[l] = l < cw ? load_m(planes + l * plane_stride + p0, pm) : V<A>{};
-    bft::transpose<A>(r);
-    for (int64_t p = 0; p < pc; ++p) bft::vstore(tile + (p0 + p) * L, r[p]);
+    simd::transpose<A>(r);
+    for (int64_t p = 0; p < pc; ++p) simd::vstore(tile + (p0 + p) * L, r[p]);
   }
 }
 
@@ -1022,8 +1019,8 @@ void from_tile(const A* tile, int64_t HW, int64_t cw, A* planes, int64_t plane_s
     const int64_t pc = std::min<int64_t>(L, HW - p0);
     const uint32_t pm = lanes<A>(0, pc);
     V<A> r[L];
-    for (int p = 0; p < L; ++p) r[p] = p < pc ? bft::vload(tile + (p0 + p) * L) : V<A>{};
-    bft::transpose<A>(r);
+    for (int p = 0; p < L; ++p) r[p] = p < pc ? simd::vload(tile + (p0 + p) * L) : V<A>{};
+    simd::transpose<A>(r);
     for (int64_t l = 0; l < cw; ++l) store_m(planes + l * plane_stride + p0, r[l], pm);
   }
 }
@@ -1087,7 +1084,7 @@ void backward_tiles(const Shape& sh, const A* g, const A* x, const A* w, A* gx, 
                                 kFull<A>, acc);
         }
         A* dst = part.data() + n * (KK + 1) * Cp + cb;
-        for (int i = 0; i <= KK; ++i) bft::vstore(dst + i * Cp, acc[i]);
+        for (int i = 0; i <= KK; ++i) simd::vstore(dst + i * Cp, acc[i]);
       }
       if (gx) {
         for (int64_t ih = 0; ih < sh.H; ++ih) {
