@@ -181,6 +181,13 @@ class _BFTBase(nn.Module):
              cov: Optional[Tensor], steps: int) -> "_BFTBase":
         if residual not in (True, False, "auto"):
             raise ValueError(f"residual must be True, False or 'auto', got {residual!r}")
+        for what, t in (("weight", weight), ("bias", bias), ("calibration data", cov)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                where = ("its inputs' second moments are not finite: the calibration data (or "
+                         "the activations it produces) hold NaN or Inf" if what ==
+                         "calibration data" else f"the dense layer's {what} holds NaN or Inf")
+                raise ValueError(f"cannot fit a BFT to this layer: {where}; fix or drop those "
+                                 "values before converting")
         out_channels, in_channels = weight.shape
         best = None
         for res in ((False, True) if residual == "auto" else (residual,)):

@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ..plan import BFTPlan
-from .dispatch import Backend, available_backends, backend_for, current_backend, register_backend
+from .dispatch import (Backend, available_backends, backend_for, current_backend,
+                       register_backend, use_backend)
 from .reference import bft_matmul, bft_reference, bft_reference_backward
 
 
@@ -42,11 +43,13 @@ def _setup_context(ctx, inputs, output) -> None:
     x, weight, radices, out_channels, residual = inputs
     ctx.save_for_backward(x, weight)
     ctx.args = (radices, out_channels, residual)
+    ctx.backend = current_backend()   # the backward runs on the forward's choice
 
 
 def _backward(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors
-    grad_x, grad_w = torch.ops.butterfly.bft_backward(grad.contiguous(), x, weight, *ctx.args)
+    with use_backend(ctx.backend):
+        grad_x, grad_w = torch.ops.butterfly.bft_backward(grad.contiguous(), x, weight, *ctx.args)
     return grad_x, grad_w, None, None, None
 
 
@@ -66,20 +69,28 @@ def _setup_context_backward(ctx, inputs, output) -> None:
     grad, x, weight, radices, out_channels, residual = inputs
     ctx.save_for_backward(grad, x, weight)
     ctx.args = (radices, out_channels, residual)
+    ctx.backend = current_backend()
     ctx.set_materialize_grads(False)
+
+
+def _backward_backward_gx(ctx, grad_gx: Optional[Tensor], grad: Tensor, weight: Tensor):
+    """The derivatives in ``grad`` and ``weight`` from the upstream gradient of ``gx``."""
+    d_grad = d_weight = None
+    if grad_gx is not None:
+        grad_gx = grad_gx.contiguous()
+        if ctx.needs_input_grad[0]:
+            d_grad = torch.ops.butterfly.bft(grad_gx, weight, *ctx.args)
+        if ctx.needs_input_grad[2]:
+            d_weight = torch.ops.butterfly.bft_backward(grad, grad_gx, weight, *ctx.args)[1]
+    return d_grad, d_weight
 
 
 def _backward_backward(ctx, grad_gx: Optional[Tensor], grad_gw: Optional[Tensor]):
     grad, x, weight = ctx.saved_tensors
     radices, out_channels, residual = ctx.args
-    d_grad = d_x = d_weight = None
-    if grad_gx is not None:
-        grad_gx = grad_gx.contiguous()
-        if ctx.needs_input_grad[0]:
-            d_grad = torch.ops.butterfly.bft(grad_gx, weight, radices, out_channels, residual)
-        if ctx.needs_input_grad[2]:
-            d_weight = torch.ops.butterfly.bft_backward(grad, grad_gx, weight, radices,
-                                                        out_channels, residual)[1]
+    d_x = None
+    with use_backend(ctx.backend):
+        d_grad, d_weight = _backward_backward_gx(ctx, grad_gx, grad, weight)
     if grad_gw is not None:
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():

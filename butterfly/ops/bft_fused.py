@@ -87,6 +87,19 @@ def activate(y: Tensor, activation: str) -> Tensor:
     raise ValueError(f"unknown epilogue activation {activation!r}; choose one of {ACTIVATIONS}")
 
 
+def activate_(y: Tensor, activation: str) -> Tensor:
+    """:func:`activate` in place (``y`` is overwritten and returned)."""
+    if activation == "relu":
+        return y.relu_()
+    if activation == "relu6":
+        return y.clamp_(0.0, 6.0)
+    if activation == "hardswish":
+        return F.hardswish(y, inplace=True)
+    if activation == "hardsigmoid":
+        return F.hardsigmoid(y, inplace=True)
+    return activate(y, activation)
+
+
 def apply_epilogue(y: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], activation: str,
                    add: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
     """The reference epilogue on ``y`` ``(B, C, P)`` in the compute dtype; rounds once to

@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from .bft_fused import ACTIVATIONS, activate
-from .dispatch import backend_for, kernels_loaded
+from .dispatch import backend_for, current_backend, kernels_loaded, use_backend
 
 KERNEL_SIZES = (3, 5, 7)
 STRIDES = (1, 2)
@@ -192,6 +192,7 @@ _FROM_OUTPUT = ("relu", "relu6", "hardsigmoid")
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, stride, activation = inputs
     ctx.stride, ctx.activation, ctx.has_bias = stride, activation, bias is not None
+    ctx.backend = current_backend()   # the backward runs on the forward's choice
     ctx.save_for_backward(x, weight, bias if activation == "hardswish" else None,
                           output if activation in _FROM_OUTPUT else None)
 
@@ -218,6 +219,11 @@ def _backward(ctx, grad: Tensor, eager: bool = False):
     mask = [bool(need[0]), bool(need[1]), bool(need[2]) and ctx.has_bias]
     if not any(mask):
         return None, None, None, None, None
+    with use_backend(ctx.backend):
+        return _backward_on(ctx, grad, x, weight, bias, out, mask, eager)
+
+
+def _backward_on(ctx, grad, x, weight, bias, out, mask, eager):
     grad = _activation_backward(ctx, grad, x, weight, bias, out)
     if torch.is_grad_enabled():
         # create_graph (a gradient penalty, double backward): the kernel has no derivative;

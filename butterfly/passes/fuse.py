@@ -48,16 +48,18 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..nn.bft import BFT, dense_equivalent, is_bft
 from ..nn.depthwise import DepthwiseConv2d, is_operator_conv
-from ..ops.bft_fused import Epilogue, activate, activation_of, bft_fused_image, pixel_rows
+from ..ops.bft_fused import (Epilogue, activate, activate_, activation_of, bft_fused_image,
+                              pixel_rows)
 from ..ops.depthwise import depthwise_conv, kernel_args
 from ..ops.dispatch import backend_for, current_backend, kernels_loaded
 from ..ops.dw_bft_fused import dw_bft_fused, kernel_applies
 from ..ops.reference import compute_dtype
 
 _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
-# activation -> (oneDNN post-op name, its scalars)
-_ONEDNN_ACT = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
-               "hardswish": ("hardswish", []), "hardsigmoid": ("hardsigmoid", [])}
+# activation -> (oneDNN post-op name, its scalars), for the post-ops that treat NaN and Inf as
+# PyTorch's activations do. oneDNN's relu, hardtanh (relu6) and hardsigmoid turn NaN into a
+# number, so those activations run after the convolution, in place, in PyTorch.
+_ONEDNN_ACT = {"none": ("none", []), "hardswish": ("hardswish", [])}
 
 
 def _kernel_call(cache: dict, x: Tensor, build: Callable[[], Optional[tuple]]) -> Optional[tuple]:
@@ -85,6 +87,20 @@ def _refuse_training(module: nn.Module, inputs: Tuple[Optional[Tensor], ...]) ->
         raise RuntimeError(f"{type(module).__name__} is a fused inference layer and has no "
                            "gradient: run it under torch.no_grad() or torch.inference_mode(), and "
                            "train the original model instead")
+
+
+def _epilogue_add(add: Optional[Tensor], shape: Tuple[int, ...]) -> bool:
+    """Whether ``add`` runs in the layer's epilogue: only an operand of the output's ``shape``.
+    Another shape (an operand broadcast over the batch, such as a parameter, fused from a batch-1
+    example) is added after the layer, by broadcasting, as the original model adds it."""
+    return add is not None and tuple(add.shape) == tuple(shape)
+
+
+def _conv_output_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, ...]:
+    """``(N, C_out, H_out, W_out)`` of a convolution with explicit (integer) padding."""
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+            zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    return (x.shape[0], weight.shape[0], *size)
 
 
 class FusedBFT(nn.Module):
@@ -120,11 +136,15 @@ class FusedBFT(nn.Module):
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
+        if add is not None and not _epilogue_add(
+                add, (x.shape[0], self.plan.out_channels, *x.shape[2:])):
+            return self(x) + add
         if not torch.compiler.is_compiling() and x.dim() == 4:
             args = self._kernel_args_for(x)
             if args is not None:
                 return _fused_rows(x, args, add)
-        return bft_fused_image(x, self.weight, self.plan, self.residual, self.epilogue, add)
+        epilogue = Epilogue(self.scale, self.shift, self.activation, add is not None)
+        return bft_fused_image(x, self.weight, self.plan, self.residual, epilogue, add)
 
     def extra_repr(self) -> str:
         p = self.plan
@@ -155,7 +175,9 @@ class FusedConv(nn.Module):
         super().__init__()
         self.register_buffer("weight", conv.weight.detach().clone())
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        # padding: a list of ints, or PyTorch's "same" / "valid" (only F.conv2d takes those)
+        self.stride = list(conv.stride)
+        self.padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.activation, self.adds = activation, adds
         # kernel_geometry: what butterfly::depthwise_conv computes; depthwise: whether this layer
@@ -166,7 +188,7 @@ class FusedConv(nn.Module):
 
     def _onednn(self, x: Tensor) -> bool:
         return _MKLDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32 \
-            and self.weight.dtype == torch.float32
+            and self.weight.dtype == torch.float32 and not isinstance(self.padding, str)
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
@@ -180,15 +202,20 @@ class FusedConv(nn.Module):
             else:
                 y = depthwise_conv(x, self.weight, self.bias, self.stride[0], self.activation)
         elif self._onednn(x):
-            if add is not None and self.activation == "none":
+            if self.activation == "none" and _epilogue_add(add, _conv_output_shape(
+                    x, self.weight, self.stride, self.padding, self.dilation)):
                 return _MKLDNN.binary(x, add, self.weight, self.bias, *geometry, "add", None,
                                       None, [], "")
-            attr, scalars = _ONEDNN_ACT[self.activation]
+            attr, scalars = _ONEDNN_ACT.get(self.activation, ("none", []))
             y = _MKLDNN(x, self.weight, self.bias, *geometry, attr, scalars, "")
+            if self.activation not in _ONEDNN_ACT:
+                y = activate_(y, self.activation)
         else:
             y = activate(F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
                                   self.dilation, self.groups), self.activation)
-        return y if add is None else y.add_(add)
+        if add is None:
+            return y
+        return y.add_(add) if _epilogue_add(add, y.shape) else y + add
 
     def extra_repr(self) -> str:
         out, cin_g = self.weight.shape[:2]
@@ -242,6 +269,10 @@ class FusedDepthwiseBFT(nn.Module):
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
         dw, pw = self.dw, self.pw
+        if add is not None and x.dim() == 4 and isinstance(pw, FusedBFT) and \
+                not _epilogue_add(add, (x.shape[0], pw.plan.out_channels,
+                                        *[(n - 1) // dw.stride[0] + 1 for n in x.shape[2:]])):
+            return self(x) + add
         if self.one_pass and isinstance(pw, FusedBFT) and x.dim() == 4 and \
                 x.is_contiguous(memory_format=torch.channels_last):
             if torch.compiler.is_compiling():   # one traced operator, which falls back itself
@@ -394,8 +425,8 @@ def concat_shuffle(a: Tensor, b: Tensor) -> Tensor:
     reshape turns channels_last into NCHW."""
     N, C, H, W = a.shape
     rows_a, rows_b = pixel_rows(a), pixel_rows(b)
-    if rows_a is None or rows_b is None:   # NCHW
-        return torch.stack((a, b), dim=2).view(N, 2 * C, H, W)
+    if rows_a is None or rows_b is None:   # NCHW, or mixed (a 1x1 image counts as both)
+        return torch.stack((a, b), dim=2).reshape(N, 2 * C, H, W)
     if a.device.type == "cpu" and not torch.compiler.is_compiling() and \
             backend_for(a.device).name == "cpu" and kernels_loaded("cpu", a.device):
         out = torch.ops.butterfly_cpu.interleave_rows(rows_a.squeeze(2), rows_b.squeeze(2))

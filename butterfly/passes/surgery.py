@@ -34,12 +34,21 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+def aliases(model: nn.Module, name: str) -> List[str]:
+    """Every name of the submodule ``name`` of ``model``, in model order: a layer shared under
+    two attribute names has two (``named_modules()`` lists it once)."""
+    module = model.get_submodule(name)
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module and n]
+
+
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """``model`` with its submodule ``name`` replaced by ``new`` (``new`` itself when ``name`` is
-    ``""``, the root). Returns the model, changed in place."""
+    ``""``, the root) under every name that submodule has, so a shared layer stays shared.
+    Returns the model, changed in place."""
     if name == "":
         return new
-    model.set_submodule(name, new)
+    for alias in aliases(model, name):
+        model.set_submodule(alias, new)
     return model
 
 
@@ -135,8 +144,8 @@ def replace_pointwise(model: nn.Module, filter_fn: Optional[LayerFilter] = None,
             new = BFTLinear(module.in_features, module.out_features, **factory, **bft_kwargs)
         else:
             new = BFT(module.in_channels, module.out_channels, **factory, **bft_kwargs)
+        names.extend(aliases(model, name))
         model = swap_module(model, name, new)
-        names.append(name)
     if skipped:
         shapes = ", ".join(f"{name or '<model>'} ({_channels(model.get_submodule(name))})"
                            for name in skipped)
