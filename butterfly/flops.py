@@ -23,6 +23,7 @@ with warnings.catch_warnings():  # fvcore's import touches torch.jit.script, dep
     from fvcore.nn.jit_handles import get_shape
 
 from .plan import BFTPlan
+from .passes.fuse import is_fused
 from .passes.surgery import eval_mode
 
 BFT_OPS = ("butterfly::bft",)
@@ -78,6 +79,10 @@ def count_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     """Multiply-adds of one forward pass of ``model`` on a zero input of ``input_size``
     (``(C, H, W)`` for one image, or ``(N, C, H, W)``), counted as the papers count them.
     The model is run in eval mode under ``torch.no_grad()``; its mode is restored."""
+    if is_fused(model):
+        raise TypeError("count_macs takes the model before optimize_for_inference (the fused "
+                        "model computes the same multiply-adds). To count a fused model, use "
+                        "torch.utils.flop_counter.FlopCounterMode, which counts its operators")
     x = _example_input(model, input_size)
     with eval_mode(model), torch.no_grad():
         analysis = FlopCountAnalysis(model, (x,))

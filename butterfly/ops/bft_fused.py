@@ -25,9 +25,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.flop_counter import register_flop_formula
 
-from .dispatch import backend_for
 from ..plan import BFTPlan
+from .dispatch import backend_for
 from .reference import compute_dtype
 
 ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "hardsigmoid")
@@ -179,6 +181,14 @@ def _no_gradient(ctx, grad):
 _bft_fused_op.register_autograd(_no_gradient, setup_context=lambda ctx, inputs, output: None)
 
 
+@register_flop_formula(torch.ops.butterfly.bft_fused)
+def _flop_formula(x_shape, w_shape, radices, out_channels, *args, out_shape=None, **kwargs) -> int:
+    """The transform's multiply-adds (x2), as for ``butterfly::bft``; the epilogue is
+    elementwise and not counted, as a convolution's BatchNorm and activation are not."""
+    plan = BFTPlan.of(x_shape[1], out_channels, radices)
+    return 2 * plan.macs_per_pixel * x_shape[0] * x_shape[2]
+
+
 def bft_fused(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool, epilogue: Epilogue,
               add: Optional[Tensor] = None) -> Tensor:
     """The BFT of ``plan`` on ``x`` ``(B, C_in, P)`` followed by ``epilogue``; ``add`` is its
@@ -190,8 +200,9 @@ def bft_fused(x: Tensor, weight: Tensor, plan: BFTPlan, residual: bool, epilogue
     add = None if add is None else add.contiguous()
     args = (x, weight.reshape(plan.num_blocks, plan.weights_per_block), list(plan.radices),
             plan.out_channels, residual, epilogue.scale, epilogue.shift, epilogue.activation, add)
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        return torch.ops.butterfly.bft_fused(*args)   # traced as one operator; no gradient
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or \
+            _get_current_dispatch_mode() is not None:   # traced or counted as one operator
+        return torch.ops.butterfly.bft_fused(*args)
     # Eager inference: the operator's body without the dispatcher (tens of microseconds a call,
     # a tenth of a small layer's time).
     return _run_fused(*args)

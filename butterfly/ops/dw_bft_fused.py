@@ -20,11 +20,13 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.flop_counter import register_flop_formula
 
-from .depthwise import KERNEL_SIZES, STRIDES, check_args, depthwise_conv, kernel_available
-from .bft_fused import Epilogue, bft_fused_image, check_epilogue
-from .dispatch import backend_for
 from ..plan import BFTPlan
+from .bft_fused import Epilogue, bft_fused_image, check_epilogue
+from .depthwise import KERNEL_SIZES, STRIDES, check_args, depthwise_conv, kernel_available
+from .dispatch import backend_for
 
 __all__ = ["dw_bft_fused", "kernel_applies", "output_shape", "separable_reference"]
 
@@ -103,6 +105,16 @@ def _no_gradient(ctx, grad):
 _dw_bft_fused_op.register_autograd(_no_gradient, setup_context=lambda ctx, inputs, output: None)
 
 
+@register_flop_formula(torch.ops.butterfly.dw_bft_fused)
+def _flop_formula(x_shape, dw_shape, dw_bias_shape, stride, dw_activation, w_shape, radices,
+                  out_channels, *args, out_shape=None, **kwargs) -> int:
+    """The depthwise conv's and the transform's multiply-adds (x2); epilogues not counted."""
+    N, C, H, W = x_shape
+    k = dw_shape[-1]
+    pixels = N * ((H - 1) // stride + 1) * ((W - 1) // stride + 1)
+    return 2 * pixels * (C * k * k + BFTPlan.of(C, out_channels, radices).macs_per_pixel)
+
+
 def dw_bft_fused(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], stride: int,
                  dw_activation: str, weight: Tensor, plan: BFTPlan, residual: bool,
                  epilogue: Epilogue, add: Optional[Tensor] = None) -> Tensor:
@@ -122,6 +134,7 @@ def dw_bft_fused(x: Tensor, dw_weight: Tensor, dw_bias: Optional[Tensor], stride
     args = (x, dw_weight, dw_bias, stride, dw_activation,
             weight.reshape(plan.num_blocks, plan.weights_per_block), list(plan.radices),
             plan.out_channels, residual, epilogue.scale, epilogue.shift, epilogue.activation, add)
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        return torch.ops.butterfly.dw_bft_fused(*args)   # traced as one operator; no gradient
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or \
+            _get_current_dispatch_mode() is not None:   # traced or counted as one operator
+        return torch.ops.butterfly.dw_bft_fused(*args)
     return _run(*args)   # eager inference: the body without the dispatcher's overhead

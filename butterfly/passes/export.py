@@ -24,6 +24,7 @@ from typing import Dict, Union
 import torch
 from torch import nn
 
+from .fuse import is_fused
 from .optimize import densify
 from .surgery import eval_mode
 
@@ -44,6 +45,11 @@ def export_onnx(model: nn.Module, example, path: PathLike, structured: bool = Tr
     except ImportError as err:
         raise ImportError("butterfly.export_onnx uses torch.onnx.export(dynamo=True), which needs "
                           "onnxscript: pip install onnxscript onnx onnxruntime") from err
+    if is_fused(model):
+        raise TypeError("export_onnx takes the model before optimize_for_inference: a fused model "
+                        "runs the library's CPU kernels, which ONNX has no operators for. Export "
+                        "the eval-mode model itself (structured=False gives its dense form); "
+                        "onnxruntime then fuses BatchNorm and activations its own way")
     args = example if isinstance(example, tuple) else (example,)
     if not structured:
         model = densify(model, inplace=False)

@@ -44,6 +44,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..nn.bft import BFT, dense_equivalent, is_bft
@@ -60,6 +61,23 @@ _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 # PyTorch's activations do. oneDNN's relu, hardtanh (relu6) and hardsigmoid turn NaN into a
 # number, so those activations run after the convolution, in place, in PyTorch.
 _ONEDNN_ACT = {"none": ("none", []), "hardswish": ("hardswish", [])}
+
+
+def _kernels_direct() -> bool:
+    """Whether a fused layer may call its C++ kernel directly: not while torch.compile traces,
+    and not under a dispatch mode (``FlopCounterMode`` and the like must see the operators)."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
+class _KernelArgsCache(nn.Module):
+    """A fused layer that caches its kernel's arguments (:func:`_kernel_call`). The cache is not
+    saved with the layer: a fused model loaded in another process rebuilds it on its first call
+    (loading the kernels then)."""
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_kernel_args"] = {}
+        return state
 
 
 def _kernel_call(cache: dict, x: Tensor, build: Callable[[], Optional[tuple]]) -> Optional[tuple]:
@@ -103,7 +121,7 @@ def _conv_output_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> 
     return (x.shape[0], weight.shape[0], *size)
 
 
-class FusedBFT(nn.Module):
+class FusedBFT(_KernelArgsCache):
     """A BFT with its epilogue (:class:`butterfly.ops.bft_fused.Epilogue`), for inference. Takes
     ``(N, C, H, W)`` input in either memory format (and ``add`` of the output's shape when the
     epilogue adds), returns the output in the input's format."""
@@ -139,7 +157,7 @@ class FusedBFT(nn.Module):
         if add is not None and not _epilogue_add(
                 add, (x.shape[0], self.plan.out_channels, *x.shape[2:])):
             return self(x) + add
-        if not torch.compiler.is_compiling() and x.dim() == 4:
+        if _kernels_direct() and x.dim() == 4:
             args = self._kernel_args_for(x)
             if args is not None:
                 return _fused_rows(x, args, add)
@@ -167,7 +185,7 @@ def _fused_rows(x: Tensor, args: tuple, add: Optional[Tensor]) -> Tensor:
     return y.view(N, H, W, out).permute(0, 3, 1, 2)
 
 
-class FusedConv(nn.Module):
+class FusedConv(_KernelArgsCache):
     """A ``Conv2d`` (BatchNorm folded in) with its epilogue: ``act(conv(x)) + add``, or with
     ``add_first`` ``act(conv(x) + add)``, for inference."""
 
@@ -194,14 +212,14 @@ class FusedConv(nn.Module):
         _refuse_training(self, (x, add))
         geometry = (self.padding, self.stride, self.dilation, self.groups)
         if self.depthwise and x.device.type == "cpu" and x.dim() == 4:
-            args = None if torch.compiler.is_compiling() else _kernel_call(
+            args = None if not _kernels_direct() else _kernel_call(
                 self._kernel_args, x, lambda: kernel_args(x, self.weight, self.bias,
                                                           self.stride[0], self.activation))
             if args is not None:
                 y = torch.ops.butterfly_cpu.dw_forward(x, *args)
             else:
                 y = depthwise_conv(x, self.weight, self.bias, self.stride[0], self.activation)
-        elif self._onednn(x):
+        elif self._onednn(x) and _get_current_dispatch_mode() is None:
             if self.activation == "none" and _epilogue_add(add, _conv_output_shape(
                     x, self.weight, self.stride, self.padding, self.dilation)):
                 return _MKLDNN.binary(x, add, self.weight, self.bias, *geometry, "add", None,
@@ -240,7 +258,7 @@ class FusedConv(nn.Module):
         return cls(conv, fused.activation, fused.adds)
 
 
-class FusedDepthwiseBFT(nn.Module):
+class FusedDepthwiseBFT(_KernelArgsCache):
     """A fused depthwise conv and the fused BFT that reads its output (the depthwise-separable
     block), for inference. With ``one_pass`` and an input the kernel takes, both run as one
     ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.ops.dw_bft_fused`); otherwise, or once the BFT was
@@ -275,7 +293,7 @@ class FusedDepthwiseBFT(nn.Module):
             return self(x) + add
         if self.one_pass and isinstance(pw, FusedBFT) and x.dim() == 4 and \
                 x.is_contiguous(memory_format=torch.channels_last):
-            if torch.compiler.is_compiling():   # one traced operator, which falls back itself
+            if not _kernels_direct():   # one traced (or counted) operator, which falls back itself
                 return dw_bft_fused(x, dw.weight, dw.bias, dw.stride[0], dw.activation,
                                     pw.weight, pw.plan, pw.residual, pw.epilogue, add)
             args = self._kernel_args_for(x)
@@ -554,6 +572,11 @@ def _fused_module(layer: nn.Module, bn: Optional[nn.BatchNorm2d], activation: st
         bias = layer.bias.detach()
         shift = bias * (1 if scale is None else scale) + (0 if shift is None else shift)
     return FusedBFT(layer, Epilogue(scale, shift, activation, adds))
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether ``model`` holds fused inference layers (the result of :func:`fuse`)."""
+    return any(isinstance(m, (FusedBFT, FusedConv, FusedDepthwiseBFT)) for m in model.modules())
 
 
 def dense_alternative(module: nn.Module) -> Optional[nn.Module]:
