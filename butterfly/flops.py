@@ -38,6 +38,9 @@ NOT_COUNTED = (
     "aten::hardtanh", "aten::hardtanh_", "aten::sigmoid", "aten::add", "aten::add_", "aten::mul",
     "aten::mul_", "aten::transpose", "aten::view", "aten::split", "aten::split_with_sizes",
     "aten::channel_shuffle", "aten::pixel_shuffle",
+    # elementwise activations of other networks (torchvision's EfficientNet, ...)
+    "aten::silu", "aten::silu_", "aten::sigmoid_", "aten::gelu", "aten::tanh", "aten::relu6",
+    "aten::dropout", "aten::dropout_",
 )
 
 
