@@ -16,7 +16,8 @@ if (_checkout / "pyproject.toml").is_file() and (_checkout / "models" / "builder
 from . import kernels  # noqa: F401  (registers the compiled backends with the operators)
 from . import flops  # noqa: F401
 from .nn import BFT, BFTLinear, is_bft
-from .ops import available_backends, bft, current_backend, use_backend
+from .ops import available_backends, current_backend, use_backend
+from .ops.bft import bft
 from .optim import param_groups
 from .passes import convert, densify, export_onnx, from_dense, optimize_for_inference
 from .passes import replace_pointwise

@@ -8,10 +8,9 @@
 * :mod:`.batch_norm_act`: ``butterfly::batch_norm_act``, training BatchNorm + activation;
 * :mod:`.dw_bft_fused`: ``butterfly::dw_bft_fused``, a depthwise conv then a BFT in one pass.
 """
-from . import batch_norm_act, bft_fused, depthwise, dw_bft_fused, reference  # noqa: F401
-from .bft import bft, check_input
+from . import batch_norm_act, bft, bft_fused, depthwise, dw_bft_fused, reference  # noqa: F401
 from .dispatch import (Backend, BackendFallbackWarning, available_backends, backend_for,
                        current_backend, register_backend, use_backend)
 
-__all__ = ["Backend", "BackendFallbackWarning", "available_backends", "backend_for", "bft",
-           "check_input", "current_backend", "register_backend", "use_backend"]
+__all__ = ["Backend", "BackendFallbackWarning", "available_backends", "backend_for",
+           "current_backend", "register_backend", "use_backend"]
