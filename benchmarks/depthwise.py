@@ -1,62 +1,45 @@
-"""Benchmark of the fused depthwise convolution against PyTorch's (oneDNN) depthwise conv.
+"""The fused depthwise convolution against PyTorch's (oneDNN) depthwise conv, and the
+depthwise -> BFT block in one pass against its two layers apart.
 
-    python -m benchmarks.depthwise                 # writes benchmarks/results/depthwise_cpu.md
+    python -m benchmarks.depthwise                 # writes benchmarks/results/depthwise_cpu.{json,md}
     python -m benchmarks.depthwise --quick         # fewer rounds, the 28x28 network only
     python -m benchmarks.depthwise --threads 1     # one set of tables per thread count (1 2)
-    python -m benchmarks.depthwise --out FILE.md
-    python -m benchmarks.depthwise --malloc-defaults   # glibc frees large blocks to the OS
 
-Shapes, batch 32, float32, k = 3, no bias (as in the zoo):
-
-* every depthwise layer of ``mobilenetv1_bft_100`` at 28x28 (``small_input=True``), read off
-  the model with forward hooks (13 layers, 32 to 1024 channels at 28 down to 2 pixels), and
-  their total: one training or inference step's depthwise work;
-* 224x224-scale shapes: 64 channels at 112x112, 128 at 56, 256 at 28, 512 at 14, 1024 at 7.
-
-Per shape and thread count it times, interleaved round by round (``benchmarks.kernel``'s
-``time_interleaved``: each step in its steady state after 20 ms of untimed calls, medians), four
-layers on the same weights: ``nn.Conv2d(C, C, 3, s, 1, groups=C)`` on NCHW and channels_last
-input, and :class:`butterfly.depthwise.DepthwiseConv2d` (the ``butterfly::depthwise_conv``
-operator, "cpu" backend, called through the module as a model calls it) on both formats.
-Inference is the forward pass under ``torch.no_grad()``; training is forward + backward with
-input and weight gradients. For the 28x28 network it also times fused inference: a conv with
-bias and ReLU6 (as after folding an eval BatchNorm), oneDNN's convolution with a post-op (what
-``butterfly.fusion`` runs today) against the kernel's epilogue. The ratio is the faster PyTorch format over the faster kernel format.
-
-Without ``--quick`` it also times the depthwise -> BFT blocks of :data:`BLOCK_MODELS` (batch 1
-and 32, channels_last) in one pass against their two layers apart (:func:`block_tables`).
+Batch 32, float32, k = 3, no bias (as in the zoo). Shapes: every depthwise layer of
+``mobilenetv1_bft_100`` at 28x28 (``small_input=True``, read off the model with forward hooks; the
+network total is one step's depthwise work) and, without ``--quick``, 224-scale shapes. Runners,
+timed together by the harness on the same weights: ``nn.Conv2d(C, C, 3, s, 1, groups=C)`` on
+NCHW and channels_last input, and ``DepthwiseConv2d`` (the ``butterfly::depthwise_conv``
+operator, "cpu" backend, called as a model calls it) on both formats; inference (no grad) and
+training (forward + backward). *fused* is inference of a conv with bias and ReLU6 (a folded
+BatchNorm): oneDNN's convolution with a post-op (what ``butterfly.passes.fuse`` runs) against the
+kernel's epilogue. Without ``--quick``, the depthwise -> BFT blocks that
+``butterfly.optimize_for_inference`` builds for :data:`BLOCK_MODELS` (channels_last, batch 1 and
+32) are timed in one pass (``butterfly::dw_bft_fused``) against apart.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 import timm
 import torch
 from torch import nn
 
-import butterfly  # also registers the zoo models in timm
-from benchmarks.kernel import make_step, time_interleaved
-from benchmarks.machine import cpu_flags, keep_freed_memory, write_report
-from butterfly.depthwise import DepthwiseConv2d, depthwise_conv, kernel_available
-from butterfly.fusion import FusedDepthwiseBFT
-from butterfly.kernels import cpu
-from butterfly.separable import kernel_applies
+import butterfly
+from benchmarks import harness
+from benchmarks.kernel import make_step
+from butterfly.nn.depthwise import DepthwiseConv2d
+from butterfly.ops.depthwise import depthwise_conv, kernel_available
+from butterfly.ops.dw_bft_fused import kernel_applies
+from butterfly.passes.fuse import FusedDepthwiseBFT
 
 BATCH = 32
 NETWORK = "mobilenetv1_bft_100"
-# (C, H = W, stride) at 224x224 scale
-LARGE = [(64, 112, 1), (128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1)]
-STEPS = ("torch NCHW", "torch CL", "kernel NCHW", "kernel CL")
-# The depthwise -> BFT blocks of these (model, resolution), channels_last, batch 1 and BATCH.
+LARGE = [(64, 112, 1), (128, 56, 1), (256, 28, 1), (512, 14, 1), (1024, 7, 1)]  # C, H=W, stride
+RUNNERS = ("torch NCHW", "torch CL", "kernel NCHW", "kernel CL")
 BLOCK_MODELS = [("mobilenetv1_bft_100", 160), ("shufflenetv2_bft_125", 224)]
+MODES = ("inference", "training", "fused")
 
 
 def network_layers(name: str = NETWORK, size: int = 28) -> List[Tuple[int, int, int]]:
@@ -65,98 +48,51 @@ def network_layers(name: str = NETWORK, size: int = 28) -> List[Tuple[int, int, 
     found: List[Tuple[int, int, int]] = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
-            m.register_forward_hook(
-                lambda mod, inputs, out: found.append((mod.in_channels, inputs[0].shape[-1],
-                                                       mod.stride[0])))
+            m.register_forward_hook(lambda mod, inputs, out: found.append(
+                (mod.in_channels, inputs[0].shape[-1], mod.stride[0])))
     with torch.no_grad():
         model(torch.randn(1, 3, size, size))
     return found
 
 
-class _Fused(nn.Module):
-    """The kernel with its epilogue: bias and ReLU6 before the store (a folded BatchNorm)."""
+class Epilogue(nn.Module):
+    """The kernel with bias and ReLU6 in its epilogue (``fused=True``) or oneDNN's convolution
+    with ReLU6 as a post-op (what ``butterfly.passes.fuse.FusedConv`` runs)."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, kernel: bool):
         super().__init__()
-        self.conv = conv
-
-    def forward(self, x):
-        return depthwise_conv(x, self.conv.weight, self.conv.bias, self.conv.stride[0], "relu6")
-
-
-class _OneDNNFused(nn.Module):
-    """PyTorch's fused form (what ``butterfly.fusion.FusedConv`` runs): oneDNN's convolution
-    with ReLU6 as a post-op, else the conv and an in-place ReLU6."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.conv = conv
-        self.op = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+        self.conv, self.kernel = conv, kernel
 
     def forward(self, x):
         c = self.conv
-        if self.op is None:
-            return torch.relu6_(c(x)) if hasattr(torch, "relu6_") else c(x).clamp_(0, 6)
-        return self.op(x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation),
-                       c.groups, "hardtanh", [0.0, 6.0], "")
+        if self.kernel:
+            return depthwise_conv(x, c.weight, c.bias, c.stride[0], "relu6")
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
+            "hardtanh", [0.0, 6.0], "")
 
 
-def measure(C: int, hw: int, stride: int, train: bool, rounds: int, block: int,
-            settle_s: float, epilogue: bool = False) -> Dict[str, float]:
-    """Median milliseconds of the four steps at one shape. With ``epilogue``: a conv with bias,
-    then ReLU6, fused (PyTorch: oneDNN's post-op, :class:`_OneDNNFused`; the kernel: its
-    epilogue)."""
-    conv = nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=epilogue)
-    conv_cl = nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=epilogue).to(
+def prepare(C: int, hw: int, stride: int, mode: str) -> Dict:
+    """Runner name -> preparation of its step, the four on the same weights."""
+    fused, train = mode == "fused", mode == "training"
+    conv = nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=fused)
+    conv_cl = nn.Conv2d(C, C, 3, stride, 1, groups=C, bias=fused).to(
         memory_format=torch.channels_last)
     conv_cl.load_state_dict(conv.state_dict())
-    ours = _Fused(conv) if epilogue else DepthwiseConv2d.from_conv(conv)
-    if epilogue:
-        conv, conv_cl = (_OneDNNFused(c) for c in (conv, conv_cl))
+    ours = Epilogue(conv, True) if fused else DepthwiseConv2d.from_conv(conv)
+    if fused:
+        conv, conv_cl = Epilogue(conv, False), Epilogue(conv_cl, False)
     x = torch.randn(BATCH, C, hw, hw)
     xl = x.contiguous(memory_format=torch.channels_last)
-    steps = {"torch NCHW": make_step(conv, x, "auto", train),
-             "torch CL": make_step(conv_cl, xl, "auto", train),
-             "kernel NCHW": make_step(ours, x, "cpu", train),
-             "kernel CL": make_step(ours, xl, "cpu", train)}
-    times = time_interleaved(steps, rounds, warmup=2, budget_s=10.0, clock=time.perf_counter,
-                             block=block, settle_s=settle_s)
-    return {k: statistics.median(v) for k, v in times.items()}
+    pairs = {"torch NCHW": (conv, x, "auto"), "torch CL": (conv_cl, xl, "auto"),
+             "kernel NCHW": (ours, x, "cpu"), "kernel CL": (ours, xl, "cpu")}
+    return {n: (lambda m=m, i=i, b=b: (make_step(m, i, b, train), {}))
+            for n, (m, i, b) in pairs.items()}
 
 
-def ratio(ms: Dict[str, float]) -> float:
-    return min(ms["torch NCHW"], ms["torch CL"]) / min(ms["kernel NCHW"], ms["kernel CL"])
-
-
-def table(rows: List[Tuple[str, Dict[str, float]]]) -> str:
-    head = "| shape | " + " | ".join(STEPS) + " | ratio | NCHW / NCHW | CL / CL |"
-    lines = [head, "|" + "---|" * (len(STEPS) + 4)]
-    for label, ms in rows:
-        cells = " | ".join(f"{ms[k]:.3f}" for k in STEPS)
-        same = (f"{ms['torch NCHW'] / ms['kernel NCHW']:.2f}x | "
-                f"{ms['torch CL'] / ms['kernel CL']:.2f}x")
-        lines.append(f"| {label} | {cells} | {ratio(ms):.2f}x | {same} |")
-    return "\n".join(lines)
-
-
-def load_note() -> str:
-    """The load average and the other processes using the CPUs (Linux ``ps``)."""
-    la = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    try:
-        ps = subprocess.run(["ps", "-eo", "pcpu,args", "--sort=-pcpu"], capture_output=True,
-                            text=True, timeout=10).stdout.splitlines()[1:]
-    except (OSError, subprocess.SubprocessError):
-        ps = []
-    me = str(os.getpid())
-    busy = [ln.strip()[:110] for ln in ps if ln.strip() and float(ln.split()[0]) >= 5.0
-            and me not in ln and "ps -eo" not in ln][:8]
-    return f"load average {la}" + ("; other processes using CPU:\n\n" + "\n".join(
-        f"    {b}" for b in busy) if busy else "")
-
-
-def separable_blocks(name: str, res: int, batch: int) -> List[Tuple[str, FusedDepthwiseBFT, torch.Tensor]]:
-    """The depthwise -> BFT blocks of ``optimize_for_inference(model, x)`` (channels_last) that
-    the one-pass kernel takes, each with its input in the model."""
+def separable_blocks(name: str, res: int, batch: int):
+    """(name, block, its input in the model) of every depthwise -> BFT block of
+    ``optimize_for_inference(model, x)`` (channels_last) that the one-pass kernel takes."""
     torch.manual_seed(0)
     model = timm.create_model(name).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
@@ -173,138 +109,118 @@ def separable_blocks(name: str, res: int, batch: int) -> List[Tuple[str, FusedDe
             if n in inputs and kernel_applies(inputs[n], m.dw.weight, m.dw.stride[0])]
 
 
-def block_steps(blk: FusedDepthwiseBFT, x: torch.Tensor) -> Dict[str, object]:
-    """The block in one pass (``butterfly::dw_bft_fused``) and with its two layers apart."""
-    def step(one_pass: bool):
-        def run():
-            blk.one_pass = one_pass
-            with torch.inference_mode():
-                blk(x)
-        return run
-    return {"one pass": step(True), "apart": step(False)}
+def block_prep(blk: FusedDepthwiseBFT, x: torch.Tensor, one_pass: bool):
+    def run():
+        blk.one_pass = one_pass
+        with torch.inference_mode():
+            blk(x)
+    shape = "x".join(map(str, x.shape[1:])) + f" -> {blk.pw.plan.out_channels}"
+    return lambda: (run, {"input": shape, "runner": "one pass" if one_pass else "apart"})
 
 
-def block_tables(threads: int, rounds: int, block: int, settle_s: float) -> str:
-    """Per block and in total: one pass against apart, for BLOCK_MODELS at batch 1 and BATCH."""
-    torch.set_num_threads(threads)
-    out = []
-    for name, res in BLOCK_MODELS:
-        for batch in (1, BATCH):
-            rows, total = [], {"one pass": 0.0, "apart": 0.0}
-            for bname, blk, x in separable_blocks(name, res, batch):
-                times = time_interleaved(block_steps(blk, x), rounds, warmup=2, budget_s=10.0,
-                                         clock=time.perf_counter, block=block, settle_s=settle_s)
-                ms = {k: statistics.median(v) for k, v in times.items()}
-                for k in total:
-                    total[k] += ms[k]
-                shape = "x".join(map(str, x.shape[1:]))
-                rows.append(f"| {bname} | {shape} -> {blk.pw.plan.out_channels} | {ms['one pass']:.3f} | "
-                            f"{ms['apart']:.3f} | {ms['apart'] / ms['one pass']:.2f}x |")
-            rows.append(f"| **all {len(rows)} blocks** | | {total['one pass']:.3f} | "
-                        f"{total['apart']:.3f} | {total['apart'] / total['one pass']:.2f}x |")
-            print(f"  {threads}t blocks {name}@{res} batch {batch}: "
-                  f"{total['apart'] / total['one pass']:.2f}x", flush=True)
-            out += [f"\n`{name}` @{res}, batch {batch}, channels_last, ms per call:\n",
-                    "| block | input (C x H x W) -> out | one pass | apart | speed-up |",
-                    "|---|---|---:|---:|---:|", *rows]
-    return "\n".join(out)
+def ratio_cells(cells: Dict[str, Dict]) -> List[str]:
+    """ms of the four runners, then faster torch / faster kernel, NCHW / NCHW and CL / CL."""
+    ms = {n: (c["ms"] if c and c["status"] == "ok" else None) for n, c in cells.items()}
+    if None in ms.values():
+        return [harness.fmt(ms[n], ".3f", "failed") for n in RUNNERS] + ["-"] * 3
+    return ([f"{ms[n]:.3f}" for n in RUNNERS]
+            + [f"{min(ms['torch NCHW'], ms['torch CL']) / min(ms['kernel NCHW'], ms['kernel CL']):.2f}x",
+               f"{ms['torch NCHW'] / ms['kernel NCHW']:.2f}x", f"{ms['torch CL'] / ms['kernel CL']:.2f}x"])
 
 
-def run_tables(threads: int, quick: bool, rounds: int, block: int, settle_s: float) -> str:
-    torch.set_num_threads(threads)
-    out = [f"### {threads} thread{'s' if threads > 1 else ''}"]
-    layers = network_layers()
-    shapes = sorted(set(layers), key=layers.index)
-    for train in (False, True):
-        kind = "training (forward + backward)" if train else "inference (forward)"
-        rows, total = [], {k: 0.0 for k in STEPS}
-        for C, hw, s in shapes:
-            ms = measure(C, hw, s, train, rounds, block, settle_s)
-            count = layers.count((C, hw, s))
-            for k in STEPS:
-                total[k] += count * ms[k]
-            rows.append((f"{C}, {hw}x{hw}, s{s}" + (f" (x{count})" if count > 1 else ""), ms))
-            print(f"  {threads}t {kind[:9]} {rows[-1][0]}: {ratio(ms):.2f}x", flush=True)
-        rows.append((f"**{NETWORK} at 28x28, all {len(layers)} layers**", total))
-        out += [f"\n{NETWORK} at 28x28 (small_input), batch {BATCH}, {kind}, ms:\n", table(rows)]
-        if not train:  # fused inference: bias (a folded BatchNorm) and ReLU6 in the epilogue
-            rows, total = [], {k: 0.0 for k in STEPS}
-            for C, hw, s in shapes:
-                ms = measure(C, hw, s, False, rounds, block, settle_s, epilogue=True)
-                count = layers.count((C, hw, s))
-                for k in STEPS:
-                    total[k] += count * ms[k]
-                rows.append((f"{C}, {hw}x{hw}, s{s}" + (f" (x{count})" if count > 1 else ""),
-                             ms))
-            rows.append((f"**{NETWORK} at 28x28, all {len(layers)} layers**", total))
-            out += [f"\n{NETWORK} at 28x28, batch {BATCH}, fused inference, bias + ReLU6: "
-                    "oneDNN's convolution with a ReLU6 post-op (as butterfly.fusion runs it) vs "
-                    "the kernel's epilogue, ms:\n", table(rows)]
-        if not quick:
-            rows = []
-            for C, hw, s in LARGE:
-                ms = measure(C, hw, s, train, max(3, rounds // 2), block, settle_s)
-                rows.append((f"{C}, {hw}x{hw}, s{s}", ms))
-                print(f"  {threads}t {kind[:9]} {rows[-1][0]}: {ratio(ms):.2f}x", flush=True)
-            out += [f"\n224x224-scale shapes, batch {BATCH}, {kind}, ms:\n", table(rows)]
-    if not quick:
-        out += ["\nThe depthwise-separable block in one pass (`butterfly::dw_bft_fused`: the "
-                "depthwise output of each tile stays in cache and the BFT reads it there) against "
-                "its two fused layers apart (`FusedConv` on the depthwise kernel, then "
-                "`FusedBFT`), each block of `butterfly.optimize_for_inference(model, x)` on its "
-                "input in the model, inference:",
-                block_tables(threads, max(3, rounds // 2), block, settle_s)]
-    return "\n".join(out)
+def report(data: Dict) -> List[str]:
+    cells = data["cells"]
+    out = ["# Depthwise convolution on CPU: fused kernel vs PyTorch", "",
+           "Medians of steady-state calls, the four runners of a row timed together; ratio = "
+           "faster PyTorch format / faster kernel format (> 1: the kernel is faster); NCHW / "
+           "NCHW and CL / CL compare one format (the zoo's models run NCHW). With 2 threads on a "
+           "shared 2-core machine a call waits for its slower thread: compare ratios of one row, "
+           "not times across rows or runs.", "", *harness.runs_section(data)]
+    head = ["shape", *RUNNERS, "ratio", "NCHW / NCHW", "CL / CL"]
+    for threads in sorted({c["threads"] for c in cells.values()}):
+        out += [f"## {threads} thread{'s' * (threads > 1)}", ""]
+        for mode in MODES:
+            for group in ("net", "large"):
+                rows = {k.rsplit("|", 1)[0]: None for k, c in cells.items()
+                        if (c["threads"], c.get("mode"), c.get("group")) == (threads, mode, group)}
+                if not rows:
+                    continue
+                lines, total = [], dict.fromkeys(RUNNERS, 0.0)
+                for row in rows:
+                    r = {n: cells.get(f"{row}|{n}") for n in RUNNERS}
+                    c0 = next(iter(r.values()))
+                    for n in RUNNERS:
+                        total[n] += c0["count"] * (r[n]["ms"] if r[n] and r[n]["status"] == "ok"
+                                                   else float("nan"))
+                    label = f"{c0['C']}, {c0['hw']}x{c0['hw']}, s{c0['stride']}" + (
+                        f" (x{c0['count']})" if c0["count"] > 1 else "")
+                    lines.append([label, *ratio_cells(r)])
+                if group == "net":
+                    n_layers = sum(cells[f"{row}|{RUNNERS[0]}"]["count"] for row in rows)
+                    lines.append([f"**all {n_layers} layers**", *ratio_cells(
+                        {n: {"status": "ok", "ms": v} for n, v in total.items()})])
+                what = (f"`{NETWORK}` at 28x28 (small_input)" if group == "net"
+                        else "224-scale shapes")
+                out += [f"{what}, batch {BATCH}, {mode}"
+                        + (" (bias + ReLU6: oneDNN post-op vs the kernel's epilogue)"
+                           if mode == "fused" else "") + ", ms:", "", *harness.table(head, lines),
+                        ""]
+        blocks = [c for c in cells.values() if c["threads"] == threads and c.get("mode") == "blocks"]
+        for model, batch in dict.fromkeys((c["model"], c["batch"]) for c in blocks):
+            mine = {c["block"]: {} for c in blocks if (c["model"], c["batch"]) == (model, batch)}
+            for c in blocks:
+                if (c["model"], c["batch"]) == (model, batch):
+                    mine[c["block"]][c["runner"]] = c
+            rows, total = [], [0.0, 0.0]
+            for name, r in mine.items():
+                one, apart = (r[k]["ms"] if r[k]["status"] == "ok" else float("nan")
+                              for k in ("one pass", "apart"))
+                total = [total[0] + one, total[1] + apart]
+                rows.append([name, r["one pass"].get("input", ""), f"{one:.3f}", f"{apart:.3f}",
+                             f"{apart / one:.2f}x"])
+            rows.append([f"**all {len(mine)} blocks**", "", f"{total[0]:.3f}", f"{total[1]:.3f}",
+                         f"{total[1] / total[0]:.2f}x"])
+            out += [f"Depthwise -> BFT blocks of `{model}`, batch {batch}, channels_last, "
+                    "inference: one pass (`butterfly::dw_bft_fused`) vs the two fused layers "
+                    "apart, ms:", "", *harness.table(["block", "input (C x H x W) -> out",
+                                                      "one pass", "apart", "speed-up"], rows,
+                                                     "llrrr"), ""]
+    return out
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--malloc-defaults", action="store_true",
-                        help="leave glibc's malloc as it is (freed memory returns to the OS, so "
-                             "large temporaries are page-faulted in again on every call)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
-                                             "depthwise_cpu.md"))
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = harness.checked(harness.parser("depthwise", __doc__, threads=[1, 2]), argv)
     if not kernel_available():
         print("the fused CPU kernel is unavailable; nothing to compare", file=sys.stderr)
         return 1
-    malloc = "glibc's malloc defaults." if args.malloc_defaults else keep_freed_memory()
-    rounds, block, settle = (4, 2, 0.01) if args.quick else (8, 3, 0.02)
-    before = load_note()
-    started = time.time()
-    sections = [run_tables(t, args.quick, rounds, block, settle) for t in args.threads]
-    after = load_note()
-    command = "python -m benchmarks.depthwise " + " ".join(argv if argv is not None else
-                                                            sys.argv[1:])
-    text = "\n".join([
-        "## Depthwise convolution on CPU: fused kernel vs PyTorch",
-        "",
-        f"Command: `{command.strip()}` ({time.time() - started:.0f} s, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}).",
-        f"Machine: {cpu.cpu_info()['model']} ({cpu_flags()}), {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, Python {platform.python_version()}. {malloc}",
-        "",
-        "Times are medians of steady-state calls, the four steps of a shape interleaved round by "
-        "round; ratio = faster PyTorch format / faster kernel format (> 1: the kernel is faster); "
-        "NCHW / NCHW and CL / CL compare the same format (the zoo's models run NCHW). "
-        "The kernel is called through `DepthwiseConv2d` (the `butterfly::depthwise_conv` "
-        "custom op, Python dispatch included). The machine was shared while this ran, so "
-        "the times are indicative; ratios of steps timed in the same rounds are the figures to "
-        "compare. With 2 threads on a 2-core machine that other jobs share, a call waits for "
-        "its slower thread whenever the OS runs something else on the other core: those "
-        "times come in multiples of the scheduler's 4 ms tick and measure the scheduler, not "
-        "the kernels.",
-        "",
-        f"Before: {before}",
-        "",
-        f"After: {after}",
-        "",
-        *sections,
-        "",
-    ])
-    write_report(args.out, text)
+    store = harness.Store(args.out_dir / "depthwise_cpu.json", "depthwise", keep=False)
+    store.start("depthwise", argv, args.note, malloc=harness.malloc_note(args))
+    timing = (harness.Timing(rounds=4, calls=2, settle_s=0.01) if args.quick
+              else harness.Timing(rounds=8, calls=3, settle_s=0.02))
+    large_timing = harness.Timing(max(3, timing.rounds // 2), timing.calls, 0, timing.settle_s)
+    layers = network_layers()
+    for threads in args.threads:
+        for mode in MODES:
+            shapes = [("net", s, layers.count(s), timing) for s in dict.fromkeys(layers)]
+            if not args.quick and mode != "fused":
+                shapes += [("large", s, 1, large_timing) for s in LARGE]
+            for group, (C, hw, stride), count, t in shapes:
+                row = f"t{threads}|{mode}|{group}|{C},{hw},s{stride}"
+                harness.measure(store, {f"{row}|{n}": p for n, p in
+                                        prepare(C, hw, stride, mode).items()},
+                                t, threads, mode=mode, group=group, C=C, hw=hw, stride=stride,
+                                count=count)
+        for model, res in [] if args.quick else BLOCK_MODELS:
+            for batch in (1, BATCH):
+                for name, blk, x in separable_blocks(model, res, batch):
+                    row = f"t{threads}|blocks|{model}@{res}|b{batch}|{name}"
+                    harness.measure(store, {f"{row}|{r}": block_prep(blk, x, r == "one pass")
+                                            for r in ("one pass", "apart")},
+                                    large_timing, threads, mode="blocks", model=f"{model}@{res}",
+                                    batch=batch, block=name)
+        store.save()
+    harness.write_report(args.out_dir / "depthwise_cpu.md", report(store.data))
     return 0
 
 

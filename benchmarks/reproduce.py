@@ -3,35 +3,26 @@
     python -m benchmarks.reproduce                # the whole study on Fashion-MNIST (hours of CPU)
     python -m benchmarks.reproduce --plan         # measure img/s, print the budget, train nothing
     python -m benchmarks.reproduce --variant init=ortho   # plus an ablation, validation split only
+    python -m benchmarks.reproduce --render       # redraw the md and plots from the results JSON
 
-The paper's central claim (Alizadeh Vahid et al., CVPR 2020, sections 4.2-4.4): at equal FLOPs a
-network whose pointwise convs are BFTs is more accurate than its dense baseline (ImageNet:
-MobileNetV1 0.25 vs MobileNetV1-BFT 1.0, ShuffleNetV2 0.5 vs ShuffleNetV2-BFT 1.25, MobileNetV3-Small
-0.35 vs BFT 0.5). This command tests it on Fashion-MNIST:
+The paper's claim (Alizadeh Vahid et al., CVPR 2020, sections 4.2-4.4), tested on Fashion-MNIST:
 
-* Pairs are matched by input resolution, as the paper matched them: every model gets an input
-  size (``--img-size MODEL=SIZE`` overrides the defaults below) and the multiply-adds of both
-  members, counted with ``butterfly.flops.count_macs`` at those sizes, must agree within 5%; a pair
-  that does not is refused before anything is trained.
-* Every model trains on the 60,000 training images minus a fixed validation holdout
-  (``--val-holdout``) with SGD (momentum 0.9), weight decay 1e-5 (none on BFT weights, norms and
-  biases), a cosine schedule to 0 for ``--epochs``. Its learning rate is chosen on the validation
-  split alone: seed ``--seeds[0]`` trains at every ``--lrs`` value; when the best one is at an end
-  of the grid, the grid is extended by a factor 2 on that side (at most ``--lr-extend`` times). The
-  remaining seeds then train at the chosen rate. The test split is evaluated once, after the last
-  epoch of each run; only the runs at the chosen rates are read from it.
-* Runs execute ``--parallel`` at a time, each a ``python -m train`` run in its own process with one
-  thread. Stop the command at any time (even with SIGKILL) and start it again: finished runs are
-  skipped (``result.json`` in their folder under ``--runs``), unfinished ones resume exactly from
-  their checkpoints. After every finished run the results are rewritten
-  (``--results``/reproduction_fashion_mnist.{md,json} and reproduction_*.png).
-* When every main run is finished, batch-1 CPU latency of each model is measured at one thread
-  on every path (eager, and ``butterfly.optimize_for_inference`` in NCHW and channels_last; the
-  fastest is the one reported), then the ``--variant`` ablations (if any) train on the validation
-  split only.
-* ``--families`` trains a subset. The families of the results file already in ``--results`` that
-  this command does not train are kept in it, with the command and code that produced them, when
-  that file used the same training settings (see :func:`earlier_families`).
+* Pairs are matched by input resolution, as the paper matched them (``--img-size MODEL=SIZE``);
+  both members' multiply-adds (``butterfly.flops.count_macs``) must agree within 5%, or the
+  pair is refused before anything is trained.
+* Every model trains on the training split minus a fixed validation holdout, SGD with momentum,
+  cosine schedule. Its learning rate is chosen on the validation split: seed ``--seeds[0]``
+  trains at every ``--lrs`` value, the grid grows x2 past an end that is best (at most
+  ``--lr-extend`` times); the other seeds train at the chosen rate. The test split is read once
+  per run, after its last epoch; only the chosen rates' test numbers are used.
+* Runs execute ``--parallel`` at a time, each ``python -m train`` in its own one-thread process.
+  Stop the command at any time (even SIGKILL) and start it again: finished runs are skipped,
+  unfinished ones resume from their checkpoints. Results are rewritten after every run.
+* When every main run is finished, batch-1 latency at one thread is timed on every path (eager,
+  ``optimize_for_inference`` NCHW and channels_last; the fastest is reported) by the harness's
+  interleaved timer; then the ``--variant`` ablations train (validation split only).
+* ``--families`` trains a subset; the other families of the results file are kept, with their
+  provenance, when it used the same training settings (:func:`earlier_families`).
 
 See docs/reproduction.md for the design and how to read the results.
 """
@@ -45,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -53,6 +43,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from benchmarks import harness
+from benchmarks.harness import read_json as _read_json
+from benchmarks.harness import write_json as _write_json
 
 CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(CODE_ROOT, "benchmarks", "results")
@@ -143,6 +137,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training time per model for the img/s measurement (0: skip it)")
     p.add_argument("--latency-repeats", type=int, default=100, help="timed calls per round (5 rounds)")
     p.add_argument("--plan", action="store_true", help="measure img/s, print the budget and stop")
+    p.add_argument("--render", nargs="?", const="", default=None, metavar="JSON",
+                   help="only redraw the md (and, for the --results file, the plots) from a "
+                        "results JSON (default: the one in --results); trains nothing")
     p.add_argument("--no-plots", action="store_true", help=argparse.SUPPRESS)
     # Test aids: the N-th run this invocation starts (0-based) is killed after S optimizer steps,
     # then this command kills itself (a SIGKILL of the whole job, as a crash or preemption would).
@@ -404,24 +401,6 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def worker_main(run_dir: str) -> int:
     """One run in this process: train (resuming from the checkpoint if there is one), then write
     ``result.json``. Holds ``run_dir/lock`` while it works."""
@@ -463,7 +442,8 @@ def worker_main(run_dir: str) -> int:
 
 def speed_main(model: str, img_size: int, seconds: float, batch: int, data_dir: Optional[str]) -> int:
     """Print the training and evaluation img/s of ``model`` at one thread, without loader
-    processes, on real Fashion-MNIST batches with the training augmentation."""
+    processes, on real Fashion-MNIST batches with the training augmentation (the loading timed
+    with each step, as in training)."""
     import torch
     torch.set_num_threads(1)
     from butterfly import param_groups
@@ -472,105 +452,62 @@ def speed_main(model: str, img_size: int, seconds: float, batch: int, data_dir: 
     folder = find_fashion_mnist(data_dir)
     if folder is None:
         raise SystemExit("error: Fashion-MNIST not found (pass --data-dir)")
-    data = FashionMNIST(folder, "train", img_size, train=True)
-    loader = torch.utils.data.DataLoader(data, batch, shuffle=True, drop_last=True, num_workers=0,
-                                         generator=torch.Generator().manual_seed(0))
+
+    def endless(loader):
+        while True:
+            yield from loader
+
+    train = endless(torch.utils.data.DataLoader(
+        FashionMNIST(folder, "train", img_size, train=True), batch, shuffle=True, drop_last=True,
+        num_workers=0, generator=torch.Generator().manual_seed(0)))
+    test = endless(torch.utils.data.DataLoader(FashionMNIST(folder, "train", img_size), 256,
+                                               drop_last=True))
     torch.manual_seed(0)
     net = create_model(model, 10, 1, small_input=True).train()
     opt = torch.optim.SGD(param_groups(net, 1e-5), lr=0.01, momentum=0.9)
-    images, timed, steps = 0, 0.0, 0
-    t = time.perf_counter()
-    for x, y in loader:  # the data loading is timed with the step, as in training
+
+    def train_step():
+        x, y = next(train)
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
-        now = time.perf_counter()
-        steps += 1
-        if steps > 2:  # the first steps warm up
-            images, timed = images + len(y), timed + now - t
-        t = now
-        if timed >= seconds:
-            break
-    net.eval()
-    eval_images, eval_timed = 0, 0.0
-    with torch.no_grad():
-        for x, _ in torch.utils.data.DataLoader(FashionMNIST(folder, "train", img_size), 256):
-            t = time.perf_counter()
-            net(x)
-            eval_timed += time.perf_counter() - t
-            eval_images += len(x)
-            if eval_timed >= max(2.0, seconds / 6):
-                break
-    print(json.dumps({"model": model, "img_size": img_size, "train_img_s": images / timed,
-                      "eval_img_s": eval_images / eval_timed, "timed_s": timed, "batch": batch}))
+
+    def eval_step():
+        with torch.no_grad():
+            net.eval()(next(test)[0])
+
+    out = {"model": model, "img_size": img_size, "batch": batch}
+    for name, step, size, budget in (("train_img_s", train_step, batch, seconds),
+                                     ("eval_img_s", eval_step, 256, max(2.0, seconds / 6))):
+        times, failed = harness.interleave({name: step}, harness.Timing(1, 1, budget, 0.0))
+        if failed:
+            raise SystemExit(f"error: {failed[name]}")
+        out[name] = size * len(times[name]) / sum(times[name])
+        out.setdefault("timed_s", sum(times[name]))
+    print(json.dumps(out))
     return 0
 
 
 # ------------------------------------------------------------------------------ measurements
 def load_average() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    return " ".join(f"{v:.2f}" for v in harness.load())
 
 
-def busy_processes(limit: int = 6, interval: float = 1.0) -> List[str]:
-    """The processes that used the most CPU over the next ``interval`` seconds, other than this
-    one, as ``"name 97%"`` (from /proc: utime + stime before and after)."""
-    def sample() -> Dict[int, Tuple[str, int]]:
-        out = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            name = text[text.index("(") + 1:text.rindex(")")]
-            fields = text[text.rindex(")") + 2:].split()
-            out[int(entry)] = (name, int(fields[11]) + int(fields[12]))
-        return out
-
-    try:
-        first = sample()
-        time.sleep(interval)
-        second = sample()
-    except (OSError, ValueError):
-        return []
-    tick = os.sysconf("SC_CLK_TCK")
-    used = sorted(((second[p][1] - first[p][1]) / tick / interval, second[p][0])
-                  for p in second if p in first)
-    return [f"{name} {100 * share:.0f}%" for share, name in reversed(used) if share >= 0.05][:limit]
-
-
-def machine() -> Dict[str, str]:
+def machine() -> Dict:
+    """The harness's machine description, with the BFT backend, the code (commit) and memory."""
     import torch
-    from benchmarks.machine import cpu_model
-    cpu = cpu_model()
-    try:
-        from butterfly.ops import backend_for
-        backend = backend_for(torch.device("cpu")).name
-    except Exception:  # only a label
-        backend = "unknown"
+    from butterfly.ops import backend_for
     try:
         commit = subprocess.run(["git", "-C", CODE_ROOT, "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    if not commit:  # a snapshot without git (docs/reproduction.md): the commit it was made from
-        try:
-            with open(os.path.join(CODE_ROOT, "COMMIT")) as f:
-                commit = f.read().strip()
-        except OSError:
-            pass
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            kb = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-        mem = f"{kb / 2 ** 20:.0f} GiB"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory": mem, "python": platform.python_version(),
-            "torch": torch.__version__, "BFT backend": backend, "code": commit or "unknown",
-            "host": platform.node()}
+    if not commit and os.path.isfile(os.path.join(CODE_ROOT, "COMMIT")):  # a snapshot without git
+        commit = open(os.path.join(CODE_ROOT, "COMMIT")).read().strip()
+    with open("/proc/meminfo") as f:
+        kb = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
+    return harness.machine(backend=backend_for(torch.device("cpu")).name,
+                           code=commit or "unknown", memory=f"{kb / 2 ** 20:.0f} GiB")
 
 
 LATENCY_PATHS = ("eager", "fused", "fused_cl")
@@ -578,46 +515,32 @@ LATENCY_PATHS = ("eager", "fused", "fused_cl")
 
 def measure_latency(items: Sequence[Member], repeats: int,
                     rounds: int = 5) -> Dict[str, Dict[str, float]]:
-    """Median wall time (ms) of one forward pass on one image at each model's input size, eval
-    mode, one thread, on each path of :data:`LATENCY_PATHS`: ``eager`` (the model in PyTorch,
-    NCHW), ``fused`` and ``fused_cl`` (``butterfly.optimize_for_inference`` for that input, NCHW
-    and channels_last). Every (model, path) takes turns in rotating order, ``rounds`` x
-    ``repeats`` calls each, so a burst of other work spreads over all of them."""
+    """Median ms of one forward pass on one image at each model's input size, eval mode, one
+    thread, on each path of :data:`LATENCY_PATHS`: ``eager`` (NCHW), ``fused`` and ``fused_cl``
+    (``butterfly.optimize_for_inference`` for that input, NCHW and channels_last); all timed
+    together by the harness, ``rounds`` rounds of ``repeats`` calls each."""
     import torch
     import butterfly
     from train.model import create_model
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runners = {}
+    steps = {}
+    with harness.torch_threads(1):
         for m in items:
             torch.manual_seed(0)
             net = create_model(m.model, 10, 1, small_input=True).eval()
             x = torch.randn(1, 1, m.img_size, m.img_size)
             x_cl = x.contiguous(memory_format=torch.channels_last)
             net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
-            runners[(m.model, "eager")] = (net, x)
-            runners[(m.model, "fused")] = (butterfly.optimize_for_inference(net, x)[0], x)
-            runners[(m.model, "fused_cl")] = (butterfly.optimize_for_inference(net_cl, x_cl)[0], x_cl)
-        times: Dict[Tuple[str, str], List[float]] = {k: [] for k in runners}
-        keys = list(runners)
-        with torch.inference_mode():
-            for net, x in runners.values():
-                for _ in range(10):
-                    net(x)
-            for r in range(rounds):
-                for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                    net, x = runners[key]
-                    for _ in range(repeats):
-                        t = time.perf_counter()
-                        net(x)
-                        times[key].append(time.perf_counter() - t)
-        out: Dict[str, Dict[str, float]] = {}
-        for (model, path), v in times.items():
-            out.setdefault(model, {})[path] = 1e3 * statistics.median(v)
-        return out
-    finally:
-        torch.set_num_threads(threads)
+            for path, (model, inp) in {
+                    "eager": (net, x), "fused": (butterfly.optimize_for_inference(net, x)[0], x),
+                    "fused_cl": (butterfly.optimize_for_inference(net_cl, x_cl)[0], x_cl)}.items():
+                steps[(m.model, path)] = torch.inference_mode()(lambda model=model, inp=inp: model(inp))
+        times, failed = harness.interleave(steps, harness.Timing(rounds, repeats, 0.0, 0.0))
+    if failed:
+        raise RuntimeError(f"latency: {failed}")
+    out: Dict[str, Dict[str, float]] = {}
+    for (model, path), v in times.items():
+        out.setdefault(model, {})[path] = harness.summary(v)["ms"]
+    return out
 
 
 def split_sizes(opts) -> Tuple[int, int]:
@@ -1040,8 +963,8 @@ def markdown(doc: Dict) -> str:
     cond, mach = doc["conditions"], doc["machine"]
     L += ["## Conditions", "",
           f"- Command: `{doc['command']}` (code {mach['code']}); started {doc['started']}.",
-          f"- Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory']}; Python "
-          f"{mach['python']}, torch {mach['torch']}, BFT backend {mach['BFT backend']}.",
+          f"- Machine: {harness.describe(mach)}; {mach['memory']} memory, BFT backend "
+          f"{mach['backend']}.",
           f"- While training: {cond.get('training', 'not recorded')}."]
     for fam, src in doc.get("kept", {}).items():
         L.append(f"- {FAMILIES[fam].label}: trained by an earlier run of this command with the same "
@@ -1061,7 +984,7 @@ def markdown(doc: Dict) -> str:
     if b:
         loads = [float(v["load"].split()[0]) for v in doc.get("speed", {}).values() if v.get("load")]
         shared = (f" while the 1-minute load average was {min(loads):.1f}-{max(loads):.1f} on "
-                  f"{mach['cores']} cores" if loads else "")
+                  f"{mach['logical_cpus']} cores" if loads else "")
         L.append(f"- Budget estimated before training from the img/s measured one model at a time, "
                  f"1 thread{shared}: {b['cpu_hours']:.1f} single-thread CPU hours, "
                  f"{b['wall_hours']:.1f} h wall at {b['parallel']} at a time ({b['cpu_hours_upper']:.1f} "
@@ -1099,8 +1022,7 @@ def plots(doc: Dict, folder: str) -> List[str]:
             if ys:
                 ax.set_ylim(max(min(ys) - 1, 0), min(max(ys) + 0.5, 100))
             ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    written.append(_save(fig, folder, "reproduction_val_curves.png"))
+    written.append(harness.save_figure(fig, os.path.join(folder, "reproduction_val_curves.png")))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in doc["runs"]:
@@ -1114,68 +1036,35 @@ def plots(doc: Dict, folder: str) -> List[str]:
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(_save(fig, folder, "reproduction_lr_sweep.png"))
+    written.append(harness.save_figure(fig, os.path.join(folder, "reproduction_lr_sweep.png")))
 
     for key, xlabel, name in (("macs", "multiply-adds per image (millions)", "reproduction_top1_vs_macs.png"),
                               ("latency_ms", "batch-1 CPU latency, 1 thread, fastest path (ms)",
                                "reproduction_top1_vs_latency.png")):
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        drawn = False
-        for fam in families:
-            pts = [r for r in by_fam[fam] if r["top1"] and r.get(key)]
-            scale = 1e6 if key == "macs" else 1
-            if not pts:
-                continue
-            drawn = True
-            xs = [r[key] / scale for r in pts]
-            ys = [statistics.mean(r["top1"]) for r in pts]
-            line, = ax.plot(xs, ys, "-", label=FAMILIES[fam].label)
-            for r, x, y in zip(pts, xs, ys):
-                _, std = mean_std(r["top1"])
-                marker = "*" if r["kind"] == "bft" else "o"
-                ax.errorbar(x, y, yerr=std or 0, fmt=marker, color=line.get_color(),
-                            markersize=12 if marker == "*" else 7, capsize=3)
-                ax.annotate(f"{r['model']}@{r['img_size']}", (x, y), textcoords="offset points",
-                            xytext=(6, -12), fontsize=7)
-        if not drawn:
-            plt.close(fig)
-            continue
-        ax.plot([], [], "ko", label="baseline")
-        ax.plot([], [], "k*", markersize=10, label="BFT")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test top-1 % (mean ± std over seeds)")
-        ax.set_title("Fashion-MNIST, trained to convergence")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        ax.margins(x=0.25, y=0.2)
-        fig.tight_layout()
-        written.append(_save(fig, folder, name))
+        points = [{"family": FAMILIES[r["family"]].label, "bft": r["kind"] == "bft",
+                   "x": r[key] / (1e6 if key == "macs" else 1), "y": statistics.mean(r["top1"]),
+                   "yerr": mean_std(r["top1"])[1], "label": f"{r['model']}@{r['img_size']}"}
+                  for r in doc["runs"] if r["top1"] and r.get(key)]
+        if points:
+            harness.scatter(points, os.path.join(folder, name), xlabel,
+                            "test top-1 % (mean ± std over seeds)",
+                            "Fashion-MNIST, trained to convergence")
+            written.append(os.path.join(folder, name))
     return written
 
 
-def _save(fig, folder: str, name: str) -> str:
-    import matplotlib.pyplot as plt
-    path = os.path.join(folder, name)
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+def render(doc: Dict, md_path: str, folder: Optional[str]) -> None:
+    """The md of a results document, and its plots into ``folder`` (None: no plots)."""
+    harness.write_report(md_path, markdown(doc).splitlines())
+    if folder is not None:
+        plots(doc, folder)
 
 
 def write_results(opts, state: Dict, done: Dict[str, Dict],
                   kept: Optional[Dict[str, Dict]] = None) -> Dict:
     doc = collect(opts, state, done, kept)
-    os.makedirs(opts.results, exist_ok=True)
     _write_json(os.path.join(opts.results, f"{STEM}.json"), doc)
-    text = markdown(doc)
-    tmp = os.path.join(opts.results, f".{STEM}.md.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(opts.results, f"{STEM}.md"))
-    if not opts.no_plots:
-        plots(doc, opts.results)
+    render(doc, os.path.join(opts.results, f"{STEM}.md"), None if opts.no_plots else opts.results)
     return doc
 
 
@@ -1262,6 +1151,14 @@ def main(argv=None) -> int:
         model, size, seconds, batch = argv[1], int(argv[2]), float(argv[3]), int(argv[4])
         return speed_main(model, size, seconds, batch, argv[5] if len(argv) > 5 else None)
     opts = parse_args(argv)
+    if opts.render is not None:
+        path = opts.render or os.path.join(opts.results, f"{STEM}.json")
+        doc = _read_json(path)
+        if doc is None or doc.get("format") != FORMAT:
+            raise SystemExit(f"error: {path} is not a results file of this command")
+        own = not opts.render and not opts.no_plots
+        render(doc, os.path.splitext(path)[0] + ".md", opts.results if own else None)
+        return 0
     import fcntl
     os.makedirs(opts.runs, exist_ok=True)
     lock = open(os.path.join(opts.runs, "driver.lock"), "w")
@@ -1349,7 +1246,7 @@ def main(argv=None) -> int:
         jobs, decisions, main_done = schedule(opts, done)
         if main_done and kept_complete and "latency" not in state and not runner.running:
             log("every main run is finished: measuring batch-1 latency at 1 thread")
-            before, busy = load_average(), busy_processes()
+            before, busy = load_average(), harness.busy(interval=1.0)
             timed = members(opts) + kept_members
             lat = measure_latency(timed, opts.latency_repeats)
             state["latency"] = {f"{m.model}@{m.img_size}": lat[m.model] for m in timed}
