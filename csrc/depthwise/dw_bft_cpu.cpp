@@ -1,27 +1,28 @@
 // The depthwise-separable block in one pass over tiles: butterfly_cpu::dw_bft_fused,
 //
-//   y = epi(bft(dw_act(depthwise_conv(x) + dw_bias)))   (epi: bft_cpu_epilogue.h, with add)
+//   y = epi(bft(dw_act(depthwise_conv(x) + dw_bias)))   (epi: bft/epilogue.h, with add)
 //
 // for channels-last float32/float64 tensors. The BFT's tiles are groups of output pixels
 // (P == 1, rows of the flattened (N, Ho, Wo) output); for each tile the depthwise conv
-// computes those pixels' C channels (dw_cpu_kernel.h's channels-last row code, bias and
-// activation in its epilogue) into a per-thread buffer that stays in cache, and the BFT reads
-// its tile from there (RowSource in bft_cpu_kernel.h). The depthwise output never goes to
-// memory: the block reads x and writes y once, where the two layers apart write and read the
-// intermediate once more. butterfly/fusion.py builds the layers that call it
-// (FusedDepthwiseBFT); the reference is the two fused layers run one after the other.
+// computes those pixels' C channels (dwconv::conv_rows: the channels-last row code of
+// dw_kernel.h, bias and activation in its epilogue) into a per-thread buffer that stays in
+// cache, and the BFT reads its tile from there (RowSource in bft/kernel.h). The depthwise output
+// never goes to memory: the block reads x and writes y once, where the two layers apart write
+// and read the intermediate once more. The fused inference layers (FusedDepthwiseBFT,
+// butterfly/passes/fuse.py) call it through the Python operator (butterfly/ops/dw_bft_fused.py);
+// the reference is the two fused layers run one after the other.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "bft/binding.h"
-#include "depthwise/dw_kernel.h"
+#include "depthwise/dw_ops.h"
 
 namespace bft {
 namespace {
 
 // Rows r0 .. r0 + n of the depthwise conv's output, flattened (N, Ho, Wo), channels-last.
-template <class A, int K, int S, int Act>
+template <class A>
 struct DepthwiseRows final : RowSource<A> {
   const dwconv::Shape& sh;
   const A* x;      // (N, H, W, C)
@@ -33,18 +34,8 @@ struct DepthwiseRows final : RowSource<A> {
       : sh(sh), x(x), wpack(wpack), bias(bias), act(act) {}
 
   const A* fill(int64_t r0, int64_t n) const override {
-    const int64_t C = sh.C, per_image = sh.Ho * sh.Wo;
-    A* out = scratch<A>(5, n * C);
-    for (int64_t r = r0; r < r0 + n;) {  // a row of the tile's pixels at a time
-      const int64_t img = r / per_image, oh = r % per_image / sh.Wo, ow0 = r % sh.Wo;
-      const int64_t ow1 = std::min(sh.Wo, ow0 + (r0 + n - r));
-      const A* rows[K];
-      dwconv::input_rows<A, K, S>(x + img * sh.H * sh.W * C, sh.H, sh.W * C, oh, rows);
-      dwconv::cl_conv_range<A, K, S, Act>(rows, C, sh.W, sh.Wo, ow0, ow1, wpack,
-                                          dwconv::padded<A>(C), bias, out + (r - r0) * C, false,
-                                          act);
-      r += ow1 - ow0;
-    }
+    A* out = scratch<A>(5, n * sh.C);
+    dwconv::conv_rows<A>(sh, x, wpack, bias, act, r0, n, out);
     return out;
   }
 };
@@ -55,15 +46,8 @@ void dw_bft_forward(const Plan& pl, const dwconv::Shape& sh, const A* x, const A
                     A* y) {
   const std::vector<A> wp = dwconv::pack_weights(dw_w, sh.C, sh.K, false);
   const std::vector<A> bp = dwconv::pack_bias(dw_b, sh.C);
-  dwconv::dispatch_ks(sh.K, sh.S, [&](auto k, auto s) {
-    constexpr int K = decltype(k)::value, S = decltype(s)::value;
-    dwconv::dispatch_act<A, K>(dw_act, [&](auto act_c) {
-      constexpr int Act = decltype(act_c)::value;
-      const DepthwiseRows<A, K, S, Act> src(sh, x, wp.data(), dw_b ? bp.data() : nullptr, dw_act);
-      forward_fused_impl<A, A>(pl, nullptr, w, y, sh.N * sh.Ho * sh.Wo, 1, options(), epi, add,
-                               &src);
-    });
-  });
+  const DepthwiseRows<A> src(sh, x, wp.data(), dw_b ? bp.data() : nullptr, dw_act);
+  forward_fused_impl<A, A>(pl, nullptr, w, y, sh.N * sh.Ho * sh.Wo, 1, options(), epi, add, &src);
 }
 
 bool channels_last(const at::Tensor& t) { return t.is_contiguous(at::MemoryFormat::ChannelsLast); }

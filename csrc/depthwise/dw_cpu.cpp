@@ -1,12 +1,12 @@
-// PyTorch binding of the fused depthwise convolution (dw_cpu_kernel.h): the operators
-// butterfly_cpu::dw_forward and butterfly_cpu::dw_backward, added to the namespace of
-// bft_cpu.cpp's operators (TORCH_LIBRARY_FRAGMENT) and loaded with them by
-// butterfly/kernels/cpu.py; butterfly/depthwise.py adds their fake kernels.
+// PyTorch binding of the fused depthwise convolution (dw_ops.h; the kernels in dw_kernel.h): the
+// operators butterfly_cpu::dw_forward and butterfly_cpu::dw_backward, added to the namespace of
+// the BFT's operators (bft/bft_cpu.cpp; here TORCH_LIBRARY_FRAGMENT) and loaded with them. The
+// Python depthwise operator (butterfly/ops/depthwise.py) states their fake kernels.
 //
 // Memory format: x is NCHW-contiguous or channels_last-contiguous. A tensor that is
 // channels_last-contiguous and not contiguous runs the channels-last kernel and gets
 // channels_last outputs; anything else is made contiguous and gets contiguous outputs
-// (butterfly/depthwise.py's fake kernels follow the same rule).
+// (the fake kernels follow the same rule).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,7 +18,7 @@
 #include <string>
 #include <tuple>
 
-#include "depthwise/dw_kernel.h"
+#include "depthwise/dw_ops.h"
 
 namespace dwconv {
 namespace {

@@ -1,4 +1,5 @@
-// Fused depthwise k x k convolution on CPU tensors (no PyTorch types here; dw_cpu.cpp binds it).
+// The fused depthwise k x k convolution's kernels on CPU tensors (no PyTorch types here; dw_ops.h
+// is their interface, dw_cpu.cpp and dw_bft_cpu.cpp bind them).
 //
 // y[n, c] = act(conv(x[n, c], w[c]) + b[c]), padding k / 2, stride 1 or 2, odd k = 3, 5, 7.
 // Layouts (docs/depthwise.md):
@@ -25,44 +26,40 @@
 // count) sums its share in a fixed order into its own partial, and the partials are added in
 // task order. The same inputs give bit-identical gradients, whatever the number of threads or
 // the schedule.
+//
+// Two sets of kernels share the layout code (the drivers forward_nchw, backward_cl, ..., whose
+// template parameters KC and SC are the kernel size and stride, or 0 for runtime values):
+//
+// * compiled kernels, with k, the stride and the activation as constants, register blocks of
+//   rows or pixels, and fully unrolled taps: float32 with k = 3, the common case
+//   (dw_k3_forward.cpp, dw_k3_backward.cpp);
+// * generic kernels (the *_any functions), with k, the stride and the activation as runtime
+//   arguments and one output (or one pixel's sums) at a time: every other case, float64 (used
+//   mostly for testing) and k = 5 and 7 (dw_any.cpp).
+//
+// Each output of either set is the same sum, its terms added in the same order (the bias, then
+// the taps in (kh, kw) order; the weight gradient's terms in the order of the compiled kernels'
+// register blocks), so both give the same bits. A compiled kernel for every case would multiply
+// the instantiations, and the build time with them.
 #pragma once
 
 #include "common/openmp.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "common/activation.h"
 #include "common/simd.h"
+#include "depthwise/dw_ops.h"
 
 namespace dwconv {
 
-template <class A>
-using V = simd::vec_t<A>;
-template <class A>
-inline constexpr int VL = simd::Vec<A>::lanes;
 using simd::unroll;
 
-// Activations: the codes of common/activation.h; a kernel's template parameter Act is one of
-// them, or kAny: the activation is then its runtime argument `act`.
-using activation::kHardsigmoid;
-using activation::kHardswish;
-using activation::kNone;
-using activation::kRelu;
-using activation::kRelu6;
-inline constexpr int kAny = -1;
-
-struct Shape {
-  int64_t N, C, H, W, Ho, Wo;
-  int K, S;
-  int P() const { return K / 2; }
-};
-
-inline int64_t out_size(int64_t in, int K, int S) { return (in + 2 * (K / 2) - K) / S + 1; }
+// The largest kernel size: the size of the generic kernels' arrays.
+inline constexpr int kMaxK = 7;
 
 // ------------------------------------------------------------------------------------ vectors
 template <class A>
@@ -329,8 +326,11 @@ SIMD_INLINE void wgrad_block(const RowTaps<A, K, S>& rt, Src rows, const V<A>* g
 }
 
 // Output rows per register block: stride 1, k = 3: 8 rows (10 input rows, 30 loads for 72 FMAs).
+// The NCHW weight gradient's sums follow the blocks: the generic kernels use the same ones.
+inline constexpr int row_block(int K, int S) { return K == 3 ? (S == 1 ? 8 : 4) : 2; }
 template <int K, int S>
-inline constexpr int kRowBlock = K == 3 ? (S == 1 ? 8 : 4) : 2;
+inline constexpr int kRowBlock = row_block(K, S);
+inline constexpr int kMaxBlockRows = 16;  // (RB - 1) * S + K for every k and stride
 
 // Calls body(o, std::integral_constant<int, R>) for blocks that cover rows [o0, o1): blocks of
 // RB rows, then of RB / 2, ..., 1 for the rest.
@@ -339,6 +339,14 @@ SIMD_INLINE void for_row_blocks(int64_t o0, int64_t o1, F&& body) {
   int64_t o = o0;
   for (; o + RB <= o1; o += RB) body(o, std::integral_constant<int, RB>{});
   if constexpr (RB > 1) for_row_blocks<RB / 2>(o, o1, body);
+}
+
+// for_row_blocks with a runtime block size RB (a power of two): body(o, R), R an int.
+template <class F>
+inline void for_row_blocks_any(int64_t o0, int64_t o1, int RB, F&& body) {
+  int64_t o = o0;
+  for (int R = RB; R >= 1; R /= 2)
+    for (; o + R <= o1; o += R) body(o, R);
 }
 
 // Output rows per strip (a task's share of one plane): about 2048 outputs, whole row blocks.
@@ -373,8 +381,45 @@ struct Columns {
     }
     zeros.assign((size_t)(std::max(Wi, S * Wo) + 4 * VL<A> + 2 * K), A(0));
   }
+  Columns(int64_t Wi, int64_t Wo, int, int) : Columns(Wi, Wo) {}
   const A* zero_row() const { return zeros.data() + 2 * VL<A> + K; }
 };
+
+// The columns of the generic kernels (k and the stride at runtime): the number of output vectors
+// and the same row of zeros; their taps are made where they are read (row_taps_any).
+template <class A>
+struct Columns<A, 0, 0> {
+  int K, S;
+  int64_t n;
+  std::vector<A> zeros;
+  Columns(int64_t Wi, int64_t Wo, int k, int s) : K(k), S(s), n((Wo + VL<A> - 1) / VL<A>) {
+    zeros.assign((size_t)(std::max(Wi, S * Wo) + 4 * VL<A> + 2 * K), A(0));
+  }
+  const A* zero_row() const { return zeros.data() + 2 * VL<A> + K; }
+};
+
+// RowTaps<A, K, S>(c0, W).load(row, tap) for a runtime k and stride.
+template <class A>
+SIMD_INLINE void row_taps_any(const A* row, int64_t c0, int64_t W, int K, int S, V<A>* tap) {
+  switch (K * 4 + S) {
+    case 3 * 4 + 1: return RowTaps<A, 3, 1>(c0, W).load(row, tap);
+    case 3 * 4 + 2: return RowTaps<A, 3, 2>(c0, W).load(row, tap);
+    case 5 * 4 + 1: return RowTaps<A, 5, 1>(c0, W).load(row, tap);
+    case 5 * 4 + 2: return RowTaps<A, 5, 2>(c0, W).load(row, tap);
+    case 7 * 4 + 1: return RowTaps<A, 7, 1>(c0, W).load(row, tap);
+    default: return RowTaps<A, 7, 2>(c0, W).load(row, tap);
+  }
+}
+
+// simd::add_lane_sums<A, N> for N = K * K + 1, K = 3, 5, 7.
+template <class A>
+void add_lane_sums_any(const V<A>* acc, int N, A* out) {
+  switch (N) {
+    case 10: return simd::add_lane_sums<A, 10>(acc, out);
+    case 26: return simd::add_lane_sums<A, 26>(acc, out);
+    default: return simd::add_lane_sums<A, 50>(acc, out);
+  }
+}
 
 // One NCHW plane (output rows [o0, o1)): out = act(conv(in, w) + bias). `in` is Hi x Wi,
 // `out` has Wo columns.
@@ -420,12 +465,11 @@ void conv_plane(const A* in, int64_t Hi, int64_t Wi, A* out, int64_t Wo, int64_t
   });
 }
 
-// Calls f(std::integral_constant<int, Act>) with the activation as a constant for float k = 3
-// (the common case, where the activation's code is worth specialising), else with kAny: the
-// activation is then a runtime argument (fewer instantiations: a faster build).
-template <class A, int K, class F>
+// Calls f(std::integral_constant<int, Act>) with the activation as a constant for the compiled
+// kernels (KC != 0), else with kAny: the activation is then a runtime argument.
+template <class A, int KC, class F>
 SIMD_INLINE void dispatch_act(int act, F&& f) {
-  if constexpr (std::is_same_v<A, float> && K == 3) {
+  if constexpr (KC != 0) {
     switch (act) {
       case kRelu: return f(std::integral_constant<int, kRelu>{});
       case kRelu6: return f(std::integral_constant<int, kRelu6>{});
@@ -438,26 +482,71 @@ SIMD_INLINE void dispatch_act(int act, F&& f) {
   }
 }
 
-// Forward, NCHW.
-template <class A, int K, int S>
+// conv_plane for a runtime k, stride (cols) and activation: each output vector is the bias plus
+// the k*k taps in (kh, kw) order, those outside the image read as zeros, as in conv_plane.
+template <class A>
+void conv_plane_any(const A* in, int64_t Hi, int64_t Wi, A* out, int64_t Wo, int64_t o0,
+                    int64_t o1, const Columns<A, 0, 0>& cols, const A* w, A bias, bool stream,
+                    int act) {
+  const int K = cols.K, S = cols.S, P = K / 2;
+  V<A> wl[kMaxK * kMaxK];
+  for (int i = 0; i < K * K; ++i) wl[i] = splat(w[i]);
+  const V<A> bv = splat(bias);
+  const A* zero = cols.zero_row();
+  for (int64_t o = o0; o < o1; ++o) {
+    const A* rows[kMaxK];
+    for (int kh = 0; kh < K; ++kh) {
+      const int64_t ih = S * o - P + kh;
+      rows[kh] = ih >= 0 && ih < Hi ? in + ih * Wi : zero;
+    }
+    // the rows the next output row reads first
+    const int64_t next = S * o - P + K, next_end = std::min<int64_t>(Hi, next + S);
+    if (o + 1 < o1 && next >= 0 && next < next_end)
+      prefetch_bytes(in + next * Wi, (next_end - next) * Wi * sizeof(A));
+    for (int64_t ci = 0; ci < cols.n; ++ci) {
+      V<A> acc = bv;
+      for (int kh = 0; kh < K; ++kh) {
+        V<A> tap[kMaxK];
+        row_taps_any<A>(rows[kh], ci * VL<A>, Wi, K, S, tap);
+        for (int kw = 0; kw < K; ++kw) acc += tap[kw] * wl[kh * K + kw];
+      }
+      A* dst = out + o * Wo + ci * VL<A>;
+      const V<A> v = activate<A>(acc, act);
+      if (stream)
+        simd::vstream(dst, v);
+      else
+        store_m(dst, v, lanes<A>(0, Wo - ci * VL<A>));
+    }
+  }
+}
+
+// Forward, NCHW. KC, SC: the kernel size and stride of the compiled kernels, or 0 (generic).
+template <class A, int KC, int SC>
 void forward_nchw(const Shape& sh, const A* x, const A* w, const A* b, int act, A* y,
                   int threads) {
-  constexpr int RB = kRowBlock<K, S>;
-  const Columns<A, K, S> cols(sh.W, sh.Wo);
-  const int64_t srows = strip_rows(sh.Ho, sh.Wo, RB);
+  const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
+  const Columns<A, KC, SC> cols(sh.W, sh.Wo, K, S);
+  const int64_t srows = strip_rows(sh.Ho, sh.Wo, row_block(K, S));
   const int64_t nstrip = (sh.Ho + srows - 1) / srows;
   const int64_t tasks = sh.N * sh.C * nstrip;
   const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * K * K, threads);
   const bool stream = sh.Wo % VL<A> == 0 &&
                       sh.N * sh.C * sh.Ho * sh.Wo * (int64_t)sizeof(A) >= kStreamBytes;
-  dispatch_act<A, K>(act, [&](auto act_c) {
+  dispatch_act<A, KC>(act, [&](auto act_c) {
     constexpr int Act = decltype(act_c)::value;
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t plane = t / nstrip, s = t % nstrip, c = plane % sh.C;
       const int64_t o0 = s * srows, o1 = std::min(sh.Ho, o0 + srows);
-      conv_plane<A, K, S, Act>(x + plane * sh.H * sh.W, sh.H, sh.W, y + plane * sh.Ho * sh.Wo,
-                               sh.Wo, o0, o1, cols, w + c * K * K, b ? b[c] : A(0), stream, act);
+      const A* in = x + plane * sh.H * sh.W;
+      A* out = y + plane * sh.Ho * sh.Wo;
+      const A bias = b ? b[c] : A(0);
+      if constexpr (KC != 0)
+        conv_plane<A, KC, SC, Act>(in, sh.H, sh.W, out, sh.Wo, o0, o1, cols, w + c * K * K, bias,
+                                   stream, act);
+      else
+        conv_plane_any<A>(in, sh.H, sh.W, out, sh.Wo, o0, o1, cols, w + c * K * K, bias, stream,
+                          act);
     }
     if (stream) simd::stream_fence();
   });
@@ -563,19 +652,111 @@ void wgrad_plane(const A* xp, int64_t H, int64_t W, const A* gp, int64_t Wo, int
   simd::add_lane_sums<A, KK + 1>(acc, dst);  // a fixed tree of shuffles and adds
 }
 
+// grad_input_s2_plane for a runtime k: the same taps, in the same order.
+template <class A>
+void grad_input_s2_plane_any(const A* g, int64_t Ho, int64_t Wo, A* gx, int64_t H, int64_t W,
+                             int64_t i0, int64_t i1, int K, const A* w /* K*K scalars */,
+                             const A* zero) {
+  const int P = K / 2;
+  const int D0 = -((K - 1 - P) / 2), D1 = (1 + P) / 2, ND = D1 - D0 + 1;  // ND <= 4
+  V<A> wv[kMaxK * kMaxK];
+  for (int i = 0; i < K * K; ++i) wv[i] = splat(w[i]);
+  const int64_t Wph = (W + 1) / 2;
+  for (int64_t i = i0; i < i1; ++i) {
+    const A* grow[4];
+    for (int d = 0; d < ND; ++d) {
+      const int64_t oh = i + D0 + d;
+      grow[d] = oh >= 0 && oh < Ho ? g + oh * Wo : zero;
+    }
+    for (int64_t j0 = 0; j0 < Wph; j0 += VL<A>) {
+      uint32_t cm[4];
+      for (int d = 0; d < ND; ++d) {
+        const int64_t start = j0 + D0 + d;
+        cm[d] = lanes<A>(-start, Wo - start);
+      }
+      V<A> L[4][4];
+      for (int dh = 0; dh < ND; ++dh)
+        for (int dw = 0; dw < ND; ++dw) L[dh][dw] = load_m(grow[dh] + j0 + D0 + dw, cm[dw]);
+      V<A> acc[2][2] = {};
+      for (int a = 0; a < 2; ++a)
+        for (int b = 0; b < 2; ++b)
+          for (int kh = 0; kh < K; ++kh) {
+            if ((a + P - kh) % 2 != 0) continue;
+            const int dh = (a + P - kh) / 2 - D0;
+            for (int kw = 0; kw < K; ++kw) {
+              if ((b + P - kw) % 2 != 0) continue;
+              const int dw = (b + P - kw) / 2 - D0;
+              acc[a][b] += L[dh][dw] * wv[kh * K + kw];
+            }
+          }
+      const uint32_t m0 = lanes<A>(0, W - 2 * j0), m1 = lanes<A>(0, W - 2 * j0 - VL<A>);
+      for (int a = 0; a < 2; ++a) {
+        const int64_t ih = 2 * i + a;
+        if (ih >= H) break;
+        A* row = gx + ih * W + 2 * j0;
+        store_m(row, interleave<A, 0>(acc[a][0], acc[a][1], Lanes<A>{}), m0);
+        if (m1) store_m(row + VL<A>, interleave<A, 1>(acc[a][0], acc[a][1], Lanes<A>{}), m1);
+      }
+    }
+  }
+}
+
+// wgrad_plane for a runtime k and stride (cols): the same row blocks, and in each the same
+// order of terms (channel vector, then output row of the block, then tap).
+template <class A>
+void wgrad_plane_any(const A* xp, int64_t H, int64_t W, const A* gp, int64_t Wo, int64_t o0,
+                     int64_t o1, const Columns<A, 0, 0>& cols, A* dst) {
+  const int K = cols.K, S = cols.S, P = K / 2, KK = K * K;
+  V<A> acc[kMaxK * kMaxK + 1] = {};  // the k*k taps, then the bias
+  V<A>& accb = acc[KK];
+  const A* zero = cols.zero_row();
+  for_row_blocks_any(o0, o1, row_block(K, S), [&](int64_t o, int R) {
+    const int NR = (R - 1) * S + K;
+    const int64_t first = S * o - P;
+    const A* rows[kMaxBlockRows];
+    for (int j = 0; j < NR; ++j)
+      rows[j] = first + j >= 0 && first + j < H ? xp + (first + j) * W : zero;
+    // the rows of x and g that the next block reads first
+    const int64_t next = first + NR, next_end = std::min<int64_t>(H, next + S * R);
+    if (next < next_end) prefetch_bytes(xp + next * W, (next_end - next) * W * sizeof(A));
+    const int64_t gnext = std::min<int64_t>(o + R, o1), gend = std::min<int64_t>(o1, gnext + R);
+    if (gnext < gend) prefetch_bytes(gp + gnext * Wo, (gend - gnext) * Wo * sizeof(A));
+    for (int64_t ci = 0; ci < cols.n; ++ci) {
+      const uint32_t gm = lanes<A>(0, Wo - ci * VL<A>);
+      V<A> gv[8];
+      for (int r = 0; r < R; ++r) {
+        gv[r] = load_m(gp + (o + r) * Wo + ci * VL<A>, gm);
+        accb += gv[r];
+      }
+      for (int j = 0; j < NR; ++j) {
+        V<A> tap[kMaxK];
+        row_taps_any<A>(rows[j], ci * VL<A>, W, K, S, tap);
+        for (int r = 0; r < R; ++r) {
+          const int kh = j - S * r;
+          if (kh < 0 || kh >= K) continue;
+          for (int kw = 0; kw < K; ++kw) acc[kh * K + kw] += gv[r] * tap[kw];
+        }
+      }
+    }
+  });
+  for (int i = 0; i <= KK; ++i) dst[i] = A(0);
+  add_lane_sums_any<A>(acc, KK + 1, dst);
+}
+
 // Backward, NCHW: gx, gw, gb (each may be null). Tasks are (image, channel, strip); each writes
-// its k*k + 1 sums to its own partial, and the partials are added in (image, strip) order.
-template <class A, int K, int S>
+// its k*k + 1 sums to its own partial, and the partials are added in (image, strip) order. KC,
+// SC as in forward_nchw.
+template <class A, int KC, int SC>
 void backward_nchw(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* gw, A* gb,
                    int threads) {
-  constexpr int RB = kRowBlock<K, S>, KK = K * K;
-  const Columns<A, K, S> cols(sh.W, sh.Wo);         // weight gradient: taps of x
-  const Columns<A, K, 1> gcols(sh.Wo, sh.W);        // input gradient of stride 1: taps of g
-  std::vector<A> wflip((size_t)(sh.C * KK));        // ... with the flipped kernel
+  const int K = KC ? KC : sh.K, S = SC ? SC : sh.S, KK = K * K;
+  const Columns<A, KC, SC> cols(sh.W, sh.Wo, K, S);            // weight gradient: taps of x
+  const Columns<A, KC, KC ? 1 : 0> gcols(sh.Wo, sh.W, K, 1);  // input gradient of stride 1:
+  std::vector<A> wflip((size_t)(sh.C * KK));                   // taps of g, flipped kernel
   for (int64_t c = 0; c < sh.C; ++c)
     for (int t = 0; t < KK; ++t) wflip[c * KK + t] = w[c * KK + (KK - 1 - t)];
   // Strips over output rows (and, for stride 2, over phase rows of gx: ceil(H / 2) = Ho)
-  const int64_t srows = strip_rows(sh.Ho, sh.Wo, RB);
+  const int64_t srows = strip_rows(sh.Ho, sh.Wo, row_block(K, S));
   const int64_t nstrip = (sh.Ho + srows - 1) / srows;
   const int64_t tasks = sh.N * sh.C * nstrip;
   const bool wgrad = gw || gb;
@@ -587,17 +768,30 @@ void backward_nchw(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A
     const int64_t o0 = s * srows, o1 = std::min(sh.Ho, o0 + srows);
     const A* xp = x + plane * sh.H * sh.W;
     const A* gp = g + plane * sh.Ho * sh.Wo;
-    if (wgrad)
-      wgrad_plane<A, K, S>(xp, sh.H, sh.W, gp, sh.Wo, o0, o1, cols,
-                           part.data() + ((n * nstrip + s) * sh.C + c) * (KK + 1));
+    if (wgrad) {
+      A* dst = part.data() + ((n * nstrip + s) * sh.C + c) * (KK + 1);
+      if constexpr (KC != 0)
+        wgrad_plane<A, KC, SC>(xp, sh.H, sh.W, gp, sh.Wo, o0, o1, cols, dst);
+      else
+        wgrad_plane_any<A>(xp, sh.H, sh.W, gp, sh.Wo, o0, o1, cols, dst);
+    }
     if (gx) {
       A* gxp = gx + plane * sh.H * sh.W;
-      if constexpr (S == 1)
-        conv_plane<A, K, 1, kNone>(gp, sh.Ho, sh.Wo, gxp, sh.W, o0, o1, gcols,
-                                   wflip.data() + c * KK, A(0), false);
-      else
-        grad_input_s2_plane<A, K>(gp, sh.Ho, sh.Wo, gxp, sh.H, sh.W, o0, o1, w + c * KK,
-                                  gcols.zero_row());
+      if (S == 1) {
+        if constexpr (KC != 0)
+          conv_plane<A, KC, 1, kNone>(gp, sh.Ho, sh.Wo, gxp, sh.W, o0, o1, gcols,
+                                      wflip.data() + c * KK, A(0), false);
+        else
+          conv_plane_any<A>(gp, sh.Ho, sh.Wo, gxp, sh.W, o0, o1, gcols, wflip.data() + c * KK,
+                            A(0), false, kNone);
+      } else {
+        if constexpr (KC != 0)
+          grad_input_s2_plane<A, KC>(gp, sh.Ho, sh.Wo, gxp, sh.H, sh.W, o0, o1, w + c * KK,
+                                     gcols.zero_row());
+        else
+          grad_input_s2_plane_any<A>(gp, sh.Ho, sh.Wo, gxp, sh.H, sh.W, o0, o1, K, w + c * KK,
+                                     gcols.zero_row());
+      }
     }
   }
   if (wgrad) {
@@ -617,8 +811,8 @@ void backward_nchw(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A
 }
 
 // ---------------------------------------------------------------------------- channels-last
-// Weights are packed (K*K, Cp) and the bias (Cp), Cp = C rounded up to whole vectors, with
-// zeros past C: a channel block's weight vectors load without masks.
+// Weights are packed (K*K, Cp) and the bias (Cp): pack_weights, pack_bias (dw_ops.h).
+// Output pixels per register block.
 template <int K, int S>
 inline constexpr int kPixelBlock = K == 3 ? 8 : 4;
 
@@ -628,29 +822,6 @@ inline void interior(int64_t W, int64_t Wo, int K, int S, int64_t& lo, int64_t& 
   lo = std::min<int64_t>(Wo, (P + S - 1) / S);
   hi = W - 1 - (K - 1 - P) < 0 ? 0 : (W - 1 - (K - 1 - P)) / S + 1;
   hi = std::max(lo, std::min(hi, Wo));
-}
-
-template <class A>
-inline int64_t padded(int64_t C) {
-  return (C + VL<A> - 1) / VL<A> * VL<A>;
-}
-
-// (C, K*K) weights -> (K*K, Cp), optionally flipped (the kernel of the input gradient).
-template <class A>
-std::vector<A> pack_weights(const A* w, int64_t C, int K, bool flip) {
-  const int KK = K * K;
-  const int64_t Cp = padded<A>(C);
-  std::vector<A> p((size_t)(KK * Cp), A(0));
-  for (int64_t c = 0; c < C; ++c)
-    for (int t = 0; t < KK; ++t) p[t * Cp + c] = w[c * KK + (flip ? KK - 1 - t : t)];
-  return p;
-}
-
-template <class A>
-std::vector<A> pack_bias(const A* b, int64_t C) {
-  std::vector<A> p((size_t)padded<A>(C), A(0));
-  if (b) std::copy(b, b + C, p.begin());
-  return p;
 }
 
 // acc[r] += taps of output pixels ow0 + r (unchecked columns). rows[kh]: the input row of tap
@@ -745,10 +916,46 @@ void cl_conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, cons
   cl_conv_range<A, K, S, Act>(in_rows, C, W, Wo, 0, Wo, wpack, wstride, bias, out, stream, act);
 }
 
+// cl_conv_range for a runtime k, stride and activation: each output is the bias plus the taps
+// inside the image in (kh, kw) order, as in cl_conv_range.
+template <class A>
+void cl_conv_range_any(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, int64_t ow0,
+                       int64_t ow1, const A* wpack, int64_t wstride, const A* bias, A* out,
+                       bool stream, int act, int K, int S) {
+  const int P = K / 2;
+  int64_t lo, hi;
+  interior(W, Wo, K, S, lo, hi);
+  for (int64_t cb = 0; cb < C; cb += VL<A>) {
+    const uint32_t m = lanes<A>(0, C - cb);
+    V<A> wv[kMaxK * kMaxK];
+    for (int i = 0; i < K * K; ++i) wv[i] = simd::vload(wpack + i * wstride + cb);
+    const V<A> bv = bias ? simd::vload(bias + cb) : V<A>{};
+    const A* rows[kMaxK];
+    for (int kh = 0; kh < K; ++kh) rows[kh] = in_rows[kh] ? in_rows[kh] + cb : nullptr;
+    for (int64_t ow = ow0; ow < ow1; ++ow) {
+      const bool inside = ow >= lo && ow < hi;  // every column of the taps is in the image
+      V<A> acc = bv;
+      for (int kh = 0; kh < K; ++kh) {
+        if (!rows[kh]) continue;
+        for (int kw = 0; kw < K; ++kw) {
+          const int64_t iw = S * ow - P + kw;
+          if (inside || (iw >= 0 && iw < W)) acc += load_m(rows[kh] + iw * C, m) * wv[kh * K + kw];
+        }
+      }
+      A* p = out + cb + (ow - ow0) * C;
+      const V<A> v = activate<A>(acc, act);
+      if (stream)
+        simd::vstream(p, v);
+      else
+        store_m(p, v, m);
+    }
+  }
+}
+
 // Prefetches the rows that output row oh + 1 reads and oh does not (of image `img`).
-template <class A, int K, int S>
+template <class A>
 SIMD_INLINE void prefetch_next_rows(const A* img, int64_t Hi, int64_t row_len, int64_t oh,
-                                   int64_t Ho) {
+                                    int64_t Ho, int K, int S) {
   if (oh + 1 >= Ho) return;
   for (int q = 0; q < S; ++q) {
     const int64_t ih = S * (oh + 1) - K / 2 + K - 1 - q;
@@ -757,31 +964,45 @@ SIMD_INLINE void prefetch_next_rows(const A* img, int64_t Hi, int64_t row_len, i
 }
 
 // The rows of image `img` (Hi rows of Wi * C) that output row oh reads: nullptr outside.
-template <class A, int K, int S>
-SIMD_INLINE void input_rows(const A* img, int64_t Hi, int64_t row_len, int64_t oh,
-                           const A** rows) {
+template <class A>
+SIMD_INLINE void input_rows(const A* img, int64_t Hi, int64_t row_len, int64_t oh, int K, int S,
+                            const A** rows) {
   for (int kh = 0; kh < K; ++kh) {
     const int64_t ih = S * oh - K / 2 + kh;
     rows[kh] = ih >= 0 && ih < Hi ? img + ih * row_len : nullptr;
   }
 }
 
-template <class A, int K, int S>
+// One output row of the channels-last convolution, by the compiled kernel (KC != 0) or the
+// generic one.
+template <class A, int KC, int SC, int Act>
+SIMD_INLINE void conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo,
+                          const A* wpack, int64_t wstride, const A* bias, A* out, bool stream,
+                          int act, int K, int S) {
+  if constexpr (KC != 0)
+    cl_conv_row<A, KC, SC, Act>(in_rows, C, W, Wo, wpack, wstride, bias, out, stream, act);
+  else
+    cl_conv_range_any<A>(in_rows, C, W, Wo, 0, Wo, wpack, wstride, bias, out, stream, act, K, S);
+}
+
+// Forward, channels-last. KC, SC as in forward_nchw.
+template <class A, int KC, int SC>
 void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A* y, int threads) {
+  const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
   const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
   const int64_t C = sh.C, Cp = padded<A>(C), tasks = sh.N * sh.Ho;
   const int64_t chunk = chunk_of(tasks, sh.Wo * C * K * K, threads);
   const bool stream = C % VL<A> == 0 && tasks * sh.Wo * C * (int64_t)sizeof(A) >= kStreamBytes;
-  dispatch_act<A, K>(act, [&](auto act_c) {
+  dispatch_act<A, KC>(act, [&](auto act_c) {
     constexpr int Act = decltype(act_c)::value;
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / sh.Ho, oh = t % sh.Ho;
-      const A* rows[K];
-      input_rows<A, K, S>(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, rows);
-      prefetch_next_rows<A, K, S>(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, sh.Ho);
-      cl_conv_row<A, K, S, Act>(rows, C, sh.W, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
-                                y + t * sh.Wo * C, stream, act);
+      const A* rows[KC ? KC : kMaxK];
+      input_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, K, S, rows);
+      prefetch_next_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, sh.Ho, K, S);
+      conv_row<A, KC, SC, Act>(rows, C, sh.W, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
+                               y + t * sh.Wo * C, stream, act, K, S);
     }
     if (stream) simd::stream_fence();
   });
@@ -884,6 +1105,88 @@ void cl_grad_input_s2_row(const A* g_img, int64_t C, int64_t Ho, int64_t Wo, int
   }
 }
 
+// cl_wgrad_row for a runtime k and stride: pixel by pixel, each sum gets the same terms in the
+// same order (the pixels of the row in order).
+template <class A>
+void cl_wgrad_row_any(const A* const* rows, const A* grow, int64_t C, int64_t W, int64_t Wo,
+                      int64_t lo, int64_t hi, uint32_t m, V<A>* acc, int K, int S) {
+  const int P = K / 2;
+  for (int64_t ow = 0; ow < Wo; ++ow) {
+    const V<A> gv = load_m(grow + ow * C, m);
+    acc[K * K] += gv;
+    const bool inside = ow >= lo && ow < hi;  // every column of the taps is in the image
+    for (int kh = 0; kh < K; ++kh) {
+      if (!rows[kh]) continue;
+      for (int kw = 0; kw < K; ++kw) {
+        const int64_t iw = S * ow - P + kw;
+        if (inside || (iw >= 0 && iw < W)) acc[kh * K + kw] += gv * load_m(rows[kh] + iw * C, m);
+      }
+    }
+  }
+}
+
+// cl_grad_input_s2_row for a runtime k.
+template <class A>
+void cl_grad_input_s2_row_any(const A* g_img, int64_t C, int64_t Ho, int64_t Wo, int64_t ih,
+                              int64_t W, const A* wpack, int64_t wstride, A* out, int K) {
+  const int P = K / 2;
+  const A* grows[kMaxK];
+  for (int kh = 0; kh < K; ++kh) {
+    const int64_t num = ih + P - kh;
+    grows[kh] = (num % 2 == 0 && num >= 0 && num / 2 < Ho) ? g_img + (num / 2) * Wo * C : nullptr;
+  }
+  for (int64_t cb = 0; cb < C; cb += VL<A>) {
+    const uint32_t m = lanes<A>(0, C - cb);
+    V<A> wv[kMaxK * kMaxK];
+    for (int i = 0; i < K * K; ++i) wv[i] = simd::vload(wpack + i * wstride + cb);
+    for (int64_t iw = 0; iw < W; ++iw) {
+      V<A> acc{};
+      for (int kh = 0; kh < K; ++kh) {
+        if (!grows[kh]) continue;
+        for (int kw = (iw + P) % 2; kw < K; kw += 2) {  // the taps of iw's parity
+          const int64_t ow = (iw + P - kw) / 2;
+          if (iw + P - kw >= 0 && ow < Wo) acc += load_m(grows[kh] + ow * C + cb, m) * wv[kh * K + kw];
+        }
+      }
+      store_m(out + iw * C + cb, acc, m);
+    }
+  }
+}
+
+// The channels-last weight gradient sums of one output row (see cl_wgrad_row), by the compiled
+// kernel (KC != 0) or the generic one.
+template <class A, int KC, int SC>
+SIMD_INLINE void wgrad_row(const A* const* rows, const A* grow, int64_t C, int64_t W, int64_t Wo,
+                           int64_t lo, int64_t hi, uint32_t m, V<A>* acc, int K, int S) {
+  if constexpr (KC != 0)
+    cl_wgrad_row<A, KC, SC>(rows, grow, C, W, Wo, lo, hi, m, acc);
+  else
+    cl_wgrad_row_any<A>(rows, grow, C, W, Wo, lo, hi, m, acc, K, S);
+}
+
+// Row ih of the channels-last input gradient (C channels at pixel stride C, wpack: (K*K,
+// wstride)): for stride 1 the convolution of g with the flipped kernel (wflip), for stride 2
+// the taps of ih's parity (wpack); by the compiled kernels (KC != 0) or the generic ones.
+template <class A, int KC, int SC>
+SIMD_INLINE void grad_input_row(const A* g_img, int64_t C, int64_t Ho, int64_t Wo, int64_t ih,
+                                int64_t W, const A* wflip, const A* wpack, int64_t wstride, A* out,
+                                bool stream, int K, int S) {
+  if (S == 1) {
+    const A* rows[KC ? KC : kMaxK];
+    input_rows(g_img, Ho, Wo * C, ih, K, 1, rows);
+    if constexpr (KC != 0)
+      cl_conv_row<A, KC, 1, kNone>(rows, C, Wo, W, wflip, wstride, nullptr, out, stream);
+    else
+      cl_conv_range_any<A>(rows, C, Wo, W, 0, W, wflip, wstride, nullptr, out, stream, kNone, K,
+                           1);
+  } else {
+    if constexpr (KC != 0)
+      cl_grad_input_s2_row<A, KC>(g_img, C, Ho, Wo, ih, W, wpack, wstride, out);
+    else
+      cl_grad_input_s2_row_any<A>(g_img, C, Ho, Wo, ih, W, wpack, wstride, out, K);
+  }
+}
+
 // Sums (KK + 1, Cp) partials over the first dimension in order, into gw (C, KK) and gb (C).
 template <class A>
 void reduce_partials(const std::vector<A>& part, int64_t nparts, int64_t C, int KK, A* gw,
@@ -903,10 +1206,12 @@ void reduce_partials(const std::vector<A>& part, int64_t nparts, int64_t C, int 
 
 // Backward, channels-last. The weight gradient's tasks are chunks of (image, output row) rows,
 // each with its own partial (reduced in chunk order); the input gradient's tasks are rows of gx.
-template <class A, int K, int S>
+// KC, SC as in forward_nchw.
+template <class A, int KC, int SC>
 void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* gw, A* gb,
                  int threads) {
-  constexpr int KK = K * K;
+  const int K = KC ? KC : sh.K, S = SC ? SC : sh.S, KK = K * K;
+  constexpr int KKA = KC ? KC * KC : kMaxK * kMaxK;  // the size of the sums' arrays
   const int64_t C = sh.C, Cp = padded<A>(C), rows_total = sh.N * sh.Ho;
   const int64_t nchunks = std::min<int64_t>(rows_total, 32);
   const bool wgrad = gw || gb;
@@ -930,13 +1235,13 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
           // the partial, which cost more than the few pixels of a row)
           for (int64_t cb = 0; cb < C; cb += VL<A>) {
             const uint32_t m = lanes<A>(0, C - cb);
-            V<A> acc[KK + 1] = {};
+            V<A> acc[KKA + 1] = {};
             for (int64_t row = r0; row < r1; ++row) {
               const int64_t n = row / sh.Ho, oh = row % sh.Ho;
-              const A* rows[K];
-              input_rows<A, K, S>(x + n * sh.H * sh.W * C + cb, sh.H, sh.W * C, oh, rows);
-              cl_wgrad_row<A, K, S>(rows, g + row * sh.Wo * C + cb, C, sh.W, sh.Wo, lo, hi, m,
-                                    acc);
+              const A* rows[KC ? KC : kMaxK];
+              input_rows(x + n * sh.H * sh.W * C + cb, sh.H, sh.W * C, oh, K, S, rows);
+              wgrad_row<A, KC, SC>(rows, g + row * sh.Wo * C + cb, C, sh.W, sh.Wo, lo, hi, m,
+                                   acc, K, S);
             }
             for (int i = 0; i <= KK; ++i) simd::vstore(dst + i * Cp + cb, acc[i]);
           }
@@ -946,17 +1251,18 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
         for (int64_t row = r0; row < r1; ++row) {
           const int64_t n = row / sh.Ho, oh = row % sh.Ho;
           const A* img = x + n * sh.H * sh.W * C;
-          prefetch_next_rows<A, K, S>(img, sh.H, sh.W * C, oh, sh.Ho);
+          prefetch_next_rows(img, sh.H, sh.W * C, oh, sh.Ho, K, S);
           // g's next row into L2 only: with x's next row it would overflow L1
           if (row + 1 < r1)
             prefetch_bytes(g + (row + 1) * sh.Wo * C, sh.Wo * C * sizeof(A), false);
           for (int64_t cb = 0; cb < C; cb += VL<A>) {
             const uint32_t m = lanes<A>(0, C - cb);
-            V<A> acc[KK + 1];
+            V<A> acc[KKA + 1];
             for (int i = 0; i <= KK; ++i) acc[i] = simd::vload(dst + i * Cp + cb);
-            const A* rows[K];
-            input_rows<A, K, S>(img + cb, sh.H, sh.W * C, oh, rows);
-            cl_wgrad_row<A, K, S>(rows, g + row * sh.Wo * C + cb, C, sh.W, sh.Wo, lo, hi, m, acc);
+            const A* rows[KC ? KC : kMaxK];
+            input_rows(img + cb, sh.H, sh.W * C, oh, K, S, rows);
+            wgrad_row<A, KC, SC>(rows, g + row * sh.Wo * C + cb, C, sh.W, sh.Wo, lo, hi, m, acc,
+                                 K, S);
             for (int i = 0; i <= KK; ++i) simd::vstore(dst + i * Cp + cb, acc[i]);
           }
         }
@@ -969,16 +1275,10 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
 #pragma omp for schedule(dynamic, chunk)
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t n = t / sh.H, ih = t % sh.H;
-        if constexpr (S == 1) {
-          const A* rows[K];
-          input_rows<A, K, 1>(g + n * sh.Ho * sh.Wo * C, sh.Ho, sh.Wo * C, ih, rows);
-          prefetch_next_rows<A, K, 1>(g + n * sh.Ho * sh.Wo * C, sh.Ho, sh.Wo * C, ih, sh.H);
-          cl_conv_row<A, K, 1, kNone>(rows, C, sh.Wo, sh.W, wflip.data(), Cp, nullptr,
-                                      gx + t * sh.W * C, stream);
-        } else {
-          cl_grad_input_s2_row<A, K>(g + n * sh.Ho * sh.Wo * C, C, sh.Ho, sh.Wo, ih, sh.W,
-                                     wpack.data(), Cp, gx + t * sh.W * C);
-        }
+        const A* g_img = g + n * sh.Ho * sh.Wo * C;
+        if (S == 1) prefetch_next_rows(g_img, sh.Ho, sh.Wo * C, ih, sh.H, K, 1);
+        grad_input_row<A, KC, SC>(g_img, C, sh.Ho, sh.Wo, ih, sh.W, wflip.data(), wpack.data(), Cp,
+                                  gx + t * sh.W * C, stream, K, S);
       }
       if (stream) simd::stream_fence();
     }
@@ -992,11 +1292,6 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
 // a channels-last tile (one vector per pixel) in a per-thread buffer, runs the channels-last
 // kernel on it, and transposes the result back into the planes of the output. The weight
 // gradient's partials are per (image, channel block), reduced over images in order.
-template <class A>
-struct TileBuffers {
-  std::vector<A> a, b, c;
-};
-
 // tile[p][l] = planes[l][p] for p < HW, l < cw (zero for l >= cw): planes l at plane_stride.
 template <class A>
 void to_tile(const A* planes, int64_t plane_stride, int64_t HW, int64_t cw, A* tile) {
@@ -1025,14 +1320,16 @@ void from_tile(const A* tile, int64_t HW, int64_t cw, A* planes, int64_t plane_s
   }
 }
 
-template <class A, int K, int S>
+// Forward, NCHW through tiles. KC, SC as in forward_nchw.
+template <class A, int KC, int SC>
 void forward_tiles(const Shape& sh, const A* x, const A* w, const A* b, int act, A* y,
                    int threads) {
   constexpr int L = VL<A>;
+  const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
   const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
   const int64_t Cp = padded<A>(sh.C), ncb = Cp / L, tasks = sh.N * ncb;
   const int64_t HW = sh.H * sh.W, HWo = sh.Ho * sh.Wo;
-  dispatch_act<A, K>(act, [&](auto act_c) {
+  dispatch_act<A, KC>(act, [&](auto act_c) {
     constexpr int Act = decltype(act_c)::value;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -1042,11 +1339,11 @@ void forward_tiles(const Shape& sh, const A* x, const A* w, const A* b, int act,
         const int64_t n = t / ncb, cb = (t % ncb) * L, cw = std::min<int64_t>(L, sh.C - cb);
         to_tile(x + (n * sh.C + cb) * HW, HW, HW, cw, tin.data());
         for (int64_t oh = 0; oh < sh.Ho; ++oh) {
-          const A* rows[K];
-          input_rows<A, K, S>(tin.data(), sh.H, sh.W * L, oh, rows);
-          cl_conv_row<A, K, S, Act>(rows, L, sh.W, sh.Wo, wp.data() + cb, Cp,
-                                    b ? bp.data() + cb : nullptr, tout.data() + oh * sh.Wo * L,
-                                    false, act);
+          const A* rows[KC ? KC : kMaxK];
+          input_rows(tin.data(), sh.H, sh.W * L, oh, K, S, rows);
+          conv_row<A, KC, SC, Act>(rows, L, sh.W, sh.Wo, wp.data() + cb, Cp,
+                                   b ? bp.data() + cb : nullptr, tout.data() + oh * sh.Wo * L,
+                                   false, act, K, S);
         }
         from_tile(tout.data(), HWo, cw, y + (n * sh.C + cb) * HWo, HWo);
       }
@@ -1054,10 +1351,13 @@ void forward_tiles(const Shape& sh, const A* x, const A* w, const A* b, int act,
   });
 }
 
-template <class A, int K, int S>
+// Backward, NCHW through tiles. KC, SC as in forward_nchw.
+template <class A, int KC, int SC>
 void backward_tiles(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* gw, A* gb,
                     int threads) {
-  constexpr int L = VL<A>, KK = K * K;
+  constexpr int L = VL<A>;
+  constexpr int KKA = KC ? KC * KC : kMaxK * kMaxK;  // the size of the sums' array
+  const int K = KC ? KC : sh.K, S = SC ? SC : sh.S, KK = K * K;
   const int64_t Cp = padded<A>(sh.C), ncb = Cp / L, tasks = sh.N * ncb;
   const int64_t HW = sh.H * sh.W, HWo = sh.Ho * sh.Wo;
   const bool wgrad = gw || gb;
@@ -1076,28 +1376,21 @@ void backward_tiles(const Shape& sh, const A* g, const A* x, const A* w, A* gx, 
       to_tile(g + (n * sh.C + cb) * HWo, HWo, HWo, cw, tg.data());
       if (wgrad) {
         to_tile(x + (n * sh.C + cb) * HW, HW, HW, cw, tx.data());
-        V<A> acc[KK + 1] = {};
+        V<A> acc[KKA + 1] = {};
         for (int64_t oh = 0; oh < sh.Ho; ++oh) {
-          const A* rows[K];
-          input_rows<A, K, S>(tx.data(), sh.H, sh.W * L, oh, rows);
-          cl_wgrad_row<A, K, S>(rows, tg.data() + oh * sh.Wo * L, L, sh.W, sh.Wo, lo, hi,
-                                kFull<A>, acc);
+          const A* rows[KC ? KC : kMaxK];
+          input_rows(tx.data(), sh.H, sh.W * L, oh, K, S, rows);
+          wgrad_row<A, KC, SC>(rows, tg.data() + oh * sh.Wo * L, L, sh.W, sh.Wo, lo, hi,
+                               kFull<A>, acc, K, S);
         }
         A* dst = part.data() + n * (KK + 1) * Cp + cb;
         for (int i = 0; i <= KK; ++i) simd::vstore(dst + i * Cp, acc[i]);
       }
       if (gx) {
-        for (int64_t ih = 0; ih < sh.H; ++ih) {
-          if constexpr (S == 1) {
-            const A* rows[K];
-            input_rows<A, K, 1>(tg.data(), sh.Ho, sh.Wo * L, ih, rows);
-            cl_conv_row<A, K, 1, kNone>(rows, L, sh.Wo, sh.W, wflip.data() + cb, Cp, nullptr,
-                                        tgx.data() + ih * sh.W * L);
-          } else {
-            cl_grad_input_s2_row<A, K>(tg.data(), L, sh.Ho, sh.Wo, ih, sh.W, wpack.data() + cb,
-                                       Cp, tgx.data() + ih * sh.W * L);
-          }
-        }
+        for (int64_t ih = 0; ih < sh.H; ++ih)
+          grad_input_row<A, KC, SC>(tg.data(), L, sh.Ho, sh.Wo, ih, sh.W, wflip.data() + cb,
+                                    wpack.data() + cb, Cp, tgx.data() + ih * sh.W * L, false, K,
+                                    S);
         from_tile(tgx.data(), HW, cw, gx + (n * sh.C + cb) * HW, HW);
       }
     }
@@ -1112,49 +1405,57 @@ bool use_tiles(const Shape& sh) {
   return sh.Wo < VL<A> && sh.H * sh.W * VL<A> * (int64_t)sizeof(A) <= (256 << 10);
 }
 
-// --------------------------------------------------------------------------------- dispatch
-// Calls f(std::integral_constant<int, K>, std::integral_constant<int, S>) for the runtime k, s.
-template <class F>
-bool dispatch_ks(int K, int S, F&& f) {
-  auto with_s = [&](auto k) {
-    if (S == 1) return f(k, std::integral_constant<int, 1>{}), true;
-    if (S == 2) return f(k, std::integral_constant<int, 2>{}), true;
-    return false;
-  };
-  switch (K) {
-    case 3: return with_s(std::integral_constant<int, 3>{});
-    case 5: return with_s(std::integral_constant<int, 5>{});
-    case 7: return with_s(std::integral_constant<int, 7>{});
-    default: return false;
+// --------------------------------------------------------------------------------- entries
+// The layout's forward, by the compiled kernels of KC, SC or the generic ones (0, 0).
+template <class A, int KC, int SC>
+void forward_layout(const Shape& sh, bool channels_last, const A* x, const A* w, const A* b,
+                    int act, A* y, int threads) {
+  if (channels_last)
+    forward_cl<A, KC, SC>(sh, x, w, b, act, y, threads);
+  else if (use_tiles<A>(sh))
+    forward_tiles<A, KC, SC>(sh, x, w, b, act, y, threads);
+  else
+    forward_nchw<A, KC, SC>(sh, x, w, b, act, y, threads);
+}
+
+template <class A, int KC, int SC>
+void backward_layout(const Shape& sh, bool channels_last, const A* g, const A* x, const A* w,
+                     A* gx, A* gw, A* gb, int threads) {
+  if (channels_last)
+    backward_cl<A, KC, SC>(sh, g, x, w, gx, gw, gb, threads);
+  else if (use_tiles<A>(sh))
+    backward_tiles<A, KC, SC>(sh, g, x, w, gx, gw, gb, threads);
+  else
+    backward_nchw<A, KC, SC>(sh, g, x, w, gx, gw, gb, threads);
+}
+
+// conv_rows (dw_ops.h) by the compiled kernel of KC, SC, Act or the generic one (0, 0, kAny).
+template <class A, int KC, int SC, int Act>
+void conv_rows_of(const Shape& sh, const A* x, const A* wpack, const A* bias, int act, int64_t r0,
+                  int64_t n, A* out) {
+  const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
+  const int64_t C = sh.C, per_image = sh.Ho * sh.Wo;
+  for (int64_t r = r0; r < r0 + n;) {  // a row of the output pixels at a time
+    const int64_t img = r / per_image, oh = r % per_image / sh.Wo, ow0 = r % sh.Wo;
+    const int64_t ow1 = std::min(sh.Wo, ow0 + (r0 + n - r));
+    const A* rows[KC ? KC : kMaxK];
+    input_rows(x + img * sh.H * sh.W * C, sh.H, sh.W * C, oh, K, S, rows);
+    if constexpr (KC != 0)
+      cl_conv_range<A, KC, SC, Act>(rows, C, sh.W, sh.Wo, ow0, ow1, wpack, padded<A>(C), bias,
+                                    out + (r - r0) * C, false, act);
+    else
+      cl_conv_range_any<A>(rows, C, sh.W, sh.Wo, ow0, ow1, wpack, padded<A>(C), bias,
+                           out + (r - r0) * C, false, act, K, S);
+    r += ow1 - ow0;
   }
 }
 
-template <class A>
-void forward(const Shape& sh, bool channels_last, const A* x, const A* w, const A* b, int act,
-             A* y, int threads) {
-  dispatch_ks(sh.K, sh.S, [&](auto k, auto s) {
-    constexpr int K = decltype(k)::value, S = decltype(s)::value;
-    if (channels_last)
-      forward_cl<A, K, S>(sh, x, w, b, act, y, threads);
-    else if (use_tiles<A>(sh))
-      forward_tiles<A, K, S>(sh, x, w, b, act, y, threads);
-    else
-      forward_nchw<A, K, S>(sh, x, w, b, act, y, threads);
-  });
-}
-
-template <class A>
-void backward(const Shape& sh, bool channels_last, const A* g, const A* x, const A* w, A* gx,
-              A* gw, A* gb, int threads) {
-  dispatch_ks(sh.K, sh.S, [&](auto k, auto s) {
-    constexpr int K = decltype(k)::value, S = decltype(s)::value;
-    if (channels_last)
-      backward_cl<A, K, S>(sh, g, x, w, gx, gw, gb, threads);
-    else if (use_tiles<A>(sh))
-      backward_tiles<A, K, S>(sh, g, x, w, gx, gw, gb, threads);
-    else
-      backward_nchw<A, K, S>(sh, g, x, w, gx, gw, gb, threads);
-  });
-}
+// The compiled kernels of float32 with k = 3 (dw_k3_forward.cpp, dw_k3_backward.cpp).
+void forward_k3(const Shape& sh, bool channels_last, const float* x, const float* w,
+                const float* b, int act, float* y, int threads);
+void backward_k3(const Shape& sh, bool channels_last, const float* g, const float* x,
+                 const float* w, float* gx, float* gw, float* gb, int threads);
+void conv_rows_k3(const Shape& sh, const float* x, const float* wpack, const float* bias, int act,
+                  int64_t r0, int64_t n, float* out);
 
 }  // namespace dwconv
