@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -162,12 +162,94 @@ def parity(bft_macs: float, rest_ms: float, baseline_ms: float, bft_rate: Option
             + (f" (measured {bft_rate:.0f})" if bft_rate else ""))
 
 
-def rates_table(all_rates: Dict[str, Dict]) -> list:
+def rates_table(all_rates: Dict[str, Dict]) -> List[str]:
     """The machine rates of a results file (``{"t2": rates, ...}``), one row per thread count."""
-    rows = [[f"{r['threads']}" + (f" ({r['clock']})" if "clock" in r else ""), harness.fmt(r.get("fma_GMACs"), ".0f"), harness.fmt(r.get("copy_GBs"), ".1f"),
+    rows = [[f"{r['threads']}" + (f" ({r['clock']})" if "clock" in r else ""),
+             harness.fmt(r.get("fma_GMACs"), ".0f"), harness.fmt(r.get("copy_GBs"), ".1f"),
              *(harness.fmt(r.get(f"{k}_GMACs"), ".1f") for k in KINDS), r["date"],
              r.get("shapes", "")]
             for r in sorted(all_rates.values(), key=lambda r: -r["threads"])]
     return harness.table(["threads", "FMA peak GMAC/s", "copy GB/s (read + write)",
                           "dense 1x1 GMAC/s", "depthwise 3x3 GMAC/s", "BFT GMAC/s", "measured",
                           "shapes"], rows, "rrrrrr")
+
+
+def layer_section(rows: Sequence[Tuple[str, str, float, float, float, Optional[float]]],
+                  rates_: Dict) -> List[str]:
+    """"What bounds it" for single layers: per ``(layer, runner, ms, multiply-adds, ms of a copy
+    of its output, the baseline's GMAC/s)``, the time against the copy (memory traffic) and the
+    rate against the FMA peak measured in the same run (compute)."""
+    peak = rates_.get("fma_GMACs")
+    out = [[name, runner, f"{ms:.2f}", f"{ms / copy_ms:.1f}x", f"{macs / ms / 1e6:.0f}",
+            harness.fmt(peak and 100 * macs / ms / 1e6 / peak, ".0f"), harness.fmt(base, ".0f"),
+            harness.fmt(peak and base and 100 * base / peak, ".0f")]
+           for name, runner, ms, macs, copy_ms, base in rows]
+    return ["What bounds it: the fastest runner against a copy of its output (memory traffic: "
+            "near 1x is memory-bound) and its multiply-add rate against the FMA peak measured in "
+            "this run (compute: near 100% is compute-bound); the baseline's rate beside it.", "",
+            *harness.table(["layer", "fastest", "ms", "x copy", "GMAC/s", "% FMA peak",
+                            "baseline GMAC/s", "baseline % FMA peak"], out, "llrrrrrr"), ""]
+
+
+def section(profiles: Dict[str, Dict], all_rates: Dict[str, Dict], measured: Callable,
+            batches: Sequence[int], pairs: Sequence[Tuple[str, str, str]], passes: Dict,
+            weight_batch: int = 1) -> List[str]:
+    """"What bounds it" for whole models: per model (``profiles``: key -> layer profile with
+    ``macs_by_kind``) and thread count of ``all_rates``, its floors (:func:`floors`, weights read
+    once per ``weight_batch`` images) beside the measured time per image at each batch
+    (``measured(key, threads, batch) -> (ms per image, path) or None``); then per pair
+    ``(name, BFT key, baseline key)`` the bytes, floors, measured ratio and what parity would
+    take."""
+    if not all_rates:
+        return []
+    rows, found = [], {}
+    for key, prof in profiles.items():
+        m = prof["macs_by_kind"]
+        for r in sorted(all_rates.values(), key=lambda r: -r["threads"]):
+            f = floors(prof, r, passes, weight_batch)
+            got = {b: measured(key, r["threads"], b) for b in batches}
+            if f is None or not any(got.values()):
+                continue
+            found[(key, r["threads"])] = (f, got)
+            rows.append([key, " / ".join(f"{m[k] / 1e6:.1f}" for k in KINDS),
+                         f"{prof['act_bytes_layers'] / 1e6:.2f}", f"{prof['weight_bytes'] / 1e6:.2f}",
+                         r["threads"], f"{f['memory_ms']:.3f}", f"{f['compute_ms']:.3f}"
+                         + (f" ({f['rest_ms']:.3f})" if m["bft"] else ""),
+                         *(f"{g[0]:.3f} ({g[1]}), {g[0] / f['bound_ms']:.1f}x" if g else "-"
+                           for g in got.values()), f["kind"]])
+    if not rows:
+        return []
+    lines = ["### What bounds it", "", *rates_table(all_rates), "",
+             "Per image, float32. *memory floor*: "
+             f"{passes['activations']:g}x the input and output bytes of every conv, BFT and "
+             "linear layer (what is left to move when BatchNorms and activations are fused) plus "
+             f"{passes['weights']:g}x the weights (read once per {weight_batch} image(s)), at copy "
+             f"bandwidth; *compute floor*: {passes['macs']:g}x the multiply-adds of each layer "
+             "kind at its measured rate (in brackets: with the BFT layers free, what the rest of a "
+             "BFT model costs however fast its BFT kernel gets). Measured: the best path's time "
+             "and its multiple of the larger floor; far above both is overhead (framework, small "
+             "ops, layout changes). Estimates from one shape per kind, not guarantees.", "",
+             *harness.table(["model", "MACs (M): dense / depthwise / BFT", "layers-only MB",
+                             "weights MB", "threads", "memory floor ms", "compute floor ms",
+                             *(f"measured ms, batch {b} (path), x floor" for b in batches),
+                             "larger floor"], rows, "llrrrrr"), ""]
+    for name, bft, base in pairs:
+        for r in sorted(all_rates.values(), key=lambda r: -r["threads"]):
+            if (bft, r["threads"]) not in found or (base, r["threads"]) not in found:
+                continue
+            (fb, gb), (fa, ga) = found[(bft, r["threads"])], found[(base, r["threads"])]
+            pb, pa = profiles[bft], profiles[base]
+            text = (f"* **{name}**, {r['threads']} thread(s): "
+                    f"{pb['act_bytes_layers'] / pa['act_bytes_layers']:.1f}x the layers' bytes, "
+                    f"{pb['macs'] / pa['macs']:.2f}x the multiply-adds; floors "
+                    f"{fb['bound_ms']:.3f} vs {fa['bound_ms']:.3f} ms (ratio "
+                    f"{fb['bound_ms'] / fa['bound_ms']:.2f}); with its BFT layers free the BFT "
+                    f"model still computes for {fb['rest_ms']:.3f} ms")
+            for b in batches:
+                if gb[b] and ga[b]:
+                    text += (f"; batch {b}: measured {gb[b][0]:.3f} vs {ga[b][0]:.3f} ms (ratio "
+                             f"{gb[b][0] / ga[b][0]:.2f}), " + parity(
+                                 passes["macs"] * pb["macs_by_kind"]["bft"], fb["rest_ms"],
+                                 ga[b][0], r.get("bft_GMACs")))
+            lines.append(text + ".")
+    return lines + [""]

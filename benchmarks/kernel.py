@@ -124,30 +124,18 @@ def sections(data: Dict) -> List[str]:
                 return text
             rows.append([shape, any_cell["hw"], *map(cell, RUNNERS)])
             fastest = min((n for n in BFTS if n in ok), key=lambda n: ok[n]["ms"], default=None)
-            rates = data.get("rates", {}).get(rates_key(clock, threads), {})
             if mode == "inference" and fastest and "copy" in ok:
-                gmacs = ok[fastest]["macs"] / ok[fastest]["ms"] / 1e6
-                conv = max((ok[n]["macs"] / ok[n]["ms"] / 1e6 for n in ("conv NCHW", "conv CL")
-                            if n in ok), default=None)
-                peak = rates.get("fma_GMACs")
-                limits.append([shape, fastest, f"{ok[fastest]['ms']:.2f}",
-                               f"{ok[fastest]['ms'] / ok['copy']['ms']:.1f}x",
-                               f"{gmacs:.0f}", harness.fmt(peak and 100 * gmacs / peak, ".0f"),
-                               harness.fmt(conv, ".0f"),
-                               harness.fmt(peak and conv and 100 * conv / peak, ".0f")])
+                limits.append((shape, fastest, ok[fastest]["ms"], ok[fastest]["macs"],
+                               ok["copy"]["ms"], max((ok[n]["macs"] / ok[n]["ms"] / 1e6 for n in
+                                                      ("conv NCHW", "conv CL") if n in ok),
+                                                     default=None)))
         title = ("Training (forward + backward)" if mode == "training"
                  else "Inference (forward, no grad)")
         out += [f"## {title}, {threads} thread{'s' * (threads > 1)}, "
                 f"{'process CPU time' if clock == 'cpu' else 'wall clock'}", "",
                 *harness.table(["layer", "H=W", *RUNNERS], rows), ""]
         if limits:
-            out += ["What bounds it (inference): the fastest BFT runner against the copy of its "
-                    "output (memory traffic) and against the FMA peak measured in this run "
-                    "(compute); a time near the copy is memory-bound, a rate near the peak "
-                    "compute-bound. The convolution is shown beside it.", "",
-                    *harness.table(["layer", "fastest BFT", "ms", "x copy", "GMAC/s",
-                                    "% FMA peak", "best conv GMAC/s", "conv % FMA peak"],
-                                   limits, "llrrrrrr"), ""]
+            out += bounds.layer_section(limits, data["rates"].get(rates_key(clock, threads), {}))
     if data.get("rates"):
         out += ["Machine rates measured in this run (`benchmarks.bounds.rates`):", "",
                 *bounds.rates_table(data["rates"]), ""]

@@ -408,68 +408,17 @@ def dominated(data: Dict, threads: int = 2, batch: int = 1) -> List[str]:
 
 
 def bounds_section(data: Dict) -> List[str]:
-    rates = data.get("rates", {})
-    bft, base = BOUNDS_PAIR
-    if not rates:
-        return ["## What bounds it: the headline pairs", "",
-                f"Not measured yet: the machine rates come with `{bft[0]}` or `{base[0]}` at "
-                f"{bft[1]}.", ""]
-    pairs = [((b, br), (r, rr)) for b, br, r, rr, head in PAIRS if head]
-    pairs = sorted((p for p in pairs if all("macs_by_kind" in data["configs"].get(
-        config_key(*k), {}) for k in p)), key=lambda p: p != BOUNDS_PAIR)
-    rows, floors = [], {}
-    for name, res in dict.fromkeys(k for p in pairs for k in p):
-        meta = data["configs"][config_key(name, res)]
-        m = meta["macs_by_kind"]
-        for r in sorted(rates.values(), key=lambda r: -r["threads"]):
-            f = bounds.floors(meta, r, bounds.INFERENCE)
-            measured = {b: best(data, config_key(name, res), r["threads"], b) for b in (1, 32)}
-            floors[(name, res, r["threads"])] = (f, measured)
-            rows.append([f"{name} @{res}", " / ".join(f"{m[k] / 1e6:.1f}" for k in bounds.KINDS),
-                         f"{meta['act_bytes_layers'] / 1e6:.1f}", f"{meta['weight_bytes'] / 1e6:.1f}",
-                         r["threads"], harness.fmt(f and f["memory_ms"]),
-                         harness.fmt(f and f["compute_ms"]) + (
-                             f" ({f['rest_ms']:.2f})" if f and m["bft"] else ""),
-                         *(f"{c['ms'] / b:.2f} ({c['path']})" if c else "-"
-                           for b, c in measured.items()),
-                         f"{f['kind']} ({f['bound_ms'] / min(f['memory_ms'], f['compute_ms']):.1f}x "
-                         "the other)" if f else "-"])
-    out = ["## What bounds it: the headline pairs", "",
-           "Machine rates, measured by this benchmark:", "", *bounds.rates_table(rates), "",
-           "Per image, float32. *memory floor*: the activation bytes of the conv, BFT and linear "
-           "layers (what is left when BatchNorms and activations are fused) plus the weights, at "
-           "copy bandwidth; *compute floor*: each layer kind's multiply-adds at its measured rate "
-           "(in brackets: with the BFT layers free). A measured time far above both is overhead "
-           "(framework, small ops, layout changes). Estimates from one shape per kind.", "",
-           *harness.table(["model", "MACs (M): dense / depthwise / BFT", "layers-only MB",
-                           "weights MB", "threads", "memory floor ms", "compute floor ms",
-                           "measured ms, batch 1 (path)", "measured ms/image, batch 32 (path)",
-                           "nearer bound"], rows, "llrrrrr"), ""]
-    for (bname, bres), (rname, rres) in pairs:
-        mb, mr = (data["configs"][config_key(*k)] for k in ((bname, bres), (rname, rres)))
-        out.append(f"**{bname} @{bres} vs {rname} @{rres}**: {mb['act_bytes'] / mr['act_bytes']:.1f}x "
-                   f"the activation bytes ({mb['act_bytes_layers'] / mr['act_bytes_layers']:.1f}x "
-                   f"the layers' only) and {mb['macs_by_kind']['depthwise'] / max(mr['macs_by_kind']['depthwise'], 1):.1f}x "
-                   f"the depthwise multiply-adds, for {mb['macs'] / mr['macs']:.2f}x the "
-                   "multiply-adds: at equal MACs the BFT model is wider.")
-        for r in sorted(rates.values(), key=lambda r: -r["threads"]):
-            (fb, meas_b), (fr, meas_r) = floors[(bname, bres, r["threads"])], floors[(rname, rres, r["threads"])]
-            if not fb or not fr:
-                continue
-            text = (f"{r['threads']} thread{'s' * (r['threads'] > 1)}: floors {fb['bound_ms']:.2f} ms "
-                    f"({fb['kind']}) and {fr['bound_ms']:.2f} ms ({fr['kind']}); with its BFT layers "
-                    f"free the BFT model still computes for {fb['rest_ms']:.2f} ms "
-                    f"({fb['rest_ms'] / fr['bound_ms']:.2f}x the baseline's floor)")
-            for b in (32, 1):
-                if meas_b[b] and meas_r[b]:
-                    mbi, mri = meas_b[b]["ms"] / b, meas_r[b]["ms"] / b
-                    text += (f"; measured at batch {b}: {mbi:.2f} vs {mri:.2f} ms per image (ratio "
-                             f"{mbi / mri:.2f}), {mbi / fb['bound_ms']:.1f}x and "
-                             f"{mri / fr['bound_ms']:.1f}x their floors; " + bounds.parity(
-                                 mb["macs_by_kind"]["bft"], fb["rest_ms"], mri, r.get("bft_GMACs")))
-            out.append("* " + text + ".")
-        out.append("")
-    return out
+    """What bounds the headline pairs (the rates come with :data:`BOUNDS_PAIR`)."""
+    pairs = sorted(((config_key(b, br), config_key(r, rr)) for b, br, r, rr, head in PAIRS
+                    if head), key=lambda p: p != tuple(config_key(*k) for k in BOUNDS_PAIR))
+    pairs = [p for p in pairs if all("macs_by_kind" in data["configs"].get(k, {}) for k in p)]
+
+    def measured(key, threads, batch):
+        c = best(data, key, threads, batch)
+        return (c["ms"] / batch, c["path"]) if c else None
+    return bounds.section({k: data["configs"][k] for p in pairs for k in p},
+                          data.get("rates", {}), measured, [1, 32],
+                          [(f"{b} vs {r}", b, r) for b, r in pairs], bounds.INFERENCE)
 
 
 def model_section(data: Dict, key: str) -> List[str]:
@@ -533,7 +482,7 @@ def report(data: Dict) -> List[str]:
         lines += ["## Accuracy at a given latency: is a BFT configuration beaten on both?", "",
                   "Baselines of its family that run faster (batch 1, 2 threads, best paths, as in "
                   f"`{PLOT_NAME}`) and are more accurate by the paper's top-1:", "", *front, ""]
-    lines += bounds_section(data)
+    lines += ["## The headline pairs", ""] + bounds_section(data)
     lines += ["## Per model", "", "Batch 1: median ms per call (quartiles); other batches: images "
               "per second (quartiles as throughputs); q = `--quick`; L = measured under load "
               "(do not trust it).", ""]

@@ -820,178 +820,140 @@ def with_latency(entry: Dict, latency: Dict) -> Dict:
 
 
 def _fmt(v: Optional[float], digits: int = 2) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
+    return harness.fmt(v, f".{digits}f", "–")
 
 
 def _pm(values: Sequence[float]) -> str:
     mean, std = mean_std(values)
-    if mean is None:
-        return "–"
-    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    return "–" if mean is None else f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
 def markdown(doc: Dict) -> str:
-    cfg, prog = doc["config"], doc["progress"]
-    L = ["# Reproduction: BFT vs dense baselines at equal multiply-adds, Fashion-MNIST", ""]
+    cfg, prog, fam = doc["config"], doc["progress"], lambda f: FAMILIES[f].label
     status = ("complete" if prog["main_complete"] else
-              f"PARTIAL: {prog['main_runs_finished']} of {prog['main_runs_planned']} main runs finished "
-              "(at least that many; a learning-rate grid extension adds one) "
-              "(the command is still running or was stopped; rerunning it continues)")
-    L += [f"Status: {status}. Updated {doc['updated']}.", "",
-          "The paper's claim (Alizadeh Vahid et al., CVPR 2020, sections 4.2-4.4): at equal FLOPs, a "
-          "network whose pointwise convolutions are BFTs is more accurate than its dense baseline. "
-          f"Here each pair is trained to convergence on Fashion-MNIST and compared on the "
-          f"{cfg['test_images']:,} test images, seed by seed.", "", "## Verdict", ""]
+              f"PARTIAL: {prog['main_runs_finished']} of at least {prog['main_runs_planned']} main "
+              "runs finished (the command is running or was stopped; rerunning it continues)")
+    L = ["# Reproduction: BFT vs dense baselines at equal multiply-adds, Fashion-MNIST", "",
+         f"Status: {status}. Updated {doc['updated']}.", "",
+         "The paper's claim (Alizadeh Vahid et al., CVPR 2020, sections 4.2-4.4): at equal FLOPs, a "
+         "network whose pointwise convolutions are BFTs is more accurate than its dense baseline. "
+         "Here each pair is trained to convergence on Fashion-MNIST and compared on the "
+         f"{cfg['test_images']:,} test images, seed by seed.", "", "## Verdict", ""]
     by_model = {r["model"]: r for r in doc["runs"]}
     for c in doc["comparisons"]:
         b, t = by_model[c["baseline"]], by_model[c["bft"]]
-        label = FAMILIES[c["family"]].label
         if c["n"] == 0:
-            L.append(f"- **{label}**: no finished pair of runs yet.")
+            L.append(f"- **{fam(c['family'])}**: no finished pair of runs yet.")
             continue
-        stat = (f"paired difference {c['mean']:+.2f}" + (f" ± {c['std']:.2f}" if c["std"] else "")
-                + f" points over {c['n']} seed(s)"
-                + (f", t = {c['t']:.2f} (df {c['n'] - 1})" if c["t"] is not None else "")
-                + (f", two-sided p = {c['p']:.3f}" if c["p"] is not None else "")
-                + f", BFT ahead in {c['wins']} of {c['n']}")
-        head = (f"the claim {c['verdict']}" if not c["verdict"].startswith("undecided")
-                else c["verdict"])
-        L.append(f"- **{label}: {head}.** `{c['bft']}`@{t['img_size']} "
+        head = c["verdict"] if c["verdict"].startswith("undecided") else f"the claim {c['verdict']}"
+        L.append(f"- **{fam(c['family'])}: {head}.** `{c['bft']}`@{t['img_size']} "
                  f"({t['macs'] / 1e6:.2f}M MACs) {_pm(t['top1'])} % vs `{c['baseline']}`@"
                  f"{b['img_size']} ({b['macs'] / 1e6:.2f}M MACs) {_pm(b['top1'])} % test top-1; "
-                 f"{stat}. Paper (ImageNet): {c['paper']}.")
-    L += ["", "With 3 seeds a paired t-test has 2 degrees of freedom: |t| must exceed 4.30 for "
-          "p < 0.05, so a difference of a few tenths of a point is within the noise unless the "
-          "seeds agree closely. \"HELD\" needs BFT ahead with p < 0.05; this is a Fashion-MNIST test "
-          "of the claim's direction at tiny scale (a few million multiply-adds), not of the "
-          "ImageNet numbers.", "", "## Results (test split, evaluated once after the last epoch)", "",
-          "| family | model | kind | input | MMACs | params (M) | lr | test top-1 % | per seed | "
-          "final val top-1 % | latency ms (path) | train img/s |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in doc["runs"]:
-        speed = r.get("train_img_s_measured")
-        L.append(f"| {FAMILIES[r['family']].label} | `{r['model']}` | {r['kind']} | "
-                 f"{r['img_size']}x{r['img_size']} | {r['macs'] / 1e6:.3f} | {r['params'] / 1e6:.3f} | "
-                 f"{_fmt(r['lr'], 3) if r['lr'] else '–'} | {_pm(r['top1'])} | "
-                 f"{', '.join(f'{v:.2f}' for v in r['top1']) or '–'} | {_pm(r['val_top1'])} | "
-                 f"{_fmt(r['latency_ms'])}" + (f" ({r['latency_path']})" if r.get("latency_path") else "")
-                 + f" | {_fmt(speed, 0)} |")
-    L += ["", f"Top-1: mean ± standard deviation over seeds {', '.join(map(str, cfg['seeds']))} "
-          "(a model's column lists the seeds finished). MMACs: `butterfly.flops.count_macs` at the "
-          "input size, 10 classes. Latency: median of one forward pass on one image, eval mode, 1 "
-          "thread, on the model's fastest path (see Conditions and the table below). Train img/s: "
-          "measured before training at 1 thread without loader processes (data loading included)."]
+                 f"paired difference {c['mean']:+.2f}" + (f" ± {c['std']:.2f}" if c["std"] else "")
+                 + f" points over {c['n']} seed(s)"
+                 + (f", t = {c['t']:.2f} (df {c['n'] - 1})" if c["t"] is not None else "")
+                 + (f", two-sided p = {c['p']:.3f}" if c["p"] is not None else "")
+                 + f", BFT ahead in {c['wins']} of {c['n']}. Paper (ImageNet): {c['paper']}.")
+    L += ["", "\"HELD\" needs BFT ahead with p < 0.05 (with 3 seeds, |t| > 4.30); this tests the "
+          "claim's direction at tiny scale, not the ImageNet numbers.", "",
+          "## Results (test split, evaluated once after the last epoch)", "",
+          *harness.table(["family", "model", "kind", "input", "MMACs", "params (M)", "lr",
+                          "test top-1 %", "per seed", "final val top-1 %", "latency ms (path)",
+                          "train img/s"],
+                         [[fam(r["family"]), f"`{r['model']}`", r["kind"],
+                           f"{r['img_size']}x{r['img_size']}", f"{r['macs'] / 1e6:.3f}",
+                           f"{r['params'] / 1e6:.3f}", _fmt(r["lr"] or None, 3), _pm(r["top1"]),
+                           ", ".join(f"{v:.2f}" for v in r["top1"]) or "–", _pm(r["val_top1"]),
+                           _fmt(r["latency_ms"]) + (f" ({r['latency_path']})"
+                                                    if r.get("latency_path") else ""),
+                           _fmt(r.get("train_img_s_measured"), 0)] for r in doc["runs"]]), "",
+          f"Top-1: mean ± standard deviation over seeds {', '.join(map(str, cfg['seeds']))}. "
+          "MMACs: `butterfly.flops.count_macs` at the input size, 10 classes. Latency: median of "
+          "one forward pass on one image, eval mode, 1 thread, the model's fastest path. Train "
+          "img/s: measured before training, 1 thread, data loading included."]
     timed = [r for r in doc["runs"] if r.get("latency_paths_ms")]
     if timed:
         paths = [p for p in LATENCY_PATHS if any(p in r["latency_paths_ms"] for r in timed)]
-        L += ["", "Latency per path (ms, batch 1, 1 thread; the fastest in bold): `eager` is the model "
-              "in PyTorch (NCHW); `fused` and `fused_cl` are `butterfly.optimize_for_inference(model, "
-              "x)` for NCHW and channels_last input.", "",
-              "| model | input | " + " | ".join(paths) + " |", "|---|---|" + "---|" * len(paths)]
-        for r in timed:
-            cells = [r["latency_paths_ms"].get(p) for p in paths]
-            L.append(f"| `{r['model']}` | {r['img_size']} | "
-                     + " | ".join((f"**{v:.3f}**" if p == r["latency_path"] else f"{v:.3f}")
-                                  if v is not None else "–" for p, v in zip(paths, cells)) + " |")
+        L += ["", "Latency per path (ms; the fastest in bold): `eager` is the model in PyTorch "
+              "(NCHW); `fused` and `fused_cl` are `butterfly.optimize_for_inference(model, x)` for "
+              "NCHW and channels_last input.", "",
+              *harness.table(["model", "input", *paths], [
+                  [f"`{r['model']}`", r["img_size"], *(
+                      "–" if v is None else f"**{v:.3f}**" if p == r["latency_path"] else f"{v:.3f}"
+                      for p in paths for v in [r["latency_paths_ms"].get(p)])] for r in timed])]
     L += ["", "## Paired comparison per family (seed s of BFT minus seed s of the baseline)", "",
-          "| family | MACs BFT/baseline | seeds | difference per seed | mean ± std | t (df) | p | "
-          "BFT ahead | paper gain |", "|---|---|---|---|---|---|---|---|---|"]
-    for c in doc["comparisons"]:
-        L.append(f"| {FAMILIES[c['family']].label} | {c['macs_ratio']:.3f} | "
-                 f"{', '.join(map(str, c['seeds'])) or '–'} | "
-                 f"{', '.join(f'{v:+.2f}' for v in c['diff']) or '–'} | {_pm(c['diff'])} | "
-                 + (f"{c['t']:.2f} ({c['n'] - 1})" if c["t"] is not None else "–")
-                 + f" | {_fmt(c['p'], 3)} | {c['wins']}/{c['n']} | +{c['paper_gain']} |")
-    L += ["", "## How the pairs were matched", "",
-          "By input resolution, as the paper did (its MobileNetV1 pair: 0.25 at 224 against 1.0+BFT "
-          "at 160). Fashion-MNIST images are resized (bilinear, after the augmentation) to each "
-          "model's input size; both members use the small-input stem (stride-1 first conv). The "
-          f"command counts both models' multiply-adds and refuses a pair more than "
-          f"{100 * cfg['mac_tolerance']:.0f}% apart.", "",
-          "| family | baseline | input | MMACs | BFT model | input | MMACs | BFT / baseline |",
-          "|---|---|---|---|---|---|---|---|"]
-    for p in doc["pairs"]:
-        fam = next(f for f, v in FAMILIES.items() if v.baseline == p["baseline"])
-        L.append(f"| {FAMILIES[fam].label} | `{p['baseline']}` | {p['baseline_img_size']} | "
-                 f"{p['baseline_macs'] / 1e6:.3f} | `{p['bft']}` | {p['bft_img_size']} | "
-                 f"{p['bft_macs'] / 1e6:.3f} | {100 * (p['macs_ratio'] - 1):+.1f}% |")
-    L += ["", "MobileNetV1: the BFT net at 24 (at 28 it executes 38% more than the baseline). "
-          "ShuffleNetV2: both at 29 (at 28 BFT executes 5.7% less, just outside). MobileNetV3-Small: "
-          "the baseline's 1024-wide dense head costs the same at any input size, so no BFT input "
-          "size comes within 5% of the baseline at 28 (-18% at 28, -10% at 32, +35% at 33); the "
-          "baseline gets 24 and BFT 28, the one pair in which the baseline sees the smaller image "
-          "(read that family with this in mind).", "", "## Training", "",
-          f"- Data: the {cfg['train_images']:,} training images left after holding out a fixed "
-          f"{cfg['val_holdout']:,}-image validation subset of the "
-          f"{cfg['train_images'] + cfg['val_holdout'] if not cfg.get('train_subset') else 'training split'} (the same for every seed and "
-          f"model); the {cfg['test_images']:,} test images are read once per run, after training.",
-          f"- {cfg['epochs']} epoch{'s' if cfg['epochs'] > 1 else ''}, batch {cfg['batch_size']}, {cfg['optimizer']}, weight decay "
-          f"{cfg['weight_decay']:g} on conv/linear weights (BFT weights, norms and biases: none, as "
-          f"in the paper), {cfg['schedule']}, no label smoothing, augmentation: "
-          f"{cfg['augmentation']}. One thread per run, {cfg['parallel']} runs at a time.",
-          f"- Learning rate, per model, on the validation split: seed {cfg['seeds'][0]} trains at "
-          f"{', '.join(f'{v:g}' for v in cfg['lr_grid'])}; when the best final validation top-1 is "
-          f"at an end of the grid, the grid grows by x2 on that side (at most {cfg['lr_extend']} "
-          "times). The best rate's run is that model's seed-0 run; the other seeds train at it. "
-          "(Every run evaluates the test split once at its end; the test numbers of the rates not "
-          "chosen are never read.)", "", "### Learning-rate sweep (final validation top-1 %, "
-          f"{cfg['val_holdout']:,} held-out images, seed {cfg['seeds'][0]})", ""]
+          *harness.table(["family", "MACs BFT/baseline", "seeds", "difference per seed",
+                          "mean ± std", "t (df)", "p", "BFT ahead", "paper gain"], [
+              [fam(c["family"]), f"{c['macs_ratio']:.3f}", ", ".join(map(str, c["seeds"])) or "–",
+               ", ".join(f"{v:+.2f}" for v in c["diff"]) or "–", _pm(c["diff"]),
+               f"{c['t']:.2f} ({c['n'] - 1})" if c["t"] is not None else "–", _fmt(c["p"], 3),
+               f"{c['wins']}/{c['n']}", f"+{c['paper_gain']}"] for c in doc["comparisons"]]),
+          "", "## How the pairs were matched", "",
+          "By input resolution, as the paper did; images are resized after the augmentation, both "
+          "members use the small-input stem. A pair more than "
+          f"{100 * cfg['mac_tolerance']:.0f}% apart is refused (why these sizes: "
+          "docs/reproduction.md).", "",
+          *harness.table(["family", "baseline", "input", "MMACs", "BFT model", "input", "MMACs",
+                          "BFT / baseline"], [
+              [fam(next(f for f, v in FAMILIES.items() if v.baseline == p["baseline"])),
+               f"`{p['baseline']}`", p["baseline_img_size"], f"{p['baseline_macs'] / 1e6:.3f}",
+               f"`{p['bft']}`", p["bft_img_size"], f"{p['bft_macs'] / 1e6:.3f}",
+               f"{100 * (p['macs_ratio'] - 1):+.1f}%"] for p in doc["pairs"]]),
+          "", "## Training", "",
+          f"- Data: the {cfg['train_images']:,} training images left after a fixed "
+          f"{cfg['val_holdout']:,}-image validation holdout (the same for every seed and model); "
+          f"the {cfg['test_images']:,} test images are read once per run, after training.",
+          f"- {cfg['epochs']} epoch(s), batch {cfg['batch_size']}, {cfg['optimizer']}, weight "
+          f"decay {cfg['weight_decay']:g} on conv/linear weights (none on BFT weights, norms and "
+          f"biases), {cfg['schedule']}, no label smoothing, augmentation: {cfg['augmentation']}. "
+          f"One thread per run, {cfg['parallel']} runs at a time.",
+          f"- Learning rate per model, on the validation split: seed {cfg['seeds'][0]} trains at "
+          f"{', '.join(f'{v:g}' for v in cfg['lr_grid'])}; a best rate at an end of the grid "
+          f"grows it x2 on that side (at most {cfg['lr_extend']} times); the other seeds train "
+          "at the chosen rate.", "",
+          f"### Learning-rate sweep (final validation top-1 %, seed {cfg['seeds'][0]})", ""]
     lrs = sorted({s["lr"] for r in doc["runs"] for s in r["lr_sweep"]})
     if lrs:
-        L += ["| model | " + " | ".join(f"lr {v:g}" for v in lrs) + " | chosen |",
-              "|---|" + "---|" * (len(lrs) + 1)]
-        for r in doc["runs"]:
-            vals = {s["lr"]: s["val_top1"] for s in r["lr_sweep"]}
-            cells = [(f"**{vals[v]:.2f}**" if v == r["lr"] else f"{vals[v]:.2f}") if v in vals else ""
-                     for v in lrs]
-            edge = " (grid edge)" if r["lr_at_grid_edge"] else ""
-            L.append(f"| `{r['model']}` | " + " | ".join(cells) + f" | {_fmt(r['lr'], 3) if r['lr'] else '–'}{edge} |")
-    L += ["", "Plots: `reproduction_val_curves.png` (validation top-1 per epoch, every seed at the "
-          "chosen rate), `reproduction_lr_sweep.png`, `reproduction_top1_vs_macs.png`, "
-          "`reproduction_top1_vs_latency.png`.", ""]
+        L += harness.table(["model", *(f"lr {v:g}" for v in lrs), "chosen"], [
+            [f"`{r['model']}`", *("" if v not in vals else f"**{vals[v]:.2f}**" if v == r["lr"]
+                                  else f"{vals[v]:.2f}" for v in lrs),
+             _fmt(r["lr"] or None, 3) + (" (grid edge)" if r["lr_at_grid_edge"] else "")]
+            for r in doc["runs"] for vals in [{s["lr"]: s["val_top1"] for s in r["lr_sweep"]}]])
+    L += ["", "Plots: `reproduction_val_curves.png`, `reproduction_lr_sweep.png`, "
+          "`reproduction_top1_vs_macs.png`, `reproduction_top1_vs_latency.png`.", ""]
     if doc["variants"]:
         L += ["## Ablations (validation split only; the test split is not read)", "",
-              "| family | model | variant | lr | seeds | final val top-1 % | minus default BFT "
-              "(paired) | t | MMACs |", "|---|---|---|---|---|---|---|---|---|"]
-        for v in doc["variants"]:
-            c = v["vs_default_bft"]
-            L.append(f"| {FAMILIES[v['family']].label} | `{v['model']}` | {v['variant']} | "
-                     f"{_fmt(v['lr'], 3) if v['lr'] else '–'} | {', '.join(map(str, v['seeds'])) or '–'} | "
-                     f"{_pm(v['val_top1'])} | {_pm(c['diff'])} | {_fmt(c['t'])} | "
-                     f"{_fmt(v['macs'] / 1e6 if v['macs'] else None, 3)} |")
-        L.append("")
-    cond, mach = doc["conditions"], doc["machine"]
+              *harness.table(["family", "model", "variant", "lr", "seeds", "final val top-1 %",
+                              "minus default BFT (paired)", "t", "MMACs"], [
+                  [fam(v["family"]), f"`{v['model']}`", v["variant"], _fmt(v["lr"] or None, 3),
+                   ", ".join(map(str, v["seeds"])) or "–", _pm(v["val_top1"]),
+                   _pm(v["vs_default_bft"]["diff"]), _fmt(v["vs_default_bft"]["t"]),
+                   _fmt(v["macs"] / 1e6 if v["macs"] else None, 3)] for v in doc["variants"]]), ""]
+    mach, lat, b = doc["machine"], doc.get("latency"), doc.get("budget")
     L += ["## Conditions", "",
           f"- Command: `{doc['command']}` (code {mach['code']}); started {doc['started']}.",
           f"- Machine: {harness.describe(mach)}; {mach['memory']} memory, BFT backend "
           f"{mach['backend']}.",
-          f"- While training: {cond.get('training', 'not recorded')}."]
-    for fam, src in doc.get("kept", {}).items():
-        L.append(f"- {FAMILIES[fam].label}: trained by an earlier run of this command with the same "
-                 f"training settings, `{src['command']}` (code {src['code']}), started "
-                 f"{src['started']}, last updated {src['updated']}; kept because this run's "
-                 f"--families left it out. While it trained: {src.get('training') or 'not recorded'}.")
-    lat = doc.get("latency")
-    if lat:
-        L.append(f"- Latency measured {lat['when']} with no training run of this command going; "
-                 f"load average {lat['load_before']} before, {lat['load_after']} after; busiest "
-                 f"other processes then: {', '.join(lat['busy']) or 'none above 1% CPU'}. Models "
-                 "with untrained weights (latency does not depend on them), "
-                 f"{lat['rounds']} rounds x {lat['repeats']} calls each.")
-    else:
-        L.append("- Latency: measured when every main run has finished (not yet).")
-    b = doc.get("budget")
+          f"- While training: {doc['conditions'].get('training', 'not recorded')}."]
+    L += [f"- {fam(f)}: kept from an earlier run of this command with the same training settings, "
+          f"`{src['command']}` (code {src['code']}), started {src['started']}, last updated "
+          f"{src['updated']}; kept because this run's --families left it out. While it trained: "
+          f"{src.get('training') or 'not recorded'}." for f, src in doc.get("kept", {}).items()]
+    L.append(f"- Latency measured {lat['when']} with no training run of this command going; load "
+             f"average {lat['load_before']} before, {lat['load_after']} after; busiest other "
+             f"processes: {', '.join(lat['busy']) or 'none above 5% CPU'}; untrained weights, "
+             f"{lat['rounds']} rounds x {lat['repeats']} calls each." if lat else
+             "- Latency: measured when every main run has finished (not yet).")
     if b:
         loads = [float(v["load"].split()[0]) for v in doc.get("speed", {}).values() if v.get("load")]
-        shared = (f" while the 1-minute load average was {min(loads):.1f}-{max(loads):.1f} on "
-                  f"{mach['logical_cpus']} cores" if loads else "")
-        L.append(f"- Budget estimated before training from the img/s measured one model at a time, "
-                 f"1 thread{shared}: {b['cpu_hours']:.1f} single-thread CPU hours, "
-                 f"{b['wall_hours']:.1f} h wall at {b['parallel']} at a time ({b['cpu_hours_upper']:.1f} "
-                 f"/ {b['wall_hours_upper']:.1f} h with every grid extension); other users' work on "
-                 "the same cores stretches the wall time.")
-    L += ["", "Reproduce: `" + doc["command"] + "` (restartable; see docs/reproduction.md).", ""]
-    return "\n".join(L)
+        L.append("- Budget estimated before training from the img/s measured one model at a "
+                 "time, 1 thread" + (f", 1-minute load average {min(loads):.1f}-{max(loads):.1f}"
+                                     if loads else "") +
+                 f": {b['cpu_hours']:.1f} single-thread CPU hours, {b['wall_hours']:.1f} h wall at "
+                 f"{b['parallel']} at a time ({b['cpu_hours_upper']:.1f} / "
+                 f"{b['wall_hours_upper']:.1f} h with every grid extension).")
+    return "\n".join(L + ["", f"Reproduce: `{doc['command']}` (restartable; see "
+                          "docs/reproduction.md).", ""])
 
 
 def plots(doc: Dict, folder: str) -> List[str]:

@@ -424,55 +424,16 @@ def mmacs(data: Dict, config: str) -> str:
 
 
 def bounds_lines(data: Dict, threads: int, batch: int) -> List[str]:
-    """Every profiled model's floors beside its best measured step, then each pair's ratios."""
+    """What bounds each model's step and each pair's ratio at (threads, batch)."""
     rates = data["rates"].get(f"t{threads}")
-    rows, floors = [], {}
-    for config in sorted(data["configs"]):
-        meta = data["configs"][config]
-        f, cell = bounds.floors(meta, rates, bounds.TRAINING, batch), best_cell(data, config,
-                                                                                threads, batch)
-        if f is None or cell is None:
-            continue
-        floors[config] = f
-        measured, m = cell["ms"] / batch, meta["macs_by_kind"]
-        rows.append([parse_config(config)[0], label(config),
-                     " / ".join(f"{m[k] / 1e6:.1f}" for k in bounds.KINDS),
-                     f"{meta['act_bytes_layers'] / 1e6:.2f}", f"{meta['act_bytes'] * batch / 1e6:.0f}",
-                     f"{f['memory_ms']:.3f}",
-                     f"{f['compute_ms']:.3f}" + (f" ({f['rest_ms']:.2f})" if m["bft"] else ""),
-                     f"{measured:.3f} ({cell['path']})",
-                     f"{measured / f['bound_ms']:.1f}x ({f['kind']})"])
-    if not rows:
-        return []
-    llc = (data["runs"][-1].get("machine", {}).get("llc_MiB") if data["runs"] else None)
-    lines = ["### What bounds it", "", *bounds.rates_table({f"t{threads}": rates}), "",
-             "Per image. *layers-only*: input and output bytes of every conv, BFT and linear "
-             "layer in one forward; *working set*: every leaf module's input and output over the "
-             "batch (roughly what eager training keeps for backward)"
-             + (f", against a {llc:.0f} MiB last-level cache" if llc else "") + ". Floors: "
-             f"{bounds.TRAINING['activations']:g}x the layers-only bytes and "
-             f"{bounds.TRAINING['weights']}x the weights per step at copy bandwidth (memory); "
-             f"{bounds.TRAINING['macs']}x the forward's multiply-adds at each kind's rate "
-             "(compute; in brackets with the BFT layers free). Estimates, not guarantees.", "",
-             *harness.table(["setting", "model", "MACs (M): dense / depthwise / BFT",
-                             "layers-only MB", "working set MB", "memory floor ms",
-                             "compute floor ms", "measured ms (path)", "measured / floor"],
-                            rows, "llrrrrr"), ""]
-    for pair in PAIRS.values():
-        bft, base = pair_configs(pair)
-        if bft not in floors or base not in floors:
-            continue
-        b, a = floors[bft], floors[base]
-        mb, ma = (best_cell(data, c, threads, batch)["ms"] / batch for c in (bft, base))
-        lines.append(
-            f"* **{pair.name}**: {data['configs'][bft]['act_bytes_layers'] / data['configs'][base]['act_bytes_layers']:.1f}x "
-            f"the layers-only activation bytes; floors {b['bound_ms']:.3f} vs {a['bound_ms']:.3f} ms "
-            f"(ratio {b['bound_ms'] / a['bound_ms']:.2f}), measured {mb:.3f} vs {ma:.3f} ms "
-            f"(ratio {mb / ma:.2f}); at its floor the BFT model would take "
-            f"{b['bound_ms'] / ma:.2f}x the baseline's measured step"
-            + (" (parity needs faster kernels than these rates)" if b["bound_ms"] > ma else "")
-            + f"; its memory floor alone is {b['memory_ms'] / ma:.2f}x it.")
-    return lines
+
+    def measured(config, t, b):
+        c = best_cell(data, config, t, b)
+        return (c["ms"] / b, c["path"]) if c else None
+    return bounds.section({c: data["configs"][c] for c in sorted(data["configs"])},
+                          {f"t{threads}": rates} if rates else {}, measured, [batch],
+                          [(p.name, *pair_configs(p)) for p in PAIRS.values()], bounds.TRAINING,
+                          batch)
 
 
 def report(data: Dict) -> List[str]:
