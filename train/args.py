@@ -169,6 +169,34 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "auto, reference, cpu, triton")
 
 
+def _base(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a base >= 2, got {text}")
+    return value
+
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    """``--convert``: the model's pointwise layers as BFTs (butterfly.convert); training and
+    evaluation."""
+    g = p.add_argument_group(
+        "conversion to BFT",
+        "--convert replaces the pointwise convolutions of --model by BFTs, as butterfly.convert "
+        "does. Dense weights of --model (--initial-checkpoint, or evaluate's --checkpoint) are "
+        "loaded first and the BFTs fitted to them; the weights of a network converted with "
+        "butterfly.convert (a state_dict saved after it) load into BFTs of the layouts they hold, "
+        "whatever base and residual the conversion used.")
+    g.add_argument("--convert", action="store_true",
+                   help="use --model with its pointwise layers converted to BFTs")
+    g.add_argument("--convert-base", type=_base, default=4,
+                   help="BFT base of the converted layers (butterfly.convert's base)")
+    g.add_argument("--convert-residual", choices=("auto", "true", "false"), default="auto",
+                   help="butterfly.convert's residual: auto fits with and without the identity "
+                        "and keeps the better")
+    g.add_argument("--convert-linear", action="store_true",
+                   help="also convert nn.Linear layers (butterfly.convert's linear=True)")
+
+
 def _add_optimization_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimization (defaults come from --recipe)")
     g.add_argument("--epochs", type=_positive_int, help=by_recipe("epochs", "training epochs"))
@@ -260,10 +288,18 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="reuse an --output folder that holds an earlier run, replacing its files")
     g.add_argument("--resume", default=None,
-                   help="checkpoint to continue from exactly (e.g. runs/x/last.pth)")
+                   help="checkpoint to continue from exactly (e.g. runs/x/last.pth); options that "
+                        "would change the run (schedule, data, model, ...) are refused unless "
+                        "they equal the checkpoint's")
+    g.add_argument("--extend", action="store_true",
+                   help="with --resume: rebuild the learning-rate schedule from this command "
+                        "line's schedule options (--epochs, --lr, --sched, warm-up, ...) and "
+                        "continue on it from the checkpoint's step, e.g. --epochs 10 to train a "
+                        "finished 5-epoch run 5 epochs more")
     g.add_argument("--initial-checkpoint", default=None, metavar="PATH",
                    help="start from these model weights (a checkpoint of this trainer, verified, or "
-                        "a state_dict file), e.g. a converted network to fine-tune")
+                        "a state_dict file); with --convert: dense weights to convert, or a "
+                        "network converted with butterfly.convert, to fine-tune")
     g.add_argument("--checkpoint-every", type=_non_negative_int, default=0,
                    help="also write last.pth every N steps (0: only at the end of every epoch)")
     g.add_argument("--log-tensorboard", action=argparse.BooleanOptionalAction, default=None,
@@ -285,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="fashion-mnist",
                    help="preset of optimization defaults (the paper's recipes); options override it")
     add_data_args(p)
+    add_convert_args(p)
     _add_optimization_args(p)
     _add_augmentation_args(p)
     _add_run_args(p)
@@ -312,6 +349,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.set_defaults(**{k: v for k, v in state["args"].items() if k in known})
         parser.set_defaults(output=os.path.dirname(os.path.abspath(first.resume)))
     args = parser.parse_args(argv)
+    if args.extend and state is None:
+        parser.error("--extend continues a run on a new schedule: it needs --resume PATH")
+    if state is not None:
+        check_resume(args, parser, state)
     args.lr_explicit = args.lr is not None
     args.resume_state = state
     args.initial_state = None
@@ -326,6 +367,58 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"--initial-checkpoint: {err}")
     resolve_resources(args)
     return args
+
+
+# What a --resume may change: how the run is carried out, not what it computes (up to rounding;
+# see the thread-count warning), and where the data is. Everything else is fixed by the checkpoint,
+# options added later included.
+RESUME_FREE = frozenset({
+    "workers", "threads", "device", "amp", "bft_backend", "channels_last", "compile",
+    "eval_batch_size", "no_progress", "log_tensorboard", "checkpoint_every", "data_dir", "eval_test",
+    "output", "overwrite", "resume", "extend", "stop_after_steps", "print_digest"})
+# What --resume --extend may change as well: the learning-rate schedule, rebuilt from them.
+SCHEDULE = ("epochs", "lr", "lr_base", "lr_base_size", "sched", "decay_milestones", "decay_rate",
+            "warmup_epochs", "warmup_lr", "warmup_prefix", "min_lr")
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _value(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    plain = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    return plain(a) == plain(b)
+
+
+def check_resume(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                 state: Dict[str, Any]) -> None:
+    """A resume continues the run exactly: an option whose value differs from the checkpoint's is
+    an error naming both values (the checkpoint's arguments are the defaults, so only what is
+    written on the command line can differ). With ``--extend`` the schedule options may change."""
+    saved = state.get("args", {})
+    free = RESUME_FREE | (frozenset(SCHEDULE) if args.extend else frozenset())
+    changed = [a for a in parser._actions if a.dest in saved and a.dest not in free
+               and not _same(getattr(args, a.dest), saved[a.dest])]
+    if changed:
+        items = "; ".join(f"{a.option_strings[0]} is {_shown(saved[a.dest])} in the checkpoint, "
+                          f"{_shown(getattr(args, a.dest))} on the command line" for a in changed)
+        how = ("To continue the run exactly, leave these options out (the checkpoint's values "
+               "apply)")
+        if not args.extend and any(a.dest in SCHEDULE for a in changed):
+            how += ("; to train longer or on another schedule, add --extend (the schedule is "
+                    "rebuilt from the new options and goes on from the checkpoint's step)")
+        how += ("; to start a new run from its weights, pass --initial-checkpoint "
+                f"{args.resume} and another --output instead of --resume")
+        parser.error(f"--resume {args.resume} continues a run exactly, and this command changes "
+                     f"what the checkpoint fixes: {items}. {how}")
+    done = state.get("epoch", 0)
+    if args.extend and args.epochs <= done:
+        parser.error(f"--extend: the checkpoint has finished {done} epochs, so --epochs "
+                     f"{args.epochs} leaves nothing to train; give --epochs larger than {done}")
 
 
 def _check_device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

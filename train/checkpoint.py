@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from .rundir import temp_path
+from .rundir import write_atomic
 
 FORMAT = "butterfly-train/1"
 
@@ -68,30 +68,26 @@ def digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a nested structure (about what ``torch.save`` writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """Write ``state`` (tensors are copied to the CPU) to ``path`` atomically, with its digest."""
+    """Write ``state`` (tensors are copied to the CPU) to ``path`` atomically, with its digest. A
+    full disk is an :class:`~train.rundir.OutputError` that says so; ``path`` keeps its previous
+    content."""
     state = to_cpu(dict(state, format=FORMAT))
     state["sha256"] = digest(state)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    try:  # make the rename itself durable
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda f: torch.save(state, f), binary=True, durable=True,
+                 needed=tensor_bytes(state))
 
 
 def read_file(path: str, use: str = "resumed from") -> Any:
@@ -166,8 +162,13 @@ def load_weights(model: torch.nn.Module, state: Any, source: str, ema: bool = Fa
     problems = [f"{what}: {few(names)}" for what, names in (
         ("missing", missing), ("unexpected", unexpected), ("other shape", shapes)) if names]
     if problems:
+        hint = ""
+        if any(k.endswith("._extra_state") for k in unexpected):
+            hint = ("; its BFT layers are dense layers of the model: the weights of a network "
+                    "converted with butterfly.convert load with --model <the dense model> "
+                    "--convert")
         raise CheckpointError(f"{source} does not fit the model ({'; '.join(problems)}); check "
-                              "--model, the dataset's number of classes and --small-input")
+                              f"--model, the dataset's number of classes and --small-input{hint}")
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:   # e.g. a BFT of another layout (see butterfly.BFT's extra state)
@@ -198,7 +199,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def checkpoint_args(args) -> Dict[str, Any]:
     """The run's arguments as plain values (what is stored, and reused by --resume/evaluate)."""
     skip = {"resume", "resume_state", "initial_state", "stop_after_steps", "print_digest", "output",
-            "overwrite"}
+            "overwrite", "extend"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 

@@ -22,16 +22,18 @@ from torch import nn
 from butterfly import use_backend
 
 from . import error_message
-from .args import HelpFormatter, add_data_args, check_args, resolve_resources
-from .checkpoint import CheckpointError, load_checkpoint, load_weights
+from .args import (HelpFormatter, add_convert_args, add_data_args, check_args,
+                   resolve_resources)
+from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError, build_datasets, describe, eval_loader
 from .distributed import Context, barrier, cleanup, setup, sum_across
 from .metrics import summary_line
-from .model import count_macs, count_params, create_model
-from .rundir import temp_path
+from .model import build_weights, count_macs, count_params, create_model
+from .rundir import OutputError, file_problem, write_atomic
 
 # What a checkpoint's training arguments say about the model and its data; the rest is ours.
-INHERITED = ("model", "dataset", "data_dir", "val_split", "img_size", "small_input")
+INHERITED = ("model", "dataset", "data_dir", "val_split", "img_size", "small_input", "convert",
+             "convert_base", "convert_residual", "convert_linear")
 
 
 def autocast(ctx: Context, enabled: bool):
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the results (model, checkpoint, top1, top5, loss, images, "
                         "img_size, ...) to this JSON file (default: none, as timm's validate.py)")
     add_data_args(p)
+    add_convert_args(p)
     return p
 
 
@@ -88,6 +91,10 @@ def parse_args(argv: Optional[List[str]] = None):
     """Parse ``argv``; defaults come from the checkpoint's training arguments when it has them."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
+    if first.results_file is not None:  # before any work: a long evaluation must not end in this
+        problem = file_problem(first.results_file, "--results-file")
+        if problem:
+            parser.error(problem)
     try:
         state = load_checkpoint(first.checkpoint, "evaluated", plain_ok=True)
     except CheckpointError as err:
@@ -98,8 +105,6 @@ def parse_args(argv: Optional[List[str]] = None):
     if args.model is None:
         parser.error(f"{args.checkpoint} does not say which model it holds: pass --model NAME")
     check_args(args, parser)
-    if args.results_file is not None and os.path.isdir(args.results_file):
-        parser.error(f"--results-file {args.results_file} is a folder; give a file name")
     resolve_resources(args)
     args.state = state
     return args
@@ -107,13 +112,9 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def write_results(result: Dict[str, Any], path: str) -> None:
     """``result`` as an indented JSON object, written atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = temp_path(path)
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=4)
-        f.write("\n")
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = json.dumps(result, indent=4) + "\n"
+    write_atomic(path, lambda f: f.write(text), needed=len(text.encode()))
 
 
 def run(args) -> Dict[str, float]:
@@ -126,7 +127,7 @@ def run(args) -> Dict[str, float]:
         info = describe(args, ctx.rank, lambda: barrier(ctx))
         small = args.small_input if args.small_input is not None else args.dataset == "fashion-mnist"
         model = create_model(args.model, info.num_classes, info.in_chans, small)
-        load_weights(model, args.state, args.checkpoint, ema=args.ema)
+        model = build_weights(model, args, args.state, args.checkpoint, ema=args.ema)
         _, val_set = build_datasets(args, info, model, train=False)
         size = val_set[0][0].shape
         macs, params = count_macs(model, size), count_params(model)
@@ -165,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, DataError) as err:
+    except (CheckpointError, DataError, OutputError) as err:
         raise SystemExit(f"error: {error_message(err)}") from err
 
 

@@ -26,15 +26,15 @@ from tqdm import tqdm
 
 from butterfly import param_groups, use_backend
 
-from .checkpoint import (CheckpointError, checkpoint_args, digest, list_ranks, load_weights,
+from .checkpoint import (CheckpointError, checkpoint_args, digest, list_ranks,
                          rng_state, save_checkpoint, set_rng_state)
 from .data import (build_datasets, describe, eval_loader, load_test_set, steps_per_epoch,
                    train_loader)
 from .distributed import Context, barrier, cleanup, gather_objects, setup, sum_across
 from .evaluate import autocast, evaluate
 from .metrics import TensorBoardLog, summary_line, write_args, write_history
-from .model import count_macs, count_params, create_model
-from .rundir import prepare, remove_stale_temps, temp_path
+from .model import build_weights, count_macs, count_params, create_model
+from .rundir import prepare, remove_stale_temps, write_atomic
 
 _log = logging.getLogger("train")
 
@@ -62,10 +62,24 @@ class Trainer:
         self.args, self.ctx = args, ctx
         self.started = time.time()
         self.output = args.output
+        self.lock = None  # the run folder's lock, held until close()
         if ctx.is_main:  # before any data is read: a folder that cannot be written fails now
             overwrite = getattr(args, "overwrite", False)
-            prepare(self.output, reuse=args.resume_state is not None or overwrite,
-                    overwrite=overwrite, since=self.started)
+            self.lock = prepare(self.output, reuse=args.resume_state is not None or overwrite,
+                                overwrite=overwrite, since=self.started)
+        try:
+            self._setup(args, ctx)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (the process's end releases it too)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def _setup(self, args, ctx: Context) -> None:
         self.amp = args.amp if args.amp is not None else ctx.device.type == "cuda"
         seed_all(args.seed)  # the same initial weights on every rank
         self.info = info = describe(args, ctx.rank, lambda: barrier(ctx))
@@ -114,8 +128,12 @@ class Trainer:
         args = self.args
         small = args.small_input if args.small_input is not None else args.dataset == "fashion-mnist"
         model = create_model(args.model, info.num_classes, info.in_chans, small, args.drop)
-        if getattr(args, "initial_state", None) is not None and args.resume_state is None:
-            load_weights(model, args.initial_state, f"--initial-checkpoint {args.initial_checkpoint}")
+        if args.resume_state is not None:  # the structure (--convert); _restore loads the state
+            model = build_weights(model, args, args.resume_state, f"--resume {args.resume}",
+                                  load=False)
+        else:
+            model = build_weights(model, args, getattr(args, "initial_state", None),
+                                  f"--initial-checkpoint {args.initial_checkpoint}")
         if info.img_size is None:
             info.img_size = resolve_data_config({}, model=model)["input_size"][-1]
         self.input_size = (info.in_chans, info.img_size, info.img_size)
@@ -179,9 +197,10 @@ class Trainer:
             path = os.path.join(self.output, "last.pth")
             save_checkpoint(state, path)
             if best:
-                tmp = temp_path(os.path.join(self.output, "best.pth"))
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, os.path.join(self.output, "best.pth"))
+                with open(path, "rb") as src:
+                    write_atomic(os.path.join(self.output, "best.pth"),
+                                 lambda f: shutil.copyfileobj(src, f), binary=True,
+                                 needed=os.path.getsize(path))
 
     def _last_good(self) -> str:
         last = os.path.join(self.output, "last.pth")
@@ -197,8 +216,15 @@ class Trainer:
             raise CheckpointError(f"the checkpoint was trained with --batch-size "
                                   f"{state['args']['batch_size']}; resume with the same batch size")
         self.model.load_state_dict(state["model"])
+        # The optimizer's groups carry the schedule's base lr ("initial_lr"), which timm's
+        # schedulers start from: --extend keeps the one of the new options, as its scheduler.
+        fresh = [g.get("initial_lr") for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if getattr(self.args, "extend", False):
+            for group, initial in zip(self.optimizer.param_groups, fresh):
+                group["initial_lr"] = initial
+        else:
+            self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             if state["ema"] is None:
                 raise CheckpointError("the checkpoint has no EMA weights: resume without --model-ema")
@@ -212,6 +238,10 @@ class Trainer:
         if self.ctx.is_main:
             _log.info("resumed from epoch %d step %d (global step %d)", self.epoch + 1,
                       self.step_in_epoch, self.global_step)
+            if getattr(self.args, "extend", False):
+                _log.info("--extend: the schedule is rebuilt from this command's options (%d "
+                          "epochs, lr %g, %s) and goes on from global step %d", self.epochs,
+                          self.lr, self.args.sched, self.global_step)
             saved, now = state.get("threads"), torch.get_num_threads()
             if saved is not None and saved != now:
                 _log.warning("warning: the checkpoint was written with %d torch threads and this "
@@ -308,7 +338,9 @@ class Trainer:
         args, ctx = self.args, self.ctx
         tensorboard = None
         if ctx.is_main:
-            write_args(checkpoint_args(args), self.output)
+            resumed = ({"resume": args.resume, "extend": getattr(args, "extend", False)}
+                       if getattr(args, "resume", None) else {})
+            write_args(dict(checkpoint_args(args), **resumed), self.output)
             if args.log_tensorboard:
                 tensorboard = TensorBoardLog(self.output, start=self.epoch)
         try:
@@ -379,7 +411,11 @@ def run(args, ctx: Optional[Context] = None) -> Dict[str, float]:
         if args.output is None:
             args.output = gather_objects(ctx, default_output(args))[0]  # rank 0's clock
         with use_backend(args.bft_backend):
-            return Trainer(args, ctx).run()
+            trainer = Trainer(args, ctx)
+            try:
+                return trainer.run()
+            finally:
+                trainer.close()
     finally:
         torch.set_num_threads(threads)
         if own:

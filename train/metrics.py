@@ -10,14 +10,11 @@ import json
 import os
 from typing import Any, Dict, List
 
-from .rundir import temp_path
+from .rundir import write_atomic
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(text), needed=len(text.encode()))
 
 
 def write_history(history: List[Dict], folder: str) -> None:

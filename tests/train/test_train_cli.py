@@ -14,7 +14,7 @@ from train import args as train_args
 from train.args import build_parser, parse_args
 from train.distributed import setup
 from train.loop import Trainer
-from train.rundir import OutputError
+from train.rundir import LOCK_FILE, OutputError
 
 pytestmark = [pytest.mark.skipif(DATA is None, reason="Fashion-MNIST not found"),
               pytest.mark.usefixtures("one_thread")]
@@ -40,8 +40,9 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, 
 
     args = parse_args(TINY + ["--train-subset", "64", "--val-subset", "16", "--output", str(out),
                               "--overwrite"])
-    Trainer(args, setup("cpu"))
-    assert sorted(os.listdir(out)) == ["notes.txt"]  # the run files went, the rest stays
+    Trainer(args, setup("cpu")).close()
+    # the run files went, the rest stays (and the folder's lock file came)
+    assert sorted(os.listdir(out)) == [LOCK_FILE, "notes.txt"]
 
 
 def test_an_empty_folder_or_one_with_only_temporary_files_is_fine(tmp_path):

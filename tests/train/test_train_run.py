@@ -4,9 +4,11 @@ warning on resume, and ``python -m train.evaluate`` (verified checkpoints, its o
 results file)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from train.distributed import setup
 from train.loop import Trainer, TrainingError, run
 from train.model import create_model
-from train.rundir import remove_stale_temps
+from train.rundir import LOCK_FILE, OutputError, remove_stale_temps
 
 pytestmark = [pytest.mark.skipif(DATA is None, reason="Fashion-MNIST not found"),
               pytest.mark.usefixtures("one_thread")]
@@ -99,10 +101,66 @@ def test_stale_temporary_files_are_removed_at_start_and_on_save(tmp_path):
     out.mkdir()
     (out / f".last.pth.tmp{_dead_pid()}").write_bytes(b"partial")
     trainer = Trainer(parse_args(TINY + SHORT + ["--output", str(out)]), setup("cpu"))
-    assert os.listdir(out) == []  # at the start
+    assert os.listdir(out) == [LOCK_FILE]  # at the start
     (out / f".last.pth.tmp{_dead_pid()}").write_bytes(b"partial")
     trainer.save()
-    assert os.listdir(out) == ["last.pth"]  # and on saving
+    trainer.close()
+    assert sorted(os.listdir(out)) == [LOCK_FILE, "last.pth"]  # and on saving
+
+
+# ------------------------------------------------------------------------------ full disk
+def _enforce_fail(state, f):
+    """What torch.save raises when the disk fills: its zip writer's error, chained to ENOSPC."""
+    f.write(b"PK\x03\x04 partial")
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as err:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs "
+                           "0") from err
+
+
+def _dev_full(state, f, save=torch.save):
+    """A real ENOSPC inside torch.save: the state goes to /dev/full."""
+    with open("/dev/full", "wb") as full:
+        save(state, full)
+
+
+@pytest.mark.parametrize("fill", [_enforce_fail, pytest.param(_dev_full, marks=pytest.mark.skipif(
+    not os.path.exists("/dev/full"), reason="no /dev/full"))])
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(tmp_path, monkeypatch,
+                                                                         fill):
+    from train import checkpoint
+    trainer = Trainer(parse_args(TINY + SHORT + ["--output", str(tmp_path)]), setup("cpu"))
+    trainer.save(best=True)
+    before = (tmp_path / "last.pth").read_bytes()
+    monkeypatch.setattr(checkpoint.torch, "save", fill)
+    with pytest.raises(OutputError) as info:
+        trainer.save(best=True)
+    trainer.close()
+    text = str(info.value)
+    last = tmp_path / "last.pth"
+    assert text.startswith(f"the disk is full: {last} could not be written"), text
+    assert f"no space left on the device of {tmp_path}" in text and "free there now" in text
+    assert re.search(r"the file needs about \d+\.\d (KB|MB)", text)  # its tensors' size
+    assert f"The previous {last} was kept intact" in text and "--resume it" in text
+    assert last.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [LOCK_FILE, "best.pth", "last.pth"]  # no partial file
+
+
+def test_a_full_disk_on_any_run_file_says_so(tmp_path, monkeypatch):
+    """Metrics, args.yaml, best.pth and evaluate's results go through the same writer."""
+    from train import metrics, rundir
+    real = rundir.os.replace
+
+    def full(src, dst):
+        if dst.endswith("metrics.csv"):
+            raise OSError(errno.ENOSPC, "No space left on device", dst)
+        real(src, dst)
+    monkeypatch.setattr(rundir.os, "replace", full)
+    with pytest.raises(OutputError, match=r"the disk is full: .*metrics.csv could not be written .*"
+                                          r"No earlier metrics.csv was there"):
+        metrics.write_history([{"epoch": 1, "val_top1": 50.0}], str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 # ------------------------------------------------------------------- what a run writes
