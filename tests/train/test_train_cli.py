@@ -82,6 +82,67 @@ def test_cli_output_errors_are_messages_not_tracebacks(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_second_run_in_a_folder_in_use_fails_at_once(tmp_path):
+    """Two processes: one holds the run folder (as a run does from its start to its end), a
+    ``python -m train`` into the same folder fails with a message, writing nothing; the holder's
+    death releases the folder."""
+    import subprocess
+    import time
+
+    from test_train import REPO
+    from train.rundir import prepare
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from train.rundir import prepare; "
+         "lock = prepare(sys.argv[1], False, False, time.time()); print('locked', flush=True); "
+         "sys.stdin.read()", str(out)],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = _cli([sys.executable, "-m", "train", *TINY, "--train-subset", "64", "--val-subset",
+                     "16", "--epochs", "1", "--output", str(out)], timeout=180)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert f"error: --output {out} is in use by another run (process {holder.pid} on" in \
+            proc.stderr and "two runs cannot share a folder" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert os.listdir(out) == [LOCK_FILE]  # the second run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    prepare(str(out), False, False, time.time()).close()  # free again
+
+
+def test_a_run_folder_is_locked_for_the_whole_run(tmp_path):
+    args = parse_args(TINY + ["--train-subset", "64", "--val-subset", "16", "--output",
+                              str(tmp_path)])
+    trainer = Trainer(args, setup("cpu"))
+    with pytest.raises(OutputError, match="is in use by another run"):
+        Trainer(args, setup("cpu"))
+    trainer.close()
+    Trainer(args, setup("cpu")).close()
+
+
+def test_leftovers_of_a_run_without_a_checkpoint_do_not_block_the_folder(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.yaml").write_text("model: x\n")
+    (out / "events.out.tfevents.1.host.1.0").write_bytes(b"events")
+    (out / LOCK_FILE).write_text("process 1 on host\n")
+    args = parse_args(TINY + ["--train-subset", "64", "--val-subset", "16", "--output", str(out)])
+    Trainer(args, setup("cpu")).close()
+    assert os.listdir(out) == [LOCK_FILE]  # replaced by this run's (written when it runs)
+
+    # beside a checkpoint or metrics the same files belong to a run, which is kept
+    for name in ("last.pth", "metrics.json"):
+        (out / "args.yaml").write_text("model: x\n")
+        (out / name).write_text("earlier run")
+        with pytest.raises(SystemExit):
+            parse_args(TINY + ["--output", str(out)])
+        assert (out / "args.yaml").exists()
+        os.unlink(out / name)
+
+
 # ------------------------------------------------------------------------------------- --help
 def _option_help(text: str):
     """{option: its help text} from ``--help`` output."""

@@ -36,6 +36,28 @@ def test_a_corrupt_image_error_names_the_file(tmp_path, workers):
     assert error_message(info.value).startswith(f"cannot read image {bad}")
 
 
+def test_a_run_stopped_by_a_bad_image_leaves_its_folder_reusable(tmp_path):
+    """It stopped before its first checkpoint: its args.yaml and TensorBoard events do not make
+    the folder hold a run, so the rerun needs no --overwrite, and replaces them."""
+    import os
+    root = make_imagefolder(tmp_path / "data", {"train": range(64), "val": range(256, 296)})
+    bad = next((root / "train").rglob("*.png"))
+    good = bad.read_bytes()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    out = tmp_path / "run"
+    argv = ["--dataset", "imagefolder", "--data-dir", str(root), "--img-size", "28",
+            "--small-input", "--batch-size", "32", "--epochs", "1", "--log-tensorboard",
+            "--output", str(out)]
+    with pytest.raises(data.DataError):
+        _train(argv)
+    left = os.listdir(out)
+    assert "args.yaml" in left and any(n.startswith("events.out.tfevents.") for n in left)
+    bad.write_bytes(good)
+    _train(argv)  # no "already holds files"
+    events = [n for n in os.listdir(out) if n.startswith("events.out.tfevents.")]
+    assert len(events) == 1 and (out / "last.pth").exists()  # the failed run's log went
+
+
 def test_an_empty_class_folder_is_a_clear_error(tmp_path):
     root = make_imagefolder(tmp_path / "data", {"train": range(64), "val": range(256, 356)})
     (root / "train" / "Unused").mkdir()

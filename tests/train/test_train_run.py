@@ -268,6 +268,49 @@ def test_evaluate_uses_its_own_options_and_writes_a_results_file(trained, tmp_pa
     assert saved["top1"] == pytest.approx(metrics["val_top1"], abs=1e-4)  # the same 40 images
 
 
+def test_evaluate_checks_the_results_file_before_any_work(trained, tmp_path, monkeypatch, capsys):
+    from train import rundir
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the results file was checked")
+    monkeypatch.setattr(evaluate, "load_checkpoint", no_work)
+    checkpoint = str(trained / "best.pth")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+
+    def error(path) -> str:
+        with pytest.raises(SystemExit) as info:
+            evaluate.parse_args(["--checkpoint", checkpoint, "--results-file", str(path)])
+        assert info.value.code == 2
+        return capsys.readouterr().err
+    assert "is a folder; give a file name" in error(tmp_path)
+    assert "cannot be created" in error(tmp_path / "file" / "r.json")
+
+    real = rundir.tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):  # the tests may run as root: chmod would not stop it
+        if dir == str(tmp_path / "folder"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(rundir.tempfile, "TemporaryFile", read_only)
+    err = error(tmp_path / "folder" / "r.json")
+    assert f"its folder {tmp_path / 'folder'} is not writable (Read-only file system)" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")
+def test_evaluate_refuses_a_results_file_in_a_read_only_folder(trained, tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(["--checkpoint", str(trained / "best.pth"), "--results-file",
+                                 str(folder / "r.json")])
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        folder.chmod(0o755)
+
+
 def test_weights_saved_before_bft_layouts_were_recorded_still_load():
     """A state_dict without the BFTs' layout record (_extra_state) loads; a different layout
     does not."""
