@@ -162,9 +162,12 @@ def _sources() -> List[Path]:
 
 
 def _entry_name(flags: Sequence[str], sources: Sequence[Path]) -> str:
-    """The cache entry of a build: a digest of the host CPU, the flags and the sources' names and
-    contents (not their paths: identical checkouts share an entry)."""
-    digest = hashlib.sha1(cpu_info()["flags"].encode() + " ".join(flags).encode())
+    """The cache entry of a build: a digest of the host CPU, the flags, the torch build it links
+    against, and the sources' names and contents (not their paths: identical checkouts share an
+    entry)."""
+    torch_build = f"{torch.__version__} {torch.version.git_version}"
+    digest = hashlib.sha1(cpu_info()["flags"].encode() + " ".join(flags).encode() +
+                          torch_build.encode())
     for p in sources:
         digest.update(p.relative_to(_source_dir()).as_posix().encode() + p.read_bytes())
     return f"butterfly_cpu_{digest.hexdigest()[:12]}"
