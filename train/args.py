@@ -404,8 +404,11 @@ def check_resume(args: argparse.Namespace, parser: argparse.ArgumentParser,
     changed = [a for a in parser._actions if a.dest in saved and a.dest not in free
                and not _same(getattr(args, a.dest), saved[a.dest])]
     if changed:
-        items = "; ".join(f"{a.option_strings[0]} is {_shown(saved[a.dest])} in the checkpoint, "
-                          f"{_shown(getattr(args, a.dest))} on the command line" for a in changed)
+        def shown(dest: str, value: Any) -> str:
+            return "unset (lr from --lr-base)" if dest == "lr" and value is None else _shown(value)
+        items = "; ".join(f"{a.option_strings[0]} is {shown(a.dest, saved[a.dest])} in the "
+                          f"checkpoint, {shown(a.dest, getattr(args, a.dest))} on the command line"
+                          for a in changed)
         how = ("To continue the run exactly, leave these options out (the checkpoint's values "
                "apply)")
         if not args.extend and any(a.dest in SCHEDULE for a in changed):

@@ -1,7 +1,7 @@
 """Evaluate a model: ``python -m train.evaluate --checkpoint runs/x/best.pth``.
 
-The model name, dataset, data folder, test split and input size default to those the checkpoint
-was trained with; any of them can be given on the command line (and must be for a plain
+The model name, dataset, data folder, test split, input size and ``--convert`` options default to
+those the checkpoint was trained with; any of them can be given on the command line (and must be for a plain
 ``state_dict`` file). Everything else (``--val-subset``, workers, device, ...) is this command's own.
 A checkpoint of ``python -m train`` is verified against its SHA-256 first, as ``--resume`` does.
 ``--results-file PATH`` also writes the results as JSON (as timm's validate.py, none by default).

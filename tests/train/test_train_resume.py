@@ -42,7 +42,7 @@ def _error(argv, capsys) -> str:
 
 @pytest.mark.parametrize("extra, expected", [
     (["--epochs", "4"], "--epochs is 2 in the checkpoint, 4 on the command line"),
-    (["--lr", "0.5"], "--lr is unset in the checkpoint, 0.5 on the command line"),
+    (["--lr", "0.5"], "--lr is unset (lr from --lr-base) in the checkpoint, 0.5 on the command line"),
     (["--sched", "step"], "--sched is cosine in the checkpoint, step on the command line"),
     (["--seed", "3"], "--seed is 0 in the checkpoint, 3 on the command line"),
     (["--model-ema"], "--model-ema is off in the checkpoint, on on the command line"),
