@@ -244,9 +244,8 @@ def measure(store: "Store", prepare: Dict[str, Callable[[], Tuple[Callable, Dict
             cell.update(summary(times[key]))
             if "batch" in fields:
                 cell["img_s"] = fields["batch"] * 1e3 / cell["ms"]
-        cell = {**fields, **(meta or {}).get(key, {}), **cell, "threads": threads,
-                "cpus": usable_cores(),
-                "load_before": before, "load_after": after}
+        cells[key] = cell = {**fields, **(meta or {}).get(key, {}), **cell, "threads": threads,
+                             "cpus": usable_cores(), "load_before": before, "load_after": after}
         store.put(key, cell)
         print(f"   {key}: " + (f"{cell['ms']:.3f} ms" if cell["status"] == "ok"
                                else f"FAILED {cell['reason']}"), flush=True)

@@ -162,7 +162,7 @@ class Runner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"non-finite loss {float(loss)}")
+            raise FloatingPointError(f"non-finite loss {loss.item()}")
 
 
 def prep_eager(model, x, y, warmup: int, cl: bool = False) -> Tuple[Runner, Dict]:

@@ -7,38 +7,17 @@ them held out for validation, 64 test images), one epoch, one seed, one learning
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from benchmarks import reproduce
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_idx(path: str, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> str:
-    """Images whose brightness depends on the label, so that one epoch learns something."""
-    folder = str(tmp_path_factory.mktemp("fashion"))
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 192), ("t10k", 64)):
-        labels = rng.integers(0, 10, n)
-        images = (rng.random((n, 28, 28)) * 60 + labels[:, None, None] * 19).clip(0, 255)
-        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), images)
-        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), labels)
-    return folder
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_argv(data: str, runs: str, results: str, *extra: str) -> list:
@@ -74,6 +53,7 @@ def uninterrupted(tiny_data, tmp_path_factory):
         return results, json.load(f)
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_md_and_json(uninterrupted, tmp_path):
     results, doc = uninterrupted
     assert doc["format"] == reproduce.FORMAT
@@ -120,6 +100,7 @@ def test_mac_matching_is_computed_and_enforced(tiny_data, tmp_path):
     assert not any(p.name != "driver.lock" for p in runs.iterdir())
 
 
+@pytest.mark.slow
 def test_killed_and_restarted_gives_the_same_numbers(uninterrupted, tiny_data, tmp_path):
     runs, results = str(tmp_path / "runs"), str(tmp_path / "results")
     argv = tiny_argv(tiny_data, runs, results, "--parallel", "1")
@@ -146,6 +127,7 @@ def test_killed_and_restarted_gives_the_same_numbers(uninterrupted, tiny_data, t
     assert numbers(resumed) == numbers(uninterrupted[1])
 
 
+@pytest.mark.slow
 def test_a_family_trained_alone_keeps_the_others(uninterrupted, tiny_data, tmp_path):
     """--families shufflenetv2 into a results folder holding mobilenetv1: both end up in the
     file, mobilenetv1's numbers untouched and its provenance recorded; with other training
@@ -210,3 +192,23 @@ def test_training_variants_reach_the_trainer_and_leave_main_runs_alone():
     from train.args import parse_args as train_args
     parsed = train_args(argv)
     assert parsed.bft_weight_decay == 1e-4 and parsed.bft_lr_scale == 0.5
+
+
+def test_render_redraws_the_committed_results(tmp_path):
+    """--render draws the md from the JSON alone: every model's test top-1 and latency, and
+    every family's paired difference, as the JSON holds them."""
+    import shutil
+    committed = os.path.join(REPO, "benchmarks", "results", "reproduction_fashion_mnist.json")
+    shutil.copy(committed, tmp_path)
+    assert reproduce.main(["--render", str(tmp_path / os.path.basename(committed))]) == 0
+    doc = json.load(open(committed))
+    text = open(tmp_path / "reproduction_fashion_mnist.md").read()
+    assert not list(tmp_path.glob("*.png"))  # another file than --results': no plots
+    for r in doc["runs"]:
+        row = next(ln for ln in text.splitlines() if ln.startswith(
+            f"| {reproduce.FAMILIES[r['family']].label} | `{r['model']}` |"))
+        assert reproduce._pm(r["top1"]) in row and f"{r['latency_ms']:.2f}" in row
+    for c in doc["comparisons"]:
+        assert f"paired difference {c['mean']:+.2f}" in text
+    with pytest.raises(SystemExit):
+        reproduce.main(["--render", str(tmp_path / "missing.json")])

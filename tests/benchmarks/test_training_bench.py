@@ -1,5 +1,5 @@
-"""``python -m benchmarks.training``: end to end on the smallest pair (``--quick``, 1 thread, a
-temporary ``--out-dir``), failing paths recorded, the cache, and the training-step split."""
+"""``python -m benchmarks.training``: a quick run of the smallest pair (cells, a failing path,
+the split, the bounds), the cache, the grouping of pairs, and the attribution of profiler events."""
 import json
 import math
 
@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 import butterfly
+from benchmarks import harness
 from benchmarks import training as T
-from butterfly.depthwise import DepthwiseConv2d, kernel_available
+from butterfly.nn.depthwise import DepthwiseConv2d
+from butterfly.ops.depthwise import kernel_available
 
 PAIR = "fmnist-mobilenetv3"  # the smallest pair: under 1 MMAC per image
 
@@ -38,114 +40,56 @@ def quick_run(tmp_path_factory):
     return out, json.loads((out / T.JSON_NAME).read_text())
 
 
-def test_all_requested_cells_present(quick_run):
+@pytest.mark.slow
+def test_quick_run_cells(quick_run):
     out, data = quick_run
-    keys = _cells(PAIR, ["eager", "eager_cl", "compile"])
-    assert set(keys) <= set(data["cells"])
     for key in _cells(PAIR, ["eager", "eager_cl"]):
         cell = data["cells"][key]
         assert cell["status"] == "ok", cell
-        assert cell["quick"] and cell["steps"] >= 6 and cell["threads"] == 1
-        assert cell["ms"] > 0 and math.isclose(cell["img_s"], T.BATCH * 1e3 / cell["ms"],
-                                               rel_tol=1e-3)
-        assert cell["load_before"] is not None and math.isfinite(cell["loss"])
-    for config in T.pair_configs(T.PAIRS[PAIR]):
-        assert data["configs"][config]["macs"] > 0
-    run = data["runs"][-1]
-    assert run["note"] == "test" and "--quick" in run["command"] and run["load_after"]
-    md = (out / T.MD_NAME).read_text()
-    assert "## 1 thread, batch 32" in md and PAIR in md and "note: test" in md
-    assert "| **" in md  # the pair's ratio
-
-
-def test_failing_path_is_recorded(quick_run):
-    _, data = quick_run
+        assert cell["quick"] and cell["samples"] == 2 * 3 and cell["threads"] == 1
+        assert cell["img_s"] == pytest.approx(T.BATCH * 1e3 / cell["ms"])
+        assert cell["warmup_steps"] == 1 and cell["load_before"] is not None
     for key in _cells(PAIR, ["compile"]):
-        cell = data["cells"][key]
-        assert cell["status"] == "failed"
-        assert cell["reason"] == "RuntimeError: compiler unavailable"
+        assert data["cells"][key]["status"] == "failed"
+        assert data["cells"][key]["reason"] == "RuntimeError: compiler unavailable"
+    for config in T.pair_configs(T.PAIRS[PAIR]):
+        meta = data["configs"][config]
+        assert meta["macs"] > 0 and meta["act_bytes_layers"] > 0 and meta["weight_bytes"] > 0
+    assert data["runs"][0]["note"] == "test" and data["runs"][0]["machine"]["flags"]
+    rates = data["rates"]["t1"]
+    assert rates["quick"] and all(rates[k] > 0 for k in ("fma_GMACs", "copy_GBs", "bft_GMACs"))
+    md = (out / T.MD_NAME).read_text()
+    assert "## 1 thread, batch 32" in md and "### What bounds it" in md
 
 
-def test_split_shares_sum_to_100(quick_run):
+@pytest.mark.slow
+def test_quick_run_split(quick_run):
     _, data = quick_run
-    nchw = [k for k in _cells(PAIR, ["eager"])]
+    nchw = _cells(PAIR, ["eager"])
     assert set(nchw) <= set(data["splits"])
     for split in data["splits"].values():
         assert split["status"] == "ok", split
         assert sum(split["share"].values()) == pytest.approx(100.0, abs=0.01)
         assert split["profiled_step_ms"] > 0
-    bft = data["splits"][nchw[0]]
+    bft, base = data["splits"][nchw[0]], data["splits"][nchw[1]]
     assert bft["config"].split("/")[1].startswith("mobilenetv3_small_bft")
-    assert bft["share"]["bft"] > 0 and bft["share"]["depthwise"] > 0
-    assert bft["share"]["bft"] >= bft["butterfly_ops_share"] > 0
-    base = data["splits"][nchw[1]]
+    assert bft["share"]["bft"] >= bft["butterfly_ops_share"] > 0 and bft["share"]["depthwise"] > 0
     assert base["share"]["bft"] == 0 and base["share"]["pointwise"] > 0
 
 
-def test_rerun_uses_the_cache(quick_run):
-    out, data = quick_run
-    args = T.parse_args(["--quick", "--pairs", PAIR, "--paths", "eager", "eager_cl",
-                         "--threads", "1", "--out-dir", str(out)])
-    assert T.plan(args, data) == []
+def test_plan_uses_the_store(tmp_path):
+    store = harness.Store(tmp_path / "t.json", "training")
+    store.data.update(configs={}, splits={}, rates={})
+    args = T.parse_args(["--pairs", PAIR, "--paths", "eager", "eager_cl", "--threads", "1"])
+    [(threads, group, cells, splits)] = T.plan(args, store)
+    assert threads == 1 and cells == _cells(PAIR, ["eager", "eager_cl"]) and splits == cells
+    for key in cells:
+        store.cells[key] = {"status": "ok", "ms": 2.0 if "eager_cl" in key else 1.0}
+        store.data["splits"][key] = {}
+    assert T.plan(args, store) == []
     forced = T.parse_args(["--pairs", PAIR, "--paths", "eager", "--threads", "1", "--force"])
-    assert T.plan(forced, data)[0][2] == _cells(PAIR, ["eager"])
-
-
-def test_failure_during_timing_is_recorded():
-    class Flaky:
-        calls = 0
-
-        def step(self):
-            Flaky.calls += 1
-            if Flaky.calls > 2:
-                raise ValueError("boom")
-
-        def check(self):
-            pass
-
-    class Fine:
-        def step(self):
-            pass
-
-        def check(self):
-            pass
-
-    times, failed = T.time_interleaved({"flaky": Flaky(), "fine": Fine()}, T.TIMING["quick"])
-    assert failed == {"flaky": "ValueError: boom"}
-    assert len(times["fine"]) == T.TIMING["quick"]["rounds"] * T.TIMING["quick"]["block"]
-
-
-def test_step_bounds_by_hand():
-    meta = {"macs_by_kind": {"dense": 2e6, "depthwise": 1e6, "bft": 3e6},
-            "act_bytes_layers": 4e6, "act_bytes": 10e6, "weight_bytes": 3.2e6}
-    rates = {"copy_GBs": 10.0, "dense_GMACs": 100.0, "depthwise_GMACs": 10.0, "bft_GMACs": 30.0}
-    b = T.step_bounds(meta, rates, batch=32)
-    # memory: (2.5 * 4 MB + 8 * 3.2 MB / 32) at 10 GB/s = 10.8 MB / 10 GB/s = 1.08 ms
-    assert b["memory_ms"] == pytest.approx(1.08)
-    # compute: 3x (2e6 / 100e9 + 1e6 / 10e9 + 3e6 / 30e9) s = 3 * 0.22 ms = 0.66 ms
-    assert b["compute_ms"] == pytest.approx(0.66)
-    assert b["rest_ms"] == pytest.approx(0.36)
-    assert b["bound_ms"] == pytest.approx(1.08) and b["kind"] == "memory"
-    assert b["working_set_MB"] == pytest.approx(320)
-    assert T.step_bounds(meta, {**rates, "bft_GMACs": None}, 32) is None
-    assert T.step_bounds({"macs": 1}, rates, 32) is None
-
-
-def test_bounds_section_in_the_report(quick_run):
-    out, data = quick_run
-    rates = data["rates"]["t1"]
-    assert rates["copy_GBs"] > 0 and rates["bft_GMACs"] > 0 and rates["quick"]
-    for config in T.pair_configs(T.PAIRS[PAIR]):
-        meta = data["configs"][config]
-        assert meta["act_bytes_layers"] > 0 and meta["weight_bytes"] > 0
-        assert sum(meta["macs_by_kind"].values()) > 0
-    lines = T.bounds_lines(data, threads=1, batch=T.BATCH)
-    assert lines[1] == "### What bounds it"
-    assert sum(1 for line in lines if line.startswith("| fmnist |")) == 2
-    pair_line = [line for line in lines if line.startswith(f"* **{PAIR}**")]
-    assert len(pair_line) == 1 and "layers-only activation bytes" in pair_line[0]
-    assert "### What bounds it" in (out / T.MD_NAME).read_text()
-    assert T.bounds_lines({**data, "rates": {}}, threads=1, batch=T.BATCH) == []
+    assert T.plan(forced, store)[0][2] == _cells(PAIR, ["eager"])
+    assert T.nchw_is_faster(store.data, _cells(PAIR, ["eager_cl"])[0])
 
 
 def test_groups_merge_pairs_that_share_a_model():
@@ -153,6 +97,15 @@ def test_groups_merge_pairs_that_share_a_model():
     assert groups[0] == ["fmnist/mobilenetv1_bft_100@28", "fmnist/mobilenetv1_025@28",
                          "fmnist/mobilenetv1_bft_100@24"]
     assert len(groups) == 3 and len(T.groups_of(T.selected_pairs(["all"]))) == 6
+
+
+def test_non_finite_loss_fails_the_step():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        net[1].weight.fill_(math.nan)
+    runner = T.Runner(net, torch.randn(2, 1, 2, 2), torch.tensor([0, 1]))
+    times, failed = harness.interleave({"nan": runner}, harness.Timing(1, 1, 0, 0))
+    assert failed["nan"].startswith("FloatingPointError: non-finite loss")
 
 
 @pytest.mark.skipif(not kernel_available(), reason="the C++ kernels did not build")
@@ -171,10 +124,10 @@ def test_attribution_of_forward_and_backward(one_thread):
         nn.Conv2d(32, 24, 1, bias=False),                           # pointwise
         nn.BatchNorm2d(24), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
     runner = T.Runner(net, torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))
-    runner.step()
+    runner()
     from torch.profiler import ProfilerActivity, profile
     with T.labelled(net), profile(activities=[ProfilerActivity.CPU]) as prof:
-        runner.step()
+        runner()
     assert all("forward" not in vars(m) for m in net.modules())  # the labels are removed
     got = {}
     for e, category, phase in T.attribute(prof.events()):
