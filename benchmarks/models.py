@@ -3,30 +3,20 @@ side with its MAC-matched baseline (the BFT paper's Table 1).
 
     python -m benchmarks.models                    # every configuration of the paper (~1.5 h)
     python -m benchmarks.models --dry-run          # the cells a run would measure
-    python -m benchmarks.models --models mobilenetv3_small_035 mobilenetv3_small_bft_050 --quick
     python -m benchmarks.models --configs mobilenetv1_bft_100@160 mobilenetv1_025@224 --quick
     python -m benchmarks.models --paths eager fused --threads 1 --batch 1 --note "idle machine"
-    python -m benchmarks.models --force            # re-measure cells already stored
-    python -m benchmarks.models --retry-failed     # re-measure only the cells that failed
 
-Configurations are the rows of Table 1 (:data:`PAPER`: paper MFLOPs and ImageNet top-1); ``--res``
-replaces the resolutions. Models: random weights (seed 0), 1000 classes, eval mode, float32.
-Paths (:data:`PATHS`), each a cell per (threads, batch): ``eager`` (NCHW, ``inference_mode``);
-``eager_cl`` (channels_last); ``compile`` (inductor, ``freezing=True``, static shapes,
-channels_last, compiled afresh per thread count and batch, called until two calls agree within
-20%); ``ort`` (onnxruntime CPU on ``butterfly.export_onnx(..., structured=False)``, the dense
-export) and ``ort_structured`` (the structured export; BFT models only); ``fused`` / ``fused_cl``
-(``butterfly.optimize_for_inference(model, x)`` for the batch and threads timed, NCHW /
-channels_last). Each output is compared with eager's (max relative difference).
-
-The two models of a Table-1 row are one unit (:func:`measurement_units`): for each thread count
-and batch, the paths of both are timed together by the harness (rounds, settle 50 ms, at least
-0.25 s of timed calls per round; ``--quick``: 2 short rounds). Batch 1 is reported as latency,
-other batches as images per second. With the "what bounds it" pair (:data:`BOUNDS_PAIR`) the
-machine's rates (:func:`benchmarks.bounds.rates`) are measured too, once per thread count.
-Cells are kept in ``models_cpu.json`` (saved after every group; a rerun measures only what is
-missing); ``models_cpu.md`` and ``accuracy_vs_latency.png`` are redrawn from it after every run.
-A path that fails is recorded with a one-line reason.
+Configurations: the rows of Table 1 (:data:`PAPER`), ``--models``/``--res`` or ``--configs``.
+Models: random weights (seed 0), 1000 classes, eval mode, float32. Paths (:data:`PATHS`):
+``eager`` (NCHW, ``inference_mode``), ``eager_cl`` (channels_last), ``compile`` (inductor,
+``freezing=True``, channels_last, compiled per thread count and batch, called until two calls
+agree within 20%), ``ort`` / ``ort_structured`` (onnxruntime on the dense / structured
+``butterfly.export_onnx``; structured: BFT models only), ``fused`` / ``fused_cl``
+(``butterfly.optimize_for_inference`` for the batch and threads timed). Each output is checked
+against eager's. The two models of a Table-1 row are one unit (:func:`measurement_units`): their
+paths are timed together by the harness (5 rounds, settle 50 ms, at least 0.25 s of calls per
+round; ``--quick``: 2 short rounds). With :data:`BOUNDS_PAIR` the machine's rates are measured
+too. Batch 1 is reported as latency, other batches as images per second.
 """
 from __future__ import annotations
 
@@ -45,30 +35,24 @@ import torch
 from torch import nn
 
 import butterfly
-from benchmarks import bounds, harness
+from benchmarks import bounds, flops, harness
 from butterfly.flops import count_macs
 
 JSON_NAME, MD_NAME, PLOT_NAME = "models_cpu.json", "models_cpu.md", "accuracy_vs_latency.png"
 
-# ImageNet top-1 (%) and MFLOPs (millions of multiply-adds, as the paper counts them) of every
-# configuration of the BFT paper (Alizadeh Vahid et al., CVPR 2020), Table 1: (a) ShuffleNetV2
-# (the baselines are the paper's own runs), (b) MobileNetV3-Small, (c) MobileNetV1.
-PAPER: Dict[Tuple[str, int], Dict] = {}
-for _model, _table, _rows in [
-    ("mobilenetv1_025", "1c", [(128, 14, 41.50), (160, 21, 45.50), (192, 34, 47.70),
-                               (224, 41, 50.60)]),
-    ("mobilenetv1_050", "1c", [(128, 49, 56.30), (192, 110, 61.70), (224, 150, 63.30)]),
-    ("mobilenetv1_bft_100", "1c", [(96, 14, 46.58), (128, 23, 52.26), (160, 35, 54.30),
-                                   (192, 51, 57.56)]),
-    ("mobilenetv1_bft_200", "1c", [(128, 52, 58.35), (192, 112, 63.03), (224, 150, 64.32)]),
-    ("shufflenetv2_050", "1a", [(128, 14, 50.86), (160, 21, 55.21), (224, 41, 59.70)]),
-    ("shufflenetv2_bft_125", "1a", [(128, 14, 55.26), (160, 21, 57.83), (224, 41, 61.33)]),
-    ("mobilenetv3_small_035", "1b", [(224, 13, 49.8)]),
-    ("mobilenetv3_small_bft_050", "1b", [(224, 15, 55.21)]),
-]:
-    for _res, _mflops, _top1 in _rows:
-        PAPER[(_model, _res)] = {"mflops": _mflops, "top1": _top1, "table": f"Table {_table}"}
-
+# ImageNet top-1 (%) of every configuration of the BFT paper (Alizadeh Vahid et al., CVPR 2020),
+# Table 1: (a) ShuffleNetV2 (the baselines are the paper's own runs), (b) MobileNetV3-Small,
+# (c) MobileNetV1; its MFLOPs are benchmarks.flops.PAPER's.
+TOP1 = {"mobilenetv1_025": ("1c", {128: 41.50, 160: 45.50, 192: 47.70, 224: 50.60}),
+        "mobilenetv1_050": ("1c", {128: 56.30, 192: 61.70, 224: 63.30}),
+        "mobilenetv1_bft_100": ("1c", {96: 46.58, 128: 52.26, 160: 54.30, 192: 57.56}),
+        "mobilenetv1_bft_200": ("1c", {128: 58.35, 192: 63.03, 224: 64.32}),
+        "shufflenetv2_050": ("1a", {128: 50.86, 160: 55.21, 224: 59.70}),
+        "shufflenetv2_bft_125": ("1a", {128: 55.26, 160: 57.83, 224: 61.33}),
+        "mobilenetv3_small_035": ("1b", {224: 49.8}),
+        "mobilenetv3_small_bft_050": ("1b", {224: 55.21})}
+PAPER = {(m, res): {"mflops": flops.PAPER[m][res], "top1": top1, "table": f"Table {table}"}
+         for m, (table, rows) in TOP1.items() for res, top1 in rows.items()}
 MODELS = list(dict.fromkeys(m for m, _ in PAPER))
 LABELS = {
     "mobilenetv1_025": "MobileNetV1 0.25", "mobilenetv1_050": "MobileNetV1 0.5",

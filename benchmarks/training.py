@@ -3,37 +3,26 @@
     python -m benchmarks.training                        # every pair, every path (an hour or more)
     python -m benchmarks.training --dry-run              # the cells a run would measure
     python -m benchmarks.training --pairs fmnist-mobilenetv3 --paths eager eager_cl --quick
-    python -m benchmarks.training --threads 2 1 --note "idle machine"
 
 A step is what ``python -m train`` does per batch: forward, cross-entropy against random labels,
-backward, the optimizer step and ``zero_grad``, in training mode. The optimizer is timm's
-``create_optimizer_v2(butterfly.param_groups(model, 1e-5), "sgd", momentum=0.9)`` (Nesterov) at
-the paper's learning rate for batch 32. Seed 0, random weights, a fixed random batch, float32.
-
-Pairs (:data:`PAIRS`; ``--pairs`` names, or ``fmnist`` / ``paper`` / ``all``): the
-Fashion-MNIST shapes (1 channel, 10 classes, ``small_input=True``) at the resolutions
+backward, timm's SGD (Nesterov, ``butterfly.param_groups(model, 1e-5)``, the paper's learning
+rate for batch 32) and ``zero_grad``, in training mode; seed 0, a fixed random batch, float32; a
+non-finite loss fails the step. Pairs (:data:`PAIRS`; ``--pairs`` names, ``fmnist``, ``paper``
+or ``all``): Fashion-MNIST shapes (1 channel, 10 classes, small-input stem) at the resolutions
 :mod:`benchmarks.reproduce` matches MACs with, and the paper's ImageNet pairs at 224. Paths:
-``eager`` (NCHW), ``eager_cl`` (channels_last), ``compile`` (``torch.compile`` of the NCHW
-model, inductor; the loss, backward and optimizer stay outside; the first step's seconds are the
-compile time; steps follow until two agree within 20%). A step whose loss is not finite fails.
+``eager`` (NCHW), ``eager_cl`` (channels_last), ``compile`` (inductor on the NCHW model; the
+loss, backward and optimizer outside; first step = compile time, then steps until two agree
+within 20%). The cells of pairs that share a model are timed together by the harness (5 rounds,
+one untimed step, then at least 2 steps and 1 s; ``--quick``: 2 rounds of 3 steps).
 
-Timing: the cells of a group (pairs that share a model, all paths) are timed together by the
-harness: 5 rounds, each cell one untimed step then at least 2 timed steps and 1 s (``--quick``:
-2 rounds of 3 steps). Per pair: BFT / baseline of the best path's time per image (< 1: BFT
-faster).
-
-The split (``--no-split`` skips it): one step after the timing, under ``torch.profiler``, for
-eager NCHW and (when faster) channels_last; every event's self CPU time goes to BFT, 1x1 conv,
-depthwise conv, BatchNorm or other. Forward ops fall under a ``record_function`` label put
-around each such module; a backward node's ``evaluate_function`` event carries the sequence
-number of the forward op that created it (the last forward op that recorded that number), so it
-and everything under it take that op's label. The library's depthwise and BatchNorm operators
-count as such wherever they run; every other ``butterfly`` op as BFT (also shown alone).
-
-What bounds it: the machine's rates (:func:`benchmarks.bounds.rates`, once per thread count)
-and each model's layer profile give a memory floor and a compute floor per step
-(:data:`benchmarks.bounds.TRAINING` passes), beside the measured step. Cells are kept in
-``training_cpu.json``; ``training_cpu.md`` is redrawn from it after every run.
+The split (``--no-split`` skips it): one step under ``torch.profiler`` for eager NCHW and (when
+faster) channels_last; each event's self CPU time goes to BFT, 1x1 conv, depthwise conv,
+BatchNorm or other. Forward ops fall under a ``record_function`` label put around each such
+module; a backward node's ``evaluate_function`` event carries the sequence number of the forward
+op that created it (the last forward op that recorded it), so it and everything under it take
+that op's label. The library's depthwise and BatchNorm operators count as such wherever they run,
+every other ``butterfly`` op as BFT. What bounds each step: :func:`benchmarks.bounds.section`
+with the :data:`benchmarks.bounds.TRAINING` passes.
 """
 from __future__ import annotations
 
