@@ -14,6 +14,9 @@
 // Reductions: NCHW one channel per task; channels_last fixed row chunks with per-chunk partial
 // sums reduced in chunk order. Either way the sums are bit-identical whatever the number of
 // threads (deterministic, like the other kernels).
+//
+// This file binds the operators; the kernels (bn_kernel.h) are compiled in bn_forward.cpp and
+// bn_backward.cpp, for each activation.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -32,47 +35,16 @@
 #include <utility>
 #include <vector>
 
-#include "common/activation.h"
+#include "batchnorm/bn_kernel.h"
 
 namespace bnact {
 namespace {
-
-using activation::kHardsigmoid;
-using activation::kHardswish;
-using activation::kNone;
-using activation::kRelu;
-using activation::kRelu6;
 
 int activation_code(c10::string_view name, const char* what) {
   const int code = activation::code_of(std::string_view(name.data(), name.size()));
   TORCH_CHECK(code >= 0, what, ": unknown activation '", std::string(name), "'; choose one of ",
               activation::name_list());
   return code;
-}
-
-template <typename T>
-inline T activate(T z, int act) {
-  switch (act) {
-    case kRelu: return std::max(z, T(0));  // NaN stays NaN, as in torch.relu
-    case kRelu6: return std::min(std::max(z, T(0)), T(6));
-    case kHardswish: return z * std::min(std::max(z + T(3), T(0)), T(6)) / T(6);
-    case kHardsigmoid: return std::min(std::max(z + T(3), T(0)), T(6)) / T(6);
-    default: return z;
-  }
-}
-
-// d act / d z times g, with PyTorch's conventions at the kinks and for NaN (threshold_backward,
-// hardtanh_backward, hardswish_backward, hardsigmoid_backward). y is the output, z the
-// pre-activation (only read for hardswish and hardsigmoid).
-template <typename T>
-inline T activation_grad(T g, T y, T z, int act) {
-  switch (act) {
-    case kRelu: return y <= T(0) ? T(0) : g;
-    case kRelu6: return (y <= T(0) || y >= T(6)) ? T(0) : g;
-    case kHardswish: return z < T(-3) ? T(0) : (z <= T(3) ? g * (z / T(3) + T(0.5)) : g);
-    case kHardsigmoid: return (z > T(-3) && z < T(3)) ? g / T(6) : T(0);
-    default: return g;
-  }
 }
 
 bool is_channels_last(const at::Tensor& x) {
@@ -83,225 +55,6 @@ at::MemoryFormat format_of(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-struct Shape {
-  int64_t N, C, HW;
-  int64_t M() const { return N * HW; }  // values per channel
-};
-
-// Sums are taken in T over blocks of at most kBlock values, each block's sum added to a double
-// accumulator: vectorisable, and as accurate as a double sum for all practical purposes. The
-// statistics sum x - shift (shift: the channel's first value) so that x^2 does not cancel.
-constexpr int64_t kBlock = 256;
-
-template <int A, typename F>
-void with_activation(int act, F&& f) {
-  if constexpr (A < activation::kCount) {
-    if (act == A) return f(std::integral_constant<int, A>{});
-    with_activation<A + 1>(act, std::forward<F>(f));
-  }
-}
-
-// Per-channel sums (out1, out2) over the M rows of a channels_last tensor: add_row(r, q1, q2)
-// adds row r's terms to the block accumulators q1, q2 (C values each). Fixed row chunks with
-// their partial sums reduced in chunk order: the same bits whatever the number of threads.
-template <typename T, typename AddRow>
-void channels_last_sums(int64_t M, int64_t C, AddRow add_row, double* out1, double* out2) {
-  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(kBlock, 16384 / C));
-  const int64_t chunks = (M + rows - 1) / rows;
-  std::vector<double> part(static_cast<size_t>(chunks) * 2 * C);
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<T> b1(C), b2(C);
-    for (int64_t k = k0; k < k1; ++k) {
-      std::fill(b1.begin(), b1.end(), T(0));
-      std::fill(b2.begin(), b2.end(), T(0));
-      const int64_t r1 = std::min(M, (k + 1) * rows);
-      for (int64_t r = k * rows; r < r1; ++r) add_row(r, b1.data(), b2.data());
-      double* p = part.data() + k * 2 * C;
-      for (int64_t c = 0; c < C; ++c) {
-        p[c] = b1[c];
-        p[C + c] = b2[c];
-      }
-    }
-  });
-  std::fill(out1, out1 + C, 0.0);
-  std::fill(out2, out2 + C, 0.0);
-  for (int64_t k = 0; k < chunks; ++k) {
-    const double* p = part.data() + k * 2 * C;
-    for (int64_t c = 0; c < C; ++c) {
-      out1[c] += p[c];
-      out2[c] += p[C + c];
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------- statistics
-// mean[c], var[c] (biased) and invstd[c] = 1 / sqrt(var[c] + eps) of the batch.
-template <typename T>
-void batch_stats(const Shape& s, bool cl, const T* x, double eps, T* mean, T* invstd,
-                 T* var_out) {
-  const int64_t C = s.C, HW = s.HW, M = s.M();
-  std::vector<double> sum(C, 0.0), sumsq(C, 0.0);
-  std::vector<T> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = cl ? x[c] : x[c * HW];
-  if (!cl) {
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const T sh = shift[c];
-        double t1 = 0, t2 = 0;
-        for (int64_t n = 0; n < s.N; ++n) {
-          const T* p = x + (n * C + c) * HW;
-          for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-            const int64_t i1 = std::min(HW, i0 + kBlock);
-            T b1 = 0, b2 = 0;
-#pragma omp simd reduction(+ : b1, b2)
-            for (int64_t i = i0; i < i1; ++i) {
-              const T v = p[i] - sh;
-              b1 += v;
-              b2 += v * v;
-            }
-            t1 += b1;
-            t2 += b2;
-          }
-        }
-        sum[c] = t1;
-        sumsq[c] = t2;
-      }
-    });
-  } else {
-    const T* sh = shift.data();
-    channels_last_sums<T>(M, C, [&](int64_t r, T* q1, T* q2) {
-      const T* p = x + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T v = p[c] - sh[c];
-        q1[c] += v;
-        q2[c] += v * v;
-      }
-    }, sum.data(), sumsq.data());
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const double d = sum[c] / M;  // mean - shift
-    const double var = std::max(sumsq[c] / M - d * d, 0.0);
-    mean[c] = static_cast<T>(static_cast<double>(shift[c]) + d);
-    var_out[c] = static_cast<T>(var);
-    invstd[c] = static_cast<T>(1.0 / std::sqrt(var + eps));
-  }
-}
-
-// Per-channel y = act(x * scale + shift).
-template <typename T, int ACT>
-void normalize(const Shape& s, bool cl, const T* x, const T* scale, const T* shift, T* y) {
-  const int64_t C = s.C, HW = s.HW, M = s.M();
-  if (!cl) {
-    at::parallel_for(0, s.N * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(HW, 1)),
-                     [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t c = b % C;
-        const T a = scale[c], d = shift[c];
-        const T* p = x + b * HW;
-        T* q = y + b * HW;
-#pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) q[i] = activate<T>(p[i] * a + d, ACT);
-      }
-    });
-  } else {
-    at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
-                     [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* p = x + r * C;
-        T* q = y + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) q[c] = activate<T>(p[c] * scale[c] + shift[c], ACT);
-      }
-    });
-  }
-}
-
-// ---------------------------------------------------------------------------- backward
-// s1[c] = sum g_z, s2[c] = sum g_z * (x - mean).
-template <typename T, int ACT>
-void grad_sums(const Shape& s, bool cl, const T* g, const T* x, const T* y, const T* mean,
-               const T* scale, const T* shift, double* s1, double* s2) {
-  const int64_t C = s.C, HW = s.HW, M = s.M();
-  constexpr bool pre = ACT == kHardswish || ACT == kHardsigmoid;
-  if (!cl) {
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const T mu = mean[c], a = scale[c], d = shift[c];
-        double t1 = 0, t2 = 0;
-        for (int64_t n = 0; n < s.N; ++n) {
-          const int64_t o = (n * C + c) * HW;
-          const T *pg = g + o, *px = x + o, *py = y + o;
-          for (int64_t i0 = 0; i0 < HW; i0 += kBlock) {
-            const int64_t i1 = std::min(HW, i0 + kBlock);
-            T b1 = 0, b2 = 0;
-#pragma omp simd reduction(+ : b1, b2)
-            for (int64_t i = i0; i < i1; ++i) {
-              const T z = pre ? px[i] * a + d : T(0);
-              const T gz = activation_grad<T>(pg[i], py[i], z, ACT);
-              b1 += gz;
-              b2 += gz * (px[i] - mu);
-            }
-            t1 += b1;
-            t2 += b2;
-          }
-        }
-        s1[c] = t1;
-        s2[c] = t2;
-      }
-    });
-    return;
-  }
-  channels_last_sums<T>(M, C, [&](int64_t r, T* q1, T* q2) {
-    const T *pg = g + r * C, *px = x + r * C, *py = y + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const T z = pre ? px[c] * scale[c] + shift[c] : T(0);
-      const T gz = activation_grad<T>(pg[c], py[c], z, ACT);
-      q1[c] += gz;
-      q2[c] += gz * (px[c] - mean[c]);
-    }
-  }, s1, s2);
-}
-
-// grad_x = k_g[c] * g_z + k_x[c] * x + k_0[c].
-template <typename T, int ACT>
-void grad_input(const Shape& s, bool cl, const T* g, const T* x, const T* y, const T* scale,
-                const T* shift, const T* kg, const T* kx, const T* k0, T* gx) {
-  const int64_t C = s.C, HW = s.HW, M = s.M();
-  constexpr bool pre = ACT == kHardswish || ACT == kHardsigmoid;
-  if (!cl) {
-    at::parallel_for(0, s.N * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(HW, 1)),
-                     [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t c = b % C;
-        const T a = scale[c], d = shift[c], u = kg[c], v = kx[c], w = k0[c];
-        const T *pg = g + b * HW, *px = x + b * HW, *py = y + b * HW;
-        T* q = gx + b * HW;
-#pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) {
-          const T z = pre ? px[i] * a + d : T(0);
-          q[i] = u * activation_grad<T>(pg[i], py[i], z, ACT) + v * px[i] + w;
-        }
-      }
-    });
-  } else {
-    at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
-                     [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T *pg = g + r * C, *px = x + r * C, *py = y + r * C;
-        T* q = gx + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T z = pre ? px[c] * scale[c] + shift[c] : T(0);
-          q[c] = kg[c] * activation_grad<T>(pg[c], py[c], z, ACT) + kx[c] * px[c] + k0[c];
-        }
-      }
-    });
-  }
-}
-
-// ---------------------------------------------------------------------------- bindings
 Shape check(const at::Tensor& x, const std::optional<at::Tensor>& weight,
             const std::optional<at::Tensor>& bias, const char* what) {
   TORCH_CHECK(x.device().is_cpu(), what, ": the cpu kernel takes CPU tensors, got ", x.device());
@@ -380,10 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_forward(
     batch_stats<scalar_t>(s, cl, x.const_data_ptr<scalar_t>(), eps, pm, pi,
                           var.mutable_data_ptr<scalar_t>());
     const Affine<scalar_t> a = affine<scalar_t>(s.C, pm, pi, w, b);
-    with_activation<0>(act, [&](auto A) {
-      normalize<scalar_t, decltype(A)::value>(s, cl, x.const_data_ptr<scalar_t>(), a.scale.data(),
-                                              a.shift.data(), y.mutable_data_ptr<scalar_t>());
-    });
+    normalize<scalar_t>(s, cl, act, x.const_data_ptr<scalar_t>(), a.scale.data(), a.shift.data(),
+                        y.mutable_data_ptr<scalar_t>());
     if (running_mean.has_value() && running_mean->defined()) {
       const at::Tensor& rm = *running_mean;
       const at::Tensor& rv = *running_var;
@@ -428,10 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const scalar_t* pinv = inv.const_data_ptr<scalar_t>();
     const scalar_t* pmu = mu.const_data_ptr<scalar_t>();
     const Affine<scalar_t> a = affine<scalar_t>(s.C, pmu, pinv, wc, bc);
-    with_activation<0>(act, [&](auto A) {
-      grad_sums<scalar_t, decltype(A)::value>(s, cl, pg, px, py, pmu, a.scale.data(),
-                                              a.shift.data(), s1.data(), s2.data());
-    });
+    grad_sums<scalar_t>(s, cl, act, pg, px, py, pmu, a.scale.data(), a.shift.data(), s1.data(),
+                        s2.data());
     if (output_mask[1]) {  // d weight = sum g_z * xhat
       gw = at::empty({s.C}, x.options());
       scalar_t* p = gw.mutable_data_ptr<scalar_t>();
@@ -456,11 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
       }
       gx = at::empty(x.sizes(), x.options().memory_format(format_of(cl)));
       scalar_t* pgx = gx.mutable_data_ptr<scalar_t>();
-      with_activation<0>(act, [&](auto A) {
-        grad_input<scalar_t, decltype(A)::value>(s, cl, pg, px, py, a.scale.data(),
-                                                 a.shift.data(), kg.data(), kx.data(), k0.data(),
-                                                 pgx);
-      });
+      grad_input<scalar_t>(s, cl, act, pg, px, py, a.scale.data(), a.shift.data(), kg.data(),
+                           kx.data(), k0.data(), pgx);
     }
   });
   return {gx, gw, gb};

@@ -17,6 +17,18 @@
 
 namespace bft {
 
+// The forward and backward kernels are compiled in their own translation units, in parallel
+// (bft_forward.cpp, bft_backward.cpp; the fused forward's forward_fused_impl: bft_cpu_fused.cpp):
+// the bindings only call them.
+#define BFT_EXTERN_KERNELS(S, A)                                                                 \
+  extern template void forward_impl<S, A, false>(const Plan&, const S*, const A*, S*, int64_t,   \
+                                                 int64_t, const Options&, const Epilogue<A>*,    \
+                                                 const S*, const RowSource<A>*);                 \
+  extern template void backward_impl<S, A>(const Plan&, const S*, const S*, const A*, S*, A*,    \
+                                           int64_t, int64_t, const Options&);
+BFT_DTYPES(BFT_EXTERN_KERNELS)
+#undef BFT_EXTERN_KERNELS
+
 inline Plan plan_for(int64_t cin, int64_t cout, c10::IntArrayRef radices, bool residual,
                      const char* what) {
   Plan p;
@@ -46,7 +58,8 @@ inline void check_args(const at::Tensor& x, const at::Tensor& weight, const Plan
               " and weight ", wt, " (the Python wrapper converts it)");
 }
 
-// Calls body(S*, A*) with null pointers naming the (input, compute) types of dtype t.
+// Calls body(S*, A*) with null pointers naming the (input, compute) types of dtype t (the pairs
+// of BFT_DTYPES).
 template <class F>
 void dispatch(at::ScalarType t, const char* what, F&& body) {
   switch (t) {

@@ -18,6 +18,10 @@
 #include "bft/stages.h"
 #include "bft/tiles.h"
 
+// The (input, compute) dtype pairs of the kernels, X(S, A): what binding.h's dispatch calls, and
+// what the kernels' translation units compile (they include c10's BFloat16 and Half).
+#define BFT_DTYPES(X) X(float, float) X(double, double) X(c10::BFloat16, float) X(c10::Half, float)
+
 namespace bft {
 
 // The forward stages grouped into runs, each with its kernel and packed weights.
@@ -53,8 +57,8 @@ struct Runs {
       int channels = 1;
       for (int q = 0; q < len; ++q) channels *= pl.radix[s + q];
       runs.push_back({s, len, pl.radix[s], channels, find_run<A>(&pl.radix[s], len),
-                      {epilogue ? find_epilogue_run<A>(&pl.radix[s], len, kClamp) : nullptr,
-                       epilogue ? find_epilogue_run<A>(&pl.radix[s], len, kSwish) : nullptr},
+                      {epilogue ? find_run<A, kClamp>(&pl.radix[s], len) : nullptr,
+                       epilogue ? find_run<A, kSwish>(&pl.radix[s], len) : nullptr},
                       off});
       for (int q = 0; q < len; ++q) off += pl.n * pl.radix[s + q];
     }
@@ -265,7 +269,7 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
 }
 
 // forward_impl with the epilogue (E = true): compiled in bft_cpu_fused.cpp, for the (S, A) of
-// bft_cpu.cpp's dispatch.
+// BFT_DTYPES.
 template <class S, class A>
 void forward_fused_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64_t P,
                         const Options& opt, const Epilogue<A>& epi, const S* add,

@@ -183,8 +183,9 @@ struct RunKernel {
   RunFn<A> fn;
 };
 
-// The kernels of form E (see Form). Only the plain ones are compiled with bft_cpu.cpp; those with
-// an epilogue are compiled with bft_cpu_fused.cpp, in parallel (find_epilogue_run).
+// The kernels of form E (see Form). Each table is compiled in a translation unit of its own
+// (bft_runs.cpp: the plain kernels; bft_runs_clamp.cpp, bft_runs_swish.cpp: the epilogue's
+// forms), in parallel; elsewhere it is only looked up (the extern declarations below).
 template <class A, int E = kPlain>
 const std::vector<RunKernel<A>>& run_kernels() {
 #define BFT_ENTRY(...)                                                                \
@@ -201,6 +202,14 @@ const std::vector<RunKernel<A>>& run_kernels() {
 #undef BFT_ENTRY
 }
 
+#define BFT_RUN_TABLE(A, E) const std::vector<RunKernel<A>>& run_kernels<A, E>();
+#define BFT_EXTERN_RUN_TABLES(E) \
+  extern template BFT_RUN_TABLE(float, E) extern template BFT_RUN_TABLE(double, E)
+BFT_EXTERN_RUN_TABLES(kPlain)
+BFT_EXTERN_RUN_TABLES(kClamp)
+BFT_EXTERN_RUN_TABLES(kSwish)
+#undef BFT_EXTERN_RUN_TABLES
+
 // The compiled kernel of form E for exactly these radices, or nullptr.
 template <class A, int E = kPlain>
 RunFn<A> find_run(const int* radices, int len) {
@@ -208,10 +217,6 @@ RunFn<A> find_run(const int* radices, int len) {
     if (e.len == len && std::equal(radices, radices + len, e.radices.begin())) return e.fn;
   return nullptr;
 }
-
-// find_run of form `form` (kClamp or kSwish), defined in bft_cpu_fused.cpp.
-template <class A>
-RunFn<A> find_epilogue_run(const int* radices, int len, int form);
 
 // Copies the weights of the run of stages [s0, s0 + len) into the order run_fwd reads them.
 // stage_w[q] points at the (n / k, k, k) weights of stage s0 + q; `a` segments of the first

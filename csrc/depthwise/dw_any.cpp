@@ -1,6 +1,7 @@
 // The depthwise convolution's entry points (dw_ops.h) for float32 and float64: float32 with
-// k = 3 goes to the compiled kernels (dw_k3_forward.cpp, dw_k3_backward.cpp), every other case to
-// the generic kernels (k, stride and activation at runtime), compiled here.
+// k = 3 (and a compiled_activation) goes to the compiled kernels (dw_k3_forward.cpp,
+// dw_k3_backward.cpp), every other case to the generic kernels (k, stride and activation at
+// runtime), compiled here.
 #include <type_traits>
 
 #include "depthwise/dw_kernel.h"
@@ -11,7 +12,8 @@ template <class A>
 void forward(const Shape& sh, bool channels_last, const A* x, const A* w, const A* b, int act,
              A* y, int threads) {
   if constexpr (std::is_same_v<A, float>)
-    if (sh.K == 3) return forward_k3(sh, channels_last, x, w, b, act, y, threads);
+    if (sh.K == 3 && compiled_activation(act))
+      return forward_k3(sh, channels_last, x, w, b, act, y, threads);
   forward_layout<A, 0, 0>(sh, channels_last, x, w, b, act, y, threads);
 }
 
@@ -27,7 +29,8 @@ template <class A>
 void conv_rows(const Shape& sh, const A* x, const A* wpack, const A* bias, int act, int64_t r0,
                int64_t n, A* out) {
   if constexpr (std::is_same_v<A, float>)
-    if (sh.K == 3) return conv_rows_k3(sh, x, wpack, bias, act, r0, n, out);
+    if (sh.K == 3 && compiled_activation(act))
+      return conv_rows_k3(sh, x, wpack, bias, act, r0, n, out);
   conv_rows_of<A, 0, 0, kAny>(sh, x, wpack, bias, act, r0, n, out);
 }
 

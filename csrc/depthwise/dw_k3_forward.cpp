@@ -1,6 +1,6 @@
-// The depthwise convolution's forward compiled for float32 with k = 3 (strides 1 and 2, each
-// activation; dw_kernel.h's compiled kernels): forward_k3 and the depthwise -> BFT pass's rows,
-// conv_rows_k3. dw_any.cpp sends these cases here.
+// The depthwise convolution's forward compiled for float32 with k = 3 (strides 1 and 2, the
+// compiled activations; dw_kernel.h's compiled kernels): forward_k3 and the depthwise -> BFT
+// pass's rows, conv_rows_k3. dw_any.cpp sends these cases here.
 #include "depthwise/dw_kernel.h"
 
 namespace dwconv {

@@ -31,11 +31,11 @@
 // template parameters KC and SC are the kernel size and stride, or 0 for runtime values):
 //
 // * compiled kernels, with k, the stride and the activation as constants, register blocks of
-//   rows or pixels, and fully unrolled taps: float32 with k = 3, the common case
+//   rows or pixels, and fully unrolled taps: float32 with k = 3 and the common activations
 //   (dw_k3_forward.cpp, dw_k3_backward.cpp);
 // * generic kernels (the *_any functions), with k, the stride and the activation as runtime
 //   arguments and one output (or one pixel's sums) at a time: every other case, float64 (used
-//   mostly for testing) and k = 5 and 7 (dw_any.cpp).
+//   mostly for testing), k = 5 and 7, and hardsigmoid (dw_any.cpp).
 //
 // Each output of either set is the same sum, its terms added in the same order (the bias, then
 // the taps in (kh, kw) order; the weight gradient's terms in the order of the compiled kernels'
@@ -465,8 +465,13 @@ void conv_plane(const A* in, int64_t Hi, int64_t Wi, A* out, int64_t Wo, int64_t
   });
 }
 
+// The activations the compiled kernels have as constants: those that follow a depthwise
+// convolution in the common networks. The others (hardsigmoid) take the generic kernels.
+inline constexpr bool compiled_activation(int act) { return act != kHardsigmoid; }
+
 // Calls f(std::integral_constant<int, Act>) with the activation as a constant for the compiled
-// kernels (KC != 0), else with kAny: the activation is then a runtime argument.
+// kernels (KC != 0; act: a compiled_activation), else with kAny: the activation is then a
+// runtime argument.
 template <class A, int KC, class F>
 SIMD_INLINE void dispatch_act(int act, F&& f) {
   if constexpr (KC != 0) {
@@ -474,7 +479,6 @@ SIMD_INLINE void dispatch_act(int act, F&& f) {
       case kRelu: return f(std::integral_constant<int, kRelu>{});
       case kRelu6: return f(std::integral_constant<int, kRelu6>{});
       case kHardswish: return f(std::integral_constant<int, kHardswish>{});
-      case kHardsigmoid: return f(std::integral_constant<int, kHardsigmoid>{});
       default: return f(std::integral_constant<int, kNone>{});
     }
   } else {
@@ -1450,7 +1454,8 @@ void conv_rows_of(const Shape& sh, const A* x, const A* wpack, const A* bias, in
   }
 }
 
-// The compiled kernels of float32 with k = 3 (dw_k3_forward.cpp, dw_k3_backward.cpp).
+// The compiled kernels of float32 with k = 3 (dw_k3_forward.cpp, dw_k3_backward.cpp); act: a
+// compiled_activation.
 void forward_k3(const Shape& sh, bool channels_last, const float* x, const float* w,
                 const float* b, int act, float* y, int threads);
 void backward_k3(const Shape& sh, bool channels_last, const float* g, const float* x,
