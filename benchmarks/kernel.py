@@ -42,6 +42,8 @@ RUNNERS = ("conv NCHW", "conv CL", "BFT-4 NCHW", "BFT-4 CL", "BFT-2 NCHW", "BFT-
            "reference", "copy")
 BFTS = RUNNERS[2:6]
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# Speed goals of the kernel, best conv / best base-4 BFT, by channels: (inference, training).
+TARGETS = {64: (2.0, 1.5), 128: (2.0, 1.5), 256: (4.0, 2.5), 512: (6.0, 2.5), 1024: (10.0, 2.5)}
 
 
 def make_step(module: nn.Module, x: torch.Tensor, backend: str, train: bool) -> Callable:
@@ -103,7 +105,7 @@ def sections(data: Dict) -> List[str]:
     out = []
     for clock, threads, mode in combos:
         factor = 3 if mode == "training" else 1
-        rows, limits = [], []
+        rows, limits, goals = [], [], []
         for shape in dict.fromkeys(c["shape"] for c in cells.values()):
             r = {n: cells.get(key(clock, threads, mode, shape, n)) for n in RUNNERS}
             ok = {n: c for n, c in r.items() if c and c["status"] == "ok"}
@@ -123,6 +125,14 @@ def sections(data: Dict) -> List[str]:
                     text += f", **{best / c['ms']:.2f}x**"
                 return text
             rows.append([shape, any_cell["hw"], *map(cell, RUNNERS)])
+            c0 = ok[next(iter(ok))]
+            if c0["cin"] == c0["cout"] in TARGETS and all(n in ok for n in RUNNERS[:4]):
+                target = TARGETS[c0["cin"]][mode == "training"]
+                ratio, fastest_calls = (min(ok[n][k] for n in RUNNERS[:2])
+                                        / min(ok[n][k] for n in RUNNERS[2:4])
+                                        for k in ("ms", "min_ms"))
+                goals.append([c0["cin"], f">= {target}x", f"{ratio:.2f}x", f"{fastest_calls:.2f}x",
+                              "met" if ratio >= target else "missed"])
             fastest = min((n for n in BFTS if n in ok), key=lambda n: ok[n]["ms"], default=None)
             if mode == "inference" and fastest and "copy" in ok:
                 limits.append((shape, fastest, ok[fastest]["ms"], ok[fastest]["macs"],
@@ -134,6 +144,10 @@ def sections(data: Dict) -> List[str]:
         out += [f"## {title}, {threads} thread{'s' * (threads > 1)}, "
                 f"{'process CPU time' if clock == 'cpu' else 'wall clock'}", "",
                 *harness.table(["layer", "H=W", *RUNNERS], rows), ""]
+        if goals:
+            out += ["Speed goals (best conv / best base-4 BFT, from medians and from the fastest "
+                    "calls):", "", *harness.table(["C", "goal", "medians", "fastest calls", ""],
+                                                  goals, "rrrr"), ""]
         if limits:
             out += bounds.layer_section(limits, data["rates"].get(rates_key(clock, threads), {}))
     if data.get("rates"):

@@ -111,3 +111,16 @@ def test_gpu_quick(tmp_path, monkeypatch):
     _run(kernel_gpu, monkeypatch, tmp_path, ["--quick"], QUICK_SHAPES=[(128, 128, 8)])
     cells = json.loads((tmp_path / "kernel_gpu.json").read_text())["cells"]
     assert len(cells) == 2 * 2 * 2 * 2 and all(c["ms"] > 0 for c in cells.values())
+
+
+def test_kernel_speed_goals_from_stored_cells():
+    ms = {"conv NCHW": 4.0, "conv CL": 3.0, "BFT-4 NCHW": 1.0, "BFT-4 CL": 2.0, "BFT-2 NCHW": 1.0,
+          "BFT-2 CL": 1.0, "reference": 9.0, "copy": 0.5}
+    cells = {kernel.key("wall", 1, "inference", "square 64", n): {
+        "timed_by": "wall", "threads": 1, "mode": "inference", "shape": "square 64", "cin": 64,
+        "cout": 64, "hw": 8, "status": "ok", "ms": v, "min_ms": v / 2, "macs": 1e6}
+        for n, v in ms.items()}
+    lines = kernel.sections({"cells": cells, "rates": {}})
+    # best conv 3 ms / best base-4 BFT 1 ms = 3x against the 2x goal at 64 channels
+    assert "| 64 | >= 2.0x | 3.00x | 3.00x | met |" in lines
+    assert any(ln.startswith("| square 64 | BFT-4 NCHW | 1.00 | 2.0x | 1 |") for ln in lines)
