@@ -172,13 +172,17 @@ def _bft_fused_op(x: Tensor, weight: Tensor, radices: List[int], out_channels: i
     return _run_fused(x, weight, radices, out_channels, residual, scale, shift, activation, add)
 
 
-def _no_gradient(ctx, grad):
-    raise RuntimeError("butterfly::bft_fused is for inference and has no gradient: train the "
-                       "original model (optimize_for_inference leaves it untouched), or run the "
-                       "fused one under torch.no_grad() / torch.inference_mode()")
+def register_inference_only(op, name: str) -> None:
+    """Give an inference operator (a fused one) an autograd formula that says it has none."""
+    def no_gradient(ctx, grad):
+        raise RuntimeError(f"{name} is for inference and has no gradient: train the original "
+                           "model (optimize_for_inference leaves it untouched), or run the fused "
+                           "one under torch.no_grad() / torch.inference_mode()")
+
+    op.register_autograd(no_gradient, setup_context=lambda ctx, inputs, output: None)
 
 
-_bft_fused_op.register_autograd(_no_gradient, setup_context=lambda ctx, inputs, output: None)
+register_inference_only(_bft_fused_op, "butterfly::bft_fused")
 
 
 @register_flop_formula(torch.ops.butterfly.bft_fused)

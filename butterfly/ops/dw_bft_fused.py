@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 from ..plan import BFTPlan
-from .bft_fused import Epilogue, bft_fused_image, check_epilogue
+from .bft_fused import Epilogue, bft_fused_image, check_epilogue, register_inference_only
 from .depthwise import KERNEL_SIZES, STRIDES, check_args, depthwise_conv, kernel_available
 from .dispatch import backend_for
 
@@ -96,13 +96,7 @@ def _(x, dw_weight, dw_bias, stride, dw_activation, weight, radices, out_channel
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
-def _no_gradient(ctx, grad):
-    raise RuntimeError("butterfly::dw_bft_fused is for inference and has no gradient: train the "
-                       "original model (optimize_for_inference leaves it untouched), or run the "
-                       "fused one under torch.no_grad() / torch.inference_mode()")
-
-
-_dw_bft_fused_op.register_autograd(_no_gradient, setup_context=lambda ctx, inputs, output: None)
+register_inference_only(_dw_bft_fused_op, "butterfly::dw_bft_fused")
 
 
 @register_flop_formula(torch.ops.butterfly.dw_bft_fused)
