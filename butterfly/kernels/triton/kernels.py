@@ -143,9 +143,15 @@ def _mix(xs, w_ptr, offs, wmask, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.co
     ys = ()
     for p in tl.static_range(1 << E):
         o = _bitrev(p, E)
-        y = xs[p] * 0
         if o < k:
-            for q in tl.static_range(1 << E):
+            # the first term starts the sum (q = 0 is always a real input): no zero start, so
+            # an infinite input gives an infinite output, not NaN from 0 * inf
+            if TRANSPOSE:
+                w = tl.load(w_ptr + offs + o, mask=wmask, other=0.0)
+            else:
+                w = tl.load(w_ptr + offs + o * k, mask=wmask, other=0.0)
+            y = w.to(xs[0].dtype)[None] * xs[0]
+            for q in tl.static_range(1, 1 << E):
                 n = _bitrev(q, E)
                 if n < k:
                     if TRANSPOSE:
@@ -153,6 +159,8 @@ def _mix(xs, w_ptr, offs, wmask, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.co
                     else:
                         w = tl.load(w_ptr + offs + o * k + n, mask=wmask, other=0.0)
                     y += w.to(y.dtype)[None] * xs[q]
+        else:
+            y = tl.zeros_like(xs[p])
         ys = ys + (y,)
     return ys
 
@@ -184,9 +192,13 @@ def _butterfly(z, w_ptr, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr,
 @triton.jit
 def _acc(v, F64: tl.constexpr):
     """Accumulation dtype: float64 for float64 operands, float32 for every other dtype."""
+    # One return per function: the compiler types every return statement it reaches, an early
+    # return inside a constexpr branch included.
     if F64:
-        return v.to(tl.float64)
-    return v.to(tl.float32)
+        r = v.to(tl.float64)
+    else:
+        r = v.to(tl.float32)
+    return r
 
 
 @triton.jit
