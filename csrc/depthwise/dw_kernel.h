@@ -869,11 +869,12 @@ SIMD_INLINE V<A> cl_conv_pixel_checked(const A* const* rows, int64_t C, int64_t 
 // Output pixels [ow0, ow1) of one row of a channels-last convolution: out[ow - ow0][c] =
 // act(sum of taps + bias[c]). in_rows[kh]: input row S*oh - P + kh (nullptr: outside); C:
 // channels and pixel stride (of the input and of out); wpack: (K*K, wstride) packed weights;
-// bias: wstride values or null.
+// bias: wstride values or null. Inlined where its rows are short and C is a constant (the
+// tiles of forward_tiles); cl_conv_range below is the function the other callers share.
 template <class A, int K, int S, int Act>
-void cl_conv_range(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, int64_t ow0,
-                   int64_t ow1, const A* wpack, int64_t wstride, const A* bias, A* out,
-                   bool stream = false, int act = kNone) {
+SIMD_INLINE void cl_conv_range_inline(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo,
+                                      int64_t ow0, int64_t ow1, const A* wpack, int64_t wstride,
+                                      const A* bias, A* out, bool stream, int act) {
   constexpr int R = kPixelBlock<K, S>;
   int64_t lo, hi;
   interior(W, Wo, K, S, lo, hi);
@@ -911,6 +912,14 @@ void cl_conv_range(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, in
     for (; ow < ow1; ++ow)
       put(o + (ow - ow0) * C, cl_conv_pixel_checked<A, K, S>(rows, C, W, ow, m, wv, bv), m);
   }
+}
+
+template <class A, int K, int S, int Act>
+void cl_conv_range(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, int64_t ow0,
+                   int64_t ow1, const A* wpack, int64_t wstride, const A* bias, A* out,
+                   bool stream = false, int act = kNone) {
+  cl_conv_range_inline<A, K, S, Act>(in_rows, C, W, Wo, ow0, ow1, wpack, wstride, bias, out,
+                                     stream, act);
 }
 
 // One whole output row: cl_conv_range over [0, Wo).
@@ -977,13 +986,16 @@ SIMD_INLINE void input_rows(const A* img, int64_t Hi, int64_t row_len, int64_t o
   }
 }
 
-// One output row of the channels-last convolution, by the compiled kernel (KC != 0) or the
-// generic one.
-template <class A, int KC, int SC, int Act>
+// One output row of the channels-last convolution, by the compiled kernel (KC != 0; Inline:
+// inlined here, see cl_conv_range_inline) or the generic one.
+template <class A, int KC, int SC, int Act, bool Inline = false>
 SIMD_INLINE void conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo,
                           const A* wpack, int64_t wstride, const A* bias, A* out, bool stream,
                           int act, int K, int S) {
-  if constexpr (KC != 0)
+  if constexpr (KC != 0 && Inline)
+    cl_conv_range_inline<A, KC, SC, Act>(in_rows, C, W, Wo, 0, Wo, wpack, wstride, bias, out,
+                                         stream, act);
+  else if constexpr (KC != 0)
     cl_conv_row<A, KC, SC, Act>(in_rows, C, W, Wo, wpack, wstride, bias, out, stream, act);
   else
     cl_conv_range_any<A>(in_rows, C, W, Wo, 0, Wo, wpack, wstride, bias, out, stream, act, K, S);
@@ -1345,7 +1357,7 @@ void forward_tiles(const Shape& sh, const A* x, const A* w, const A* b, int act,
         for (int64_t oh = 0; oh < sh.Ho; ++oh) {
           const A* rows[KC ? KC : kMaxK];
           input_rows(tin.data(), sh.H, sh.W * L, oh, K, S, rows);
-          conv_row<A, KC, SC, Act>(rows, L, sh.W, sh.Wo, wp.data() + cb, Cp,
+          conv_row<A, KC, SC, Act, true>(rows, L, sh.W, sh.Wo, wp.data() + cb, Cp,
                                    b ? bp.data() + cb : nullptr, tout.data() + oh * sh.Wo * L,
                                    false, act, K, S);
         }
