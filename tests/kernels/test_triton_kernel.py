@@ -54,6 +54,15 @@ def _inputs(batch, cin, cout, pixels, radices, dtype):
     return x, w, grad
 
 
+@pytest.fixture
+def fresh_launches():
+    """Launches are cached per layer and shape: a test that patches a launch rule starts and
+    ends with an empty cache."""
+    triton_bft.clear_caches()
+    yield
+    triton_bft.clear_caches()
+
+
 def _assert_close(got, want, tol):
     err = (got.double() - want.double()).abs().max().item()
     assert err <= tol * max(want.double().abs().max().item(), 1.0), f"max error {err}"
@@ -102,7 +111,7 @@ def test_no_residual():
 
 @interpreted
 @pytest.mark.parametrize("case", [CASES[3], CASES[9]], ids=[CASES[3][0], CASES[9][0]])
-def test_many_programs_deterministic(case, monkeypatch):
+def test_many_programs_deterministic(case, monkeypatch, fresh_launches):
     """Small tiles: several programs, ragged last tile, two partial weight-gradient rows per
     block, one weight-gradient launch per stage (as for wide butterflies on a GPU); the
     gradients are bit-identical on repeated runs."""
@@ -289,7 +298,7 @@ def test_fused_no_residual():
 
 @interpreted
 @pytest.mark.parametrize("case", [CASES[6], CASES[9]], ids=[CASES[6][0], CASES[9][0]])
-def test_fused_many_programs(case, monkeypatch):
+def test_fused_many_programs(case, monkeypatch, fresh_launches):
     """Tiles of two pixels (rows): the epilogue's loads are masked like the store on the ragged
     last tile."""
     monkeypatch.setattr(triton_bft, "_launch_config", lambda geo, npix, backward: (2, 4))
@@ -363,50 +372,16 @@ def test_interpreter():
 
 # ---------------------------------------------------------------- compiled (main process)
 
-def _sm90_compile(kernel, signature, constexprs):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    signature = {**signature, **{k: "constexpr" for k in constexprs}}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+# Builds for sm_90 of the launches the library makes (tests/kernels/test_triton_aot.py builds
+# every production configuration); the interpreter accepts code that the compiler rejects.
+
+def _build(launch):
+    from butterfly.kernels.triton import aot
+    return aot.compile_launch(launch, 90)
 
 
-_NO_EPILOGUE = dict(HAS_SCALE=False, HAS_SHIFT=False, ACT=0, HAS_ADD=False)
-
-
-def _forward_signature(dtype, epilogue_dtype=None):
-    """bft_kernel's signature and constexprs for the pointers (``None``: epilogue off, as the
-    launch passes ``None`` pointers then)."""
-    ints = {name: "i32" for name in ("NPIX", "TILES_PER_IMG", "C_SRC", "C_DST", "M", "T", "W")}
-    signature = {"src_ptr": "*" + dtype, "w_ptr": "*fp32", "dst_ptr": "*" + dtype}
-    pointers = ("scale_ptr", "shift_ptr", "add_ptr")
-    if epilogue_dtype is None:
-        return {**signature, **{p: "constexpr" for p in pointers}, **ints}, dict.fromkeys(pointers)
-    return {**signature, "scale_ptr": "*" + epilogue_dtype, "shift_ptr": "*" + epilogue_dtype,
-            "add_ptr": "*" + dtype, **ints}, {}
-
-
-@compiled
-@pytest.mark.parametrize("radices, dtype, channels_last", [((4, 3), "bf16", False),
-                                                           ((2, 2, 2), "fp32", True)])
-def test_kernels_build_for_sm90(radices, dtype, channels_last):
-    """The kernels compile to a cubin for sm_90 (the interpreter accepts code that the compiler
-    rejects, e.g. reassigned constexprs), including the padded mixed-radix path."""
-    from butterfly.kernels.triton.kernels import bft_kernel, bft_wgrad_kernel
-    geo = triton_bft.Geometry.of(radices).constexprs()
-    flags = dict(BP=8, CHANNELS_LAST=channels_last, RESIDUAL=True, F64=False)
-    signature, pointers = _forward_signature(dtype)
-    fwd = _sm90_compile(bft_kernel, signature, {**geo, **flags, **pointers, **_NO_EPILOGUE,
-                                                "EXPAND": False, "TRANSPOSE": True})
-    ints = {name: "i32" for name in ("NPIX", "TILES_PER_IMG", "NUM_TILES", "C_IN", "C_OUT", "M",
-                                     "W")}
-    wgrad = _sm90_compile(bft_wgrad_kernel, {"x_ptr": "*" + dtype, "g_ptr": "*" + dtype,
-                                             "w_ptr": "*fp32", "part_ptr": "*fp32",
-                                             "dx_ptr": "*" + dtype, **ints},
-                          {**geo, **flags, "EXPAND": True, "LO": int(channels_last),
-                           "HI": len(radices), "FUSE_DX": not channels_last})
-    for kernel in (fwd, wgrad):
-        assert kernel.asm["cubin"]
+def _layer(cin, cout, radices):
+    return triton_bft.layer_of(cin, cout, tuple(radices))
 
 
 @compiled
@@ -414,24 +389,16 @@ def test_kernels_build_for_sm90(radices, dtype, channels_last):
 def test_float64_kernels_build_for_sm90(radices, channels_last):
     """float64 compiles for sm_90: forward, fused forward and weight gradient (the interpreter
     accepted a helper that returned float64 in one constexpr branch and float32 after it)."""
-    from butterfly.kernels.triton.kernels import bft_kernel, bft_wgrad_kernel
-    geo = triton_bft.Geometry.of(radices).constexprs()
-    flags = dict(BP=8, CHANNELS_LAST=channels_last, RESIDUAL=True, F64=True, EXPAND=False,
-                 TRANSPOSE=False)
-    signature, pointers = _forward_signature("fp64")
-    assert _sm90_compile(bft_kernel, signature, {**geo, **flags, **pointers,
-                                                 **_NO_EPILOGUE}).asm["cubin"]
-    signature, pointers = _forward_signature("fp64", "fp32")
-    assert _sm90_compile(bft_kernel, signature, {**geo, **flags, **pointers, "HAS_SCALE": True,
-                                                 "HAS_SHIFT": True, "ACT": 3,
-                                                 "HAS_ADD": True}).asm["cubin"]
-    ints = {name: "i32" for name in ("NPIX", "TILES_PER_IMG", "NUM_TILES", "C_IN", "C_OUT", "M",
-                                     "W")}
-    assert _sm90_compile(bft_wgrad_kernel, {"x_ptr": "*fp64", "g_ptr": "*fp64", "w_ptr": "*fp64",
-                                            "part_ptr": "*fp64", "dx_ptr": "*fp64", **ints},
-                         {**geo, "BP": 8, "CHANNELS_LAST": channels_last, "RESIDUAL": True,
-                          "F64": True, "EXPAND": True, "LO": 0, "HI": len(radices),
-                          "FUSE_DX": True}).asm["cubin"]
+    n = 24 if len(radices) == 3 else 4
+    layer = _layer(n, n, radices)
+    shape = (64, n, 1) if channels_last else (2, n, 49)
+    f64 = torch.float64
+    launches = [triton_bft.forward_launch(layer, shape, f64, f64, False, True),
+                triton_bft.forward_launch(layer, shape, f64, f64, False, True,
+                                          (torch.float32, torch.float32, 3, True)),
+                *triton_bft.backward_launches(layer, shape, f64, f64, True, 132).weight_grad]
+    for launch in launches:
+        assert _build(launch).asm["cubin"]
 
 
 def _instructions(kernel, signature):
@@ -447,28 +414,27 @@ def _instructions(kernel, signature):
 
 
 @compiled
-@pytest.mark.parametrize("radices, dtype, channels_last, expand, act",
-                         [((4, 3), "bf16", False, True, 3), ((2, 2, 2), "fp32", True, False, 2)])
-def test_fused_kernel_builds_for_sm90(radices, dtype, channels_last, expand, act):
+@pytest.mark.parametrize("cin, cout, radices, dtype, channels_last, act",
+                         [(12, 20, (4, 3), torch.bfloat16, False, 3),
+                          (16, 8, (2, 2, 2), torch.float32, True, 2)])
+def test_fused_kernel_builds_for_sm90(cin, cout, radices, dtype, channels_last, act):
     """The forward kernel with its epilogue (float32 scale/shift, activation, add) compiles for
     sm_90, per block (expand) and after the sum over blocks (contract). With the flags off the
     epilogue compiles to nothing: the same instructions (up to order) whether its pointers are
     ``None`` (as the plain forward launches it) or real."""
-    from butterfly.kernels.triton.kernels import bft_kernel
-    geo = triton_bft.Geometry.of(radices).constexprs()
-    flags = dict(BP=8, CHANNELS_LAST=channels_last, RESIDUAL=True, F64=False, EXPAND=expand,
-                 TRANSPOSE=False)
-    signature, pointers = _forward_signature(dtype, "fp32")
-    fused = _sm90_compile(bft_kernel, signature, {**geo, **flags, **pointers, "HAS_SCALE": True,
-                                                  "HAS_SHIFT": True, "ACT": act,
-                                                  "HAS_ADD": True})
-    assert fused.asm["cubin"]
-    unused = _sm90_compile(bft_kernel, signature, {**geo, **flags, **pointers, **_NO_EPILOGUE})
-    plain_signature, pointers = _forward_signature(dtype)
-    plain = _sm90_compile(bft_kernel, plain_signature, {**geo, **flags, **pointers,
-                                                        **_NO_EPILOGUE})
-    assert _instructions(unused, signature) == _instructions(plain, plain_signature)
-    assert len(_instructions(fused, signature)) > len(_instructions(plain, plain_signature))
+    import dataclasses
+    from butterfly.kernels.triton import aot
+    layer = _layer(cin, cout, radices)
+    shape = (64, cin, 1) if channels_last else (2, cin, 8)
+    fused = triton_bft.forward_launch(layer, shape, dtype, torch.float32, False, True,
+                                      (torch.float32, torch.float32, act, True))
+    plain = triton_bft.forward_launch(layer, shape, dtype, torch.float32, False, True)
+    unused = dataclasses.replace(plain, pointers=fused.pointers)
+    builds = {name: (_build(launch), aot.source_of(launch).signature)
+              for name, launch in (("fused", fused), ("plain", plain), ("unused", unused))}
+    assert builds["fused"][0].asm["cubin"]
+    assert _instructions(*builds["unused"]) == _instructions(*builds["plain"])
+    assert len(_instructions(*builds["fused"])) > len(_instructions(*builds["plain"]))
 
 
 @compiled
@@ -505,11 +471,11 @@ def _trace_on_fake_cuda(fn, *shapes):
 
 
 @compiled
-def test_traced_for_torch_compile(fake_sm90, monkeypatch):
+def test_traced_for_torch_compile(fake_sm90, monkeypatch, fresh_launches):
     """On (fake) CUDA tensors the operator decomposes into ``wrap_triton`` kernel calls, as
     torch.compile's AOT dispatcher traces it, and triton's analysis of the kernels finds that
     they write only their outputs (so Inductor need not clone the inputs)."""
-    monkeypatch.setattr(triton_bft, "_num_partials", lambda x, tiles, blocks: 3)
+    monkeypatch.setattr(triton_bft, "_num_partials", lambda sms, tiles, blocks: 3)
 
     def forward_backward(x, w, grad):
         y = torch.ops.butterfly.bft(x, w, [4, 3], 20, True)

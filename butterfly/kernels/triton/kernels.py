@@ -133,32 +133,67 @@ def _join(parts, KLOG: tl.constexpr, S: tl.constexpr, NP: tl.constexpr, BP: tl.c
     return tl.reshape(tl.permute(parts[0], [0, 1, 3, 2]), [BP, NP])
 
 
+@triton.constexpr_function
+def _weight_piece(p, q, E, TRANSPOSE):
+    """Entry of :func:`_pieces` (a stage's ``K x K`` weights, ``K = 2**E``, loaded row-major)
+    that split output ``p`` takes from split input ``q``: weight ``(bitrev p, bitrev q)``, or
+    ``(bitrev q, bitrev p)`` for the transposed stage."""
+    def rev(v, bits):
+        return int(format(v, f"0{bits}b")[::-1], 2) if bits else 0
+    i, j = (rev(q, E), rev(p, E)) if TRANSPOSE else (rev(p, E), rev(q, E))
+    return rev((i << E) + j, 2 * E)
+
+
+@triton.jit
+def _pieces(v, E2: tl.constexpr):
+    """``[A, TT, 2**E2]`` -> tuple of ``2**E2`` tensors ``[A, TT]``; entry ``p`` is element
+    ``bitrev(p, E2)`` of the last dimension."""
+    A: tl.constexpr = v.shape[0]
+    TT: tl.constexpr = v.shape[1]
+    parts = (v,)
+    for level in tl.static_range(E2):
+        new = ()
+        for p in tl.static_range(1 << level):
+            lo, hi = tl.split(tl.reshape(parts[p], [A, TT, 1 << (E2 - level - 1), 2]))
+            new = new + (lo, hi)
+        parts = new
+    out = ()
+    for p in tl.static_range(1 << E2):
+        out = out + (tl.reshape(parts[p], [A, TT]),)
+    return out
+
+
 @triton.jit
 def _mix(xs, w_ptr, offs, wmask, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.constexpr,
          TRANSPOSE: tl.constexpr):
     """``y_i = sum_j w[g, i, j] x_j`` (or ``y_j = sum_i w[g, i, j] x_i``) on split tensors.
-    Padding rows and columns (``i`` or ``j >= k``) are skipped at compile time."""
+    Padding rows and columns (``i`` or ``j >= k``) are skipped at compile time. A sum starts
+    from its first term, not from ``x * 0`` (NaN for an infinite ``x``)."""
     E: tl.constexpr = _klog(KLOG, S)
+    K: tl.constexpr = 1 << E
     k: tl.constexpr = _radix(RAD, S)
+    # One load of the stage's weights, [A, TT, K*K] row-major blocks (a group's k x k block is
+    # contiguous in memory), spread over the program's threads (coalesced, vectorised when the
+    # radix is a power of two); the compiler hands each thread the pieces it multiplies
+    # through shared memory. The transposed stage picks the transposed pieces.
+    e = tl.arange(0, K * K)
+    if k == K:
+        w = tl.load(w_ptr + offs[:, :, None] + e[None, None, :], mask=wmask[:, :, None],
+                    other=0.0, eviction_policy="evict_last")
+    else:  # padded radix: weight (i, j) of the K x K block is at i * k + j, if i, j < k
+        ei = e >> E
+        ej = e & (K - 1)
+        w = tl.load(w_ptr + offs[:, :, None] + (ei * k + ej)[None, None, :],
+                    mask=wmask[:, :, None] & ((ei < k) & (ej < k))[None, None, :], other=0.0,
+                    eviction_policy="evict_last")
+    ws = _pieces(w.to(xs[0].dtype), 2 * E)
     ys = ()
-    for p in tl.static_range(1 << E):
-        o = _bitrev(p, E)
-        if o < k:
-            # the first term starts the sum (q = 0 is always a real input): no zero start, so
-            # an infinite input gives an infinite output, not NaN from 0 * inf
-            if TRANSPOSE:
-                w = tl.load(w_ptr + offs + o, mask=wmask, other=0.0)
-            else:
-                w = tl.load(w_ptr + offs + o * k, mask=wmask, other=0.0)
-            y = w.to(xs[0].dtype)[None] * xs[0]
-            for q in tl.static_range(1, 1 << E):
-                n = _bitrev(q, E)
-                if n < k:
-                    if TRANSPOSE:
-                        w = tl.load(w_ptr + offs + n * k + o, mask=wmask, other=0.0)
-                    else:
-                        w = tl.load(w_ptr + offs + o * k + n, mask=wmask, other=0.0)
-                    y += w.to(y.dtype)[None] * xs[q]
+    for p in tl.static_range(K):
+        if _bitrev(p, E) < k:
+            y = ws[_weight_piece(p, 0, E, TRANSPOSE)][None] * xs[0]
+            for q in tl.static_range(1, K):
+                if _bitrev(q, E) < k:
+                    y += ws[_weight_piece(p, q, E, TRANSPOSE)][None] * xs[q]
         else:
             y = tl.zeros_like(xs[p])
         ys = ys + (y,)
@@ -230,9 +265,11 @@ def _epilogue(z, ch, cmask, add_ptr, offs, off, mask, scale_ptr, shift_ptr,
     column; ``offs + off``/``mask``: the output's element offsets. ``ACT``: 0 none, 1 relu, 2 relu6,
     3 hardswish, 4 hardsigmoid (``hardswish(v) = v * min(max(v + 3, 0), 6) / 6``)."""
     if HAS_SCALE:
-        z = z * tl.load(scale_ptr + ch, mask=cmask, other=0.0).to(z.dtype)[None, :]
+        z = z * tl.load(scale_ptr + ch, mask=cmask, other=0.0,
+                        eviction_policy="evict_last").to(z.dtype)[None, :]
     if HAS_SHIFT:
-        z = z + tl.load(shift_ptr + ch, mask=cmask, other=0.0).to(z.dtype)[None, :]
+        z = z + tl.load(shift_ptr + ch, mask=cmask, other=0.0,
+                        eviction_policy="evict_last").to(z.dtype)[None, :]
     if ACT == 1:
         z = tl.where(z < 0, 0.0, z)
     elif ACT == 2:
@@ -253,7 +290,8 @@ def bft_kernel(src_ptr, w_ptr, dst_ptr, scale_ptr, shift_ptr, add_ptr, NPIX, TIL
                N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
                CHANNELS_LAST: tl.constexpr, EXPAND: tl.constexpr, TRANSPOSE: tl.constexpr,
                RESIDUAL: tl.constexpr, F64: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, HAS_ADD: tl.constexpr):
+               HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, HAS_ADD: tl.constexpr,
+               ALIGN: tl.constexpr):
     """``dst = BFT(src)`` for ``T`` blocks of ``M`` channels; with ``TRANSPOSE``, the input
     gradient. ``EXPAND``: every block reads channels ``0..M`` of ``src`` and writes channels
     ``t*M..t*M+M`` of ``dst``; otherwise block ``t`` reads ``t*M..t*M+M`` and the blocks' outputs
@@ -262,9 +300,19 @@ def bft_kernel(src_ptr, w_ptr, dst_ptr, scale_ptr, shift_ptr, add_ptr, NPIX, TIL
     The epilogue (:func:`_epilogue`: per-channel ``scale``/``shift`` of ``C_DST`` values, the
     activation ``ACT``, ``add`` of ``dst``'s shape and layout) runs on the finished output in
     registers just before its store: per block for ``EXPAND``, once after the sum over blocks
-    otherwise. With every flag off (the pointers are then unused) it compiles to nothing."""
+    otherwise. With every flag off (the pointers are then unused) it compiles to nothing.
+
+    ``ALIGN`` (a power of two) divides the stride between a tile's rows: ``NPIX`` for NCHW,
+    ``C_SRC`` and ``C_DST`` for channels-last. It lets the compiler vectorise the tile's loads and
+    stores when the stride is a multiple of 4 or 8 but not of 16 (14x14 images, 232 channels),
+    which the launch's own specialisation (multiples of 16) does not tell it."""
     pid_p = tl.program_id(0) % TILES_PER_IMG
     pid_b = tl.program_id(0) // TILES_PER_IMG
+    if CHANNELS_LAST:  # the strides, with the alignment the compiler cannot see (ALIGN)
+        C_SRC = C_SRC // ALIGN * ALIGN
+        C_DST = C_DST // ALIGN * ALIGN
+    else:
+        NPIX = NPIX // ALIGN * ALIGN
     c, cvalid = _channels(NP, M, RAD, KLOG, L, PADDED)
     offs_src, pmask = _tile_offsets(pid_p, pid_b, c, NPIX, C_SRC, BP, CHANNELS_LAST)
     offs_dst, _ = _tile_offsets(pid_p, pid_b, c, NPIX, C_DST, BP, CHANNELS_LAST)
@@ -296,35 +344,33 @@ def bft_kernel(src_ptr, w_ptr, dst_ptr, scale_ptr, shift_ptr, add_ptr, NPIX, TIL
 
 
 @triton.jit
-def _stage_grads(gs, xs, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.constexpr,
-                 NP: tl.constexpr, F64: tl.constexpr):
-    """Stage ``S``'s weight gradient summed over the tile's pixels from the split output grad
-    ``gs`` and input ``xs``: entry ``p * K + q`` is ``sum_pixels g_{bitrev p} * x_{bitrev q}``,
-    shape ``[A, TT]`` (zero for padding rows and columns)."""
+def _add_grads(acc, gs, xs, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.constexpr):
+    """Stage ``S``'s weight-gradient accumulators plus this tile's terms: entry ``p * K + q``
+    (``[BP, A, TT]``, one partial sum per pixel row of the tile) adds ``g_{bitrev p} *
+    x_{bitrev q}``; padding entries stay zero. Elementwise: the sum over the tile's pixels is
+    taken once, after the last tile (:func:`_store_grads`), so the loop has no reductions."""
     E: tl.constexpr = _klog(KLOG, S)
-    A: tl.constexpr = 1 << _prefix_log(KLOG, S)
-    TT: tl.constexpr = NP // (A << E)
     k: tl.constexpr = _radix(RAD, S)
     out = ()
     for p in tl.static_range(1 << E):
         for q in tl.static_range(1 << E):
             if _bitrev(p, E) < k and _bitrev(q, E) < k:
-                out = out + (tl.sum(gs[p] * xs[q], axis=0),)
+                out = out + (acc[p * (1 << E) + q] + gs[p] * xs[q],)
             else:
-                out = out + (_acc(tl.zeros([A, TT], tl.float32), F64),)
+                out = out + (acc[p * (1 << E) + q],)
     return out
 
 
 @triton.jit
 def _zero_grads(KLOG: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, NP: tl.constexpr,
-                F64: tl.constexpr):
+                BP: tl.constexpr, F64: tl.constexpr):
     """Weight-gradient accumulators of stages ``LO..HI-1``: per stage, ``K * K`` zero tensors
-    ``[A, TT]``."""
+    ``[BP, A, TT]``."""
     accs = ()
     for s in tl.static_range(LO, HI):
         stage = ()
         for p in tl.static_range(1 << (2 * _klog(KLOG, s))):
-            stage = stage + (_acc(tl.zeros([1 << _prefix_log(KLOG, s),
+            stage = stage + (_acc(tl.zeros([BP, 1 << _prefix_log(KLOG, s),
                                             NP >> (_prefix_log(KLOG, s) + _klog(KLOG, s))],
                                            tl.float32), F64),)
         accs = accs + (stage,)
@@ -335,6 +381,7 @@ def _zero_grads(KLOG: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, NP: tl.c
 def _store_grads(part_ptr, accs, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr,
                  LO: tl.constexpr, HI: tl.constexpr, NP: tl.constexpr, N: tl.constexpr,
                  PADDED: tl.constexpr):
+    """Sums each accumulator over its pixel rows and stores the stages' partial gradients."""
     for s in tl.static_range(LO, HI):
         offs, wmask = _weight_offsets(RAD, KLOG, L, s, NP, N, PADDED)
         for p in tl.static_range(1 << _klog(KLOG, s)):
@@ -343,7 +390,8 @@ def _store_grads(part_ptr, accs, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.co
                     if _bitrev(q, _klog(KLOG, s)) < _radix(RAD, s):
                         tl.store(part_ptr + offs + _bitrev(p, _klog(KLOG, s)) * _radix(RAD, s)
                                  + _bitrev(q, _klog(KLOG, s)),
-                                 accs[s - LO][p * (1 << _klog(KLOG, s)) + q], mask=wmask)
+                                 tl.sum(accs[s - LO][p * (1 << _klog(KLOG, s)) + q], axis=0),
+                                 mask=wmask)
 
 
 @triton.jit
@@ -353,7 +401,7 @@ def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG,
                      N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, EXPAND: tl.constexpr, RESIDUAL: tl.constexpr,
                      LO: tl.constexpr, HI: tl.constexpr, FUSE_DX: tl.constexpr,
-                     F64: tl.constexpr):
+                     F64: tl.constexpr, ALIGN: tl.constexpr):
     """Weight gradient of stages ``LO..HI-1`` of block ``program_id(1)``.
 
     Program ``program_id(0)`` walks the pixel tiles ``pid, pid + G, ...``: it recomputes the
@@ -361,9 +409,15 @@ def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG,
     accumulates ``sum_p g_s[c_i] * a_s[c_j]`` in registers, then writes its partial sums to
     ``part[pid, t]`` (a second reduction sums them: deterministic, no atomics). Wide butterflies
     split their stages over several launches so that the accumulators fit in registers.
-    ``FUSE_DX`` (single block, ``LO == 0``): also writes the input gradient ``dx``."""
+    ``FUSE_DX`` (single block, ``LO == 0``): also writes the input gradient ``dx``. ``ALIGN``: as
+    in :func:`bft_kernel` (``C_IN``, ``C_OUT`` for channels-last)."""
     pid = tl.program_id(0)
     t = tl.program_id(1)
+    if CHANNELS_LAST:  # ALIGN: as in bft_kernel
+        C_IN = C_IN // ALIGN * ALIGN
+        C_OUT = C_OUT // ALIGN * ALIGN
+    else:
+        NPIX = NPIX // ALIGN * ALIGN
     G = tl.num_programs(0)
     wt_ptr = w_ptr + t * W
     c, cvalid = _channels(NP, M, RAD, KLOG, L, PADDED)
@@ -377,7 +431,7 @@ def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG,
         cg = c
     xmask = cvalid & (cx < C_IN)
     gmask = cvalid & (cg < C_OUT)
-    accs = _zero_grads(KLOG, LO, HI, NP, F64)
+    accs = _zero_grads(KLOG, LO, HI, NP, BP, F64)
     for tile in range(pid, NUM_TILES, G):
         offs_x, pmask = _tile_offsets(tile % TILES_PER_IMG, tile // TILES_PER_IMG, cx, NPIX,
                                       C_IN, BP, CHANNELS_LAST)
@@ -398,11 +452,9 @@ def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG,
                 g = _stage(g, wt_ptr, RAD, KLOG, L, L - 1 - i, NP, N, BP, PADDED, True)
             else:
                 gs = _split(g, KLOG, L - 1 - i, NP, BP)
-                grads = _stage_grads(gs, _split(acts[L - 1 - i - LO], KLOG, L - 1 - i, NP, BP),
-                                     RAD, KLOG, L - 1 - i, NP, F64)
-                stage = ()
-                for p in tl.static_range(1 << (2 * _klog(KLOG, L - 1 - i))):
-                    stage = stage + (accs[L - 1 - i - LO][p] + grads[p],)
+                stage = _add_grads(accs[L - 1 - i - LO], gs,
+                                   _split(acts[L - 1 - i - LO], KLOG, L - 1 - i, NP, BP),
+                                   RAD, KLOG, L - 1 - i)
                 new_accs = (stage,) + new_accs
                 if FUSE_DX or L - 1 - i > LO:
                     offs, wmask = _weight_offsets(RAD, KLOG, L, L - 1 - i, NP, N, PADDED)
