@@ -234,8 +234,11 @@ def zoo_layers(resolution: int = 224) -> List[LayerShape]:
     for name in registered_models():
         model = timm.create_model(name).eval()
         shapes = {}
-        hooks = [m.register_forward_hook(lambda m, args, out: shapes.setdefault(m, args[0].shape))
-                 for m in model.modules() if isinstance(m, BFT)]
+
+        def record(module, args, output):
+            shapes.setdefault(module, args[0].shape)
+
+        hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, BFT)]
         with torch.no_grad():
             model(torch.randn(1, 3, resolution, resolution))
         for hook in hooks:

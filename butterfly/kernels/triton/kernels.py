@@ -164,6 +164,19 @@ def _pieces(v, E2: tl.constexpr):
 
 
 @triton.jit
+def _weight(w_ptr, offs, wmask, p: tl.constexpr, q: tl.constexpr, E: tl.constexpr,
+            k: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """The ``[A, TT]`` weights that split output ``p`` takes from split input ``q``."""
+    if TRANSPOSE:
+        w = tl.load(w_ptr + offs + _bitrev(q, E) * k + _bitrev(p, E), mask=wmask, other=0.0,
+                    eviction_policy="evict_last")
+    else:
+        w = tl.load(w_ptr + offs + _bitrev(p, E) * k + _bitrev(q, E), mask=wmask, other=0.0,
+                    eviction_policy="evict_last")
+    return w
+
+
+@triton.jit
 def _mix(xs, w_ptr, offs, wmask, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.constexpr,
          TRANSPOSE: tl.constexpr):
     """``y_i = sum_j w[g, i, j] x_j`` (or ``y_j = sum_i w[g, i, j] x_i``) on split tensors.
@@ -172,31 +185,35 @@ def _mix(xs, w_ptr, offs, wmask, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.co
     E: tl.constexpr = _klog(KLOG, S)
     K: tl.constexpr = 1 << E
     k: tl.constexpr = _radix(RAD, S)
-    # One load of the stage's weights, [A, TT, K*K] row-major blocks (a group's k x k block is
-    # contiguous in memory), spread over the program's threads (coalesced, vectorised when the
-    # radix is a power of two); the compiler hands each thread the pieces it multiplies
-    # through shared memory. The transposed stage picks the transposed pieces.
-    e = tl.arange(0, K * K)
+    ys = ()
     if k == K:
+        # One load of the stage's weights, [A, TT, K*K] (a group's K x K block is contiguous in
+        # memory), spread over the program's threads: coalesced and vectorised. The compiler
+        # hands each thread the pieces it multiplies through shared memory; the transposed
+        # stage picks the transposed pieces.
+        e = tl.arange(0, K * K)
         w = tl.load(w_ptr + offs[:, :, None] + e[None, None, :], mask=wmask[:, :, None],
                     other=0.0, eviction_policy="evict_last")
-    else:  # padded radix: weight (i, j) of the K x K block is at i * k + j, if i, j < k
-        ei = e >> E
-        ej = e & (K - 1)
-        w = tl.load(w_ptr + offs[:, :, None] + (ei * k + ej)[None, None, :],
-                    mask=wmask[:, :, None] & ((ei < k) & (ej < k))[None, None, :], other=0.0,
-                    eviction_policy="evict_last")
-    ws = _pieces(w.to(xs[0].dtype), 2 * E)
-    ys = ()
-    for p in tl.static_range(K):
-        if _bitrev(p, E) < k:
+        ws = _pieces(w.to(xs[0].dtype), 2 * E)
+        for p in tl.static_range(K):
             y = ws[_weight_piece(p, 0, E, TRANSPOSE)][None] * xs[0]
             for q in tl.static_range(1, K):
-                if _bitrev(q, E) < k:
-                    y += ws[_weight_piece(p, q, E, TRANSPOSE)][None] * xs[q]
-        else:
-            y = tl.zeros_like(xs[p])
-        ys = ys + (y,)
+                y += ws[_weight_piece(p, q, E, TRANSPOSE)][None] * xs[q]
+            ys = ys + (y,)
+    else:
+        # A padded radix: a group's k x k block does not fill the K x K piece grid, so each
+        # real weight is loaded as its own [A, TT] piece (k * k loads, none for padding).
+        for p in tl.static_range(K):
+            if _bitrev(p, E) < k:
+                y = _weight(w_ptr, offs, wmask, p, 0, E, k, TRANSPOSE).to(xs[0].dtype)[None] \
+                    * xs[0]
+                for q in tl.static_range(1, K):
+                    if _bitrev(q, E) < k:
+                        y += _weight(w_ptr, offs, wmask, p, q, E, k,
+                                     TRANSPOSE).to(xs[0].dtype)[None] * xs[q]
+            else:
+                y = tl.zeros_like(xs[p])
+            ys = ys + (y,)
     return ys
 
 
