@@ -34,8 +34,10 @@
 //   rows or pixels, and fully unrolled taps: float32 with k = 3 and the common activations
 //   (dw_k3_forward.cpp, dw_k3_backward.cpp);
 // * generic kernels (the *_any functions), with k, the stride and the activation as runtime
-//   arguments and one output (or one pixel's sums) at a time: every other case, float64 (used
-//   mostly for testing), k = 5 and 7, and hardsigmoid (dw_any.cpp).
+//   arguments, loops over the taps, and the weights and taps in memory rather than registers:
+//   every other case, float64 (used mostly for testing), k = 5 and 7, and hardsigmoid
+//   (dw_any.cpp). They are slower than compiled kernels would be, and compile in a fraction of
+//   the time.
 //
 // Each output of either set is the same sum, its terms added in the same order (the bias, then
 // the taps in (kh, kw) order; the weight gradient's terms in the order of the compiled kernels'
@@ -385,14 +387,24 @@ struct Columns {
   const A* zero_row() const { return zeros.data() + 2 * VL<A> + K; }
 };
 
-// The columns of the generic kernels (k and the stride at runtime): the number of output vectors
-// and the same row of zeros; their taps are made where they are read (row_taps_any).
+// The columns of the generic kernels (k and the stride at runtime): the number of output vectors,
+// the same row of zeros, and for stride 1 the masks of RowTaps<A, K, 1> (k per output vector);
+// stride 2 makes its taps where they are read (row_taps_any).
 template <class A>
 struct Columns<A, 0, 0> {
   int K, S;
   int64_t n;
+  std::vector<uint32_t> masks;  // stride 1: masks[ci * K + kw]
   std::vector<A> zeros;
   Columns(int64_t Wi, int64_t Wo, int k, int s) : K(k), S(s), n((Wo + VL<A> - 1) / VL<A>) {
+    if (S == 1) {
+      masks.resize((size_t)(n * K));
+      for (int64_t ci = 0; ci < n; ++ci)
+        for (int kw = 0; kw < K; ++kw) {
+          const int64_t c0 = ci * VL<A>;
+          masks[ci * K + kw] = lanes<A>(K / 2 - c0 - kw, Wi - (c0 + kw - K / 2));
+        }
+    }
     zeros.assign((size_t)(std::max(Wi, S * Wo) + 4 * VL<A> + 2 * K), A(0));
   }
   const A* zero_row() const { return zeros.data() + 2 * VL<A> + K; }
@@ -497,29 +509,42 @@ void conv_plane_any(const A* in, int64_t Hi, int64_t Wi, A* out, int64_t Wo, int
   for (int i = 0; i < K * K; ++i) wl[i] = splat(w[i]);
   const V<A> bv = splat(bias);
   const A* zero = cols.zero_row();
-  for (int64_t o = o0; o < o1; ++o) {
-    const A* rows[kMaxK];
-    for (int kh = 0; kh < K; ++kh) {
-      const int64_t ih = S * o - P + kh;
-      rows[kh] = ih >= 0 && ih < Hi ? in + ih * Wi : zero;
+  // blocks of up to 2 output rows: their NR input rows' taps made once, each weight loaded once
+  for (int64_t o = o0; o < o1; o += 2) {
+    const int R = o + 1 < o1 ? 2 : 1, NR = (R - 1) * S + K;
+    const A* rows[kMaxK + 2];
+    for (int j = 0; j < NR; ++j) {
+      const int64_t ih = S * o - P + j;
+      rows[j] = ih >= 0 && ih < Hi ? in + ih * Wi : zero;
     }
-    // the rows the next output row reads first
-    const int64_t next = S * o - P + K, next_end = std::min<int64_t>(Hi, next + S);
-    if (o + 1 < o1 && next >= 0 && next < next_end)
+    // the rows the next block reads first
+    const int64_t next = S * o - P + NR, next_end = std::min<int64_t>(Hi, next + S * R);
+    if (next >= 0 && next < next_end)
       prefetch_bytes(in + next * Wi, (next_end - next) * Wi * sizeof(A));
     for (int64_t ci = 0; ci < cols.n; ++ci) {
-      V<A> acc = bv;
-      for (int kh = 0; kh < K; ++kh) {
-        V<A> tap[kMaxK];
-        row_taps_any<A>(rows[kh], ci * VL<A>, Wi, K, S, tap);
-        for (int kw = 0; kw < K; ++kw) acc += tap[kw] * wl[kh * K + kw];
+      V<A> tap[kMaxK + 2][kMaxK];
+      if (S == 1) {  // masked loads of the row (RowTaps<A, K, 1>)
+        const uint32_t* mk = cols.masks.data() + ci * K;
+        for (int j = 0; j < NR; ++j)
+          for (int kw = 0; kw < K; ++kw) tap[j][kw] = load_m(rows[j] + ci * VL<A> - P + kw, mk[kw]);
+      } else {
+        for (int j = 0; j < NR; ++j) row_taps_any<A>(rows[j], ci * VL<A>, Wi, K, S, tap[j]);
       }
-      A* dst = out + o * Wo + ci * VL<A>;
-      const V<A> v = activate<A>(acc, act);
-      if (stream)
-        simd::vstream(dst, v);
-      else
-        store_m(dst, v, lanes<A>(0, Wo - ci * VL<A>));
+      V<A> acc[2] = {bv, bv};
+      for (int kh = 0; kh < K; ++kh)
+        for (int kw = 0; kw < K; ++kw) {
+          const V<A> wv = wl[kh * K + kw];
+          acc[0] += tap[kh][kw] * wv;
+          if (R == 2) acc[1] += tap[S + kh][kw] * wv;
+        }
+      for (int r = 0; r < R; ++r) {
+        A* dst = out + (o + r) * Wo + ci * VL<A>;
+        const V<A> v = activate<A>(acc[r], act);
+        if (stream)
+          simd::vstream(dst, v);
+        else
+          store_m(dst, v, lanes<A>(0, Wo - ci * VL<A>));
+      }
     }
   }
 }
@@ -732,15 +757,20 @@ void wgrad_plane_any(const A* xp, int64_t H, int64_t W, const A* gp, int64_t Wo,
         gv[r] = load_m(gp + (o + r) * Wo + ci * VL<A>, gm);
         accb += gv[r];
       }
-      for (int j = 0; j < NR; ++j) {
-        V<A> tap[kMaxK];
-        row_taps_any<A>(rows[j], ci * VL<A>, W, K, S, tap);
-        for (int r = 0; r < R; ++r) {
-          const int kh = j - S * r;
-          if (kh < 0 || kh >= K) continue;
-          for (int kw = 0; kw < K; ++kw) acc[kh * K + kw] += gv[r] * tap[kw];
-        }
+      V<A> tap[kMaxBlockRows][kMaxK];
+      if (S == 1) {  // masked loads (RowTaps<A, K, 1>)
+        const uint32_t* mk = cols.masks.data() + ci * K;
+        for (int j = 0; j < NR; ++j)
+          for (int kw = 0; kw < K; ++kw) tap[j][kw] = load_m(rows[j] + ci * VL<A> - P + kw, mk[kw]);
+      } else {
+        for (int j = 0; j < NR; ++j) row_taps_any<A>(rows[j], ci * VL<A>, W, K, S, tap[j]);
       }
+      for (int kh = 0; kh < K; ++kh)
+        for (int kw = 0; kw < K; ++kw) {
+          V<A> a = acc[kh * K + kw];  // its terms in the order of the rows of the block
+          for (int r = 0; r < R; ++r) a += gv[r] * tap[S * r + kh][kw];
+          acc[kh * K + kw] = a;
+        }
     }
   });
   for (int i = 0; i <= KK; ++i) dst[i] = A(0);
@@ -945,23 +975,43 @@ void cl_conv_range_any(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo
     const V<A> bv = bias ? simd::vload(bias + cb) : V<A>{};
     const A* rows[kMaxK];
     for (int kh = 0; kh < K; ++kh) rows[kh] = in_rows[kh] ? in_rows[kh] + cb : nullptr;
-    for (int64_t ow = ow0; ow < ow1; ++ow) {
-      const bool inside = ow >= lo && ow < hi;  // every column of the taps is in the image
-      V<A> acc = bv;
-      for (int kh = 0; kh < K; ++kh) {
-        if (!rows[kh]) continue;
-        for (int kw = 0; kw < K; ++kw) {
-          const int64_t iw = S * ow - P + kw;
-          if (inside || (iw >= 0 && iw < W)) acc += load_m(rows[kh] + iw * C, m) * wv[kh * K + kw];
-        }
-      }
+    auto put = [&](int64_t ow, V<A> v) {
       A* p = out + cb + (ow - ow0) * C;
-      const V<A> v = activate<A>(acc, act);
+      v = activate<A>(v, act);
       if (stream)
         simd::vstream(p, v);
       else
         store_m(p, v, m);
+    };
+    // one pixel, the taps outside the image left out: those inside are kw in [kw0, kw1)
+    auto checked = [&](int64_t ow) {
+      const int64_t left = S * ow - P;  // the column of tap kw = 0
+      const int kw0 = (int)std::max<int64_t>(0, -left);
+      const int kw1 = (int)std::min<int64_t>(K, W - left);
+      V<A> acc = bv;
+      for (int kh = 0; kh < K; ++kh) {
+        if (!rows[kh]) continue;
+        for (int kw = kw0; kw < kw1; ++kw)
+          acc += load_m(rows[kh] + (left + kw) * C, m) * wv[kh * K + kw];
+      }
+      put(ow, acc);
+    };
+    const int64_t a = std::min(std::max(lo, ow0), ow1), b = std::min(std::max(hi, a), ow1);
+    int64_t ow = ow0;
+    for (; ow < a; ++ow) checked(ow);
+    for (; ow + 4 <= b; ow += 4) {  // 4 pixels inside: each weight vector loaded once
+      V<A> acc[4] = {bv, bv, bv, bv};
+      for (int kh = 0; kh < K; ++kh) {
+        if (!rows[kh]) continue;
+        const A* x = rows[kh] + (S * ow - P) * C;
+        for (int kw = 0; kw < K; ++kw) {
+          const V<A> w = wv[kh * K + kw];
+          for (int r = 0; r < 4; ++r) acc[r] += load_m(x + (S * r + kw) * C, m) * w;
+        }
+      }
+      for (int r = 0; r < 4; ++r) put(ow + r, acc[r]);
     }
+    for (; ow < ow1; ++ow) checked(ow);
   }
 }
 
@@ -1121,22 +1171,25 @@ void cl_grad_input_s2_row(const A* g_img, int64_t C, int64_t Ho, int64_t Wo, int
   }
 }
 
-// cl_wgrad_row for a runtime k and stride: pixel by pixel, each sum gets the same terms in the
-// same order (the pixels of the row in order).
+// cl_wgrad_row for a runtime k and stride: tap by tap, each sum gets the same terms in the same
+// order (the row's pixels whose tap is inside the image, in order).
 template <class A>
 void cl_wgrad_row_any(const A* const* rows, const A* grow, int64_t C, int64_t W, int64_t Wo,
-                      int64_t lo, int64_t hi, uint32_t m, V<A>* acc, int K, int S) {
+                      uint32_t m, V<A>* acc, int K, int S) {
   const int P = K / 2;
-  for (int64_t ow = 0; ow < Wo; ++ow) {
-    const V<A> gv = load_m(grow + ow * C, m);
-    acc[K * K] += gv;
-    const bool inside = ow >= lo && ow < hi;  // every column of the taps is in the image
-    for (int kh = 0; kh < K; ++kh) {
-      if (!rows[kh]) continue;
-      for (int kw = 0; kw < K; ++kw) {
-        const int64_t iw = S * ow - P + kw;
-        if (inside || (iw >= 0 && iw < W)) acc[kh * K + kw] += gv * load_m(rows[kh] + iw * C, m);
-      }
+  V<A> bias = acc[K * K];
+  for (int64_t ow = 0; ow < Wo; ++ow) bias += load_m(grow + ow * C, m);
+  acc[K * K] = bias;
+  for (int kh = 0; kh < K; ++kh) {
+    if (!rows[kh]) continue;
+    for (int kw = 0; kw < K; ++kw) {
+      // the pixels whose tap (kh, kw) is inside the image: S * ow - P + kw in [0, W)
+      const int64_t first = P - kw > 0 ? (P - kw + S - 1) / S : 0;
+      const int64_t last = W - 1 + P - kw < 0 ? 0 : std::min<int64_t>(Wo, (W - 1 + P - kw) / S + 1);
+      V<A> a = acc[kh * K + kw];
+      for (int64_t ow = first; ow < last; ++ow)
+        a += load_m(grow + ow * C, m) * load_m(rows[kh] + (S * ow - P + kw) * C, m);
+      acc[kh * K + kw] = a;
     }
   }
 }
@@ -1177,7 +1230,7 @@ SIMD_INLINE void wgrad_row(const A* const* rows, const A* grow, int64_t C, int64
   if constexpr (KC != 0)
     cl_wgrad_row<A, KC, SC>(rows, grow, C, W, Wo, lo, hi, m, acc);
   else
-    cl_wgrad_row_any<A>(rows, grow, C, W, Wo, lo, hi, m, acc, K, S);
+    cl_wgrad_row_any<A>(rows, grow, C, W, Wo, m, acc, K, S);
 }
 
 // Row ih of the channels-last input gradient (C channels at pixel stride C, wpack: (K*K,
