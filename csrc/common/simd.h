@@ -154,7 +154,9 @@ SIMD_INLINE void add_lane_sums(const vec_t<A>* acc, A* out) {
     constexpr int first = c * VL, count = std::min(VL, N - first);
     constexpr int pow2 = count <= 1 ? 1 : 1 << (32 - __builtin_clz(count - 1));
     vec_t<A> part[pow2];
-    unroll<pow2>([&](auto i) SIMD_INLINE_LAMBDA { part[i] = i < count ? acc[first + i] : vec_t<A>{}; });
+    unroll<pow2>([&](auto i) SIMD_INLINE_LAMBDA {
+      part[i] = i < count ? acc[first + i] : vec_t<A>{};
+    });
     vec_t<A> s = fold_all<A, pow2>(part);
     constexpr int width = VL / pow2;  // lanes still summed per accumulator
     if constexpr (width == 1 && count == VL) {

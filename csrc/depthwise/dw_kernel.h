@@ -137,7 +137,8 @@ SIMD_INLINE void store_m(A* p, V<A> v, uint32_t m) {
     if (m >> l & 1) p[l] = v[l];
 }
 
-// The activations of butterfly/epilogue.py's `activate` (NaN stays NaN, as in PyTorch).
+// The activations of the Python side's `activate` (butterfly/ops/bft_fused.py); NaN stays NaN,
+// as in PyTorch.
 template <class A>
 SIMD_INLINE V<A> activate(V<A> y, int act) {
   const V<A> zero{}, six = splat<A>(6);
@@ -1214,7 +1215,8 @@ void cl_grad_input_s2_row_any(const A* g_img, int64_t C, int64_t Ho, int64_t Wo,
         if (!grows[kh]) continue;
         for (int kw = (iw + P) % 2; kw < K; kw += 2) {  // the taps of iw's parity
           const int64_t ow = (iw + P - kw) / 2;
-          if (iw + P - kw >= 0 && ow < Wo) acc += load_m(grows[kh] + ow * C + cb, m) * wv[kh * K + kw];
+          if (iw + P - kw >= 0 && ow < Wo)
+            acc += load_m(grows[kh] + ow * C + cb, m) * wv[kh * K + kw];
         }
       }
       store_m(out + iw * C + cb, acc, m);

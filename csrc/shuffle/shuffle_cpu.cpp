@@ -4,9 +4,9 @@
 //
 //   out[r][2j] = a[r][j],  out[r][2j + 1] = b[r][j]   (out: (R, 2C), contiguous)
 //
-// The fused inference layers' concat_shuffle (butterfly/passes/fuse.py) call it for channels-last
-// CPU tensors; the reference is torch.stack on the last dimension. The inner loop is plain C++ that the compiler
-// vectorises (loads of a and b, unpack, two stores).
+// The fused inference layers' concat_shuffle (butterfly/passes/fuse.py) calls it for
+// channels-last CPU tensors; the reference is torch.stack on the last dimension. The inner loop is
+// plain C++ that the compiler vectorises (loads of a and b, unpack, two stores).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
