@@ -94,9 +94,11 @@ def triton_unsupported(x: Tensor, weight: Tensor, radices: Sequence[int]) -> str
     return _unsupported_radices(tuple(int(k) for k in radices))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layer:
-    """What a call needs that depends only on the layer: its plan and geometry."""
+    """What a call needs that depends only on the layer: its plan and geometry (one object per
+    layer shape, from :func:`layer_of`: hashed by identity, so cache look-ups keyed on it are
+    cheap)."""
 
     plan: BFTPlan
     geo: Geometry
@@ -122,15 +124,16 @@ class Launch:
     constexprs: Tuple[Tuple[str, Any], ...]
     num_warps: int
     kwargs: Dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    wrapped: Any = field(default=None, compare=False, hash=False, repr=False)
 
     @staticmethod
     def make(kernel, grid, pointers, ints, num_warps, **constexprs) -> "Launch":
         return Launch(kernel, tuple(grid), tuple(pointers), tuple(int(i) for i in ints),
                       tuple(sorted(constexprs.items())), num_warps,
-                      {**constexprs, "num_warps": num_warps})
+                      {**constexprs, "num_warps": num_warps}, _WRAPPED[kernel])
 
     def __call__(self, *tensors) -> None:
-        _WRAPPED[self.kernel][self.grid](*tensors, *self.ints, **self.kwargs)
+        self.wrapped[self.grid](*tensors, *self.ints, **self.kwargs)
 
 
 _WRAPPED = {kernel: wrap_triton(kernel) for kernel in (bft_kernel, bft_wgrad_kernel)}
