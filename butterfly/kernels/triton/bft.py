@@ -195,7 +195,7 @@ def forward_launch(layer: Layer, shape: Tuple[int, int, int], dtype: torch.dtype
          plan.weights_per_block), warps, BP=bp, CHANNELS_LAST=channels_last, EXPAND=expand,
         TRANSPOSE=transpose, RESIDUAL=residual, F64=_f64(dtype, wdtype),
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACT=act, HAS_ADD=add,
-        ALIGN=align, **geo.constexprs())
+        ALIGN=align, THREADS=32 * warps, **geo.constexprs())
 
 
 def _num_partials(sms: int, tiles: int, blocks: int) -> int:
@@ -268,6 +268,7 @@ def backward_launches(layer: Layer, shape: Tuple[int, int, int], dtype: torch.dt
                      plan.weights_per_block), warps,
                     BP=bp, CHANNELS_LAST=channels_last, EXPAND=plan.expand, RESIDUAL=residual,
                     LO=lo, HI=hi, FUSE_DX=fuse_dx and lo == 0, F64=f64, ALIGN=align,
+                    THREADS=32 * warps,
                     **geo.constexprs())
         for lo, hi in _stage_groups(geo, warps, bp))
     return Backward(grad_input, launches, programs, partial)

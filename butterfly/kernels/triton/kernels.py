@@ -178,7 +178,7 @@ def _weight(w_ptr, offs, wmask, p: tl.constexpr, q: tl.constexpr, E: tl.constexp
 
 @triton.jit
 def _mix(xs, w_ptr, offs, wmask, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.constexpr,
-         TRANSPOSE: tl.constexpr):
+         TRANSPOSE: tl.constexpr, THREADS: tl.constexpr):
     """``y_i = sum_j w[g, i, j] x_j`` (or ``y_j = sum_i w[g, i, j] x_i``) on split tensors.
     Padding rows and columns (``i`` or ``j >= k``) are skipped at compile time. A sum starts
     from its first term, not from ``x * 0`` (NaN for an infinite ``x``)."""
@@ -186,11 +186,12 @@ def _mix(xs, w_ptr, offs, wmask, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.co
     K: tl.constexpr = 1 << E
     k: tl.constexpr = _radix(RAD, S)
     ys = ()
-    if k == K:
+    if k == K and xs[0].shape[1] * xs[0].shape[2] * K * K >= THREADS:
         # One load of the stage's weights, [A, TT, K*K] (a group's K x K block is contiguous in
         # memory), spread over the program's threads: coalesced and vectorised. The compiler
         # hands each thread the pieces it multiplies through shared memory; the transposed
-        # stage picks the transposed pieces.
+        # stage picks the transposed pieces. (A stage with fewer weights than the program has
+        # threads takes the branch below: each thread loads the few weights it needs.)
         e = tl.arange(0, K * K)
         w = tl.load(w_ptr + offs[:, :, None] + e[None, None, :], mask=wmask[:, :, None],
                     other=0.0, eviction_policy="evict_last")
@@ -201,8 +202,9 @@ def _mix(xs, w_ptr, offs, wmask, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.co
                 y += ws[_weight_piece(p, q, E, TRANSPOSE)][None] * xs[q]
             ys = ys + (y,)
     else:
-        # A padded radix: a group's k x k block does not fill the K x K piece grid, so each
-        # real weight is loaded as its own [A, TT] piece (k * k loads, none for padding).
+        # A padded radix (a group's k x k block does not fill the K x K piece grid) or a small
+        # stage: each real weight is loaded as its own [A, TT] piece (k * k loads, none for
+        # padding).
         for p in tl.static_range(K):
             if _bitrev(p, E) < k:
                 y = _weight(w_ptr, offs, wmask, p, 0, E, k, TRANSPOSE).to(xs[0].dtype)[None] \
@@ -220,24 +222,25 @@ def _mix(xs, w_ptr, offs, wmask, RAD: tl.constexpr, KLOG: tl.constexpr, S: tl.co
 @triton.jit
 def _stage(z, w_ptr, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr, S: tl.constexpr,
            NP: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
-           TRANSPOSE: tl.constexpr):
+           TRANSPOSE: tl.constexpr, THREADS: tl.constexpr):
     """Stage ``S`` on a ``[BP, NP]`` tile: ``out[c_i] = sum_j w[g, i, j] in[c_j]``, or the
     transposed stage ``out[c_j] = sum_i w[g, i, j] in[c_i]``."""
     offs, wmask = _weight_offsets(RAD, KLOG, L, S, NP, N, PADDED)
     xs = _split(z, KLOG, S, NP, BP)
-    return _join(_mix(xs, w_ptr, offs, wmask, RAD, KLOG, S, TRANSPOSE), KLOG, S, NP, BP)
+    return _join(_mix(xs, w_ptr, offs, wmask, RAD, KLOG, S, TRANSPOSE, THREADS), KLOG, S, NP,
+                 BP)
 
 
 @triton.jit
 def _butterfly(z, w_ptr, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.constexpr,
                NP: tl.constexpr, N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
-               TRANSPOSE: tl.constexpr):
+               TRANSPOSE: tl.constexpr, THREADS: tl.constexpr):
     """All stages of one block (in reverse order, transposed, for ``TRANSPOSE``)."""
     for i in tl.static_range(L):
         if TRANSPOSE:
-            z = _stage(z, w_ptr, RAD, KLOG, L, L - 1 - i, NP, N, BP, PADDED, TRANSPOSE)
+            z = _stage(z, w_ptr, RAD, KLOG, L, L - 1 - i, NP, N, BP, PADDED, TRANSPOSE, THREADS)
         else:
-            z = _stage(z, w_ptr, RAD, KLOG, L, i, NP, N, BP, PADDED, TRANSPOSE)
+            z = _stage(z, w_ptr, RAD, KLOG, L, i, NP, N, BP, PADDED, TRANSPOSE, THREADS)
     return z
 
 
@@ -308,7 +311,7 @@ def bft_kernel(src_ptr, w_ptr, dst_ptr, scale_ptr, shift_ptr, add_ptr, NPIX, TIL
                CHANNELS_LAST: tl.constexpr, EXPAND: tl.constexpr, TRANSPOSE: tl.constexpr,
                RESIDUAL: tl.constexpr, F64: tl.constexpr, HAS_SCALE: tl.constexpr,
                HAS_SHIFT: tl.constexpr, ACT: tl.constexpr, HAS_ADD: tl.constexpr,
-               ALIGN: tl.constexpr):
+               ALIGN: tl.constexpr, THREADS: tl.constexpr):
     """``dst = BFT(src)`` for ``T`` blocks of ``M`` channels; with ``TRANSPOSE``, the input
     gradient. ``EXPAND``: every block reads channels ``0..M`` of ``src`` and writes channels
     ``t*M..t*M+M`` of ``dst``; otherwise block ``t`` reads ``t*M..t*M+M`` and the blocks' outputs
@@ -336,7 +339,8 @@ def bft_kernel(src_ptr, w_ptr, dst_ptr, scale_ptr, shift_ptr, add_ptr, NPIX, TIL
     if EXPAND:
         u = _acc(tl.load(src_ptr + offs_src, mask=pmask & cvalid[None, :], other=0.0), F64)
         for t in range(T):
-            z = _butterfly(u, w_ptr + t * W, RAD, KLOG, L, NP, N, BP, PADDED, TRANSPOSE)
+            z = _butterfly(u, w_ptr + t * W, RAD, KLOG, L, NP, N, BP, PADDED, TRANSPOSE,
+                           THREADS)
             if RESIDUAL:
                 z += u
             cmask = cvalid & (t * M + c < C_DST)
@@ -351,7 +355,8 @@ def bft_kernel(src_ptr, w_ptr, dst_ptr, scale_ptr, shift_ptr, add_ptr, NPIX, TIL
             cmask = cvalid & (t * M + c < C_SRC)
             u = _acc(tl.load(src_ptr + offs_src + t * M * (1 if CHANNELS_LAST else NPIX),
                              mask=pmask & cmask[None, :], other=0.0), F64)
-            acc += _butterfly(u, w_ptr + t * W, RAD, KLOG, L, NP, N, BP, PADDED, TRANSPOSE)
+            acc += _butterfly(u, w_ptr + t * W, RAD, KLOG, L, NP, N, BP, PADDED, TRANSPOSE,
+                           THREADS)
             if RESIDUAL:
                 acc += u
         acc = _epilogue(acc, c, cvalid, add_ptr, offs_dst, 0, pmask & cvalid[None, :],
@@ -418,7 +423,7 @@ def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG,
                      N: tl.constexpr, BP: tl.constexpr, PADDED: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, EXPAND: tl.constexpr, RESIDUAL: tl.constexpr,
                      LO: tl.constexpr, HI: tl.constexpr, FUSE_DX: tl.constexpr,
-                     F64: tl.constexpr, ALIGN: tl.constexpr):
+                     F64: tl.constexpr, ALIGN: tl.constexpr, THREADS: tl.constexpr):
     """Weight gradient of stages ``LO..HI-1`` of block ``program_id(1)``.
 
     Program ``program_id(0)`` walks the pixel tiles ``pid, pid + G, ...``: it recomputes the
@@ -460,13 +465,13 @@ def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG,
             if s >= LO:
                 acts = acts + (z,)
             if s < HI - 1:
-                z = _stage(z, wt_ptr, RAD, KLOG, L, s, NP, N, BP, PADDED, False)
+                z = _stage(z, wt_ptr, RAD, KLOG, L, s, NP, N, BP, PADDED, False, THREADS)
         g0 = _acc(tl.load(g_ptr + offs_g, mask=pmask & gmask[None, :], other=0.0), F64)
         g = g0
         new_accs = ()
         for i in tl.static_range(L - LO):
             if L - 1 - i >= HI:
-                g = _stage(g, wt_ptr, RAD, KLOG, L, L - 1 - i, NP, N, BP, PADDED, True)
+                g = _stage(g, wt_ptr, RAD, KLOG, L, L - 1 - i, NP, N, BP, PADDED, True, THREADS)
             else:
                 gs = _split(g, KLOG, L - 1 - i, NP, BP)
                 stage = _add_grads(accs[L - 1 - i - LO], gs,
@@ -475,7 +480,7 @@ def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG,
                 new_accs = (stage,) + new_accs
                 if FUSE_DX or L - 1 - i > LO:
                     offs, wmask = _weight_offsets(RAD, KLOG, L, L - 1 - i, NP, N, PADDED)
-                    g = _join(_mix(gs, wt_ptr, offs, wmask, RAD, KLOG, L - 1 - i, True), KLOG,
+                    g = _join(_mix(gs, wt_ptr, offs, wmask, RAD, KLOG, L - 1 - i, True, THREADS), KLOG,
                               L - 1 - i, NP, BP)
         accs = new_accs
         if FUSE_DX:
