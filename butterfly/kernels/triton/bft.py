@@ -219,8 +219,11 @@ def sm_count(device: torch.device) -> int:
 def _stage_groups(geo: Geometry, warps: int, bp: int) -> List[Tuple[int, int]]:
     """Consecutive stage ranges ``[lo, hi)`` whose weight-gradient accumulators (``BP * NP * K``
     per stage: one per pixel row, summed after the last tile) fit in ``ACC_PER_THREAD``
-    registers per thread: one weight-gradient launch each."""
-    budget = ACC_PER_THREAD * 32 * warps
+    registers per thread: one weight-gradient launch each. A tile of more than 4 values per
+    thread (one pixel of 2048 channels) keeps more live tensors of its size (stage inputs,
+    gradients, weight pieces), so its accumulators get half the budget."""
+    tile = bp * geo.padded_size // (32 * warps)
+    budget = (ACC_PER_THREAD if tile <= 4 else ACC_PER_THREAD // 2) * 32 * warps
     groups, lo, used = [], 0, 0
     for s, k in enumerate(geo.padded_radices):
         cost = bp * geo.padded_size * k
