@@ -286,6 +286,12 @@ def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
     if _verified(library, record):
         torch.ops.load_library(str(library))
         return name
+    with _environment_ninja():
+        problem = _toolchain_problem(cpp_extension)
+    if problem:   # leave no empty entry behind
+        with contextlib.suppress(OSError):
+            build_dir.rmdir()
+        raise RuntimeError(problem)
     with _entry_lock(build_dir):
         if _verified(library, record):  # another process finished it while we waited
             torch.ops.load_library(str(library))
@@ -328,9 +334,6 @@ def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
 def _build() -> str:
     sources = _sources()
     with _quiet_cpp_extension() as cpp_extension:
-        problem = _toolchain_problem(cpp_extension)
-        if problem:
-            raise RuntimeError(problem)
         errors: Dict[str, List[str]] = {}
         for flags in _compile_flags():
             try:
