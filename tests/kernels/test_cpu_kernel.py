@@ -406,7 +406,7 @@ def test_finished_entry_loads_without_running_ninja(built_cache, tmp_path):
 
 
 def test_interrupted_build_is_finished_by_the_next_process(built_cache, tmp_path):
-    """A build killed midway leaves a ``lock`` file (torch before 2.12 then waited for it
+    """A build killed midway leaves a ``lock`` file (older torch versions waited for it
     forever) and no library. The next process finishes the entry (relinks its objects), with
     this environment's ninja even when another one is first on PATH."""
     extensions, first, setup = built_cache
