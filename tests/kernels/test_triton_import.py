@@ -27,10 +27,12 @@ except RuntimeError as error:
 """
 
 CASES = {
-    "old version": ("import triton; del triton.constexpr_function; triton.__version__ = '3.2.0'",
-                    "triton 3.2.0 is older than"),
-    "no constexpr_function": ("import triton; del triton.constexpr_function",
-                              "has no triton.constexpr_function"),
+    "old version": ("import triton; triton.__version__ = '3.3.1'", "triton 3.3.1 is older than"),
+    "no constexpr_function": ("import triton, triton.language as tl\n"
+                              "for m in (triton, tl): vars(m).pop('constexpr_function', None)",
+                              "has no constexpr_function"),
+    "old torch": ("import torch.library; del torch.library.wrap_triton",
+                  "has no torch.library.wrap_triton"),
     "not importable": ("import sys; sys.modules['triton'] = None", "triton cannot be imported"),
     "kernels rejected": ("import triton.language as tl; del tl.constexpr",
                          "the kernels failed to load"),

@@ -5,12 +5,14 @@ old, or breaks while the kernels are defined, the "triton" backend is registered
 and its ``unavailable(device)`` says why (``use_backend("auto")`` then skips it; choosing it
 explicitly raises that reason). ``IMPORT_ERROR`` holds the reason ('' when the kernels loaded).
 """
+import torch
+
 from ...ops.dispatch import Backend, register_backend
 
 # The oldest releases the kernels and their launch code are built and tested with (see
 # docs/kernel_gpu.md): Triton's frontend features (constexpr_function, tuples of tensors,
 # split/join/permute) and torch.library.wrap_triton / triton_op.
-MIN_TRITON = (3, 5)
+MIN_TRITON = (3, 4)
 MIN_TORCH = (2, 6)
 
 IMPORT_ERROR = ""
@@ -31,8 +33,12 @@ def _why_not(triton) -> str:
     if version == "unknown" or _version(version) < MIN_TRITON:
         return (f"triton {version} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest "
                 "release the kernels build with; upgrade it (pip install -U triton)")
-    if not hasattr(triton, "constexpr_function"):
-        return f"triton {version} has no triton.constexpr_function, which the kernels use"
+    if not hasattr(triton, "constexpr_function") and \
+            not hasattr(getattr(triton, "language", None), "constexpr_function"):
+        return f"triton {version} has no constexpr_function, which the kernels use"
+    if not hasattr(torch.library, "wrap_triton"):
+        return (f"torch {torch.__version__} has no torch.library.wrap_triton (torch >= "
+                f"{'.'.join(map(str, MIN_TORCH))} launches Triton kernels inside operators)")
     return ""
 
 

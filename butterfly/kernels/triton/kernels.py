@@ -16,6 +16,9 @@ The plan's radices arrive packed into two integers (so the launch only passes sc
 import triton
 import triton.language as tl
 
+# triton >= 3.5 exports it at the top, 3.4 in triton.language
+_constexpr_function = getattr(triton, "constexpr_function", None) or tl.constexpr_function
+
 
 @triton.jit
 def _real_index(idx, RAD: tl.constexpr, KLOG: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr):
@@ -44,29 +47,29 @@ def _channels(NP: tl.constexpr, M, RAD: tl.constexpr, KLOG: tl.constexpr, L: tl.
     return q, q < M
 
 
-@triton.constexpr_function
+@_constexpr_function
 def _radix(RAD, S):
     return (RAD >> (5 * S)) & 31
 
 
-@triton.constexpr_function
+@_constexpr_function
 def _klog(KLOG, S):
     return (KLOG >> (3 * S)) & 7
 
 
-@triton.constexpr_function
+@_constexpr_function
 def _prefix_log(KLOG, S):
     """log2 of the padded segment count ``A`` of stage ``S``: ``sum log2 K_u, u < S``."""
     return sum((KLOG >> (3 * u)) & 7 for u in range(S))
 
 
-@triton.constexpr_function
+@_constexpr_function
 def _stage_offset(RAD, S, N):
     """Offset of stage ``S`` in a block's weight row: ``N * (k_0 + .. + k_{S-1})``."""
     return N * sum((RAD >> (5 * u)) & 31 for u in range(S))
 
 
-@triton.constexpr_function
+@_constexpr_function
 def _real_stride(RAD, S, L):
     """Real stride ``t_S = k_{S+1} * .. * k_{L-1}``."""
     t = 1
@@ -75,7 +78,7 @@ def _real_stride(RAD, S, L):
     return t
 
 
-@triton.constexpr_function
+@_constexpr_function
 def _bitrev(p, bits):
     return int(format(p, f"0{bits}b")[::-1], 2) if bits else 0
 
@@ -133,7 +136,7 @@ def _join(parts, KLOG: tl.constexpr, S: tl.constexpr, NP: tl.constexpr, BP: tl.c
     return tl.reshape(tl.permute(parts[0], [0, 1, 3, 2]), [BP, NP])
 
 
-@triton.constexpr_function
+@_constexpr_function
 def _weight_piece(p, q, E, TRANSPOSE):
     """Entry of :func:`_pieces` (a stage's ``K x K`` weights, ``K = 2**E``, loaded row-major)
     that split output ``p`` takes from split input ``q``: weight ``(bitrev p, bitrev q)``, or
