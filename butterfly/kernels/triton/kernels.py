@@ -483,8 +483,8 @@ def bft_wgrad_kernel(x_ptr, g_ptr, w_ptr, part_ptr, dx_ptr, NPIX, TILES_PER_IMG,
                 new_accs = (stage,) + new_accs
                 if FUSE_DX or L - 1 - i > LO:
                     offs, wmask = _weight_offsets(RAD, KLOG, L, L - 1 - i, NP, N, PADDED)
-                    g = _join(_mix(gs, wt_ptr, offs, wmask, RAD, KLOG, L - 1 - i, True, THREADS), KLOG,
-                              L - 1 - i, NP, BP)
+                    g = _join(_mix(gs, wt_ptr, offs, wmask, RAD, KLOG, L - 1 - i, True,
+                                   THREADS), KLOG, L - 1 - i, NP, BP)
         accs = new_accs
         if FUSE_DX:
             if RESIDUAL:
