@@ -559,7 +559,8 @@ void forward_nchw(const Shape& sh, const A* x, const A* w, const A* b, int act, 
   const int64_t srows = strip_rows(sh.Ho, sh.Wo, row_block(K, S));
   const int64_t nstrip = (sh.Ho + srows - 1) / srows;
   const int64_t tasks = sh.N * sh.C * nstrip;
-  const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * K * K, threads);
+  // OpenMP's chunk size (unused without OpenMP)
+  [[maybe_unused]] const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * K * K, threads);
   const bool stream = sh.Wo % VL<A> == 0 &&
                       sh.N * sh.C * sh.Ho * sh.Wo * (int64_t)sizeof(A) >= kStreamBytes;
   dispatch_act<A, KC>(act, [&](auto act_c) {
@@ -796,7 +797,8 @@ void backward_nchw(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A
   const int64_t tasks = sh.N * sh.C * nstrip;
   const bool wgrad = gw || gb;
   std::vector<A> part(wgrad ? (size_t)(tasks * (KK + 1)) : 0);
-  const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * KK * 2, threads);
+  // OpenMP's chunk size (unused without OpenMP)
+  [[maybe_unused]] const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * KK * 2, threads);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t plane = t / nstrip, s = t % nstrip, c = plane % sh.C, n = plane / sh.C;
@@ -1058,7 +1060,8 @@ void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A*
   const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
   const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
   const int64_t C = sh.C, Cp = padded<A>(C), tasks = sh.N * sh.Ho;
-  const int64_t chunk = chunk_of(tasks, sh.Wo * C * K * K, threads);
+  // OpenMP's chunk size (unused without OpenMP)
+  [[maybe_unused]] const int64_t chunk = chunk_of(tasks, sh.Wo * C * K * K, threads);
   const bool stream = C % VL<A> == 0 && tasks * sh.Wo * C * (int64_t)sizeof(A) >= kStreamBytes;
   dispatch_act<A, KC>(act, [&](auto act_c) {
     constexpr int Act = decltype(act_c)::value;
@@ -1341,7 +1344,8 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
     }
     if (gx) {
       const int64_t tasks = sh.N * sh.H;
-      const int64_t chunk = chunk_of(tasks, sh.W * C * KK, threads);
+      // OpenMP's chunk size (unused without OpenMP)
+      [[maybe_unused]] const int64_t chunk = chunk_of(tasks, sh.W * C * KK, threads);
       const bool stream = C % VL<A> == 0 && tasks * sh.W * C * (int64_t)sizeof(A) >= kStreamBytes;
 #pragma omp for schedule(dynamic, chunk)
       for (int64_t t = 0; t < tasks; ++t) {
