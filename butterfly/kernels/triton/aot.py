@@ -263,7 +263,7 @@ EXTREMES = [
     _square(256, 2, 196, "256 base 2"), _square(512, 8, 196, "512 base 8"),
     _square(256, 16, 196, "256 base 16"), LayerShape(243, 243, (3,) * 5, 196, "radix 3"),
     LayerShape(125, 125, (5, 5, 5), 196, "radix 5"), LayerShape(343, 343, (7, 7, 7), 49, "radix 7"),
-    LayerShape(2100, 2100, choose_radices(2100, 4), 49, "4096 padded"),
+    LayerShape(3072, 3072, choose_radices(3072, 4), 49, "4096 padded"),
     LayerShape(128, 512, choose_radices(128, 4), 784, "expand"),
     LayerShape(512, 128, choose_radices(128, 4), 784, "contract"),
 ]
