@@ -16,11 +16,19 @@ from typing import Any, List, Sequence
 import torch
 from torch import nn
 
-with warnings.catch_warnings():  # fvcore's import touches torch.jit.script, deprecated in torch 2.9+
-    warnings.simplefilter("ignore", FutureWarning)
-    from fvcore.nn import FlopCountAnalysis as _FvcoreFlopCountAnalysis
-    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
-    from fvcore.nn.jit_handles import get_shape
+# fvcore counts the multiply-adds. It is a dependency of the package, but an environment without
+# it (an image with its own packages) still imports butterfly: counting then raises, saying why.
+try:
+    with warnings.catch_warnings():  # its import touches torch.jit.script, deprecated in torch 2.9+
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis as _FvcoreFlopCountAnalysis
+        from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
+        from fvcore.nn.jit_handles import get_shape
+    FVCORE_ERROR = ""
+except ImportError as error:
+    _FvcoreFlopCountAnalysis = object
+    FVCORE_ERROR = (f"counting multiply-adds needs fvcore, which failed to import ({error}); "
+                    "install it with pip install fvcore")
 
 from .plan import BFTPlan
 from .passes.fuse import is_fused
@@ -61,6 +69,8 @@ class FlopCountAnalysis(_FvcoreFlopCountAnalysis):
     ``.set_op_handle("aten::batch_norm", fvcore.nn.jit_handles.batchnorm_flop_jit)``."""
 
     def __init__(self, model: nn.Module, inputs: Any):
+        if FVCORE_ERROR:
+            raise ImportError(FVCORE_ERROR)
         super().__init__(model, inputs)
         self.clear_op_handles()
         self.set_op_handle(**{op: _DEFAULT_SUPPORTED_OPS[op] for op in COUNTED})

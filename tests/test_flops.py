@@ -1,6 +1,9 @@
 """Multiply-add counting: hand-derived totals, fvcore vs FlopCounterMode vs the layers' own
 ``macs_per_pixel``, and no fvcore noise about the BFT operator."""
 import logging
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import timm
@@ -138,3 +141,22 @@ def test_count_macs_keeps_mode_and_checks_input():
     assert model.training
     with pytest.raises(ValueError, match=r"\(C, H, W\) or \(N, C, H, W\)"):
         count_macs(model, (28, 28))
+
+
+def test_import_without_fvcore_and_counting_says_why():
+    """An environment without fvcore (the GPU image) imports butterfly and runs its layers;
+    counting multiply-adds there raises ImportError naming the fix."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["fvcore"] = None  # import fvcore now raises ImportError
+        import torch, butterfly
+        from butterfly.flops import count_macs
+        butterfly.BFT(16, 16)(torch.randn(1, 16, 2, 2))
+        try:
+            count_macs(torch.nn.Conv2d(3, 3, 1), (3, 4, 4))
+        except ImportError as error:
+            assert "pip install fvcore" in str(error), error
+            print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr

@@ -1,7 +1,4 @@
-"""The backends: each registers itself with the operators of :mod:`butterfly.ops` on import."""
+"""The backends: each registers itself with the operators of :mod:`butterfly.ops` on import.
+The "triton" backend's import never fails: without a usable Triton it registers as unavailable."""
 from . import cpu  # noqa: F401
-try:  # triton is optional: without it there is no "triton" backend
-    from . import triton  # noqa: F401
-except ModuleNotFoundError as error:
-    if error.name != "triton":
-        raise
+from . import triton  # noqa: F401

@@ -193,12 +193,15 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
   // P == 1: the row stride of x (tl.offset and tl.ps take it in place of the channel count)
   const int64_t xrow = P == 1 && opt.x_row_stride ? opt.x_row_stride : pl.cin;
-  // y too large to stay in cache (and already in memory): write it with streaming stores
-  const int64_t ybytes = B * pl.cout * P * (int64_t)sizeof(S);
-  const bool stream = same && ybytes >= opt.stream_bytes && pages_resident(y, ybytes);
   // the last run may write y rows itself when they are vector-aligned
   const bool aligned_rows = reinterpret_cast<uintptr_t>(y) % SIMD_VECTOR_BYTES == 0 &&
                             (P * (int64_t)sizeof(S)) % SIMD_VECTOR_BYTES == 0;
+  // y too large to stay in cache (and already in memory): write it with streaming stores, but
+  // not NCHW rows that are not vector-aligned: those would go through a buffered copy instead of
+  // being written by the last run, which costs more than streaming saves
+  const int64_t ybytes = B * pl.cout * P * (int64_t)sizeof(S);
+  const bool stream = same && ybytes >= opt.stream_bytes && (P == 1 || aligned_rows) &&
+                      pages_resident(y, ybytes);
   // channels-last pixel rows of y whose blocks of VL channels are vector-aligned
   const bool cl_aligned = reinterpret_cast<uintptr_t>(y) % SIMD_VECTOR_BYTES == 0 &&
                           (pl.cout * (int64_t)sizeof(S)) % SIMD_VECTOR_BYTES == 0;
@@ -287,9 +290,11 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
   const bool sum_blocks = pl.expand && pl.T > 1;  // grad_x sums over the blocks
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
   const int64_t gxbytes = B * pl.cin * P * (int64_t)sizeof(S);
-  const bool stream = same && gxbytes >= opt.stream_bytes && pages_resident(gx, gxbytes);
   const bool aligned_rows = reinterpret_cast<uintptr_t>(gx) % SIMD_VECTOR_BYTES == 0 &&
                             (P * (int64_t)sizeof(S)) % SIMD_VECTOR_BYTES == 0;
+  // as in forward_impl: unaligned NCHW rows are written in place, without streaming stores
+  const bool stream = same && gxbytes >= opt.stream_bytes && (P == 1 || aligned_rows) &&
+                      pages_resident(gx, gxbytes);
   // weight-gradient partials: chunk c owns tiles [c * per, (c + 1) * per)
   const int64_t chunks = std::min<int64_t>(tl.ntiles, 32), gwn = pl.T * pl.W;
   const int64_t per = chunks ? (tl.ntiles + chunks - 1) / chunks : 0;

@@ -125,8 +125,9 @@ def test_float32_whole_vector_blocks(cin, cout):
 @pytest.mark.parametrize("cin,cout,pixels",
                          [(64, 64, 1), (64, 64, 196), (64, 64, 256), (16, 32, 1)])
 def test_outputs_large_enough_to_stream(cin, cout, pixels):
-    """Outputs of 8 MB or more are written with streaming stores (NCHW rows, channels-last rows
-    transposed in registers, gathered expanding blocks) and so are input gradients."""
+    """Outputs of 8 MB or more are written with streaming stores (vector-aligned NCHW rows,
+    channels-last rows transposed in registers, gathered expanding blocks) and so are input
+    gradients; unaligned NCHW rows (196 pixels) are written in place by the last run instead."""
     radices = make_plan(cin, cout, 4).radices
     plan = BFTPlan(cin, cout, radices)
     batch = (8 << 20) // (4 * cout * pixels) + 3
