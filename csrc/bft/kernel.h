@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "bft/lanes.h"
 #include "bft/stages.h"
 #include "bft/tiles.h"
 
@@ -153,6 +154,8 @@ struct Options {
   int max_run = 4;                        // stages fused per run (1: stage by stage)
   int64_t fwd_budget = 512 * 1024;        // bytes of the forward tile buffers
   int64_t bwd_budget = 1536 * 1024;       // bytes of the backward tile buffers
+  int64_t l1_budget = 32 * 1024;          // bytes of a channels-as-lanes tile (bft/lanes.h)
+  bool lanes = true;                      // P == 1: the channels-as-lanes kernel when it applies
   int64_t fwd_cap = 4096, bwd_cap = 512;  // most pixels per tile
   int64_t stream_bytes = 8 << 20;         // outputs at least this large bypass the caches
   bool direct = true;                     // runs read x / write y in place when possible
@@ -183,6 +186,15 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   constexpr bool same = std::is_same_v<S, A>;
   if (B * P == 0) return;
   if (src && (P != 1 || !same)) throw std::invalid_argument("a RowSource needs P == 1, S == A");
+  // rows of channels in float32: the channels-as-lanes kernel, when it runs the plan
+  if constexpr (same && std::is_same_v<A, float>) {
+    const int64_t bytes = B * pl.cout * (int64_t)sizeof(S);
+    if (P == 1 && !src && opt.lanes &&
+        forward_lanes<A, E>(pl, x, opt.x_row_stride ? opt.x_row_stride : pl.cin, w, y, B,
+                            opt.threads, opt.l1_budget,
+                            bytes >= opt.stream_bytes && pages_resident(y, bytes), epi, add))
+      return;
+  }
   // NCHW tiles in the compute dtype read x in place: only the output buffer is in use; a
   // source's rows (cin per pixel) stay in cache too
   const int64_t rows = (same && P > 1 && opt.direct ? 1 : 2) * pl.n + (src ? pl.cin : 0);

@@ -122,6 +122,44 @@ def test_float32_whole_vector_blocks(cin, cout):
                      torch.float32)
 
 
+# Rows of channels (P == 1) in float32 run the channels-as-lanes kernel (csrc/bft/lanes.h) when
+# every radix is 2, 4 or 8 and n is a multiple of the vector length: its three kinds of stage
+# (members in one lane of several vectors, in one vector, across a few vectors), every radix at
+# every stride, padded inputs, expanding and contracting blocks, tiles of every fill.
+LANE_SHAPES = [
+    ("base4-64", 64, 64, (4, 4, 4)),
+    ("base4-256", 256, 256, (4, 4, 4, 4)),
+    ("base4-1024", 1024, 1024, (4, 4, 4, 4, 4)),
+    ("radix2-last-512", 512, 512, (4, 4, 4, 4, 2)),
+    ("base2-32", 32, 32, (2, 2, 2, 2, 2)),
+    ("base8-512", 512, 512, (8, 8, 8)),
+    ("every-radix-128", 128, 128, (2, 4, 8, 2)),
+    ("radix8-inner-64", 64, 64, (2, 4, 8)),
+    ("padded-48", 48, 48, (4, 4, 4)),
+    ("expand-64-128", 64, 128, (4, 4, 4)),
+    ("expand-48-160", 48, 160, (4, 4, 4)),
+    ("contract-160-48", 160, 48, (4, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("name,cin,cout,radices", LANE_SHAPES, ids=[s[0] for s in LANE_SHAPES])
+@pytest.mark.parametrize("residual", [True, False])
+def test_rows_of_channels_lanes_kernel(name, cin, cout, radices, residual, one_thread):
+    plan = BFTPlan(cin, cout, radices)
+    w = torch.randn(plan.num_blocks, plan.weights_per_block) / 2
+    for rows in (1, 5, 31, 300):  # a partial tile, one tile, several with a partial last one
+        x = torch.randn(rows, cin, 1)
+        g = torch.randn(rows, cout, 1)
+        assert_close(kernel(x, w, radices, cout, residual, g),
+                     oracle(x, w, radices, cout, residual, g), torch.float32)
+    # rows of x at a larger stride (a channel slice of a channels-last tensor), read in place
+    wide = torch.randn(40, cin + 24, 1)
+    x = wide[:, 8:8 + cin]
+    got = torch.ops.butterfly_cpu.forward(x, w, list(radices), cout, residual)
+    want = bft_reference(x.contiguous(), w, radices, cout, residual)
+    assert_close([got], [want], torch.float32)
+
+
 @pytest.mark.parametrize("cin,cout,pixels",
                          [(64, 64, 1), (64, 64, 196), (64, 64, 256), (16, 32, 1)])
 def test_outputs_large_enough_to_stream(cin, cout, pixels):

@@ -129,6 +129,23 @@ def test_every_shape_and_layout(name, cin, cout, radices, dtype, one_thread):
     check(cin, cout, radices, 37, 1, dtype, "relu", residual=False, both=False)
 
 
+# the channels-as-lanes kernel's last stage applies the epilogue in registers (rows of
+# channels, float32, radices 2/4/8, n a multiple of the vector length); padded, expanding and
+# contracting plans apply it in their store instead
+LANE_SHAPES = [("base4-256", 256, 256, (4, 4, 4, 4)), ("base8-512", 512, 512, (8, 8, 8)),
+               ("radix2-last-128", 128, 128, (4, 4, 4, 2)), ("expand-64-128", 64, 128, (4, 4, 4)),
+               ("expand-48-160", 48, 160, (4, 4, 4)), ("contract-160-48", 160, 48, (4, 4, 4))]
+
+
+@pytest.mark.parametrize("name,cin,cout,radices", LANE_SHAPES, ids=[s[0] for s in LANE_SHAPES])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_rows_of_channels_lanes_kernel(name, cin, cout, radices, act, one_thread):
+    for rows, steps in ((1, "affine+add"), (33, "affine"), (300, "shift+add")):
+        check(cin, cout, radices, rows, 1, torch.float32, act, steps, both=rows == 33)
+    check(cin, cout, radices, 70, 1, torch.float32, act, "affine+add", residual=False,
+          both=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name,cin,cout,radices", [SHAPES[0], SHAPES[5], SHAPES[7], SHAPES[9]],
                          ids=["square", "mixed-radix", "expand", "contract"])

@@ -1,0 +1,296 @@
+// The forward on rows of channels (channels-last pixels, linear rows: P == 1) with the channels as
+// SIMD lanes: no transposes. A pixel's n channels are n / VL vectors; stage s (radix K, stride t)
+// mixes the K members of each group (channels seg * K * t + i * t + r, i < K):
+//
+//   t >= VL: the members sit in the same lane of K vectors, t / VL vectors apart (Q = 1);
+//   t <  VL: Q = min(K, VL / t) members share a vector, t lanes apart, and the group spans K / Q
+//            consecutive vectors.
+//
+// Output member i = qi * Q + a is the sum over the group's vectors qs and the rotations d < Q of
+// W[qi][qs, d] * rotate_d(in[qs]), where rotate_d moves member (a + d) % Q of a vector into
+// member a's lanes (an in-lane permutation with constant indices) and W holds, per lane, the
+// weight w_s[g, i, qs * Q + (a + d) % Q] of that lane's channel. A stage is one pass over an
+// L1-sized tile of pixels: per set of K / Q vectors, its K * K / Q weight vectors are loaded once
+// and held in registers while the pixels stream past (a load and a store per K FMAs).
+//
+// Runs when every radix is 2, 4 or 8 and n is a multiple of the vector length (forward_impl
+// tries it first for P == 1 and falls back to the transposing tile kernels otherwise).
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "bft/epilogue.h"
+#include "bft/tiles.h"
+#include "common/openmp.h"
+#include "common/simd.h"
+
+namespace bft {
+
+using namespace simd;  // common/simd.h
+
+// v with member (a + D) % Q of each block of Q * T lanes (member a: lanes a * T .. a * T + T)
+// moved into member a's lanes.
+template <class A, int Q, int T, int D, int... L>
+SIMD_INLINE vec_t<A> rotate_members(vec_t<A> v, std::integer_sequence<int, L...>) {
+  if constexpr (D == 0) return v;
+  else return shuffle2<A, (L / (Q * T)) * (Q * T) + ((L / T % Q + D) % Q) * T + L % T...>(v, v);
+}
+
+// What the last stage does to its output vectors before storing them into y: add the residual
+// rows (res, or none), apply the epilogue (epi, or none) and add `add`'s rows (or none).
+template <class A>
+struct Finish {
+  const A* res = nullptr;
+  int64_t res_ld = 0;
+  const Epilogue<A>* epi = nullptr;
+  const A* add = nullptr;
+  int64_t add_ld = 0;
+  bool stream = false;  // streaming stores (the output rows are vector-aligned)
+};
+
+// One stage on np pixels: pixel p's vector j at src + p * sld + j * VL, written to the same place
+// in dst (which may be src). w: the stage's packed weights (K vectors per output vector, see
+// LanePlan); nvec vectors per pixel; vs: vector stride between a group's vectors. Fin: the last
+// stage, finishing its vectors as `fin` says (channel j * VL + l of the epilogue is lane l of
+// vector j).
+template <class A, int K, int Q, int T, bool Fin>
+void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, const A* w,
+                int64_t nvec, int64_t vs, const Finish<A>* fin) {
+  using V = vec_t<A>;
+  constexpr int VL = Vec<A>::lanes, NQ = K / Q;
+  constexpr auto lanes = std::make_integer_sequence<int, VL>{};
+  for (int64_t s0 = 0; s0 < nvec; s0 += NQ * vs) {
+    for (int64_t r = 0; r < vs; ++r) {
+      const int64_t jb = s0 + r;  // the set's vectors: jb + q * vs, q < NQ
+      V wv[NQ][K];
+      unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+        unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
+          wv[q][e] = vload(w + ((jb + q * vs) * K + e) * VL);
+        });
+      });
+      const A* s = src + jb * VL;
+      A* d = dst + jb * VL;
+      [[maybe_unused]] const A* res = Fin && fin->res ? fin->res + jb * VL : nullptr;
+      [[maybe_unused]] const A* add = Fin && fin->add ? fin->add + jb * VL : nullptr;
+      // the epilogue's factors of the set's channels, held like the weights
+      [[maybe_unused]] V mul[Fin ? NQ : 1], bias[Fin ? NQ : 1];
+      [[maybe_unused]] const bool epi = Fin && fin->epi, swish = epi && fin->epi->swish;
+      if constexpr (Fin)
+        if (epi)
+          unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+            mul[q] = vload(fin->epi->mul + (jb + q * vs) * VL);
+            bias[q] = vload(fin->epi->bias + (jb + q * vs) * VL);
+          });
+      for (int64_t p = 0; p < np; ++p, s += sld, d += dld) {
+        V in[NQ][Q];
+        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+          const V v = vload(s + q * vs * VL);
+          unroll<Q>([&](auto r) SIMD_INLINE_LAMBDA {
+            in[q][r] = rotate_members<A, Q, T, decltype(r)::value>(v, lanes);
+          });
+        });
+        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+          V o = wv[q][0] * in[0][0];
+          unroll<K - 1>([&](auto e) SIMD_INLINE_LAMBDA {
+            constexpr int E = decltype(e)::value + 1;
+            o += wv[q][E] * in[E / Q][E % Q];
+          });
+          if constexpr (Fin) {
+            if (res) o += vload(res + p * fin->res_ld + q * vs * VL);
+            if (epi)
+              o = swish ? fin->epi->template apply<true>(o, mul[q], bias[q])
+                        : fin->epi->template apply<false>(o, mul[q], bias[q]);
+            if (add) o += vload(add + p * fin->add_ld + q * vs * VL);
+            if (fin->stream) return vstream(d + q * vs * VL, o);
+          }
+          vstore(d + q * vs * VL, o);
+        });
+      }
+    }
+  }
+}
+
+template <class A>
+using LaneStageFn = void (*)(const A*, int64_t, A*, int64_t, int64_t, const A*, int64_t, int64_t,
+                             const Finish<A>*);
+
+// The compiled stage for (K, Q, T, Fin), or nullptr.
+template <class A, bool Fin>
+LaneStageFn<A> find_lane_stage(int K, int Q, int T) {
+  constexpr int VL = Vec<A>::lanes;
+#define BFT_LANE_CASE(k, q, t)                                                      \
+  if constexpr ((q) * (t) <= VL && (q) <= (k))                                      \
+    if (K == (k) && Q == (q) && T == (t)) return &lane_stage<A, (k), (q), (t), Fin>;
+#define BFT_LANE_T(k, q) BFT_LANE_CASE(k, q, 1) BFT_LANE_CASE(k, q, 2) BFT_LANE_CASE(k, q, 4) \
+  BFT_LANE_CASE(k, q, 8)
+  BFT_LANE_CASE(2, 1, 1) BFT_LANE_CASE(4, 1, 1) BFT_LANE_CASE(8, 1, 1)
+  BFT_LANE_T(2, 2) BFT_LANE_T(4, 2) BFT_LANE_T(4, 4) BFT_LANE_T(8, 2) BFT_LANE_T(8, 4)
+  BFT_LANE_T(8, 8)
+#undef BFT_LANE_T
+#undef BFT_LANE_CASE
+  return nullptr;
+}
+
+// The stages as lane_stage runs them, with their weights packed per output vector: stage s's
+// block is n * K values, (n / VL) output vectors x K weight vectors (index qs * Q + d) x VL lanes.
+template <class A>
+struct LanePlan {
+  struct Stage {
+    LaneStageFn<A> fn, finish;  // the stage, and its form as the last stage (Finish)
+    int64_t vs, woff;
+  };
+  std::vector<Stage> stages;
+  std::vector<A> packed;  // (T, W), W = n * sum(K)
+  bool ok = false;
+
+  LanePlan(const Plan& pl, const A* w) {
+    constexpr int64_t VL = Vec<A>::lanes;
+    if (pl.n % VL || pl.stages() == 0) return;
+    int64_t off = 0;
+    for (int s = 0; s < pl.stages(); ++s) {
+      const int K = pl.radix[s];
+      const int64_t t = pl.stride[s];
+      const int Q = t >= VL ? 1 : (int)std::min<int64_t>(K, VL / t);
+      const int T = t >= VL ? 1 : (int)t;
+      const LaneStageFn<A> fn = find_lane_stage<A, false>(K, Q, T);
+      if (!fn) return;
+      stages.push_back({fn, find_lane_stage<A, true>(K, Q, T), t >= VL ? t / VL : 1, off});
+      off += pl.n * K;
+    }
+    packed.resize((size_t)(pl.T * pl.W));
+    for (int64_t b = 0; b < pl.T; ++b)
+      for (int s = 0; s < pl.stages(); ++s) {
+        const int K = pl.radix[s];
+        const int64_t t = pl.stride[s];
+        const int Q = t >= VL ? 1 : (int)std::min<int64_t>(K, VL / t);
+        const A* ws = w + b * pl.W + pl.woff[s];  // (n / K, K, K)
+        A* out = packed.data() + b * pl.W + stages[s].woff;
+        // K, t and Q are powers of two: c = (seg * K + i) * t + r in shifts and masks
+        const int lt = __builtin_ctzll(t), lk = __builtin_ctz(K);
+        int src[8][8];  // [i % Q][e]: the input member of weight vector e for output member i
+        for (int a = 0; a < Q; ++a)
+          for (int e = 0; e < K; ++e) src[a][e] = (e & ~(Q - 1)) | ((a + (e & (Q - 1))) & (Q - 1));
+        for (int64_t j = 0; j < pl.n / VL; ++j)
+          for (int64_t l = 0; l < VL; ++l) {
+            const int64_t c = j * VL + l, i = (c >> lt) & (K - 1), r = c & (t - 1);
+            const int64_t g = ((c >> (lt + lk)) << lt) | r;
+            const A* wi = ws + (g * K + i) * K;  // w_s[g, i, :]
+            const int* si = src[i & (Q - 1)];
+            for (int e = 0; e < K; ++e) out[(j * K + e) * VL + l] = wi[si[e]];
+          }
+      }
+    ok = true;
+  }
+};
+
+// dst[c] = src[c], or with E epi(src[c]) (channel c0 + c of the epilogue) + add[c], for c < count.
+template <class A, bool E>
+SIMD_INLINE void store_lanes(A* dst, const A* src, int64_t count, const Epilogue<A>* epi,
+                             int64_t c0, const A* add) {
+  constexpr int64_t VL = Vec<A>::lanes;
+  int64_t c = 0;
+  if constexpr (!E) {
+    std::copy(src, src + count, dst);
+    return;
+  } else {
+    const Epilogue<A> ep = epi->at(c0);  // a local copy: stores through dst cannot alias it
+    auto vec = [&](auto swish) SIMD_INLINE_LAMBDA {
+      for (; c + VL <= count; c += VL) {
+        vec_t<A> v = ep.template channels<decltype(swish)::value>(vload(src + c), c);
+        if (add) v += vload(add + c);
+        vstore(dst + c, v);
+      }
+    };
+    if (ep.swish) vec(std::true_type{});
+    else vec(std::false_type{});
+    for (; c < count; ++c) dst[c] = ep.scalar(src[c], c) + (add ? add[c] : A(0));
+  }
+}
+
+// y (rows of cout) = B(x) (rows of x_row, cin channels each), or with E epi(B(x)) + add (add laid
+// out like y, or null), for `rows` rows. Returns false, doing nothing, when the plan has a stage
+// lane_stage does not run.
+template <class A, bool E>
+bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, int64_t rows,
+                   int threads, int64_t l1_budget, bool stream, const Epilogue<A>* epi,
+                   const A* add) {
+  constexpr int64_t VL = Vec<A>::lanes;
+  const LanePlan<A> lp(pl, w);
+  if (!lp.ok) return false;
+  // streaming stores need vector-aligned rows of y
+  stream = stream && reinterpret_cast<uintptr_t>(y) % SIMD_VECTOR_BYTES == 0 &&
+           (pl.cout * (int64_t)sizeof(A)) % SIMD_VECTOR_BYTES == 0 &&
+           (pl.out_off(1) * (int64_t)sizeof(A)) % SIMD_VECTOR_BYTES == 0;
+  const int64_t ld = pl.n + VL;  // a pixel's row in the buffers (padded: n * 4 is often 4 KB)
+  const bool contract = !pl.expand && pl.T > 1;
+  const int64_t tp = std::clamp<int64_t>(l1_budget / (ld * (int64_t)sizeof(A)), 1, 256);
+  const int64_t ntiles = (rows + tp - 1) / tp;
+  const int64_t nvec = pl.n / VL;
+#pragma omp parallel num_threads(threads)
+  {
+    A* in = scratch<A>(0, tp * ld);   // a block's zero-padded input rows
+    A* buf = scratch<A>(1, tp * ld);  // the stages' rows
+    A* acc = scratch<A>(2, contract ? tp * ld : 0);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < ntiles; ++i) {
+      const int64_t r0 = i * tp, np = std::min(tp, rows - r0);
+      const A* xt = x + r0 * x_row;
+      for (int64_t b = 0; b < pl.T; ++b) {
+        // the block's input: x's rows in place, or copied with zeros up to n channels
+        const int64_t valid = pl.in_rows(b), off = pl.in_off(b);
+        const A* src = xt + off;
+        int64_t sld = x_row;
+        if (valid < pl.n) {
+          if (b == 0 || !pl.expand)
+            for (int64_t p = 0; p < np; ++p) {
+              std::copy(xt + p * x_row + off, xt + p * x_row + off + valid, in + p * ld);
+              std::fill(in + p * ld + valid, in + p * ld + pl.n, A(0));
+            }
+          src = in, sld = ld;
+        }
+        const A* wb = lp.packed.data() + b * pl.W;
+        const int64_t out_rows = pl.out_rows(b), out_off = pl.out_off(b);
+        // the last stage writes y itself when the block's n outputs are all channels of y
+        const bool to_y = !contract && out_rows == pl.n;
+        const size_t L = lp.stages.size();
+        for (size_t s = 0; s + 1 < L; ++s)
+          lp.stages[s].fn(s ? buf : src, s ? ld : sld, buf, ld, np, wb + lp.stages[s].woff, nvec,
+                          lp.stages[s].vs, nullptr);
+        if (to_y) {
+          const Epilogue<A> block_epi = E ? epi->at(out_off) : Epilogue<A>{};
+          const Finish<A> fin{pl.residual ? src : nullptr, sld, E ? &block_epi : nullptr,
+                              E && add ? add + r0 * pl.cout + out_off : nullptr, pl.cout, stream};
+          lp.stages[L - 1].finish(L > 1 ? buf : src, L > 1 ? ld : sld, y + r0 * pl.cout + out_off,
+                                  pl.cout, np, wb + lp.stages[L - 1].woff, nvec,
+                                  lp.stages[L - 1].vs, &fin);
+          continue;
+        }
+        lp.stages[L - 1].fn(L > 1 ? buf : src, L > 1 ? ld : sld, buf, ld, np,
+                            wb + lp.stages[L - 1].woff, nvec, lp.stages[L - 1].vs, nullptr);
+        // the block's output rows (+ its input: the residual), into y or the sum of the blocks
+        for (int64_t p = 0; p < np; ++p) {
+          A* o = buf + p * ld;
+          if (pl.residual)
+            for (int64_t c = 0; c < pl.n; ++c) o[c] += src[p * sld + c];
+          if (contract) {
+            A* a = acc + p * ld;
+            if (b == 0) std::copy(o, o + pl.m, a);
+            else for (int64_t c = 0; c < pl.m; ++c) a[c] += o[c];
+          } else {
+            store_lanes<A, E>(y + (r0 + p) * pl.cout + out_off, o, out_rows, epi, out_off,
+                              add ? add + (r0 + p) * pl.cout + out_off : nullptr);
+          }
+        }
+      }
+      if (contract)
+        for (int64_t p = 0; p < np; ++p)
+          store_lanes<A, E>(y + (r0 + p) * pl.cout, acc + p * ld, pl.m, epi, 0,
+                            add ? add + (r0 + p) * pl.cout : nullptr);
+    }
+    if (stream) stream_fence();
+  }
+  return true;
+}
+
+}  // namespace bft
