@@ -13,7 +13,7 @@
 // L1-sized tile of pixels: per set of K / Q vectors, its K * K / Q weight vectors are loaded once
 // and held in registers while the pixels stream past (a load and a store per K FMAs).
 //
-// Runs when every radix is 2, 4 or 8 and n is a multiple of the vector length (forward_impl
+// Runs when every radix is 2 or 4 and n is a multiple of the vector length (forward_impl
 // tries it first for P == 1 and falls back to the transposing tile kernels otherwise).
 #pragma once
 
@@ -115,25 +115,13 @@ template <class A>
 using LaneStageFn = void (*)(const A*, int64_t, A*, int64_t, int64_t, const A*, int64_t, int64_t,
                              const Finish<A>*);
 
-// The compiled stage for (K, Q, T, Fin), or nullptr.
-template <class A, bool Fin>
-LaneStageFn<A> find_lane_stage(int K, int Q, int T) {
-  constexpr int VL = Vec<A>::lanes;
-#define BFT_LANE_CASE(k, q, t)                                                      \
-  if constexpr ((q) * (t) <= VL && (q) <= (k))                                      \
-    if (K == (k) && Q == (q) && T == (t)) return &lane_stage<A, (k), (q), (t), Fin>;
-#define BFT_LANE_T(k, q) BFT_LANE_CASE(k, q, 1) BFT_LANE_CASE(k, q, 2) BFT_LANE_CASE(k, q, 4) \
-  BFT_LANE_CASE(k, q, 8)
-  BFT_LANE_CASE(2, 1, 1) BFT_LANE_CASE(4, 1, 1) BFT_LANE_CASE(8, 1, 1)
-  BFT_LANE_T(2, 2) BFT_LANE_T(4, 2) BFT_LANE_T(4, 4) BFT_LANE_T(8, 2) BFT_LANE_T(8, 4)
-  BFT_LANE_T(8, 8)
-#undef BFT_LANE_T
-#undef BFT_LANE_CASE
-  return nullptr;
-}
+// The compiled stage for (K, Q, T) in its plain or last-stage (Fin) form, or nullptr: float32
+// only, compiled once in bft/bft_lanes.cpp (the forward and the fused forward share them).
+LaneStageFn<float> find_lane_stage(int K, int Q, int T, bool fin);
 
 // The stages as lane_stage runs them, with their weights packed per output vector: stage s's
 // block is n * K values, (n / VL) output vectors x K weight vectors (index qs * Q + d) x VL lanes.
+// A is float (find_lane_stage).
 template <class A>
 struct LanePlan {
   struct Stage {
@@ -153,9 +141,9 @@ struct LanePlan {
       const int64_t t = pl.stride[s];
       const int Q = t >= VL ? 1 : (int)std::min<int64_t>(K, VL / t);
       const int T = t >= VL ? 1 : (int)t;
-      const LaneStageFn<A> fn = find_lane_stage<A, false>(K, Q, T);
+      const LaneStageFn<A> fn = find_lane_stage(K, Q, T, false);
       if (!fn) return;
-      stages.push_back({fn, find_lane_stage<A, true>(K, Q, T), t >= VL ? t / VL : 1, off});
+      stages.push_back({fn, find_lane_stage(K, Q, T, true), t >= VL ? t / VL : 1, off});
       off += pl.n * K;
     }
     packed.resize((size_t)(pl.T * pl.W));
