@@ -3,9 +3,8 @@ explain, and the floors they put under a layer or a model.
 
 :func:`rates` measures, at a thread count, with the harness's interleaved timer:
 
-* ``fma_GMACs``: the FMA peak, as the multiply-add rate of an in-cache float32 matrix multiply
-  (a 512^3 sgemm: its inner loop is FMAs on registers, the nearest thing to a pure FMA loop that
-  PyTorch runs; nothing here can exceed it);
+* ``fma_GMACs``: the FMA peak, as the multiply-add rate of a loop of independent float32 FMAs
+  on the machine's widest vectors (:mod:`benchmarks.fma_loop`; nothing here can exceed it);
 * ``copy_GBs``: copy bandwidth, bytes read + written per second on a tensor larger than the
   last-level cache;
 * ``dense_GMACs``, ``depthwise_GMACs``, ``bft_GMACs``: the multiply-add rates of a 1x1 conv, a
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 import butterfly
-from benchmarks import harness
+from benchmarks import fma_loop, harness
 
 KINDS = ("dense", "depthwise", "bft")
 # Passes over a model's traffic and multiply-adds per image. Inference: each layer reads its input
@@ -51,14 +50,14 @@ def rates(threads: int, quick: bool = False, cpu_time: bool = False) -> Dict:
     batch = 8 if quick else 32
     n = (32 if quick else 128) * 2 ** 20 // 4
     src, dst = torch.randn(n), torch.empty(n)
-    a, b, c = torch.randn(512, 512), torch.randn(512, 512), torch.empty(512, 512)
     x512 = torch.randn(batch, 512, 14, 14).contiguous(memory_format=torch.channels_last)
     x1024 = torch.randn(batch, 1024, 14, 14).contiguous(memory_format=torch.channels_last)
     cl = torch.channels_last
     pw = nn.Conv2d(512, 512, 1, bias=False).to(memory_format=cl).eval()
     dw = nn.Conv2d(512, 512, 3, padding=1, groups=512, bias=False).to(memory_format=cl).eval()
     bft = butterfly.BFT(1024, 1024).eval()
-    steps = {"fma": lambda: torch.mm(a, b, out=c), "copy": lambda: dst.copy_(src),
+    fma = fma_loop.fma_step(threads)
+    steps = {**({"fma": fma} if fma else {}), "copy": lambda: dst.copy_(src),
              "dense": _runner(pw, x512), "depthwise": _runner(dw, x512),
              "bft": _runner(bft, x1024)}
     timing = harness.Timing(rounds=2 if quick else 3, calls=3, min_time_s=0.05 if quick else 0.2,
@@ -68,14 +67,14 @@ def rates(threads: int, quick: bool = False, cpu_time: bool = False) -> Dict:
                                            time.process_time if cpu_time else time.perf_counter)
     med = {k: harness.summary(v)["ms"] / 1e3 for k, v in times.items() if v}
     pixels = batch * 14 * 14
-    macs = {"fma": 512 ** 3, "dense": 512 * 512 * pixels, "depthwise": 512 * 9 * pixels,
+    macs = {"fma": fma() if fma else 0, "dense": 512 * 512 * pixels, "depthwise": 512 * 9 * pixels,
             "bft": bft.macs_per_pixel * pixels}
     out = {"threads": threads, "date": harness.now(), "quick": quick, "failed": failed,
            **({"clock": "process CPU time"} if cpu_time else {}),
            "copy_GBs": 2 * n * 4 / med["copy"] / 1e9 if "copy" in med else None}
     for kind, count in macs.items():
         out[f"{kind}_GMACs"] = count / med[kind] / 1e9 if kind in med else None
-    out["shapes"] = (f"FMA: 512^3 sgemm; copy {n * 4 / 2 ** 20:.0f} MiB; dense 1x1 conv "
+    out["shapes"] = (f"FMA: a loop of independent FMAs per thread; copy {n * 4 / 2 ** 20:.0f} MiB; dense 1x1 conv "
                      f"512->512, depthwise 3x3 512 ch, at {batch}x512x14x14; BFT 1024->1024 at "
                      f"{batch}x1024x14x14; channels_last")
     return out

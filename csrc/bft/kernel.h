@@ -162,16 +162,6 @@ struct Options {
   int64_t x_row_stride = 0;               // P == 1: elements between rows of x (0: C_in)
 };
 
-// Where the rows of a channels-last tile (P == 1) come from when they are not read from x: a
-// producer that computes them in the tile pass itself, so its output never goes to memory (the
-// depthwise -> BFT pass of depthwise/dw_bft_cpu.cpp). fill(r0, n) returns rows r0 .. r0 + n of the
-// input, cin values each (row stride cin), valid until the calling thread's next fill.
-template <class A>
-struct RowSource {
-  virtual const A* fill(int64_t r0, int64_t n) const = 0;
-  virtual ~RowSource() = default;
-};
-
 // y = B(x), or with E (the fused forward) y = epi(B(x)) + add (add: laid out like y, or null).
 // The epilogue is applied where the output is stored: by the last run when it writes y itself
 // (NCHW rows in place, channels-last rows transposed in registers), otherwise by the store of
@@ -189,10 +179,10 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   // rows of channels in float32: the channels-as-lanes kernel, when it runs the plan
   if constexpr (same && std::is_same_v<A, float>) {
     const int64_t bytes = B * pl.cout * (int64_t)sizeof(S);
-    if (P == 1 && !src && opt.lanes &&
+    if (P == 1 && opt.lanes &&
         forward_lanes<A, E>(pl, x, opt.x_row_stride ? opt.x_row_stride : pl.cin, w, y, B,
                             opt.threads, opt.l1_budget,
-                            bytes >= opt.stream_bytes && pages_resident(y, bytes), epi, add))
+                            bytes >= opt.stream_bytes && pages_resident(y, bytes), epi, add, src))
       return;
   }
   // NCHW tiles in the compute dtype read x in place: only the output buffer is in use; a

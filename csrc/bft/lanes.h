@@ -196,16 +196,17 @@ SIMD_INLINE void store_lanes(A* dst, const A* src, int64_t count, const Epilogue
   }
 }
 
-// y (rows of cout) = B(x) (rows of x_row, cin channels each), or with E epi(B(x)) + add (add laid
-// out like y, or null), for `rows` rows. Returns false, doing nothing, when the plan has a stage
+// y (rows of cout) = B(x) (rows of x_row, cin channels each, or the rows `source` fills), or with
+// E epi(B(x)) + add (add laid out like y, or null), for `rows` rows. Returns false, doing nothing, when the plan has a stage
 // lane_stage does not run.
 template <class A, bool E>
 bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, int64_t rows,
                    int threads, int64_t l1_budget, bool stream, const Epilogue<A>* epi,
-                   const A* add) {
+                   const A* add, const RowSource<A>* source = nullptr) {
   constexpr int64_t VL = Vec<A>::lanes;
   const LanePlan<A> lp(pl, w);
   if (!lp.ok) return false;
+  if (source) x_row = pl.cin;
   // streaming stores need vector-aligned rows of y
   stream = stream && reinterpret_cast<uintptr_t>(y) % SIMD_VECTOR_BYTES == 0 &&
            (pl.cout * (int64_t)sizeof(A)) % SIMD_VECTOR_BYTES == 0 &&
@@ -223,7 +224,8 @@ bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, 
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < ntiles; ++i) {
       const int64_t r0 = i * tp, np = std::min(tp, rows - r0);
-      const A* xt = x + r0 * x_row;
+      // the tile's input rows: x's, or a source's (cin per row)
+      const A* xt = source ? source->fill(r0, np) : x + r0 * x_row;
       for (int64_t b = 0; b < pl.T; ++b) {
         // the block's input: x's rows in place, or copied with zeros up to n channels
         const int64_t valid = pl.in_rows(b), off = pl.in_off(b);

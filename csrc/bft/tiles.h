@@ -155,6 +155,16 @@ int64_t padded_ld(int64_t tp) {
   return (tp / VL) % 2 ? tp : tp + VL;
 }
 
+// Where the rows of a channels-last tile (P == 1) come from when they are not read from x: a
+// producer that computes them in the tile pass itself, so its output never goes to memory (the
+// depthwise -> BFT pass of depthwise/dw_bft_cpu.cpp). fill(r0, n) returns rows r0 .. r0 + n of the
+// input, cin values each (row stride cin), valid until the calling thread's next fill.
+template <class A>
+struct RowSource {
+  virtual const A* fill(int64_t r0, int64_t n) const = 0;
+  virtual ~RowSource() = default;
+};
+
 // Whether the first and last pages of [p, p + bytes) are in memory. Fresh allocations from
 // the OS are not: their first write faults the page in (zeroing it through the cache), after
 // which streaming stores are slower than plain ones.
