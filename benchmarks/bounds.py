@@ -4,7 +4,7 @@ explain, and the floors they put under a layer or a model.
 :func:`rates` measures, at a thread count, with the harness's interleaved timer:
 
 * ``fma_GMACs``: the FMA peak, as the multiply-add rate of a loop of independent float32 FMAs
-  on the machine's widest vectors (:mod:`benchmarks.fma_loop`; nothing here can exceed it);
+  on the machine's widest vectors (:mod:`benchmarks.loops`; nothing here can exceed it);
 * ``copy_GBs``: copy bandwidth, bytes read + written per second on a tensor larger than the
   last-level cache;
 * ``dense_GMACs``, ``depthwise_GMACs``, ``bft_GMACs``: the multiply-add rates of a 1x1 conv, a
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import butterfly
-from benchmarks import fma_loop, harness
+from benchmarks import harness, loops
 
 KINDS = ("dense", "depthwise", "bft")
 # Passes over a model's traffic and multiply-adds per image. Inference: each layer reads its input
@@ -56,7 +56,7 @@ def rates(threads: int, quick: bool = False, cpu_time: bool = False) -> Dict:
     pw = nn.Conv2d(512, 512, 1, bias=False).to(memory_format=cl).eval()
     dw = nn.Conv2d(512, 512, 3, padding=1, groups=512, bias=False).to(memory_format=cl).eval()
     bft = butterfly.BFT(1024, 1024).eval()
-    fma = fma_loop.fma_step(threads)
+    fma = loops.fma_step(threads)
     steps = {**({"fma": fma} if fma else {}), "copy": lambda: dst.copy_(src),
              "dense": _runner(pw, x512), "depthwise": _runner(dw, x512),
              "bft": _runner(bft, x1024)}

@@ -15,7 +15,8 @@ traffic of any layer of the shape). GMAC/s count useful multiply-adds (BFT: ``ma
 per pixel; conv: in x out); training counts 3x the forward. What bounds it: the machine's FMA peak
 and copy bandwidth (:func:`benchmarks.bounds.rates`) are measured in the same run, once per
 thread count. ``--cpu-time`` adds one thread timed by process CPU time, which time spent
-descheduled on a shared machine does not inflate. With CUDA, the GPU section of
+descheduled on a shared machine does not inflate. The kernels' own ceiling, each timed alone on
+data in L1 (:func:`benchmarks.loops.stage_rates`), closes the report. With CUDA, the GPU section of
 :mod:`benchmarks.kernel_gpu` is added.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from benchmarks import bounds, harness
+from benchmarks import bounds, harness, loops
 from butterfly import BFT, use_backend
 from butterfly.kernels.cpu import load_extension
 
@@ -105,7 +106,7 @@ def sections(data: Dict) -> List[str]:
     out = []
     for clock, threads, mode in combos:
         factor = 3 if mode == "training" else 1
-        rows, limits, goals = [], [], []
+        rows, limits, goals, rates = [], [], [], []
         for shape in dict.fromkeys(c["shape"] for c in cells.values()):
             r = {n: cells.get(key(clock, threads, mode, shape, n)) for n in RUNNERS}
             ok = {n: c for n, c in r.items() if c and c["status"] == "ok"}
@@ -133,6 +134,13 @@ def sections(data: Dict) -> List[str]:
                                         for k in ("ms", "min_ms"))
                 goals.append([c0["cin"], f">= {target}x", f"{ratio:.2f}x", f"{fastest_calls:.2f}x",
                               "met" if ratio >= target else "missed"])
+            if c0["cin"] == c0["cout"] in TARGETS and all(n in ok for n in RUNNERS[:4]):
+                conv = max(factor * ok[n]["macs"] / ok[n]["ms"] / 1e6 for n in RUNNERS[:2])
+                bft = [factor * ok[n]["macs"] / ok[n]["ms"] / 1e6 for n in RUNNERS[2:4]]
+                peak = data.get("rates", {}).get(rates_key(clock, threads), {}).get("fma_GMACs")
+                rates.append([c0["cin"], any_cell["hw"], f"{conv:.0f}",
+                              *(f"{b:.0f} ({b / conv:.2f})" for b in bft),
+                              f"{100 * max(bft) / peak:.0f}%" if peak else "-"])
             fastest = min((n for n in BFTS if n in ok), key=lambda n: ok[n]["ms"], default=None)
             if mode == "inference" and fastest and "copy" in ok:
                 limits.append((shape, fastest, ok[fastest]["ms"], ok[fastest]["macs"],
@@ -148,11 +156,27 @@ def sections(data: Dict) -> List[str]:
             out += ["Speed goals (best conv / best base-4 BFT, from medians and from the fastest "
                     "calls):", "", *harness.table(["C", "goal", "medians", "fastest calls", ""],
                                                   goals, "rrrr"), ""]
+        if rates:
+            out += ["Multiply-add rate of the base-4 BFT against the faster convolution's (in "
+                    "brackets: BFT GMAC/s / conv GMAC/s; 1 would make a BFT multiply-add as cheap "
+                    "as a dense one) and the faster BFT's fraction of the FMA peak measured in "
+                    "this run:", "",
+                    *harness.table(["C", "H=W", "conv GMAC/s", "BFT-4 NCHW GMAC/s",
+                                    "BFT-4 CL GMAC/s", "% FMA peak"], rates, "rrrrrr"), ""]
         if limits:
             out += bounds.layer_section(limits, data["rates"].get(rates_key(clock, threads), {}))
     if data.get("rates"):
         out += ["Machine rates measured in this run (`benchmarks.bounds.rates`):", "",
                 *bounds.rates_table(data["rates"]), ""]
+    if data.get("stages"):
+        peak = data.get("rates", {}).get("t1", {}).get("fma_GMACs")
+        out += ["## The kernels in L1, 1 thread", "",
+                "Each kernel timed alone on data that stays in L1 (`benchmarks.loops.stage_rates`"
+                "): the rate it reaches before any memory traffic, against the FMA peak.", "",
+                *harness.table(["kernel", "step", "kind", "GMAC/s", "% FMA peak (1 thread)"],
+                               [[r["kernel"], r["step"], r["kind"], f"{r['GMACs']:.0f}",
+                                 f"{100 * r['GMACs'] / peak:.0f}%" if peak else "-"]
+                                for r in data["stages"]], "lllrr"), ""]
     return out
 
 
@@ -177,6 +201,7 @@ def main(argv=None) -> int:
     store = harness.Store(args.out_dir / "kernel_cpu.json", "kernel", keep=False)
     store.start("kernel", argv, args.note, malloc=harness.malloc_note(args))
     store.data["rates"] = {}
+    store.data["stages"] = loops.stage_rates(args.quick)
     timing = harness.Timing(rounds=3 if args.quick else 6, calls=3, settle_s=0.02)
     configs = [(t, "wall") for t in args.threads] + [(1, "cpu")] * args.cpu_time
     for threads, clock in configs:
