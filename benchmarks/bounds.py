@@ -57,7 +57,7 @@ def rates(threads: int, quick: bool = False, cpu_time: bool = False) -> Dict:
     dw = nn.Conv2d(512, 512, 3, padding=1, groups=512, bias=False).to(memory_format=cl).eval()
     bft = butterfly.BFT(1024, 1024).eval()
     fma = loops.fma_step(threads)
-    steps = {**({"fma": fma} if fma else {}), "copy": lambda: dst.copy_(src),
+    steps = {**({"fma": fma[0]} if fma else {}), "copy": lambda: dst.copy_(src),
              "dense": _runner(pw, x512), "depthwise": _runner(dw, x512),
              "bft": _runner(bft, x1024)}
     timing = harness.Timing(rounds=2 if quick else 3, calls=3, min_time_s=0.05 if quick else 0.2,
@@ -67,7 +67,7 @@ def rates(threads: int, quick: bool = False, cpu_time: bool = False) -> Dict:
                                            time.process_time if cpu_time else time.perf_counter)
     med = {k: harness.summary(v)["ms"] / 1e3 for k, v in times.items() if v}
     pixels = batch * 14 * 14
-    macs = {"fma": fma() if fma else 0, "dense": 512 * 512 * pixels, "depthwise": 512 * 9 * pixels,
+    macs = {"fma": fma[1] if fma else 0, "dense": 512 * 512 * pixels, "depthwise": 512 * 9 * pixels,
             "bft": bft.macs_per_pixel * pixels}
     out = {"threads": threads, "date": harness.now(), "quick": quick, "failed": failed,
            **({"clock": "process CPU time"} if cpu_time else {}),

@@ -30,19 +30,6 @@ if ! pip install --no-deps -e . > "$OUT_DIR/pip.txt" 2>&1 &&
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# fvcore is optional here: butterfly.flops imports it when butterfly is imported, so without it
-# a stub stands in (FLOP counting is not part of this check).
-if ! python -c "import fvcore" 2>/dev/null; then
-    STUB=$(mktemp -d)
-    mkdir -p "$STUB/fvcore/nn"
-    : > "$STUB/fvcore/__init__.py"
-    printf 'class FlopCountAnalysis:\n    def __init__(self, *a, **k):\n        raise RuntimeError("fvcore is not installed")\n' > "$STUB/fvcore/nn/__init__.py"
-    echo '_DEFAULT_SUPPORTED_OPS = {}' > "$STUB/fvcore/nn/flop_count.py"
-    printf 'def get_shape(value):\n    return value.type().sizes()\n' > "$STUB/fvcore/nn/jit_handles.py"
-    export PYTHONPATH="$STUB${PYTHONPATH:+:$PYTHONPATH}"
-    echo "fvcore is not installed: a stub stands in for butterfly.flops' import" | tee -a "$OUT_DIR/env.txt"
-fi
-
 STATUS=0
 echo "== Triton tests on the GPU ($(elapsed)s)"
 # test_interpreter (the kernels under TRITON_INTERPRET=1 on CPU) is left to CI: the interpreter

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -64,7 +64,7 @@ double best_seconds(F f, int64_t reps) {
 }
 
 // Per stage of the lanes forward of an n-channel base-4 layer on np pixels in L1:
-// (radix, members per vector, lane stride, multiply-adds per second).
+// (radix, members per vector, their lane stride, multiply-adds per second).
 std::vector<std::vector<double>> lane_stages(int64_t n, int64_t np, int64_t reps) {
   using namespace bft;
   std::vector<int64_t> radices;
@@ -81,14 +81,11 @@ std::vector<std::vector<double>> lane_stages(int64_t n, int64_t np, int64_t reps
   std::vector<float> buf(np * ld + VL);
   for (auto& v : buf) v = 0.1f * d(g);
   std::vector<std::vector<double>> out;
-  for (int s = 0; s < pl.stages(); ++s) {
-    const auto& st = lp.stages[s];
-    const int64_t t = pl.stride[s];
-    const int Q = t >= VL ? 1 : (int)std::min<int64_t>(4, VL / t);
+  for (const auto& st : lp.stages) {
     const double sec = best_seconds([&] {
       st.fn(buf.data(), ld, buf.data(), ld, np, lp.packed.data() + st.woff, n / VL, st.vs, nullptr);
     }, reps);
-    out.push_back({4.0, (double)Q, (double)(t >= VL ? 0 : t), (double)n * 4 * np / sec});
+    out.push_back({(double)st.K, (double)st.Q, (double)st.T, (double)n * st.K * np / sec});
   }
   return out;
 }
@@ -126,11 +123,13 @@ def _loaded():
         return None
 
 
-def fma_step(threads: int, iters: int = 1 << 18) -> Optional[Callable[[], float]]:
-    """A step that runs the FMA loop on ``threads`` threads and returns the multiply-adds it did
-    (about 67 million per thread with the default ``iters``), or None where it cannot compile."""
+def fma_step(threads: int, iters: int = 1 << 18) -> Optional[Tuple[Callable[[], float], float]]:
+    """A step that runs the FMA loop on ``threads`` threads, and the multiply-adds one call does
+    (about 67 million per thread with the default ``iters``); None where it cannot compile."""
     module = _loaded()
-    return None if module is None else (lambda: module.fma_loop(iters, threads))
+    if module is None:
+        return None
+    return (lambda: module.fma_loop(iters, threads)), module.fma_loop(1, threads) * iters
 
 
 def stage_rates(quick: bool = False) -> List[Dict]:

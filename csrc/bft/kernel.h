@@ -176,15 +176,21 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   constexpr bool same = std::is_same_v<S, A>;
   if (B * P == 0) return;
   if (src && (P != 1 || !same)) throw std::invalid_argument("a RowSource needs P == 1, S == A");
+  // the last run may write y rows itself when they are vector-aligned
+  const bool aligned_rows = reinterpret_cast<uintptr_t>(y) % SIMD_VECTOR_BYTES == 0 &&
+                            (P * (int64_t)sizeof(S)) % SIMD_VECTOR_BYTES == 0;
+  // y too large to stay in cache (and already in memory): write it with streaming stores, but
+  // not NCHW rows that are not vector-aligned: those would go through a buffered copy instead of
+  // being written by the last run, which costs more than streaming saves
+  const int64_t ybytes = B * pl.cout * P * (int64_t)sizeof(S);
+  const bool stream = same && ybytes >= opt.stream_bytes && (P == 1 || aligned_rows) &&
+                      pages_resident(y, ybytes);
   // rows of channels in float32: the channels-as-lanes kernel, when it runs the plan
-  if constexpr (same && std::is_same_v<A, float>) {
-    const int64_t bytes = B * pl.cout * (int64_t)sizeof(S);
+  if constexpr (same && std::is_same_v<A, float>)
     if (P == 1 && opt.lanes &&
         forward_lanes<A, E>(pl, x, opt.x_row_stride ? opt.x_row_stride : pl.cin, w, y, B,
-                            opt.threads, opt.l1_budget,
-                            bytes >= opt.stream_bytes && pages_resident(y, bytes), epi, add, src))
+                            opt.threads, opt.l1_budget, stream, epi, add, src))
       return;
-  }
   // NCHW tiles in the compute dtype read x in place: only the output buffer is in use; a
   // source's rows (cin per pixel) stay in cache too
   const int64_t rows = (same && P > 1 && opt.direct ? 1 : 2) * pl.n + (src ? pl.cin : 0);
@@ -195,15 +201,6 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);
   // P == 1: the row stride of x (tl.offset and tl.ps take it in place of the channel count)
   const int64_t xrow = P == 1 && opt.x_row_stride ? opt.x_row_stride : pl.cin;
-  // the last run may write y rows itself when they are vector-aligned
-  const bool aligned_rows = reinterpret_cast<uintptr_t>(y) % SIMD_VECTOR_BYTES == 0 &&
-                            (P * (int64_t)sizeof(S)) % SIMD_VECTOR_BYTES == 0;
-  // y too large to stay in cache (and already in memory): write it with streaming stores, but
-  // not NCHW rows that are not vector-aligned: those would go through a buffered copy instead of
-  // being written by the last run, which costs more than streaming saves
-  const int64_t ybytes = B * pl.cout * P * (int64_t)sizeof(S);
-  const bool stream = same && ybytes >= opt.stream_bytes && (P == 1 || aligned_rows) &&
-                      pages_resident(y, ybytes);
   // channels-last pixel rows of y whose blocks of VL channels are vector-aligned
   const bool cl_aligned = reinterpret_cast<uintptr_t>(y) % SIMD_VECTOR_BYTES == 0 &&
                           (pl.cout * (int64_t)sizeof(S)) % SIMD_VECTOR_BYTES == 0;

@@ -125,8 +125,9 @@ LaneStageFn<float> find_lane_stage(int K, int Q, int T, bool fin);
 template <class A>
 struct LanePlan {
   struct Stage {
+    int K, Q, T;                // radix, members per vector, their lane stride (Q > 1)
+    int64_t t, vs, woff;        // channel stride, vector stride of a group, packed weights
     LaneStageFn<A> fn, finish;  // the stage, and its form as the last stage (Finish)
-    int64_t vs, woff;
   };
   std::vector<Stage> stages;
   std::vector<A> packed;  // (T, W), W = n * sum(K)
@@ -139,21 +140,20 @@ struct LanePlan {
     for (int s = 0; s < pl.stages(); ++s) {
       const int K = pl.radix[s];
       const int64_t t = pl.stride[s];
-      const int Q = t >= VL ? 1 : (int)std::min<int64_t>(K, VL / t);
-      const int T = t >= VL ? 1 : (int)t;
+      const int Q = t >= VL ? 1 : (int)std::min<int64_t>(K, VL / t), T = t >= VL ? 1 : (int)t;
       const LaneStageFn<A> fn = find_lane_stage(K, Q, T, false);
       if (!fn) return;
-      stages.push_back({fn, find_lane_stage(K, Q, T, true), t >= VL ? t / VL : 1, off});
+      stages.push_back({K, Q, T, t, t >= VL ? t / VL : 1, off, fn, find_lane_stage(K, Q, T, true)});
       off += pl.n * K;
     }
     packed.resize((size_t)(pl.T * pl.W));
     for (int64_t b = 0; b < pl.T; ++b)
       for (int s = 0; s < pl.stages(); ++s) {
-        const int K = pl.radix[s];
-        const int64_t t = pl.stride[s];
-        const int Q = t >= VL ? 1 : (int)std::min<int64_t>(K, VL / t);
+        const Stage& st = stages[s];
+        const int K = st.K, Q = st.Q;
+        const int64_t t = st.t;
         const A* ws = w + b * pl.W + pl.woff[s];  // (n / K, K, K)
-        A* out = packed.data() + b * pl.W + stages[s].woff;
+        A* out = packed.data() + b * pl.W + st.woff;
         // K, t and Q are powers of two: c = (seg * K + i) * t + r in shifts and masks
         const int lt = __builtin_ctzll(t), lk = __builtin_ctz(K);
         int src[8][8];  // [i % Q][e]: the input member of weight vector e for output member i
@@ -197,8 +197,8 @@ SIMD_INLINE void store_lanes(A* dst, const A* src, int64_t count, const Epilogue
 }
 
 // y (rows of cout) = B(x) (rows of x_row, cin channels each, or the rows `source` fills), or with
-// E epi(B(x)) + add (add laid out like y, or null), for `rows` rows. Returns false, doing nothing, when the plan has a stage
-// lane_stage does not run.
+// E epi(B(x)) + add (add laid out like y, or null), for `rows` rows. Returns false, doing nothing,
+// when the plan has a stage lane_stage does not run.
 template <class A, bool E>
 bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, int64_t rows,
                    int threads, int64_t l1_budget, bool stream, const Epilogue<A>* epi,

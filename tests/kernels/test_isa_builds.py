@@ -4,7 +4,6 @@ rows of channels and must find them equal (two implementations, so a vector widt
 gets wrong shows). On an AVX-512 machine this is how the AVX2 and SSE paths are kept from rotting;
 ``-march=native`` is the rest of the suite's build."""
 import os
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,12 +29,10 @@ def _cpu_flags() -> set:
 
 
 def _compiler():
-    """The compiler the kernels build with: $CXX, else c++ or g++ on PATH (None: none)."""
-    cxx = os.environ.get("CXX", "").strip()
-    if cxx:
-        return shlex.split(cxx)
-    found = shutil.which("c++") or shutil.which("g++")
-    return [found] if found else None
+    """The compiler the kernels build with ($CXX, else c++), or None where it is not on PATH."""
+    from torch.utils.cpp_extension import get_cxx_compiler
+    compiler = get_cxx_compiler()
+    return [compiler] if shutil.which(compiler) else None
 
 
 @pytest.mark.parametrize("march", [pytest.param("haswell"),
