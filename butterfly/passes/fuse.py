@@ -50,7 +50,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..nn.bft import BFT, dense_equivalent, is_bft
 from ..nn.depthwise import DepthwiseConv2d, is_operator_conv
 from ..ops.bft_fused import (Epilogue, activate, activate_, activation_of, bft_fused_image,
-                              pixel_rows)
+                              pixel_rows, prepare_fused)
 from ..ops.depthwise import depthwise_conv, kernel_args
 from ..ops.dispatch import backend_for, current_backend, kernels_loaded
 from ..ops.dw_bft_fused import dw_bft_fused, kernel_applies
@@ -140,16 +140,20 @@ class FusedBFT(_KernelArgsCache):
     def epilogue(self) -> Epilogue:
         return Epilogue(self.scale, self.shift, self.activation, self.adds)
 
-    def _kernel_args_for(self, x: Tensor) -> Optional[tuple]:
-        """``butterfly_cpu::forward_fused``'s arguments after the input (:func:`_kernel_call`)."""
+    def _prepared_for(self, x: Tensor):
+        """The layer prepared by the CPU backend for inputs like ``x``
+        (:func:`butterfly.ops.bft_fused.prepare_fused`: the plan, weights and epilogue checked
+        once, called without the dispatcher), or None when the kernel does not run them
+        (:func:`_kernel_call`)."""
         def build():
             p = self.plan
             w = self.weight.view(p.num_blocks, p.weights_per_block)
             if x.device.type != "cpu" or backend_for(x.device, x, w, p.radices).name != "cpu" \
                     or not kernels_loaded("cpu", x.device):
                 return None
-            return (_kernel_cast(x, w), list(p.radices), p.out_channels, self.residual,
-                    _kernel_cast(x, self.scale), _kernel_cast(x, self.shift), self.activation)
+            return prepare_fused("cpu", _kernel_cast(x, self.weight), p, self.residual,
+                                 _kernel_cast(x, self.scale), _kernel_cast(x, self.shift),
+                                 self.activation, x.dtype)
         return _kernel_call(self._kernel_args, x, build)
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
@@ -157,10 +161,10 @@ class FusedBFT(_KernelArgsCache):
         if add is not None and not _epilogue_add(
                 add, (x.shape[0], self.plan.out_channels, *x.shape[2:])):
             return self(x) + add
-        if _kernels_direct() and x.dim() == 4:
-            args = self._kernel_args_for(x)
-            if args is not None:
-                return _fused_rows(x, args, add)
+        if x.dim() == 4 and _kernels_direct():
+            prepared = self._prepared_for(x)
+            if prepared is not None:
+                return prepared(x, add)
         epilogue = Epilogue(self.scale, self.shift, self.activation, add is not None)
         return bft_fused_image(x, self.weight, self.plan, self.residual, epilogue, add)
 
@@ -168,21 +172,6 @@ class FusedBFT(_KernelArgsCache):
         p = self.plan
         return (f"{p.in_channels}, {p.out_channels}, radices={p.radices}, "
                 f"residual={self.residual}, epilogue={self.epilogue.describe()}")
-
-
-def _fused_rows(x: Tensor, args: tuple, add: Optional[Tensor]) -> Tensor:
-    """``butterfly_cpu::forward_fused`` on an image batch, laid out as
-    :func:`butterfly.ops.bft_fused.bft_fused_image` lays it out."""
-    N, C, H, W = x.shape
-    out = args[2]
-    rows = pixel_rows(x)
-    if rows is None:
-        skip = None if add is None else add.reshape(N, out, H * W).contiguous()
-        y = torch.ops.butterfly_cpu.forward_fused(x.reshape(N, C, H * W).contiguous(), *args, skip)
-        return y.view(N, out, H, W)
-    skip = None if add is None else add.permute(0, 2, 3, 1).reshape(N * H * W, out, 1).contiguous()
-    y = torch.ops.butterfly_cpu.forward_fused(rows, *args, skip)
-    return y.view(N, H, W, out).permute(0, 3, 1, 2)
 
 
 class FusedConv(_KernelArgsCache):

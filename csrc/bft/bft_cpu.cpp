@@ -27,21 +27,8 @@ at::Tensor forward_common(const at::Tensor& x_in, const at::Tensor& weight_in,
                             x_in.stride(0) >= x_in.size(1);
   at::Tensor x = strided_rows ? x_in : x_in.contiguous(), weight = weight_in.contiguous();
   const int64_t B = x.size(0), P = x.size(2);
-  Options opt = options();
-  if (strided_rows) opt.x_row_stride = x.stride(0);
   at::Tensor y = at::empty({B, out_channels, P}, x.options());
-  dispatch(x.scalar_type(), what, [&](auto* s_tag, auto* a_tag) {
-    using S = std::remove_pointer_t<decltype(s_tag)>;
-    using A = std::remove_pointer_t<decltype(a_tag)>;
-    const S* xp = (const S*)x.data_ptr();
-    const A* wp = (const A*)weight.data_ptr();
-    if (!fused || !fused->active)
-      return forward_impl<S, A>(pl, xp, wp, (S*)y.data_ptr(), B, P, opt);
-    auto data = [](const at::Tensor& t) { return t.defined() ? (const A*)t.data_ptr() : nullptr; };
-    const EpilogueData<A> epi(out_channels, data(fused->scale), data(fused->shift), fused->act);
-    forward_fused_impl<S, A>(pl, xp, wp, (S*)y.data_ptr(), B, P, opt, epi.e,
-                             fused->add.defined() ? (const S*)fused->add.data_ptr() : nullptr);
-  });
+  forward_into(pl, x, B, P, strided_rows ? x.stride(0) : 0, weight, fused, y, what);
   return y;
 }
 

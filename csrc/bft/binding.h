@@ -107,4 +107,28 @@ inline FusedArgs parse_epilogue(at::ScalarType input, int64_t out_channels,
   return f;
 }
 
+// y (B, cout, P, contiguous) = the forward of x (B, cin, P): contiguous, or with P == 1 rows of
+// channels `x_row` elements apart (0: cin), with the epilogue `fused` (null or inactive: none;
+// its add laid out like y). x and weight are checked by the caller. `lane_plan`: the weights
+// packed ahead for float32 rows (Options::lane_plan), or null.
+inline void forward_into(const Plan& pl, const at::Tensor& x, int64_t B, int64_t P, int64_t x_row,
+                         const at::Tensor& weight, const FusedArgs* fused, at::Tensor& y,
+                         const char* what, const LanePlan<float>* lane_plan = nullptr) {
+  Options opt = options();
+  opt.x_row_stride = x_row;
+  opt.lane_plan = lane_plan;
+  dispatch(x.scalar_type(), what, [&](auto* s_tag, auto* a_tag) {
+    using S = std::remove_pointer_t<decltype(s_tag)>;
+    using A = std::remove_pointer_t<decltype(a_tag)>;
+    const S* xp = (const S*)x.data_ptr();
+    const A* wp = (const A*)weight.data_ptr();
+    if (!fused || !fused->active)
+      return forward_impl<S, A>(pl, xp, wp, (S*)y.data_ptr(), B, P, opt);
+    auto data = [](const at::Tensor& t) { return t.defined() ? (const A*)t.data_ptr() : nullptr; };
+    const EpilogueData<A> epi(pl.cout, data(fused->scale), data(fused->shift), fused->act);
+    forward_fused_impl<S, A>(pl, xp, wp, (S*)y.data_ptr(), B, P, opt, epi.e,
+                             fused->add.defined() ? (const S*)fused->add.data_ptr() : nullptr);
+  });
+}
+
 }  // namespace bft

@@ -160,6 +160,9 @@ struct Options {
   int64_t stream_bytes = 8 << 20;         // outputs at least this large bypass the caches
   bool direct = true;                     // runs read x / write y in place when possible
   int64_t x_row_stride = 0;               // P == 1: elements between rows of x (0: C_in)
+  // float32 rows: the plan's weights packed ahead for the channels-as-lanes kernel (a
+  // LanePlan<float> of these weights, kept by a prepared layer), or null: packed per call
+  const LanePlan<float>* lane_plan = nullptr;
 };
 
 // y = B(x), or with E (the fused forward) y = epi(B(x)) + add (add: laid out like y, or null).
@@ -189,7 +192,7 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   if constexpr (same && std::is_same_v<A, float>)
     if (P == 1 && opt.lanes &&
         forward_lanes<A, E>(pl, x, opt.x_row_stride ? opt.x_row_stride : pl.cin, w, y, B,
-                            opt.threads, opt.l1_budget, stream, epi, add, src))
+                            opt.threads, opt.l1_budget, stream, epi, add, src, opt.lane_plan))
       return;
   // NCHW tiles in the compute dtype read x in place: only the output buffer is in use; a
   // source's rows (cin per pixel) stay in cache too

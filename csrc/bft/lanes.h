@@ -18,6 +18,7 @@
 #pragma once
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "bft/epilogue.h"
@@ -197,14 +198,18 @@ SIMD_INLINE void store_lanes(A* dst, const A* src, int64_t count, const Epilogue
 }
 
 // y (rows of cout) = B(x) (rows of x_row, cin channels each, or the rows `source` fills), or with
-// E epi(B(x)) + add (add laid out like y, or null), for `rows` rows. Returns false, doing nothing,
-// when the plan has a stage lane_stage does not run.
+// E epi(B(x)) + add (add laid out like y, or null), for `rows` rows, with the weights w packed
+// here or ahead (`packed`: LanePlan(pl, w)). Returns false, doing nothing, when the plan has a
+// stage lane_stage does not run.
 template <class A, bool E>
 bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, int64_t rows,
                    int threads, int64_t l1_budget, bool stream, const Epilogue<A>* epi,
-                   const A* add, const RowSource<A>* source = nullptr) {
+                   const A* add, const RowSource<A>* source = nullptr,
+                   const LanePlan<A>* packed = nullptr) {
   constexpr int64_t VL = Vec<A>::lanes;
-  const LanePlan<A> lp(pl, w);
+  std::optional<LanePlan<A>> own;  // packed here unless the caller packed the weights ahead
+  if (!packed) packed = &own.emplace(pl, w);
+  const LanePlan<A>& lp = *packed;
   if (!lp.ok) return false;
   if (source) x_row = pl.cin;
   // streaming stores need vector-aligned rows of y
@@ -216,7 +221,8 @@ bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, 
   const int64_t tp = std::clamp<int64_t>(l1_budget / (ld * (int64_t)sizeof(A)), 1, 256);
   const int64_t ntiles = (rows + tp - 1) / tp;
   const int64_t nvec = pl.n / VL;
-#pragma omp parallel num_threads(threads)
+  // no more threads than tiles: a thread without a tile would only add to the region's start
+#pragma omp parallel num_threads((int)std::min<int64_t>(threads, ntiles))
   {
     A* in = scratch<A>(0, tp * ld);   // a block's zero-padded input rows
     A* buf = scratch<A>(1, tp * ld);  // the stages' rows

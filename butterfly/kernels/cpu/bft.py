@@ -1,5 +1,6 @@
 """The "cpu" backend of ``butterfly::bft`` and its fused form ``butterfly::bft_fused``: the C++
-operators ``butterfly_cpu::forward``, ``backward`` and ``forward_fused`` (``csrc/bft/``).
+operators ``butterfly_cpu::forward``, ``backward`` and ``forward_fused`` (``csrc/bft/``), and the
+prepared form of fused inference layers (``PreparedBFT``, :func:`butterfly.ops.bft_fused.prepare_fused`).
 
 The kernels compute in float32 (bfloat16 and float16 inputs accumulate in float32) or float64;
 other dtype combinations (a float64 weight with a non-float64 input) run the reference. The fused
@@ -16,10 +17,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ...ops.bft_fused import register_fused
+from ...ops.bft_fused import register_fused, register_prepare
 from ...ops.dispatch import Backend, register_backend
 from ...ops.reference import compute_dtype
-from .build import KERNEL_DTYPES, unavailable
+from ...plan import BFTPlan
+from .build import KERNEL_DTYPES, native, unavailable
 
 
 def _unsupported(x: Tensor, weight: Tensor, radices: Sequence[int]) -> str:
@@ -58,6 +60,15 @@ def _fused(x: Tensor, weight: Tensor, radices: List[int], out_channels: int, res
         activation, None if add is None else add.contiguous())
 
 
+def _prepare(weight: Tensor, plan: BFTPlan, residual: bool, scale: Optional[Tensor],
+             shift: Optional[Tensor], activation: str, dtype: torch.dtype):
+    """A fused inference layer for the C++ kernel (``PreparedBFT``, ``csrc/bft/prepared.cpp``)."""
+    return native().PreparedBFT(weight.view(plan.num_blocks, plan.weights_per_block),
+                                list(plan.radices), plan.in_channels, plan.out_channels,
+                                residual, scale, shift, activation, dtype)
+
+
 register_backend(Backend("cpu", _forward, _backward, unavailable, _unsupported, degrades=True,
                          auto_devices=("cpu",), auto_priority=10))
 register_fused("cpu", _fused)
+register_prepare("cpu", _prepare)

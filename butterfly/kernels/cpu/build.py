@@ -284,7 +284,7 @@ def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     library, record = build_dir / f"{name}.so", build_dir / "library.sha256"
     if _verified(library, record):
-        torch.ops.load_library(str(library))
+        _load_library(name, library)
         return name
     with _environment_ninja():
         problem = _toolchain_problem(cpp_extension)
@@ -294,7 +294,7 @@ def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
         raise RuntimeError(problem)
     with _entry_lock(build_dir):
         if _verified(library, record):  # another process finished it while we waited
-            torch.ops.load_library(str(library))
+            _load_library(name, library)
             return name
         library.unlink(missing_ok=True)
         record.unlink(missing_ok=True)
@@ -328,7 +328,20 @@ def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
         staged = record.with_suffix(".tmp")
         staged.write_text(_file_digest(library))
         os.replace(staged, record)
+        _load_library(name, library)
     return name
+
+
+def _load_library(name: str, library: Path) -> None:
+    """Loads the library as the Python module ``name`` (which also registers its operators) and
+    keeps the module (:func:`native`)."""
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    _state["module"] = module
 
 
 def _build() -> str:
@@ -363,6 +376,13 @@ def load_extension() -> Optional[str]:
                     f"the fused CPU kernel could not be built ({exc}); install a C++20 compiler "
                     f"and ninja (docs/kernel_cpu.md), or set {DISABLE_ENV}=1")
         return _state.get("library")
+
+
+def native():
+    """The extension's Python module (its prepared inference layers, ``csrc/bft/prepared.cpp``),
+    or ``None`` when the kernels are unavailable."""
+    load_extension()
+    return _state.get("module")
 
 
 def reset() -> None:
