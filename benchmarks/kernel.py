@@ -11,7 +11,11 @@ the harness (interleaved rounds; each step settled for 20 ms, then 3 timed calls
 ``nn.Conv2d(in, out, 1, bias=False)`` on NCHW and channels_last input (the faster is the
 baseline); ``BFT(in, out, base)`` for bases 4 and 2 on the "cpu" backend, both formats; the
 stage-by-stage reference (base 4, NCHW); a copy of an output-sized tensor (the least memory
-traffic of any layer of the shape). GMAC/s count useful multiply-adds (BFT: ``macs_per_pixel``
+traffic of any layer of the shape). At batch 1 (mode ``inference, batch 1``), where the fixed cost
+per call counts, each side runs as a fused inference layer runs it: the BFT as
+:class:`butterfly.passes.fuse.FusedBFT` (the prepared C++ layer, no dispatcher call) and the conv
+as :class:`~butterfly.passes.fuse.FusedConv` (oneDNN called directly), both with an empty
+epilogue. GMAC/s count useful multiply-adds (BFT: ``macs_per_pixel``
 per pixel; conv: in x out); training counts 3x the forward. What bounds it: the machine's FMA peak
 and copy bandwidth (:func:`benchmarks.bounds.rates`) are measured in the same run, once per
 thread count. ``--cpu-time`` adds one thread timed by process CPU time, which time spent
@@ -31,6 +35,8 @@ from torch import nn
 from benchmarks import bounds, harness, loops
 from butterfly import BFT, use_backend
 from butterfly.kernels.cpu import load_extension
+from butterfly.ops.bft_fused import Epilogue
+from butterfly.passes.fuse import FusedBFT, FusedConv
 
 BATCH = 32
 SHAPES = [("square 64", 64, 64, 56), ("square 128", 128, 128, 28), ("square 256", 256, 256, 14),
@@ -43,6 +49,7 @@ RUNNERS = ("conv NCHW", "conv CL", "BFT-4 NCHW", "BFT-4 CL", "BFT-2 NCHW", "BFT-
            "reference", "copy")
 BFTS = RUNNERS[2:6]
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+MODES = {"inference": 32, "training": 32, "inference, batch 1": 1}   # mode -> batch
 # Speed goals of the kernel, best conv / best base-4 BFT, by channels: (inference, training).
 TARGETS = {64: (2.0, 1.5), 128: (2.0, 1.5), 256: (4.0, 2.5), 512: (6.0, 2.5), 1024: (10.0, 2.5)}
 
@@ -67,26 +74,31 @@ def make_step(module: nn.Module, x: torch.Tensor, backend: str, train: bool) -> 
     return step
 
 
-def prepare(cin: int, cout: int, hw: int, train: bool) -> Dict[str, Callable]:
+def prepare(cin: int, cout: int, hw: int, mode: str) -> Dict[str, Callable]:
     """Runner name -> preparation of its step (info: the forward's useful multiply-adds)."""
-    x = torch.randn(BATCH, cin, hw, hw)
+    batch, train = MODES[mode], mode == "training"
+    x = torch.randn(batch, cin, hw, hw)
     xl = x.contiguous(memory_format=torch.channels_last)
-    pixels = BATCH * hw * hw
+    pixels = batch * hw * hw
     conv = nn.Conv2d(cin, cout, 1, bias=False)
     conv_cl = nn.Conv2d(cin, cout, 1, bias=False).to(memory_format=torch.channels_last)
     bft = {4: BFT(cin, cout, base=4), 2: BFT(cin, cout, base=2)}
-    out, src = torch.empty(BATCH, cout, hw, hw), torch.randn(BATCH, cout, hw, hw)
+    out, src = torch.empty(batch, cout, hw, hw), torch.randn(batch, cout, hw, hw)
 
     def runner(module, inp, backend, macs):
         return lambda: (make_step(module, inp, backend, train), {"macs": macs})
 
+    if batch == 1:   # the fused inference layers, as a fused network runs them
+        conv, conv_cl = FusedConv(conv), FusedConv(conv_cl)
+        bft = {base: FusedBFT(layer, Epilogue()) for base, layer in bft.items()}
     preps = {"conv NCHW": runner(conv, x, "auto", cin * cout * pixels),
              "conv CL": runner(conv_cl, xl, "auto", cin * cout * pixels)}
     for base in (4, 2):
         for fmt, inp in (("NCHW", x), ("CL", xl)):
             preps[f"BFT-{base} {fmt}"] = runner(bft[base], inp, "cpu",
-                                                bft[base].macs_per_pixel * pixels)
-    preps["reference"] = runner(bft[4], x, "reference", bft[4].macs_per_pixel * pixels)
+                                                bft[base].plan.macs_per_pixel * pixels)
+    if batch > 1:
+        preps["reference"] = runner(bft[4], x, "reference", bft[4].macs_per_pixel * pixels)
     preps["copy"] = lambda: (lambda: out.copy_(src), {"bytes": 2 * out.numel() * 4})
     return preps
 
@@ -142,13 +154,14 @@ def sections(data: Dict) -> List[str]:
                               *(f"{b:.0f} ({b / conv:.2f})" for b in bft),
                               f"{100 * max(bft) / peak:.0f}%" if peak else "-"])
             fastest = min((n for n in BFTS if n in ok), key=lambda n: ok[n]["ms"], default=None)
-            if mode == "inference" and fastest and "copy" in ok:
+            if mode != "training" and fastest and "copy" in ok:
                 limits.append((shape, fastest, ok[fastest]["ms"], ok[fastest]["macs"],
                                ok["copy"]["ms"], max((ok[n]["macs"] / ok[n]["ms"] / 1e6 for n in
                                                       ("conv NCHW", "conv CL") if n in ok),
                                                      default=None)))
-        title = ("Training (forward + backward)" if mode == "training"
-                 else "Inference (forward, no grad)")
+        title = {"training": "Training (forward + backward)",
+                 "inference": "Inference (forward, no grad)",
+                 "inference, batch 1": "Inference at batch 1 (fused layers)"}[mode]
         out += [f"## {title}, {threads} thread{'s' * (threads > 1)}, "
                 f"{'process CPU time' if clock == 'cpu' else 'wall clock'}", "",
                 *harness.table(["layer", "H=W", *RUNNERS], rows), ""]
@@ -182,7 +195,7 @@ def sections(data: Dict) -> List[str]:
 
 def report(data: Dict) -> List[str]:
     return ["# BFT CPU kernel vs 1x1 convolution", "",
-            f"Batch {BATCH}, float32, residual on; method: `benchmarks/kernel.py`'s docstring. "
+            f"Batch {BATCH} (and a batch-1 inference section), float32, residual on; method: `benchmarks/kernel.py`'s docstring. "
             "Each cell: median time, achieved GMAC/s (training counts 3x the forward) and, in "
             "bold, best conv time / time (> 1: faster than the faster convolution). *copy*: "
             "copying an output-sized tensor.", "", *harness.runs_section(data), *sections(data)]
@@ -208,9 +221,9 @@ def main(argv=None) -> int:
         if rates_key(clock, threads) not in store.data["rates"]:
             store.data["rates"][rates_key(clock, threads)] = bounds.rates(threads, args.quick,
                                                                           clock == "cpu")
-        for mode in ("inference", "training"):
+        for mode in MODES:
             for shape, cin, cout, hw in QUICK_SHAPES if args.quick else SHAPES:
-                preps = prepare(cin, cout, hw, mode == "training")
+                preps = prepare(cin, cout, hw, mode)
                 harness.measure(store, {key(clock, threads, mode, shape, n): f
                                         for n, f in preps.items()},
                                 timing, threads, CLOCKS[clock], timed_by=clock, mode=mode,

@@ -147,30 +147,6 @@ def register_fused(backend: str, fused: Fused) -> None:
     _FUSED[backend] = fused
 
 
-# (x, add) -> y on (N, C, H, W) images: a fused layer prepared by a backend (prepare_fused)
-Prepared = Callable[[Tensor, Optional[Tensor]], Tensor]
-_PREPARE: Dict[str, Callable[..., Prepared]] = {}
-
-
-def register_prepare(backend: str, prepare: Callable[..., Prepared]) -> None:
-    """Give backend ``backend`` an eager fast path for fused inference layers:
-    ``prepare(weight, plan, residual, scale, shift, activation, dtype)`` (weight, scale and
-    shift in the compute dtype of inputs of ``dtype``) returns a callable ``(x, add)`` on
-    ``(N, C, H, W)`` images of that dtype, in either memory format, that computes what
-    :func:`bft_fused_image` computes, with the layer's arguments checked once, when it is built."""
-    _PREPARE[backend] = prepare
-
-
-def prepare_fused(backend: str, weight: Tensor, plan: BFTPlan, residual: bool,
-                  scale: Optional[Tensor], shift: Optional[Tensor], activation: str,
-                  dtype: torch.dtype) -> Optional[Prepared]:
-    """The layer prepared by ``backend`` (:func:`register_prepare`), or None when the backend
-    has no such path."""
-    prepare = _PREPARE.get(backend)
-    return None if prepare is None else prepare(weight, plan, residual, scale, shift, activation,
-                                                dtype)
-
-
 def _run_fused(x: Tensor, weight: Tensor, radices: List[int], out_channels: int,
                residual: bool, scale: Optional[Tensor], shift: Optional[Tensor],
                activation: str, add: Optional[Tensor]) -> Tensor:

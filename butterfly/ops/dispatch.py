@@ -4,7 +4,9 @@ A :class:`Backend` implements the BFT operator and says what it cannot run; othe
 (depthwise, fused BatchNorm, the fused forms) ask :func:`backend_for` which backend runs a call and
 use that backend's kernels. :func:`use_backend` chooses; ``"auto"`` picks the fastest available for
 the tensor's device. Backends register themselves (``butterfly/kernels/``); operators never import
-one.
+one. A backend may also register prepared forms of the fused inference layers
+(:func:`register_prepared`): objects built once per layer that run its operator's computation
+without the dispatcher, for the eager calls of ``butterfly.passes.fuse``.
 """
 from __future__ import annotations
 
@@ -151,3 +153,19 @@ def kernels_loaded(name: str, device: torch.device) -> bool:
     kernels on first use)."""
     backend = _BACKENDS.get(name)
     return backend is not None and not backend.unavailable(device)
+
+
+_PREPARED: Dict[Tuple[str, str], Callable] = {}
+
+
+def register_prepared(backend: str, operator: str, prepare: Callable) -> None:
+    """Give backend ``backend`` a prepared form of fused inference layers of operator
+    ``operator`` (``"bft_fused"``, ``"depthwise_conv"``, ``"dw_bft_fused"``): ``prepare(...)``
+    checks a layer's arguments once and returns a callable that computes what the operator
+    computes (the fused layers of :mod:`butterfly.passes.fuse` say what they pass)."""
+    _PREPARED[(backend, operator)] = prepare
+
+
+def prepared(backend: str, operator: str) -> Optional[Callable]:
+    """The ``prepare`` that backend ``backend`` registered for ``operator``, or None."""
+    return _PREPARED.get((backend, operator))

@@ -50,9 +50,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..nn.bft import BFT, dense_equivalent, is_bft
 from ..nn.depthwise import DepthwiseConv2d, is_operator_conv
 from ..ops.bft_fused import (Epilogue, activate, activate_, activation_of, bft_fused_image,
-                              pixel_rows, prepare_fused)
+                              pixel_rows)
 from ..ops.depthwise import depthwise_conv, kernel_args
-from ..ops.dispatch import backend_for, current_backend, kernels_loaded
+from ..ops.dispatch import backend_for, current_backend, kernels_loaded, prepared
 from ..ops.dw_bft_fused import dw_bft_fused, kernel_applies
 from ..ops.reference import compute_dtype
 
@@ -69,22 +69,23 @@ def _kernels_direct() -> bool:
     return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
 
 
-class _KernelArgsCache(nn.Module):
-    """A fused layer that caches its kernel's arguments (:func:`_kernel_call`). The cache is not
-    saved with the layer: a fused model loaded in another process rebuilds it on its first call
-    (loading the kernels then)."""
+class _PreparedCache(nn.Module):
+    """A fused layer that keeps the prepared forms of itself that the CPU backend built
+    (:func:`_prepared_call`). They are not saved with the layer: a fused model loaded in another
+    process (or copied) prepares them again on its first call (loading the kernels then)."""
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_kernel_args"] = {}
+        state["_prepared"] = {}
         return state
 
 
-def _kernel_call(cache: dict, x: Tensor, build: Callable[[], Optional[tuple]]) -> Optional[tuple]:
-    """A fused layer's C++ kernel arguments after the input for inputs like ``x`` (None: the
-    kernel does not run them), built by ``build`` through the operator's own checks on the first
-    call per backend choice, device and dtype; eager calls then skip those checks (a fixed cost
-    per call that matters for small layers at batch 1)."""
+def _prepared_call(cache: dict, x: Tensor, build: Callable[[], Optional[Callable]]
+                   ) -> Optional[Callable]:
+    """A fused layer's prepared form for inputs like ``x`` (None: the C++ kernels do not run
+    them), built by ``build`` on the first call per backend choice, device and dtype. The prepared
+    form checked the layer's arguments once and is called without the dispatcher: a fixed cost
+    per call that matters for small layers at batch 1."""
     key = (current_backend(), x.device.type, x.dtype)
     if key not in cache:
         cache[key] = build()
@@ -121,7 +122,7 @@ def _conv_output_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> 
     return (x.shape[0], weight.shape[0], *size)
 
 
-class FusedBFT(_KernelArgsCache):
+class FusedBFT(_PreparedCache):
     """A BFT with its epilogue (:class:`butterfly.ops.bft_fused.Epilogue`), for inference. Takes
     ``(N, C, H, W)`` input in either memory format (and ``add`` of the output's shape when the
     epilogue adds), returns the output in the input's format."""
@@ -133,7 +134,7 @@ class FusedBFT(_KernelArgsCache):
         self.activation, self.adds = epilogue.activation, epilogue.add
         self.register_buffer("scale", None if epilogue.scale is None else epilogue.scale.detach())
         self.register_buffer("shift", None if epilogue.shift is None else epilogue.shift.detach())
-        self._kernel_args: dict = {}   # see _kernel_call
+        self._prepared: dict = {}   # see _prepared_call
         self.eval()   # an inference layer: built in eval mode
 
     @property
@@ -142,19 +143,20 @@ class FusedBFT(_KernelArgsCache):
 
     def _prepared_for(self, x: Tensor):
         """The layer prepared by the CPU backend for inputs like ``x``
-        (:func:`butterfly.ops.bft_fused.prepare_fused`: the plan, weights and epilogue checked
-        once, called without the dispatcher), or None when the kernel does not run them
-        (:func:`_kernel_call`)."""
+        (:func:`butterfly.ops.dispatch.prepared`: the plan, weights and epilogue checked once,
+        called without the dispatcher), or None when the kernel does not run them
+        (:func:`_prepared_call`)."""
         def build():
             p = self.plan
             w = self.weight.view(p.num_blocks, p.weights_per_block)
+            prepare = prepared("cpu", "bft_fused")
             if x.device.type != "cpu" or backend_for(x.device, x, w, p.radices).name != "cpu" \
-                    or not kernels_loaded("cpu", x.device):
+                    or not kernels_loaded("cpu", x.device) or prepare is None:
                 return None
-            return prepare_fused("cpu", _kernel_cast(x, self.weight), p, self.residual,
-                                 _kernel_cast(x, self.scale), _kernel_cast(x, self.shift),
-                                 self.activation, x.dtype)
-        return _kernel_call(self._kernel_args, x, build)
+            return prepare(_kernel_cast(x, self.weight), p, self.residual,
+                           _kernel_cast(x, self.scale), _kernel_cast(x, self.shift),
+                           self.activation, x.dtype)
+        return _prepared_call(self._prepared, x, build)
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
@@ -174,7 +176,7 @@ class FusedBFT(_KernelArgsCache):
                 f"residual={self.residual}, epilogue={self.epilogue.describe()}")
 
 
-class FusedConv(_KernelArgsCache):
+class FusedConv(_PreparedCache):
     """A ``Conv2d`` (BatchNorm folded in) with its epilogue: ``act(conv(x)) + add``, or with
     ``add_first`` ``act(conv(x) + add)``, for inference."""
 
@@ -190,8 +192,20 @@ class FusedConv(_KernelArgsCache):
         # kernel_geometry: what butterfly::depthwise_conv computes; depthwise: whether this layer
         # runs it (optimize_for_inference may hand it back to PyTorch's convolution)
         self.kernel_geometry = self.depthwise = is_operator_conv(conv)
-        self._kernel_args: dict = {}   # see _kernel_call
+        self._prepared: dict = {}   # see _prepared_call
         self.eval()   # an inference layer: built in eval mode
+
+    def _prepared_for(self, x: Tensor):
+        """The depthwise conv prepared by the CPU backend for inputs like ``x`` (float32 or
+        float64, :func:`butterfly.ops.dispatch.prepared`), or None when the kernel does not run
+        them (:func:`_prepared_call`)."""
+        def build():
+            args = kernel_args(x, self.weight, self.bias, self.stride[0], self.activation)
+            prepare = prepared("cpu", "depthwise_conv")
+            if args is None or prepare is None or x.dtype not in (torch.float32, torch.float64):
+                return None
+            return prepare(args[0], args[1], self.stride[0], self.activation, x.dtype)
+        return _prepared_call(self._prepared, x, build)
 
     def _onednn(self, x: Tensor) -> bool:
         return _MKLDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32 \
@@ -201,11 +215,9 @@ class FusedConv(_KernelArgsCache):
         _refuse_training(self, (x, add))
         geometry = (self.padding, self.stride, self.dilation, self.groups)
         if self.depthwise and x.device.type == "cpu" and x.dim() == 4:
-            args = None if not _kernels_direct() else _kernel_call(
-                self._kernel_args, x, lambda: kernel_args(x, self.weight, self.bias,
-                                                          self.stride[0], self.activation))
-            if args is not None:
-                y = torch.ops.butterfly_cpu.dw_forward(x, *args)
+            layer = self._prepared_for(x) if _kernels_direct() else None
+            if layer is not None:
+                y = layer(x)
             else:
                 y = depthwise_conv(x, self.weight, self.bias, self.stride[0], self.activation)
         elif self._onednn(x) and _get_current_dispatch_mode() is None:
@@ -247,7 +259,7 @@ class FusedConv(_KernelArgsCache):
         return cls(conv, fused.activation, fused.adds)
 
 
-class FusedDepthwiseBFT(_KernelArgsCache):
+class FusedDepthwiseBFT(_PreparedCache):
     """A fused depthwise conv and the fused BFT that reads its output (the depthwise-separable
     block), for inference. With ``one_pass`` and an input the kernel takes, both run as one
     ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.ops.dw_bft_fused`); otherwise, or once the BFT was
@@ -256,22 +268,26 @@ class FusedDepthwiseBFT(_KernelArgsCache):
     def __init__(self, dw: FusedConv, pw: FusedBFT):
         super().__init__()
         self.dw, self.pw, self.one_pass = dw, pw, True
-        self._kernel_args: dict = {}   # see _kernel_call
+        self._prepared: dict = {}   # see _prepared_call
         self.eval()
 
-    def _kernel_args_for(self, x: Tensor) -> Optional[tuple]:
-        """``butterfly_cpu::dw_bft_fused``'s arguments after the input (:func:`_kernel_call`),
-        decided by :func:`butterfly.ops.dw_bft_fused.kernel_applies`."""
+    def _prepared_for(self, x: Tensor):
+        """The block prepared by the CPU backend for inputs like ``x`` (one
+        ``butterfly::dw_bft_fused`` pass, :func:`butterfly.ops.dispatch.prepared`), or None when
+        the kernel does not run them, as decided by
+        :func:`butterfly.ops.dw_bft_fused.kernel_applies` (:func:`_prepared_call`)."""
         def build():
             dw, pw = self.dw, self.pw
-            if not kernel_applies(x, dw.weight, dw.stride[0]):
+            prepare_dw = prepared("cpu", "depthwise_conv")
+            prepare = prepared("cpu", "dw_bft_fused")
+            if not kernel_applies(x, dw.weight, dw.stride[0]) or prepare is None \
+                    or prepare_dw is None:
                 return None
-            p = pw.plan
-            return (_kernel_cast(x, dw.weight), _kernel_cast(x, dw.bias), dw.stride[0],
-                    dw.activation, _kernel_cast(x, pw.weight.view(p.num_blocks, p.weights_per_block)),
-                    list(p.radices), p.out_channels, pw.residual, _kernel_cast(x, pw.scale),
-                    _kernel_cast(x, pw.shift), pw.activation)
-        return _kernel_call(self._kernel_args, x, build)
+            depthwise = prepare_dw(_kernel_cast(x, dw.weight), _kernel_cast(x, dw.bias),
+                                   dw.stride[0], dw.activation, x.dtype)
+            return prepare(depthwise, _kernel_cast(x, pw.weight), pw.plan, pw.residual,
+                           _kernel_cast(x, pw.scale), _kernel_cast(x, pw.shift), pw.activation)
+        return _prepared_call(self._prepared, x, build)
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
@@ -285,10 +301,9 @@ class FusedDepthwiseBFT(_KernelArgsCache):
             if not _kernels_direct():   # one traced (or counted) operator, which falls back itself
                 return dw_bft_fused(x, dw.weight, dw.bias, dw.stride[0], dw.activation,
                                     pw.weight, pw.plan, pw.residual, pw.epilogue, add)
-            args = self._kernel_args_for(x)
-            if args is not None:
-                skip = None if add is None else add.contiguous(memory_format=torch.channels_last)
-                return torch.ops.butterfly_cpu.dw_bft_fused(x, *args, skip)
+            layer = self._prepared_for(x)
+            if layer is not None:
+                return layer(x, add)
         return pw(dw(x), add)
 
     def extra_repr(self) -> str:

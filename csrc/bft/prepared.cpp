@@ -1,16 +1,20 @@
-// Inference layers prepared once and called from Python directly (the extension's Python module):
-// PreparedBFT is a fused BFT layer (butterfly/passes/fuse.py, FusedBFT) whose plan, weights and
-// epilogue are checked and converted when it is built, and whose float32 weights are packed for
+// Inference layers prepared once and called from Python directly (the extension's Python module),
+// for the fused layers of butterfly/passes/fuse.py: PreparedBFT (FusedBFT), PreparedDepthwise
+// (a FusedConv on the depthwise kernel) and PreparedDepthwiseBFT (FusedDepthwiseBFT's one pass).
+// Their arguments are checked and converted when they are built. PreparedBFT's float32 weights
+// are also packed for
 // the channels-as-lanes kernel once (again whenever the weight tensor's version counter moves:
 // an in-place update such as load_state_dict; an inference tensor has no counter and is packed
 // once), so that a call only lays out the image batch and runs the kernel. Calling the operator butterfly_cpu::forward_fused instead goes
 // through the dispatcher's boxed call and checks every argument again: a fixed cost per call
-// that dominates small layers at batch 1. The operator stays the one traced, counted and
-// exported; this is its eager fast path, and it computes the same (forward_into).
+// that dominates small layers at batch 1. The operators stay the ones traced, counted and
+// exported; these are their eager fast paths, and they run the same code (forward_into,
+// dwconv::forward, dw_bft_into).
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "bft/binding.h"
+#include "depthwise/dw_bft.h"
 
 namespace bft {
 namespace {
@@ -86,6 +90,120 @@ class PreparedBFT {
   mutable uint32_t lanes_version_ = 0;
 };
 
+// A depthwise conv's shape for x (N, C, H, W), checked against the prepared layer's.
+dwconv::Shape depthwise_shape(const at::Tensor& x, int64_t C, int K, int S, at::ScalarType dtype,
+                              bool need_channels_last, const char* what) {
+  const bool cl = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == C && x.scalar_type() == dtype &&
+                  x.device().is_cpu() && (cl || !need_channels_last),
+              what, ": expected a CPU ", dtype, need_channels_last ? " channels_last" : "",
+              " tensor of shape (N, ", C, ", H, W), got ", x.scalar_type(), " ", x.sizes(),
+              " on ", x.device());
+  dwconv::Shape sh{x.size(0), C, x.size(2), x.size(3), 0, 0, K, S};
+  sh.Ho = dwconv::out_size(sh.H, K, S);
+  sh.Wo = dwconv::out_size(sh.W, K, S);
+  return sh;
+}
+
+int activation_of(const std::string& name, const char* what) {
+  const int code = activation::code_of(name);
+  TORCH_CHECK(code >= 0, what, ": unknown activation '", name, "'; choose one of ",
+              activation::name_list());
+  return code;
+}
+
+// act(depthwise_conv(x) + bias) for float32 or float64 x in either memory format; weight
+// (C, 1, K, K) and bias (C, or None) in x's dtype.
+class PreparedDepthwise {
+ public:
+  PreparedDepthwise(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    int64_t stride, const std::string& activation, at::ScalarType dtype)
+      : weight_(weight.contiguous()), dtype_(dtype), act_(activation_of(activation, kWhat)) {
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, kWhat,
+                ": prepared for float32 or float64, got ", dtype);
+    TORCH_CHECK(weight_.dim() == 4 && weight_.size(1) == 1 && weight_.size(2) == weight_.size(3) &&
+                    (weight_.size(2) == 3 || weight_.size(2) == 5 || weight_.size(2) == 7) &&
+                    weight_.scalar_type() == dtype && (stride == 1 || stride == 2),
+                kWhat, ": expected a (C, 1, k, k) ", dtype, " weight with k in 3, 5, 7 and stride "
+                "1 or 2, got ", weight_.sizes(), " ", weight_.scalar_type(), ", stride ", stride);
+    if (bias.has_value() && bias->defined()) bias_ = bias->to(dtype).contiguous();
+    K_ = (int)weight_.size(2);
+    S_ = (int)stride;
+  }
+
+  int64_t channels() const { return weight_.size(0); }
+  at::ScalarType dtype() const { return dtype_; }
+  int K() const { return K_; }
+  int S() const { return S_; }
+  int act() const { return act_; }
+  const at::Tensor& weight() const { return weight_; }
+  const at::Tensor& bias() const { return bias_; }
+
+  at::Tensor run(const at::Tensor& x_in) const {
+    const dwconv::Shape sh = depthwise_shape(x_in, weight_.size(0), K_, S_, dtype_, false, kWhat);
+    const bool cl = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+    const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    const at::Tensor x = x_in.contiguous(format);
+    at::Tensor y = at::empty({sh.N, sh.C, sh.Ho, sh.Wo}, x.options().memory_format(format));
+    if (y.numel() == 0) return y;
+    auto run = [&](auto* tag) {
+      using A = std::remove_pointer_t<decltype(tag)>;
+      dwconv::forward<A>(sh, cl, x.const_data_ptr<A>(), weight_.const_data_ptr<A>(),
+                         bias_.defined() ? bias_.const_data_ptr<A>() : nullptr, act_,
+                         y.mutable_data_ptr<A>(), at::get_num_threads());
+    };
+    if (dtype_ == at::kDouble)
+      run((double*)nullptr);
+    else
+      run((float*)nullptr);
+    return y;
+  }
+
+ private:
+  static constexpr const char* kWhat = "PreparedDepthwise";
+  at::Tensor weight_, bias_;
+  at::ScalarType dtype_;
+  int act_, K_ = 3, S_ = 1;
+};
+
+// The depthwise -> BFT block in one pass (dw_bft_into) for channels-last float32 or float64 x:
+// the depthwise conv as in PreparedDepthwise, then the fused BFT as in PreparedBFT.
+class PreparedDepthwiseBFT {
+ public:
+  PreparedDepthwiseBFT(const PreparedDepthwise& dw, const at::Tensor& weight,
+                       std::vector<int64_t> radices, int64_t out_channels, bool residual,
+                       const std::optional<at::Tensor>& scale,
+                       const std::optional<at::Tensor>& shift, const std::string& activation)
+      : dw_(dw), pl_(plan_for(dw.channels(), out_channels, radices, residual, kWhat)),
+        weight_(weight.contiguous()) {
+    check_args(at::empty({0}, at::TensorOptions().dtype(dw.dtype())), weight_, pl_, kWhat);
+    fused_ = parse_epilogue(dw.dtype(), out_channels, scale, shift, activation, kWhat);
+  }
+
+  at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& add) const {
+    const dwconv::Shape sh = depthwise_shape(x, pl_.cin, dw_.K(), dw_.S(), dw_.dtype(), true,
+                                             kWhat);
+    at::Tensor y = at::empty({sh.N, pl_.cout, sh.Ho, sh.Wo},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    FusedArgs f = fused_;
+    if (add.has_value()) {
+      TORCH_CHECK(add->sizes() == y.sizes() && add->scalar_type() == dw_.dtype(), kWhat,
+                  ": expected add of shape ", y.sizes(), " and dtype ", dw_.dtype(), ", got ",
+                  add->sizes(), " ", add->scalar_type());
+      f.add = add->contiguous(at::MemoryFormat::ChannelsLast);
+    }
+    if (y.numel()) dw_bft_into(pl_, sh, x, dw_.weight(), dw_.bias(), dw_.act(), weight_, f, y);
+    return y;
+  }
+
+ private:
+  static constexpr const char* kWhat = "PreparedDepthwiseBFT";
+  PreparedDepthwise dw_;
+  Plan pl_;
+  at::Tensor weight_;
+  FusedArgs fused_;
+};
+
 }  // namespace
 }  // namespace bft
 
@@ -95,5 +213,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                           const std::string&, at::ScalarType>())
       .def("__call__", &bft::PreparedBFT::run, pybind11::arg("x"),
+           pybind11::arg("add") = pybind11::none());
+  pybind11::class_<bft::PreparedDepthwise>(m, "PreparedDepthwise")
+      .def(pybind11::init<const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                          const std::string&, at::ScalarType>())
+      .def("__call__", &bft::PreparedDepthwise::run, pybind11::arg("x"));
+  pybind11::class_<bft::PreparedDepthwiseBFT>(m, "PreparedDepthwiseBFT")
+      .def(pybind11::init<const bft::PreparedDepthwise&, const at::Tensor&, std::vector<int64_t>,
+                          int64_t, bool, const std::optional<at::Tensor>&,
+                          const std::optional<at::Tensor>&, const std::string&>())
+      .def("__call__", &bft::PreparedDepthwiseBFT::run, pybind11::arg("x"),
            pybind11::arg("add") = pybind11::none());
 }

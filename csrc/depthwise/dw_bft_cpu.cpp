@@ -8,47 +8,18 @@
 // dw_kernel.h, bias and activation in its epilogue) into a per-thread buffer that stays in
 // cache, and the BFT reads its tile from there (RowSource in bft/kernel.h). The depthwise output
 // never goes to memory: the block reads x and writes y once, where the two layers apart write
-// and read the intermediate once more. The fused inference layers (FusedDepthwiseBFT,
-// butterfly/passes/fuse.py) call it through the Python operator (butterfly/ops/dw_bft_fused.py);
-// the reference is the two fused layers run one after the other.
+// and read the intermediate once more. The Python operator (butterfly/ops/dw_bft_fused.py) calls
+// it; the fused inference layers (FusedDepthwiseBFT, butterfly/passes/fuse.py) run the same code
+// (dw_bft.h) through their prepared form (bft/prepared.cpp). The reference is the two fused
+// layers run one after the other.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "bft/binding.h"
-#include "depthwise/dw_ops.h"
+#include "depthwise/dw_bft.h"
 
 namespace bft {
 namespace {
-
-// Rows r0 .. r0 + n of the depthwise conv's output, flattened (N, Ho, Wo), channels-last.
-template <class A>
-struct DepthwiseRows final : RowSource<A> {
-  const dwconv::Shape& sh;
-  const A* x;      // (N, H, W, C)
-  const A* wpack;  // (K*K, Cp), dwconv::pack_weights
-  const A* bias;   // Cp values, or null
-  int act;
-
-  DepthwiseRows(const dwconv::Shape& sh, const A* x, const A* wpack, const A* bias, int act)
-      : sh(sh), x(x), wpack(wpack), bias(bias), act(act) {}
-
-  const A* fill(int64_t r0, int64_t n) const override {
-    A* out = scratch<A>(5, n * sh.C);
-    dwconv::conv_rows<A>(sh, x, wpack, bias, act, r0, n, out);
-    return out;
-  }
-};
-
-template <class A>
-void dw_bft_forward(const Plan& pl, const dwconv::Shape& sh, const A* x, const A* dw_w,
-                    const A* dw_b, int dw_act, const A* w, const Epilogue<A>& epi, const A* add,
-                    A* y) {
-  const std::vector<A> wp = dwconv::pack_weights(dw_w, sh.C, sh.K, false);
-  const std::vector<A> bp = dwconv::pack_bias(dw_b, sh.C);
-  const DepthwiseRows<A> src(sh, x, wp.data(), dw_b ? bp.data() : nullptr, dw_act);
-  forward_fused_impl<A, A>(pl, nullptr, w, y, sh.N * sh.Ho * sh.Wo, 1, options(), epi, add, &src);
-}
 
 bool channels_last(const at::Tensor& t) { return t.is_contiguous(at::MemoryFormat::ChannelsLast); }
 
@@ -110,18 +81,7 @@ at::Tensor dw_bft_fused(const at::Tensor& x_in, const at::Tensor& dw_weight_in,
   at::Tensor y = at::empty({N, out_channels, sh.Ho, sh.Wo},
                            x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
-  auto run = [&](auto* tag) {
-    using A = std::remove_pointer_t<decltype(tag)>;
-    auto data = [](const at::Tensor& v) { return v.defined() ? v.const_data_ptr<A>() : nullptr; };
-    const EpilogueData<A> epi(out_channels, data(f.scale), data(f.shift), f.act);
-    dw_bft_forward<A>(pl, sh, x_in.const_data_ptr<A>(), dw_weight.const_data_ptr<A>(),
-                      data(dw_bias), dw_act, weight.const_data_ptr<A>(), epi.e, data(f.add),
-                      y.mutable_data_ptr<A>());
-  };
-  if (t == at::kDouble)
-    run((double*)nullptr);
-  else
-    run((float*)nullptr);
+  dw_bft_into(pl, sh, x_in, dw_weight, dw_bias, dw_act, weight, f, y);
   return y;
 }
 

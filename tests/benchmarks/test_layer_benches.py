@@ -27,13 +27,15 @@ def test_kernel(tmp_path, monkeypatch):
          QUICK_SHAPES=[("tiny", 8, 16, 4)])
     data = json.loads((tmp_path / "kernel_cpu.json").read_text())
     assert data["runs"][0]["machine"]["flags"]
+    # batch 1 runs the fused layers, without the reference
     want = {kernel.key(c, 1, m, "tiny", r) for c in ("wall", "cpu")
-            for m in ("inference", "training") for r in kernel.RUNNERS}
+            for m in kernel.MODES for r in kernel.RUNNERS
+            if not (m == "inference, batch 1" and r == "reference")}
     assert set(data["cells"]) == want
-    pixels = kernel.BATCH * 4 * 4
     for key, cell in data["cells"].items():
         assert cell["status"] == "ok" and cell["ms"] > 0 and cell["samples"] == 3 * 3, key
-        runner = key.rsplit("|", 1)[1]
+        mode, runner = key.split("|")[2], key.rsplit("|", 1)[1]
+        pixels = kernel.MODES[mode] * 4 * 4
         if runner.startswith("conv"):
             assert cell["macs"] == 8 * 16 * pixels
         elif runner != "copy":
@@ -41,7 +43,8 @@ def test_kernel(tmp_path, monkeypatch):
     assert set(data["rates"]) == {"t1", "cpu|t1"}
     assert data["rates"]["t1"]["fma_GMACs"] > 0
     md = (tmp_path / "kernel_cpu.md").read_text()
-    assert md.count("| tiny | 4 |") == 4 and md.count("What bounds it") == 2
+    assert md.count("| tiny | 4 |") == 6 and md.count("What bounds it") == 4
+    assert md.count("Inference at batch 1 (fused layers)") == 2
 
 
 @needs_kernels

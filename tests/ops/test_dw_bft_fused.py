@@ -226,9 +226,9 @@ def test_merged_blocks_refuse_training_and_compile():
 
 
 def test_layers_call_the_kernels_directly_after_one_checked_call():
-    """The first eager call of a fused layer goes through the operator's checks and records what
-    the kernel takes; later calls with the same backend choice and dtype call it directly, and a
-    different choice (the reference) is decided afresh."""
+    """The first eager call of a fused layer prepares it for the kernel (its arguments checked
+    once); later calls with the same backend choice and dtype call the prepared form directly, and
+    a different choice (the reference) is decided afresh."""
     from butterfly.passes.fuse import FusedBFT
     model = _randomized("mobilenetv1_bft_100").to(memory_format=CL)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
@@ -242,12 +242,12 @@ def test_layers_call_the_kernels_directly_after_one_checked_call():
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert _rel(second, want.double()) < 1e-5 and _rel(ref, want.double()) < 1e-5
     blocks = [m for m in gm.modules() if isinstance(m, FusedDepthwiseBFT)]
-    assert blocks and all(("auto", "cpu", torch.float32) in b._kernel_args for b in blocks)
+    assert blocks and all(("auto", "cpu", torch.float32) in b._prepared for b in blocks)
     # under the reference each block ran its two layers, and its BFT recorded "no kernel"
-    assert all(isinstance(b.pw, FusedBFT) and b.pw._kernel_args == {
+    assert all(isinstance(b.pw, FusedBFT) and b.pw._prepared == {
         ("reference", "cpu", torch.float32): None} for b in blocks)
-    assert all(b._kernel_args[("auto", "cpu", torch.float32)] is not None for b in blocks)
-    assert all(b._kernel_args[("reference", "cpu", torch.float32)] is None for b in blocks)
+    assert all(b._prepared[("auto", "cpu", torch.float32)] is not None for b in blocks)
+    assert all(b._prepared[("reference", "cpu", torch.float32)] is None for b in blocks)
     with pytest.raises(RuntimeError, match=r"call \.eval\(\)"):
         blocks[0].train()(torch.randn(1, blocks[0].dw.weight.shape[0], 4, 4).contiguous(
             memory_format=CL))

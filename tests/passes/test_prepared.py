@@ -1,17 +1,21 @@
-"""The CPU backend's prepared fused BFT layer (``PreparedBFT``, ``csrc/bft/prepared.cpp``): the
-eager path of :class:`butterfly.passes.fuse.FusedBFT`, called without the dispatcher.
+"""The CPU backend's prepared fused inference layers (``csrc/bft/prepared.cpp``): the eager paths
+of :class:`butterfly.passes.fuse.FusedBFT` (``PreparedBFT``), of ``FusedConv`` on the depthwise
+kernel (``PreparedDepthwise``) and of ``FusedDepthwiseBFT`` (``PreparedDepthwiseBFT``), called
+without the dispatcher.
 
-It must compute what the operator ``butterfly::bft_fused`` computes on the reference backend
-(the oracle: the stage-by-stage BFT and the reference epilogue) in every layout it takes
-(NCHW, channels-last pixels, a channel slice of them), keep the input's memory format, see
+Each must compute what its operator computes on the reference backend (the oracle: the
+stage-by-stage BFT, the reference epilogue, the reference depthwise conv) in every layout it
+takes (NCHW, channels-last pixels, a channel slice of them), keep the input's memory format, see
 in-place weight updates, and refuse inputs it was not prepared for with a clear error."""
 import pytest
 import torch
 
 import butterfly
 from butterfly.kernels.cpu import load_extension
-from butterfly.ops.bft_fused import Epilogue, bft_fused_image, prepare_fused
-from butterfly.passes.fuse import FusedBFT
+from butterfly.ops.bft_fused import Epilogue, bft_fused_image
+from butterfly.ops.dispatch import prepared
+from butterfly.ops.dw_bft_fused import separable_reference
+from butterfly.passes.fuse import FusedBFT, FusedConv, FusedDepthwiseBFT
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(load_extension() is None, reason="the CPU kernels are unavailable")]
@@ -118,13 +122,79 @@ def test_prepared_layer_built_under_inference_mode():
 
 def test_prepared_layer_refuses_other_inputs():
     fused = _layer(64, 64, torch.float32)
-    prepared = prepare_fused("cpu", fused.weight, fused.plan, True, fused.scale, fused.shift,
-                             "relu", torch.float32)
+    prepare = prepared("cpu", "bft_fused")
+    layer = prepare(fused.weight, fused.plan, True, fused.scale, fused.shift, "relu",
+                    torch.float32)
     with pytest.raises(RuntimeError, match=r"shape \(N, 64, H, W\)"):
-        prepared(torch.randn(1, 32, 4, 4), None)
+        layer(torch.randn(1, 32, 4, 4), None)
     with pytest.raises(RuntimeError, match="Double"):
-        prepared(torch.randn(1, 64, 4, 4, dtype=torch.float64), None)
+        layer(torch.randn(1, 64, 4, 4, dtype=torch.float64), None)
     with pytest.raises(RuntimeError, match="expected add of shape"):
-        prepared(torch.randn(1, 64, 4, 4), torch.randn(1, 64, 4, 5))
+        layer(torch.randn(1, 64, 4, 4), torch.randn(1, 64, 4, 5))
     with pytest.raises(RuntimeError, match="unknown epilogue activation 'gelu'"):
-        prepare_fused("cpu", fused.weight, fused.plan, True, None, None, "gelu", torch.float32)
+        prepare(fused.weight, fused.plan, True, None, None, "gelu", torch.float32)
+
+
+def _depthwise(c, k, stride, dtype, activation):
+    g = torch.Generator().manual_seed(c * 10 + k)
+    conv = torch.nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=True, dtype=dtype)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=dtype) / k)
+        conv.bias.copy_(torch.randn(c, generator=g, dtype=dtype))
+    return FusedConv(conv, activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (5, 1), (5, 2), (7, 1)])
+@pytest.mark.parametrize("activation", ["relu", "hardswish", "none"])
+def test_prepared_depthwise_equals_the_reference(dtype, fmt, k, stride, activation):
+    layer = _depthwise(24, k, stride, dtype, activation)
+    x = _images(2, 24, 9, 7, dtype, fmt, seed=6)
+    with torch.no_grad():
+        assert layer._prepared_for(x) is not None
+        got = layer(x)
+        with butterfly.use_backend("reference"):
+            want = layer(x)
+    assert got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,stride,cin,cout", [(3, 1, 64, 64), (3, 2, 32, 64), (5, 1, 48, 96),
+                                               (7, 2, 64, 32)])
+@pytest.mark.parametrize("adds", [False, True])
+def test_prepared_depthwise_bft_equals_the_two_layers(dtype, k, stride, cin, cout, adds):
+    block = FusedDepthwiseBFT(_depthwise(cin, k, stride, dtype, "relu6"),
+                              _layer(cin, cout, dtype, "hardswish", adds=adds)).eval()
+    x = _images(2, cin, 11, 10, dtype, torch.channels_last, seed=7)
+    ho, wo = (11 - 1) // stride + 1, (10 - 1) // stride + 1
+    add = _images(2, cout, ho, wo, dtype, torch.channels_last, seed=8) if adds else None
+    with torch.no_grad():
+        assert block._prepared_for(x) is not None
+        got = block(x, add)
+        dw, pw = block.dw, block.pw
+        with butterfly.use_backend("reference"):
+            want = separable_reference(x, dw.weight, dw.bias, stride, "relu6", pw.weight,
+                                       list(pw.plan.radices), cout, pw.residual, pw.scale,
+                                       pw.shift, "hardswish", add)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_prepared_depthwise_layers_refuse_other_inputs():
+    dw = prepared("cpu", "depthwise_conv")
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        dw(torch.randn(8, 1, 3, 3), None, 1, "relu", torch.bfloat16)
+    with pytest.raises(RuntimeError, match="k in 3, 5, 7"):
+        dw(torch.randn(8, 1, 4, 4), None, 1, "relu", torch.float32)
+    layer = dw(torch.randn(8, 1, 3, 3), torch.randn(8), 2, "relu", torch.float32)
+    with pytest.raises(RuntimeError, match=r"shape \(N, 8, H, W\)"):
+        layer(torch.randn(1, 9, 5, 5))
+    fused = _layer(8, 16, torch.float32)
+    block = prepared("cpu", "dw_bft_fused")(layer, fused.weight, fused.plan, True, None, None,
+                                            "relu")
+    with pytest.raises(RuntimeError, match="channels_last"):
+        block(torch.randn(1, 8, 5, 5), None)   # NCHW: the one-pass block takes channels_last
+    x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert block(x, None).shape == (1, 16, 3, 3)

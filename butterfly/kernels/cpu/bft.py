@@ -1,6 +1,7 @@
 """The "cpu" backend of ``butterfly::bft`` and its fused form ``butterfly::bft_fused``: the C++
 operators ``butterfly_cpu::forward``, ``backward`` and ``forward_fused`` (``csrc/bft/``), and the
-prepared form of fused inference layers (``PreparedBFT``, :func:`butterfly.ops.bft_fused.prepare_fused`).
+prepared forms of the fused inference layers (``csrc/bft/prepared.cpp``,
+:func:`butterfly.ops.dispatch.register_prepared`).
 
 The kernels compute in float32 (bfloat16 and float16 inputs accumulate in float32) or float64;
 other dtype combinations (a float64 weight with a non-float64 input) run the reference. The fused
@@ -17,8 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ...ops.bft_fused import register_fused, register_prepare
-from ...ops.dispatch import Backend, register_backend
+from ...ops.bft_fused import register_fused
+from ...ops.dispatch import Backend, register_backend, register_prepared
 from ...ops.reference import compute_dtype
 from ...plan import BFTPlan
 from .build import KERNEL_DTYPES, native, unavailable
@@ -60,15 +61,36 @@ def _fused(x: Tensor, weight: Tensor, radices: List[int], out_channels: int, res
         activation, None if add is None else add.contiguous())
 
 
-def _prepare(weight: Tensor, plan: BFTPlan, residual: bool, scale: Optional[Tensor],
-             shift: Optional[Tensor], activation: str, dtype: torch.dtype):
-    """A fused inference layer for the C++ kernel (``PreparedBFT``, ``csrc/bft/prepared.cpp``)."""
+def _prepare_bft(weight: Tensor, plan: BFTPlan, residual: bool, scale: Optional[Tensor],
+                 shift: Optional[Tensor], activation: str, dtype: torch.dtype):
+    """A fused BFT for inputs of ``dtype`` (weight, scale and shift in its compute dtype):
+    ``PreparedBFT`` of ``csrc/bft/prepared.cpp``, called as ``(x, add=None)`` on images."""
     return native().PreparedBFT(weight.view(plan.num_blocks, plan.weights_per_block),
                                 list(plan.radices), plan.in_channels, plan.out_channels,
                                 residual, scale, shift, activation, dtype)
 
 
+def _prepare_depthwise(weight: Tensor, bias: Optional[Tensor], stride: int, activation: str,
+                       dtype: torch.dtype):
+    """A fused depthwise conv for float32 or float64 inputs of ``dtype`` (weight and bias in it):
+    ``PreparedDepthwise``, called as ``(x)``."""
+    return native().PreparedDepthwise(weight, bias, stride, activation, dtype)
+
+
+def _prepare_dw_bft(depthwise, weight: Tensor, plan: BFTPlan, residual: bool,
+                    scale: Optional[Tensor], shift: Optional[Tensor], activation: str):
+    """The depthwise -> BFT block in one pass, from a prepared depthwise conv and the BFT's
+    arguments as for ``_prepare_bft``: ``PreparedDepthwiseBFT``, called as ``(x, add=None)`` on
+    channels_last images."""
+    return native().PreparedDepthwiseBFT(depthwise,
+                                         weight.view(plan.num_blocks, plan.weights_per_block),
+                                         list(plan.radices), plan.out_channels, residual, scale,
+                                         shift, activation)
+
+
 register_backend(Backend("cpu", _forward, _backward, unavailable, _unsupported, degrades=True,
                          auto_devices=("cpu",), auto_priority=10))
 register_fused("cpu", _fused)
-register_prepare("cpu", _prepare)
+register_prepared("cpu", "bft_fused", _prepare_bft)
+register_prepared("cpu", "depthwise_conv", _prepare_depthwise)
+register_prepared("cpu", "dw_bft_fused", _prepare_dw_bft)
