@@ -83,7 +83,7 @@ std::vector<std::vector<double>> lane_stages(int64_t n, int64_t np, int64_t reps
   std::vector<std::vector<double>> out;
   for (const auto& st : lp.stages) {
     const double sec = best_seconds([&] {
-      st.fn(buf.data(), ld, buf.data(), ld, np, lp.packed.data() + st.woff, n / VL, st.vs, nullptr);
+      st.fn(buf.data(), ld, buf.data(), ld, np, lp.packed + st.woff, n / VL, st.vs, nullptr);
     }, reps);
     out.push_back({(double)st.K, (double)st.Q, (double)st.T, (double)n * st.K * np / sec});
   }

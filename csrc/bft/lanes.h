@@ -131,8 +131,11 @@ struct LanePlan {
     LaneStageFn<A> fn, finish;  // the stage, and its form as the last stage (Finish)
   };
   std::vector<Stage> stages;
-  std::vector<A> packed;  // (T, W), W = n * sum(K)
+  A* packed = nullptr;  // (T, W), W = n * sum(K), vector-aligned in `storage`
   bool ok = false;
+
+  LanePlan(const LanePlan&) = delete;  // `packed` points into `storage`
+  LanePlan& operator=(const LanePlan&) = delete;
 
   LanePlan(const Plan& pl, const A* w) {
     constexpr int64_t VL = Vec<A>::lanes;
@@ -147,14 +150,18 @@ struct LanePlan {
       stages.push_back({K, Q, T, t, t >= VL ? t / VL : 1, off, fn, find_lane_stage(K, Q, T, true)});
       off += pl.n * K;
     }
-    packed.resize((size_t)(pl.T * pl.W));
+    // aligned to the vector size: every weight vector a stage loads is one aligned load
+    constexpr int64_t align = SIMD_VECTOR_BYTES / (int64_t)sizeof(A);
+    storage.resize((size_t)(pl.T * pl.W + align));
+    packed = storage.data();
+    packed += (align - (int64_t)(reinterpret_cast<uintptr_t>(packed) / sizeof(A) % align)) % align;
     for (int64_t b = 0; b < pl.T; ++b)
       for (int s = 0; s < pl.stages(); ++s) {
         const Stage& st = stages[s];
         const int K = st.K, Q = st.Q;
         const int64_t t = st.t;
         const A* ws = w + b * pl.W + pl.woff[s];  // (n / K, K, K)
-        A* out = packed.data() + b * pl.W + st.woff;
+        A* out = packed + b * pl.W + st.woff;
         // K, t and Q are powers of two: c = (seg * K + i) * t + r in shifts and masks
         const int lt = __builtin_ctzll(t), lk = __builtin_ctz(K);
         int src[8][8];  // [i % Q][e]: the input member of weight vector e for output member i
@@ -171,6 +178,9 @@ struct LanePlan {
       }
     ok = true;
   }
+
+ private:
+  std::vector<A> storage;
 };
 
 // dst[c] = src[c], or with E epi(src[c]) (channel c0 + c of the epilogue) + add[c], for c < count.
@@ -245,7 +255,7 @@ bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, 
             }
           src = in, sld = ld;
         }
-        const A* wb = lp.packed.data() + b * pl.W;
+        const A* wb = lp.packed + b * pl.W;
         const int64_t out_rows = pl.out_rows(b), out_off = pl.out_off(b);
         // the last stage writes y itself when the block's n outputs are all channels of y
         const bool to_y = !contract && out_rows == pl.n;

@@ -127,3 +127,17 @@ def test_kernel_speed_goals_from_stored_cells():
     # best conv 3 ms / best base-4 BFT 1 ms = 3x against the 2x goal at 64 channels
     assert "| 64 | >= 2.0x | 3.00x | 3.00x | met |" in lines
     assert any(ln.startswith("| square 64 | BFT-4 NCHW | 1.00 | 2.0x | 1 |") for ln in lines)
+
+
+@needs_kernels
+def test_fixed_cost(tmp_path, monkeypatch):
+    from benchmarks import fixed_cost
+    _run(fixed_cost, monkeypatch, tmp_path, ["--quick", "--threads", "1"],
+         MODELS=["mobilenetv3_small_bft_050@32"])
+    cells = json.loads((tmp_path / "fixed_cost_cpu.json").read_text())["cells"]
+    assert set(cells) == {f"t1|{c}|{w}" for c in ("mobilenetv3_small_bft_050@32", fixed_cost.TINY)
+                          for w in fixed_cost.WAYS}
+    assert all(c["status"] == "ok" and c["ms"] > 0 for c in cells.values())
+    assert cells["t1|mobilenetv3_small_bft_050@32|prepared"]["layers"] > 20
+    md = (tmp_path / "fixed_cost_cpu.md").read_text()
+    assert md.count("| mobilenetv3_small_bft_050@32 |") == 1 and "| one layer" in md
