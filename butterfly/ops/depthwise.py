@@ -117,8 +117,8 @@ def _kernel_param(x: Tensor, p: Tensor) -> Tensor:
 def kernel_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int,
                 activation: str) -> Optional[tuple]:
     """The arguments after ``x`` of ``butterfly_cpu::dw_forward`` when the C++ kernel runs this
-    call (weight and bias in the kernel's compute dtype), else None: for layers that call the
-    kernel directly on later inputs like ``x`` (``butterfly.passes.fuse.FusedConv``)."""
+    call (weight and bias in the kernel's compute dtype), else None: for layers that prepare the
+    kernel for later inputs like ``x`` (``butterfly.passes.fuse.FusedConv``)."""
     check_args(x, weight, bias, stride, activation)
     if not _use_kernel(x, weight, stride):
         return None
