@@ -27,7 +27,6 @@ import torch
 
 import butterfly
 from benchmarks import harness
-from butterfly.kernels.cpu import load_extension
 from butterfly.ops.bft_fused import Epilogue, pixel_rows
 from butterfly.passes.fuse import FusedBFT, FusedConv, FusedDepthwiseBFT
 
@@ -160,12 +159,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = harness.parser("fixed_cost", __doc__, threads=[2, 1])
     args = harness.checked(p, argv)
-    if load_extension() is None:
-        print("the CPU kernels are unavailable (see the warning); nothing to benchmark",
-              file=sys.stderr)
+    store = harness.kernel_run("fixed_cost", "fixed_cost_cpu.json", argv, args)
+    if store is None:
         return 1
-    store = harness.Store(args.out_dir / "fixed_cost_cpu.json", "fixed_cost", keep=False)
-    store.start("fixed_cost", argv, args.note, malloc=harness.malloc_note(args))
     timing = harness.Timing(rounds=3 if args.quick else 8, calls=5 if args.quick else 20,
                             settle_s=0.05)
     for threads in args.threads:

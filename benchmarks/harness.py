@@ -30,12 +30,15 @@ import os
 import platform
 import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from butterfly.kernels.cpu import load_extension
 
 RESULTS = Path(__file__).parent / "results"
 FORMAT = "butterfly-bench/2"
@@ -424,6 +427,18 @@ def checked(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
     if any(t < 1 for t in args.threads):
         p.error("--threads must be positive")
     return args
+
+
+def kernel_run(prog: str, results: str, argv, args) -> Optional[Store]:
+    """A fresh store (``results`` under ``--out-dir``) with this run started, for a benchmark of
+    the C++ kernels; None, saying so, when they are unavailable."""
+    if load_extension() is None:
+        print("the CPU kernels are unavailable (see the warning); nothing to benchmark",
+              file=sys.stderr)
+        return None
+    store = Store(args.out_dir / results, prog, keep=False)
+    store.start(prog, argv, args.note, malloc=malloc_note(args))
+    return store
 
 
 def malloc_note(args) -> str:

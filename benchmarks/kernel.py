@@ -34,7 +34,6 @@ from torch import nn
 
 from benchmarks import bounds, harness, loops
 from butterfly import BFT, use_backend
-from butterfly.kernels.cpu import load_extension
 from butterfly.ops.bft_fused import Epilogue
 from butterfly.passes.fuse import FusedBFT, FusedConv
 
@@ -207,12 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-time", action="store_true",
                    help="also run with 1 thread, timed by the process's CPU time")
     args = harness.checked(p, argv)
-    if load_extension() is None:
-        print("the CPU kernel is unavailable (see the warning); nothing to benchmark",
-              file=sys.stderr)
+    store = harness.kernel_run("kernel", "kernel_cpu.json", argv, args)
+    if store is None:
         return 1
-    store = harness.Store(args.out_dir / "kernel_cpu.json", "kernel", keep=False)
-    store.start("kernel", argv, args.note, malloc=harness.malloc_note(args))
     store.data["rates"] = {}
     store.data["stages"] = loops.stage_rates(args.quick)
     timing = harness.Timing(rounds=3 if args.quick else 6, calls=3, settle_s=0.02)
