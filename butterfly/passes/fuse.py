@@ -278,13 +278,12 @@ class FusedDepthwiseBFT(_PreparedCache):
         :func:`butterfly.ops.dw_bft_fused.kernel_applies` (:func:`_prepared_call`)."""
         def build():
             dw, pw = self.dw, self.pw
-            prepare_dw = prepared("cpu", "depthwise_conv")
             prepare = prepared("cpu", "dw_bft_fused")
-            if not kernel_applies(x, dw.weight, dw.stride[0]) or prepare is None \
-                    or prepare_dw is None:
+            if not kernel_applies(x, dw.weight, dw.stride[0]) or prepare is None:
                 return None
-            depthwise = prepare_dw(_kernel_cast(x, dw.weight), _kernel_cast(x, dw.bias),
-                                   dw.stride[0], dw.activation, x.dtype)
+            depthwise = dw._prepared_for(x)   # the block's depthwise conv, prepared as a layer
+            if depthwise is None:
+                return None
             return prepare(depthwise, _kernel_cast(x, pw.weight), pw.plan, pw.residual,
                            _kernel_cast(x, pw.scale), _kernel_cast(x, pw.shift), pw.activation)
         return _prepared_call(self._prepared, x, build)

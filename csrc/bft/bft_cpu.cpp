@@ -59,8 +59,7 @@ at::Tensor bft_forward_fused(const at::Tensor& x, const at::Tensor& weight,
                 a.scalar_type(), " on ", a.device());
     f.add = a.contiguous();
   }
-  f.active =
-      f.scale.defined() || f.shift.defined() || f.act != activation::kNone || f.add.defined();
+  f.active = f.active || f.add.defined();
   return forward_common(x, weight, radices, out_channels, residual, &f, what);
 }
 

@@ -82,16 +82,24 @@ struct FusedArgs {
 };
 
 // The scale, shift and activation of an epilogue for input dtype `input` (add is the caller's:
-// its layout differs between operators); `active` is left for the caller to set.
+// The code of activation `name` (common/activation.h); an error naming `role` (e.g. "epilogue
+// activation") and the valid names when it is none.
+inline int activation_code(std::string_view name, const char* what, const char* role) {
+  const int code = activation::code_of(name);
+  TORCH_CHECK(code >= 0, what, ": unknown ", role, " '", std::string(name), "'; choose one of ",
+              activation::name_list());
+  return code;
+}
+
+// its layout differs between operators); `active` is set for the scale, shift and activation,
+// and is the caller's to set for its add.
 inline FusedArgs parse_epilogue(at::ScalarType input, int64_t out_channels,
                                 const std::optional<at::Tensor>& scale,
                                 const std::optional<at::Tensor>& shift,
                                 c10::string_view activation, const char* what) {
   FusedArgs f;
-  const int code = activation::code_of(std::string_view(activation.data(), activation.size()));
-  TORCH_CHECK(code >= 0, what, ": unknown epilogue activation '", std::string(activation),
-              "'; choose one of ", activation::name_list());
-  f.act = static_cast<Activation>(code);
+  f.act = static_cast<Activation>(activation_code(
+      std::string_view(activation.data(), activation.size()), what, "epilogue activation"));
   const auto compute = input == at::kDouble ? at::kDouble : at::kFloat;
   for (auto [t, out, name] : {std::tuple{&scale, &f.scale, "scale"}, {&shift, &f.shift, "shift"}}) {
     if (!t->has_value()) continue;
@@ -104,6 +112,7 @@ inline FusedArgs parse_epilogue(at::ScalarType input, int64_t out_channels,
                 v.device());
     *out = v.to(compute).contiguous();
   }
+  f.active = f.scale.defined() || f.shift.defined() || f.act != activation::kNone;
   return f;
 }
 

@@ -1,13 +1,13 @@
 // Inference layers prepared once and called from Python directly (the extension's Python module),
 // for the fused layers of butterfly/passes/fuse.py: PreparedBFT (FusedBFT), PreparedDepthwise
 // (a FusedConv on the depthwise kernel) and PreparedDepthwiseBFT (FusedDepthwiseBFT's one pass).
-// Their arguments are checked and converted when they are built. PreparedBFT's float32 weights
-// are also packed for
-// the channels-as-lanes kernel once (again whenever the weight tensor's version counter moves:
-// an in-place update such as load_state_dict; an inference tensor has no counter and is packed
-// once), so that a call only lays out the image batch and runs the kernel. Calling the operator butterfly_cpu::forward_fused instead goes
-// through the dispatcher's boxed call and checks every argument again: a fixed cost per call
-// that dominates small layers at batch 1. The operators stay the ones traced, counted and
+// Their arguments are checked and converted when they are built, and PreparedBFT's float32
+// weights are packed for the channels-as-lanes kernel once (again whenever the weight tensor's
+// version counter moves: an in-place update such as load_state_dict; an inference tensor has no
+// counter and is packed once), so that a call only lays out the image batch and runs the kernel.
+// Calling an operator such as butterfly_cpu::forward_fused instead goes through the dispatcher's
+// boxed call and checks every argument again: a fixed cost per call that dominates small layers
+// at batch 1. The operators stay the ones traced, counted and
 // exported; these are their eager fast paths, and they run the same code (forward_into,
 // dwconv::forward, dw_bft_into).
 #include <ATen/ops/empty.h>
@@ -32,8 +32,6 @@ class PreparedBFT {
         dtype_(dtype) {
     check_args(at::empty({0}, at::TensorOptions().dtype(dtype)), weight_, pl_, kWhat);
     fused_ = parse_epilogue(dtype, out_channels, scale, shift, activation, kWhat);
-    fused_.active = fused_.scale.defined() || fused_.shift.defined() ||
-                    fused_.act != activation::kNone;
   }
 
   // y (N, cout, H, W) for x (N, cin, H, W), in x's memory format: channels-last pixels (or a
@@ -99,17 +97,7 @@ dwconv::Shape depthwise_shape(const at::Tensor& x, int64_t C, int K, int S, at::
               what, ": expected a CPU ", dtype, need_channels_last ? " channels_last" : "",
               " tensor of shape (N, ", C, ", H, W), got ", x.scalar_type(), " ", x.sizes(),
               " on ", x.device());
-  dwconv::Shape sh{x.size(0), C, x.size(2), x.size(3), 0, 0, K, S};
-  sh.Ho = dwconv::out_size(sh.H, K, S);
-  sh.Wo = dwconv::out_size(sh.W, K, S);
-  return sh;
-}
-
-int activation_of(const std::string& name, const char* what) {
-  const int code = activation::code_of(name);
-  TORCH_CHECK(code >= 0, what, ": unknown activation '", name, "'; choose one of ",
-              activation::name_list());
-  return code;
+  return dwconv::shape_of(x.size(0), C, x.size(2), x.size(3), K, S);
 }
 
 // act(depthwise_conv(x) + bias) for float32 or float64 x in either memory format; weight
@@ -118,7 +106,9 @@ class PreparedDepthwise {
  public:
   PreparedDepthwise(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     int64_t stride, const std::string& activation, at::ScalarType dtype)
-      : weight_(weight.contiguous()), dtype_(dtype), act_(activation_of(activation, kWhat)) {
+      : weight_(weight.contiguous()),
+        dtype_(dtype),
+        act_(activation_code(activation, kWhat, "activation")) {
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, kWhat,
                 ": prepared for float32 or float64, got ", dtype);
     TORCH_CHECK(weight_.dim() == 4 && weight_.size(1) == 1 && weight_.size(2) == weight_.size(3) &&

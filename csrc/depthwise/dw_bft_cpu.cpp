@@ -49,13 +49,9 @@ at::Tensor dw_bft_fused(const at::Tensor& x_in, const at::Tensor& dw_weight_in,
   const int K = (int)dw_weight_in.size(2);
   TORCH_CHECK(K == 3 || K == 5 || K == 7, what, ": kernel size ", K, " is not supported (3, 5 or 7)");
   TORCH_CHECK(stride == 1 || stride == 2, what, ": stride must be 1 or 2, got ", stride);
-  const int dw_act = activation::code_of(std::string_view(dw_activation.data(),
-                                                          dw_activation.size()));
-  TORCH_CHECK(dw_act >= 0, what, ": unknown depthwise activation '",
-              std::string(dw_activation), "'; choose one of ", activation::name_list());
-  dwconv::Shape sh{N, C, x_in.size(2), x_in.size(3), 0, 0, K, (int)stride};
-  sh.Ho = dwconv::out_size(sh.H, K, sh.S);
-  sh.Wo = dwconv::out_size(sh.W, K, sh.S);
+  const int dw_act = activation_code(std::string_view(dw_activation.data(), dw_activation.size()),
+                                     what, "depthwise activation");
+  const dwconv::Shape sh = dwconv::shape_of(N, C, x_in.size(2), x_in.size(3), K, (int)stride);
 
   const Plan pl = plan_for(C, out_channels, radices, residual, what);
   check_args(x_in, weight_in, pl, what);

@@ -60,16 +60,7 @@ Shape check_shape(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
   TORCH_CHECK(K == 3 || K == 5 || K == 7, what, ": kernel size ", K,
               " is not supported (3, 5 or 7)");
   TORCH_CHECK(stride == 1 || stride == 2, what, ": stride must be 1 or 2, got ", stride);
-  Shape sh;
-  sh.N = x.size(0);
-  sh.C = C;
-  sh.H = x.size(2);
-  sh.W = x.size(3);
-  sh.K = (int)K;
-  sh.S = (int)stride;
-  sh.Ho = out_size(sh.H, sh.K, sh.S);
-  sh.Wo = out_size(sh.W, sh.K, sh.S);
-  return sh;
+  return shape_of(x.size(0), C, x.size(2), x.size(3), (int)K, (int)stride);
 }
 
 at::Tensor dw_forward(const at::Tensor& x_in, const at::Tensor& weight_in,

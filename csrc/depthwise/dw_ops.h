@@ -36,6 +36,10 @@ struct Shape {
 
 inline int64_t out_size(int64_t in, int K, int S) { return (in + 2 * (K / 2) - K) / S + 1; }
 
+inline Shape shape_of(int64_t N, int64_t C, int64_t H, int64_t W, int K, int S) {
+  return Shape{N, C, H, W, out_size(H, K, S), out_size(W, K, S), K, S};
+}
+
 // Channels-last weights are packed (K*K, Cp) and the bias (Cp), Cp = C rounded up to whole
 // vectors, with zeros past C: a channel block's weight vectors load without masks.
 template <class A>
