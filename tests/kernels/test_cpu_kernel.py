@@ -218,18 +218,23 @@ def test_non_contiguous_input():
     assert_close([got], [bft_reference(xt, w, (4, 3, 2), 24, True)], torch.float64)
 
 
-def test_weight_gradient_is_deterministic():
-    """Bit-identical weight gradients over repeated runs and for any thread count."""
-    plan = make_plan(64, 64, 4)
-    x = torch.randn(16, 64, 20 * 20)
+@pytest.mark.parametrize("batch,channels,pixels", [(16, 64, 400), (3000, 256, 1), (200, 48, 1)],
+                         ids=["nchw-tiles", "rows-lanes", "rows-tiles"])
+def test_weight_gradient_is_deterministic(batch, channels, pixels):
+    """Bit-identical weight gradients over repeated runs and for any thread count: NCHW tiles,
+    rows of channels on the channels-as-lanes backward (many chunks of tiles), and rows it does
+    not run (48 channels: not whole vectors)."""
+    plan = make_plan(channels, channels, 4)
+    x = torch.randn(batch, channels, pixels)
     w = torch.randn(1, plan.weights_per_block)
-    g = torch.randn(16, 64, 400)
+    g = torch.randn(batch, channels, pixels)
     threads = torch.get_num_threads()
     try:
         grads = []
         for n in (2, 2, 2, 1):
             torch.set_num_threads(n)
-            grads.append(torch.ops.butterfly_cpu.backward(g, x, w, list(plan.radices), 64, True)[1])
+            grads.append(torch.ops.butterfly_cpu.backward(g, x, w, list(plan.radices), channels,
+                                                          True)[1])
     finally:
         torch.set_num_threads(threads)
     for other in grads[1:]:
