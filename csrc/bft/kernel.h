@@ -12,7 +12,9 @@
 
 #include "common/openmp.h"
 
+#include <algorithm>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "bft/lanes.h"
@@ -155,7 +157,6 @@ struct Options {
   int64_t fwd_budget = 512 * 1024;        // bytes of the forward tile buffers
   int64_t bwd_budget = 1536 * 1024;       // bytes of the backward tile buffers
   int64_t l1_budget = 32 * 1024;          // bytes of a channels-as-lanes tile (bft/lanes.h)
-  int64_t lanes_bwd_budget = 64 * 1024;   // bytes of each buffer of its backward's tiles
   bool lanes = true;                      // P == 1: the channels-as-lanes kernel when it applies
   int64_t fwd_cap = 4096, bwd_cap = 512;  // most pixels per tile
   int64_t stream_bytes = 8 << 20;         // outputs at least this large bypass the caches
@@ -288,16 +289,10 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
   constexpr bool same = std::is_same_v<S, A>;
   const int L = pl.stages();
   if (B * P == 0) return (void)std::fill(gw, gw + pl.T * pl.W, A(0));
-  // rows of channels in float32: the channels-as-lanes backward, when it runs the plan
-  if constexpr (same && std::is_same_v<A, float>)
-    if (P == 1 && opt.lanes && backward_lanes<A>(pl, grad, x, w, gx, gw, B, opt.threads,
-                                                 opt.lanes_bwd_budget))
-      return;
-  // tiles cut for a fixed thread count, not opt.threads: the weight-gradient partials follow the
-  // tiles, and the same inputs must give the same gradients on any number of threads
-  constexpr int kTilingThreads = 8;
-  const Tiling tl = make_tiling<A>(B, P, pl.n * (L + 2), opt.bwd_budget, opt.bwd_cap,
-                                   kTilingThreads);
+  // tiles cut for the machine's processor count, not opt.threads: the weight-gradient partials
+  // follow the tiles, and the same inputs must give the same gradients on any number of threads
+  const int procs = (int)std::max(1u, std::thread::hardware_concurrency());
+  const Tiling tl = make_tiling<A>(B, P, pl.n * (L + 2), opt.bwd_budget, opt.bwd_cap, procs);
   const int64_t ld = padded_ld<A>(tl.tp), slot = pl.n * ld;
   const bool sum_blocks = pl.expand && pl.T > 1;  // grad_x sums over the blocks
   const int64_t xcs = tl.cs(pl.cin), ycs = tl.cs(pl.cout);

@@ -18,7 +18,6 @@
 #pragma once
 
 #include <algorithm>
-#include <memory>
 #include <optional>
 #include <vector>
 
@@ -117,70 +116,6 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
   }
 }
 
-// The weight gradient of one stage on np pixels, accumulated into dw (the stage's packed weights'
-// layout, see LanePlan): packed weight vector e of output vector j gains, per lane, the sum over
-// the pixels of g's vector j times the input the forward multiplies it with (src's vectors,
-// rotated as lane_stage rotates them). Each set's K * K / Q sums stay in registers while the
-// pixels stream past; small sets keep two per weight (even and odd pixels) to hide the FMA
-// latency.
-template <class A, int K, int Q, int T>
-void lane_wgrad(const A* src, int64_t sld, const A* g, int64_t gld, int64_t np, A* dw,
-                int64_t nvec, int64_t vs) {
-  using V = vec_t<A>;
-  constexpr int VL = Vec<A>::lanes, NQ = K / Q, U = NQ * K <= 8 ? 2 : 1;
-  constexpr auto lanes = std::make_integer_sequence<int, VL>{};
-  for (int64_t s0 = 0; s0 < nvec; s0 += NQ * vs) {
-    for (int64_t r = 0; r < vs; ++r) {
-      const int64_t jb = s0 + r;
-      V acc[U][NQ][K];
-      unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-        unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
-          acc[0][q][e] = vload(dw + ((jb + q * vs) * K + e) * VL);
-          if constexpr (U > 1) acc[1][q][e] = V{};
-        });
-      });
-      auto pixel = [&](const A* s, const A* gp, auto u) SIMD_INLINE_LAMBDA {
-        V in[NQ][Q];
-        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-          const V v = vload(s + q * vs * VL);
-          unroll<Q>([&](auto d) SIMD_INLINE_LAMBDA {
-            in[q][d] = rotate_members<A, Q, T, decltype(d)::value>(v, lanes);
-          });
-        });
-        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-          const V gv = vload(gp + q * vs * VL);
-          unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
-            constexpr int E = decltype(e)::value;
-            acc[decltype(u)::value][q][E] += gv * in[E / Q][E % Q];
-          });
-        });
-      };
-      const A* s = src + jb * VL;
-      const A* gp = g + jb * VL;
-      int64_t p = 0;
-      if constexpr (U > 1)
-        for (; p + 2 <= np; p += 2, s += 2 * sld, gp += 2 * gld) {
-          pixel(s, gp, std::integral_constant<int, 0>{});
-          pixel(s + sld, gp + gld, std::integral_constant<int, 1>{});
-        }
-      for (; p < np; ++p, s += sld, gp += gld) pixel(s, gp, std::integral_constant<int, 0>{});
-      unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-        unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
-          V v = acc[0][q][e];
-          if constexpr (U > 1) v += acc[1][q][e];
-          vstore(dw + ((jb + q * vs) * K + e) * VL, v);
-        });
-      });
-    }
-  }
-}
-
-template <class A>
-using LaneWgradFn = void (*)(const A*, int64_t, const A*, int64_t, int64_t, A*, int64_t, int64_t);
-
-// The compiled weight gradient for (K, Q, T), or nullptr (float32 only, bft/bft_lanes.cpp).
-LaneWgradFn<float> find_lane_wgrad(int K, int Q, int T);
-
 template <class A>
 using LaneStageFn = void (*)(const A*, int64_t, A*, int64_t, int64_t, const A*, int64_t, int64_t,
                              const Finish<A>*);
@@ -198,7 +133,6 @@ struct LanePlan {
     int K, Q, T;                // radix, members per vector, their lane stride (Q > 1)
     int64_t t, vs, woff;        // channel stride, vector stride of a group, packed weights
     LaneStageFn<A> fn, finish;  // the stage, and its form as the last stage (Finish)
-    LaneWgradFn<A> wgrad;       // its weight gradient (lane_wgrad)
   };
   std::vector<Stage> stages;
   A* packed = nullptr;  // (T, W), W = n * sum(K), vector-aligned in `storage`
@@ -217,8 +151,7 @@ struct LanePlan {
       const int Q = t >= VL ? 1 : (int)std::min<int64_t>(K, VL / t), T = t >= VL ? 1 : (int)t;
       const LaneStageFn<A> fn = find_lane_stage(K, Q, T, false);
       if (!fn) return;
-      stages.push_back({K, Q, T, t, t >= VL ? t / VL : 1, off, fn, find_lane_stage(K, Q, T, true),
-                        find_lane_wgrad(K, Q, T)});
+      stages.push_back({K, Q, T, t, t >= VL ? t / VL : 1, off, fn, find_lane_stage(K, Q, T, true)});
       off += pl.n * K;
     }
     // aligned to the vector size: every weight vector a stage loads is one aligned load
@@ -226,20 +159,13 @@ struct LanePlan {
     storage.resize((size_t)(pl.T * pl.W + align));
     packed = storage.data();
     packed += (align - (int64_t)(reinterpret_cast<uintptr_t>(packed) / sizeof(A) % align)) % align;
-    for_each_weight(pl, [&](int64_t natural, int64_t at) { packed[at] = w[natural]; });
-    ok = true;
-  }
-
-  // f(natural, packed) for every weight of the (T, W) weights: its index in the plan's layout
-  // (w_s[g, i, e] of block b at b * W + woff[s] + (g * K + i) * K + e) and in the packed one.
-  template <class F>
-  void for_each_weight(const Plan& pl, F&& f) const {
-    constexpr int64_t VL = Vec<A>::lanes;
     for (int64_t b = 0; b < pl.T; ++b)
       for (int s = 0; s < pl.stages(); ++s) {
         const Stage& st = stages[s];
         const int K = st.K, Q = st.Q;
-        const int64_t t = st.t, ws = b * pl.W + pl.woff[s], out = b * pl.W + st.woff;
+        const int64_t t = st.t;
+        const A* ws = w + b * pl.W + pl.woff[s];  // (n / K, K, K)
+        A* out = packed + b * pl.W + st.woff;
         // K, t and Q are powers of two: c = (seg * K + i) * t + r in shifts and masks
         const int lt = __builtin_ctzll(t), lk = __builtin_ctz(K);
         int src[8][8];  // [i % Q][e]: the input member of weight vector e for output member i
@@ -249,11 +175,12 @@ struct LanePlan {
           for (int64_t l = 0; l < VL; ++l) {
             const int64_t c = j * VL + l, i = (c >> lt) & (K - 1), r = c & (t - 1);
             const int64_t g = ((c >> (lt + lk)) << lt) | r;
-            const int64_t wi = ws + (g * K + i) * K;  // w_s[g, i, :]
+            const A* wi = ws + (g * K + i) * K;  // w_s[g, i, :]
             const int* si = src[i & (Q - 1)];
-            for (int e = 0; e < K; ++e) f(wi + si[e], out + (j * K + e) * VL + l);
+            for (int e = 0; e < K; ++e) out[(j * K + e) * VL + l] = wi[si[e]];
           }
       }
+    ok = true;
   }
 
  private:
@@ -373,132 +300,6 @@ bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, 
     }
     if (stream) stream_fence();
   }
-  return true;
-}
-
-// The backward on rows of channels (as forward_lanes): gx (rows of cin) = B^T(grad) and gw (the
-// plan's (T, W) layout) = the weight gradient, for `rows` rows of grad (cout each) and x (cin
-// each), in tiles of rows whose buffers are `budget` bytes each. Per tile and per block, the
-// stages' inputs are recomputed into per-thread buffers; then, from the last stage to the first,
-// its weight gradient (lane_wgrad) and the gradient of its input, which is the stage itself with
-// every group's K x K matrix transposed (a second LanePlan, of the transposed weights). Weight
-// gradients: one packed partial per chunk of tiles (a fixed number of chunks, whatever the
-// thread count or schedule), reduced in chunk order, so the same inputs give bit-identical
-// gradients. Returns false, doing nothing, when the plan has a stage lane_stage does not run.
-template <class A>
-bool backward_lanes(const Plan& pl, const A* grad, const A* x, const A* w, A* gx, A* gw,
-                    int64_t rows, int threads, int64_t budget) {
-  constexpr int64_t VL = Vec<A>::lanes;
-  const LanePlan<A> fwd(pl, w);
-  if (!fwd.ok) return false;
-  for (const auto& st : fwd.stages)
-    if (!st.wgrad) return false;
-  const int L = pl.stages();
-  std::vector<A> wt((size_t)(pl.T * pl.W));  // every group's matrix transposed
-  for (int64_t b = 0; b < pl.T; ++b)
-    for (int s = 0; s < L; ++s) {
-      const int64_t K = pl.radix[s], off = b * pl.W + pl.woff[s];
-      for (int64_t g = 0; g < pl.n / K; ++g)
-        for (int64_t i = 0; i < K; ++i)
-          for (int64_t e = 0; e < K; ++e)
-            wt[(size_t)(off + (g * K + i) * K + e)] = w[off + (g * K + e) * K + i];
-    }
-  const LanePlan<A> bwd(pl, wt.data());
-  const int64_t ld = pl.n + VL, nvec = pl.n / VL, gwn = pl.T * pl.W;
-  const int64_t tp = std::clamp<int64_t>(budget / (ld * (int64_t)sizeof(A)), 1, 256);
-  const int64_t ntiles = (rows + tp - 1) / tp;
-  const int64_t chunks = std::min<int64_t>(ntiles, 32), per = (ntiles + chunks - 1) / chunks;
-  // packed layout; each chunk zeroes its own partial (in the parallel loop)
-  std::unique_ptr<A[]> partial(new A[(size_t)(chunks * gwn)]);
-  const bool sum_blocks = pl.expand && pl.T > 1;  // gx sums over the blocks
-#pragma omp parallel num_threads((int)std::min<int64_t>(threads, chunks))
-  {
-    A* acts = scratch<A>(0, std::max(L - 1, 1) * tp * ld);  // the inputs of stages 1..L-1
-    A* in = scratch<A>(1, tp * ld);    // a block's zero-padded input rows (stage 0's input)
-    A* gin = scratch<A>(2, tp * ld);   // its zero-padded incoming gradient
-    A* work = scratch<A>(3, tp * ld);  // the gradient between stages
-    A* acc = scratch<A>(4, sum_blocks ? tp * ld : 0);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-      std::fill(partial.get() + c * gwn, partial.get() + (c + 1) * gwn, A(0));
-      for (int64_t i = c * per; i < std::min(ntiles, (c + 1) * per); ++i) {
-        const int64_t r0 = i * tp, np = std::min(tp, rows - r0);
-        for (int64_t b = 0; b < pl.T; ++b) {
-          const A* wf = fwd.packed + b * pl.W;
-          const A* wb = bwd.packed + b * pl.W;
-          A* dw = partial.get() + c * gwn + b * pl.W;
-          // stage 0's input: x's rows in place, or copied with zeros up to n channels
-          const int64_t valid = pl.in_rows(b), xoff = pl.in_off(b);
-          const A* src = x + r0 * pl.cin + xoff;
-          int64_t sld = pl.cin;
-          if (valid < pl.n) {
-            for (int64_t p = 0; p < np; ++p) {
-              std::copy(src + p * pl.cin, src + p * pl.cin + valid, in + p * ld);
-              std::fill(in + p * ld + valid, in + p * ld + pl.n, A(0));
-            }
-            src = in, sld = ld;
-          }
-          auto buffer = [&](int s) { return acts + (s - 1) * tp * ld; };  // stage s >= 1's input
-          auto act = [&](int s) -> const A* { return s ? buffer(s) : src; };
-          auto act_ld = [&](int s) { return s ? ld : sld; };
-          for (int s = 0; s + 1 < L; ++s)
-            fwd.stages[s].fn(act(s), act_ld(s), buffer(s + 1), ld, np, wf + fwd.stages[s].woff,
-                             nvec, fwd.stages[s].vs, nullptr);
-          // the incoming gradient: grad's rows in place, or copied with zeros up to n channels
-          const int64_t out_rows = pl.out_rows(b), yoff = pl.out_off(b);
-          const A* g0 = grad + r0 * pl.cout + yoff;
-          int64_t gld = pl.cout;
-          if (out_rows < pl.n) {
-            for (int64_t p = 0; p < np; ++p) {
-              std::copy(g0 + p * pl.cout, g0 + p * pl.cout + out_rows, gin + p * ld);
-              std::fill(gin + p * ld + out_rows, gin + p * ld + pl.n, A(0));
-            }
-            g0 = gin, gld = ld;
-          }
-          // the first stage's input gradient (+ the residual's: the incoming gradient) goes
-          // straight into gx when the block's n inputs are all channels of x
-          const bool to_gx = !sum_blocks && valid == pl.n;
-          A* dst = to_gx ? gx + r0 * pl.cin + xoff : work;
-          const int64_t dld = to_gx ? pl.cin : ld;
-          for (int s = L - 1; s >= 0; --s) {
-            const auto& st = fwd.stages[s];
-            const A* gs = s == L - 1 ? g0 : work;
-            const int64_t gsl = s == L - 1 ? gld : ld;
-            st.wgrad(act(s), act_ld(s), gs, gsl, np, dw + st.woff, nvec, st.vs);
-            if (s > 0) {
-              bwd.stages[s].fn(gs, gsl, work, ld, np, wb + st.woff, nvec, st.vs, nullptr);
-            } else {
-              const Finish<A> fin{pl.residual ? g0 : nullptr, gld};
-              bwd.stages[0].finish(gs, gsl, dst, dld, np, wb + st.woff, nvec, st.vs, &fin);
-            }
-          }
-          if (to_gx) continue;
-          for (int64_t p = 0; p < np; ++p) {
-            const A* o = work + p * ld;
-            if (sum_blocks) {
-              A* a = acc + p * ld;
-              if (b == 0) std::copy(o, o + pl.cin, a);
-              else for (int64_t k = 0; k < pl.cin; ++k) a[k] += o[k];
-            } else {
-              std::copy(o, o + valid, gx + (r0 + p) * pl.cin + xoff);
-            }
-          }
-        }
-        if (sum_blocks)
-          for (int64_t p = 0; p < np; ++p)
-            std::copy(acc + p * ld, acc + p * ld + pl.cin, gx + (r0 + p) * pl.cin);
-      }
-    }
-    // fixed-order reduction of the chunk partials (into chunk 0's)
-#pragma omp for schedule(static)
-    for (int64_t e = 0; e < gwn; ++e) {
-      A sum = partial[e];
-      for (int64_t c = 1; c < chunks; ++c) sum += partial[c * gwn + e];
-      partial[e] = sum;
-    }
-  }
-  // out of the packed layout
-  fwd.for_each_weight(pl, [&](int64_t natural, int64_t at) { gw[natural] = partial[at]; });
   return true;
 }
 

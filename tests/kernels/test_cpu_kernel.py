@@ -218,12 +218,11 @@ def test_non_contiguous_input():
     assert_close([got], [bft_reference(xt, w, (4, 3, 2), 24, True)], torch.float64)
 
 
-@pytest.mark.parametrize("batch,channels,pixels", [(16, 64, 400), (3000, 256, 1), (200, 48, 1)],
-                         ids=["nchw-tiles", "rows-lanes", "rows-tiles"])
+@pytest.mark.parametrize("batch,channels,pixels", [(16, 64, 400), (200, 48, 1)],
+                         ids=["nchw", "rows"])
 def test_weight_gradient_is_deterministic(batch, channels, pixels):
-    """Bit-identical weight gradients over repeated runs and for any thread count: NCHW tiles,
-    rows of channels on the channels-as-lanes backward (many chunks of tiles), and rows it does
-    not run (48 channels: not whole vectors)."""
+    """Bit-identical weight gradients over repeated runs and for any thread count (the tiles, and
+    so the partial sums, do not depend on it)."""
     plan = make_plan(channels, channels, 4)
     x = torch.randn(batch, channels, pixels)
     w = torch.randn(1, plan.weights_per_block)
