@@ -140,7 +140,7 @@ def stage_rates(quick: bool = False) -> List[Dict]:
         return []
     reps = 200 if quick else 2000
     rows = []
-    for n, pixels in ((256, 30), (1024, 7)):
+    for n, pixels in ((256, 15), (1024, 8)):  # the kernel's tiles (bft/lanes.h)
         for s, (k, q, t, rate) in enumerate(module.lane_stages(n, pixels, reps)):
             kind = ("vertical (members in one lane of 4 vectors)" if q == 1 else
                     f"in one vector (stride {int(t)}: {int(q) - 1} permutes per 4 FMAs)"

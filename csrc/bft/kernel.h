@@ -156,7 +156,7 @@ struct Options {
   int max_run = 4;                        // stages fused per run (1: stage by stage)
   int64_t fwd_budget = 512 * 1024;        // bytes of the forward tile buffers
   int64_t bwd_budget = 1536 * 1024;       // bytes of the backward tile buffers
-  int64_t l1_budget = 32 * 1024;          // bytes of a channels-as-lanes tile (bft/lanes.h)
+  int64_t l1_budget = 16 * 1024;          // bytes of a channels-as-lanes tile (bft/lanes.h)
   bool lanes = true;                      // P == 1: the channels-as-lanes kernel when it applies
   int64_t fwd_cap = 4096, bwd_cap = 512;  // most pixels per tile
   int64_t stream_bytes = 8 << 20;         // outputs at least this large bypass the caches

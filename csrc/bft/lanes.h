@@ -232,7 +232,9 @@ bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, 
            (pl.out_off(1) * (int64_t)sizeof(A)) % SIMD_VECTOR_BYTES == 0;
   const int64_t ld = pl.n + VL;  // a pixel's row in the buffers (padded: n * 4 is often 4 KB)
   const bool contract = !pl.expand && pl.T > 1;
-  const int64_t tp = std::clamp<int64_t>(l1_budget / (ld * (int64_t)sizeof(A)), 1, 256);
+  // rows per tile: l1_budget bytes of buffer, but at least 8 rows, over which a set's weights
+  // are loaded once
+  const int64_t tp = std::clamp<int64_t>(l1_budget / (ld * (int64_t)sizeof(A)), 8, 256);
   const int64_t ntiles = (rows + tp - 1) / tp;
   const int64_t nvec = pl.n / VL;
   // no more threads than tiles: a thread without a tile would only add to the region's start
