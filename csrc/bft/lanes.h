@@ -65,54 +65,73 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
   // through fin would be reloaded for every pixel
   [[maybe_unused]] const Finish<A> f = Fin ? *fin : Finish<A>{};
   [[maybe_unused]] const Epilogue<A> ep = Fin && f.epi ? *f.epi : Epilogue<A>{};
-  for (int64_t s0 = 0; s0 < nvec; s0 += NQ * vs) {
-    for (int64_t r = 0; r < vs; ++r) {
-      const int64_t jb = s0 + r;  // the set's vectors: jb + q * vs, q < NQ
-      V wv[NQ][K];
+  // C sets side by side from vector jb: set c's vectors are jb + c + q * vs, q < NQ (C > 1 only
+  // for NQ == 1, whose sets are single vectors: the stages inside a vector)
+  auto sets = [&](int64_t jb, auto count) SIMD_INLINE_LAMBDA {
+    constexpr int C = decltype(count)::value;
+    V wv[C][NQ][K];
+    unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
       unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
         unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
-          wv[q][e] = vload(w + ((jb + q * vs) * K + e) * VL);
+          wv[c][q][e] = vload(w + ((jb + c + q * vs) * K + e) * VL);
         });
       });
-      const A* s = src + jb * VL;
-      A* d = dst + jb * VL;
-      [[maybe_unused]] const A* res = Fin && f.res ? f.res + jb * VL : nullptr;
-      [[maybe_unused]] const A* add = Fin && f.add ? f.add + jb * VL : nullptr;
-      // the epilogue's factors of the set's channels, held like the weights
-      [[maybe_unused]] V mul[Fin ? NQ : 1], bias[Fin ? NQ : 1];
-      [[maybe_unused]] const bool epi = Fin && f.epi, swish = epi && ep.swish;
-      if constexpr (Fin)
-        if (epi)
+    });
+    const A* s = src + jb * VL;
+    A* d = dst + jb * VL;
+    [[maybe_unused]] const A* res = Fin && f.res ? f.res + jb * VL : nullptr;
+    [[maybe_unused]] const A* add = Fin && f.add ? f.add + jb * VL : nullptr;
+    // the epilogue's factors of the sets' channels, held like the weights
+    [[maybe_unused]] V mul[C][Fin ? NQ : 1], bias[C][Fin ? NQ : 1];
+    [[maybe_unused]] const bool epi = Fin && f.epi, swish = epi && ep.swish;
+    if constexpr (Fin)
+      if (epi)
+        unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
           unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-            mul[q] = vload(ep.mul + (jb + q * vs) * VL);
-            bias[q] = vload(ep.bias + (jb + q * vs) * VL);
-          });
-      for (int64_t p = 0; p < np; ++p, s += sld, d += dld) {
-        V in[NQ][Q];
-        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-          const V v = vload(s + q * vs * VL);
-          unroll<Q>([&](auto r) SIMD_INLINE_LAMBDA {
-            in[q][r] = rotate_members<A, Q, T, decltype(r)::value>(v, lanes);
+            mul[c][q] = vload(ep.mul + (jb + c + q * vs) * VL);
+            bias[c][q] = vload(ep.bias + (jb + c + q * vs) * VL);
           });
         });
+    for (int64_t p = 0; p < np; ++p, s += sld, d += dld) {
+      V in[C][NQ][Q];
+      unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
         unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-          V o = wv[q][0] * in[0][0];
+          const V v = vload(s + (c + q * vs) * VL);
+          unroll<Q>([&](auto r) SIMD_INLINE_LAMBDA {
+            in[c][q][r] = rotate_members<A, Q, T, decltype(r)::value>(v, lanes);
+          });
+        });
+      });
+      unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
+        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+          const int64_t at = (c + q * vs) * VL;
+          V o = wv[c][q][0] * in[c][0][0];
           unroll<K - 1>([&](auto e) SIMD_INLINE_LAMBDA {
             constexpr int E = decltype(e)::value + 1;
-            o += wv[q][E] * in[E / Q][E % Q];
+            o += wv[c][q][E] * in[c][E / Q][E % Q];
           });
           if constexpr (Fin) {
-            if (res) o += vload(res + p * f.res_ld + q * vs * VL);
+            if (res) o += vload(res + p * f.res_ld + at);
             if (epi)
-              o = swish ? ep.template apply<true>(o, mul[q], bias[q])
-                        : ep.template apply<false>(o, mul[q], bias[q]);
-            if (add) o += vload(add + p * f.add_ld + q * vs * VL);
-            if (f.stream) return vstream(d + q * vs * VL, o);
+              o = swish ? ep.template apply<true>(o, mul[c][q], bias[c][q])
+                        : ep.template apply<false>(o, mul[c][q], bias[c][q]);
+            if (add) o += vload(add + p * f.add_ld + at);
+            if (f.stream) return vstream(d + at, o);
           }
-          vstore(d + q * vs * VL, o);
+          vstore(d + at, o);
         });
-      }
+      });
     }
+  };
+  if constexpr (NQ == 1) {
+    // single-vector sets two at a time: two independent vectors per pixel, and the loop's
+    // overhead per set halved (the stages inside a vector load, permute and store per FMA set)
+    int64_t jb = 0;
+    for (; jb + 2 <= nvec; jb += 2) sets(jb, std::integral_constant<int, 2>{});
+    if (jb < nvec) sets(jb, std::integral_constant<int, 1>{});
+  } else {
+    for (int64_t s0 = 0; s0 < nvec; s0 += NQ * vs)
+      for (int64_t r = 0; r < vs; ++r) sets(s0 + r, std::integral_constant<int, 1>{});
   }
 }
 
