@@ -143,11 +143,9 @@ def report(data: Dict) -> List[str]:
             c = {w: cells.get(f"t{threads}|{config}|{w}") for w in WAYS}
             if not all(v and v["status"] == "ok" for v in c.values()):
                 continue
-            unit, scale = ("us", 1e3) if config == TINY else ("ms", 1)
+            unit, scale, digits = ("us", 1e3, 1) if config == TINY else ("ms", 1, 3)
             p, o = c["prepared"]["ms"] * scale, c["operator"]["ms"] * scale
-            rows.append([config, f"{p:.3f} {unit}" if unit == "ms" else f"{p:.1f} {unit}",
-                         f"{o:.3f} {unit}" if unit == "ms" else f"{o:.1f} {unit}",
-                         f"{o - p:.3f} {unit}" if unit == "ms" else f"{o - p:.1f} {unit}",
+            rows.append([config, *(f"{v:.{digits}f} {unit}" for v in (p, o, o - p)),
                          f"**{p / o:.2f}**", str(c["prepared"].get("layers", "-"))])
         out += [f"## {threads} thread{'s' * (threads > 1)}", "",
                 *harness.table(["model", "prepared", "operator", "saved per call of the model",

@@ -81,7 +81,6 @@ struct FusedArgs {
   bool active = false;
 };
 
-// The scale, shift and activation of an epilogue for input dtype `input` (add is the caller's:
 // The code of activation `name` (common/activation.h); an error naming `role` (e.g. "epilogue
 // activation") and the valid names when it is none.
 inline int activation_code(std::string_view name, const char* what, const char* role) {
@@ -91,6 +90,7 @@ inline int activation_code(std::string_view name, const char* what, const char* 
   return code;
 }
 
+// The scale, shift and activation of an epilogue for input dtype `input` (add is the caller's:
 // its layout differs between operators); `active` is set for the scale, shift and activation,
 // and is the caller's to set for its add.
 inline FusedArgs parse_epilogue(at::ScalarType input, int64_t out_channels,

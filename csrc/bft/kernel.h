@@ -291,7 +291,7 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
   if (B * P == 0) return (void)std::fill(gw, gw + pl.T * pl.W, A(0));
   // tiles cut for the machine's processor count, not opt.threads: the weight-gradient partials
   // follow the tiles, and the same inputs must give the same gradients on any number of threads
-  const int procs = (int)std::max(1u, std::thread::hardware_concurrency());
+  static const int procs = (int)std::max(1u, std::thread::hardware_concurrency());
   const Tiling tl = make_tiling<A>(B, P, pl.n * (L + 2), opt.bwd_budget, opt.bwd_cap, procs);
   const int64_t ld = padded_ld<A>(tl.tp), slot = pl.n * ld;
   const bool sum_blocks = pl.expand && pl.T > 1;  // grad_x sums over the blocks

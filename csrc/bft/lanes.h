@@ -124,8 +124,8 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
     }
   };
   if constexpr (NQ == 1) {
-    // single-vector sets two at a time: two independent vectors per pixel, and the loop's
-    // overhead per set halved (the stages inside a vector load, permute and store per FMA set)
+    // single-vector sets two at a time: two independent vectors per pixel, and half the passes
+    // over the tile's pixels
     int64_t jb = 0;
     for (; jb + 2 <= nvec; jb += 2) sets(jb, std::integral_constant<int, 2>{});
     if (jb < nvec) sets(jb, std::integral_constant<int, 1>{});

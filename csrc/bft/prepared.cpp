@@ -7,9 +7,8 @@
 // counter and is packed once), so that a call only lays out the image batch and runs the kernel.
 // Calling an operator such as butterfly_cpu::forward_fused instead goes through the dispatcher's
 // boxed call and checks every argument again: a fixed cost per call that dominates small layers
-// at batch 1. The operators stay the ones traced, counted and
-// exported; these are their eager fast paths, and they run the same code (forward_into,
-// dwconv::forward, dw_bft_into).
+// at batch 1. The operators stay the ones traced, counted and exported; these are their eager
+// fast paths, and they run the same code (forward_into, dwconv::forward, dw_bft_into).
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
