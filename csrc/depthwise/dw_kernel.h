@@ -4,10 +4,11 @@
 // y[n, c] = act(conv(x[n, c], w[c]) + b[c]), padding k / 2, stride 1 or 2, odd k = 3, 5, 7.
 // Layouts (docs/depthwise.md):
 //
-// * Channels-last: the channels are the SIMD lanes. A task is (image, output row); along the
-//   row, blocks of R pixels share the input vectors they read (stride 1, k = 3, R = 8: 30 loads
-//   for 72 FMAs), with the k*k weight vectors of the channel block in registers. Pixels whose
-//   taps leave the image (the first and last columns) take a checked path.
+// * Channels-last: the channels are the SIMD lanes. A task is one channel block of an image over
+//   a strip of its output rows, the k*k weight vectors of the block in registers; along a row,
+//   blocks of R pixels share the input vectors they read (stride 1, k = 3, R = 8: 30 loads for
+//   72 FMAs). A block with a tap outside the image (at the first and last columns) checks its
+//   columns, and the rest of a row is one block each of R/2, R/4, ..., 1 pixels.
 // * NCHW with output rows of a vector or more: the pixels of a row are the lanes. A task is
 //   (image, channel, strip of output rows); the k taps of an input row are k (stride 1) or 3
 //   (stride 2, deinterleaved in registers) masked loads of that row, so the zero padding is
@@ -861,18 +862,22 @@ inline void interior(int64_t W, int64_t Wo, int K, int S, int64_t& lo, int64_t& 
   hi = std::max(lo, std::min(hi, Wo));
 }
 
-// acc[r] += taps of output pixels ow0 + r (unchecked columns). rows[kh]: the input row of tap
-// row kh (nullptr: outside), each offset to the channel block; C: the pixel stride.
-template <class A, int K, int S, int R>
-SIMD_INLINE void cl_conv_pixels(const A* const* rows, int64_t C, int64_t ow0, uint32_t m,
-                               const V<A>* w, V<A>* acc) {
+// acc[r] += taps of output pixels ow0 + r. rows[kh]: the input row of tap row kh (nullptr:
+// outside), each offset to the channel block; C: the pixel stride. Checked: the taps in columns
+// outside [0, W) are left out of the sums (as the generic kernels leave them out); otherwise
+// every column must be inside.
+template <class A, int K, int S, int R, bool Checked>
+SIMD_INLINE void cl_conv_pixels(const A* const* rows, int64_t C, int64_t W, int64_t ow0,
+                               uint32_t m, const V<A>* w, V<A>* acc) {
   constexpr int P = K / 2, NQ = (R - 1) * S + K;
+  const int64_t col0 = S * ow0 - P;
   unroll<K>([&](auto kh_) SIMD_INLINE_LAMBDA {
     constexpr int kh = decltype(kh_)::value;
     if (!rows[kh]) return;
-    const A* base = rows[kh] + (S * ow0 - P) * C;
+    const A* base = rows[kh] + col0 * C;
     unroll<NQ>([&](auto q_) SIMD_INLINE_LAMBDA {
       constexpr int q = decltype(q_)::value;
+      if (Checked && (col0 + q < 0 || col0 + q >= W)) return;
       const V<A> v = load_m(base + (int64_t)q * C, m);
       unroll<R>([&](auto r_) SIMD_INLINE_LAMBDA {
         constexpr int r = decltype(r_)::value, kw = q - S * r;
@@ -882,77 +887,65 @@ SIMD_INLINE void cl_conv_pixels(const A* const* rows, int64_t C, int64_t ow0, ui
   });
 }
 
-// One output pixel with checked columns.
-template <class A, int K, int S>
-SIMD_INLINE V<A> cl_conv_pixel_checked(const A* const* rows, int64_t C, int64_t W, int64_t ow,
-                                      uint32_t m, const V<A>* w, V<A> acc) {
-  constexpr int P = K / 2;
-  unroll<K>([&](auto kh_) SIMD_INLINE_LAMBDA {
-    constexpr int kh = decltype(kh_)::value;
-    if (!rows[kh]) return;
-    unroll<K>([&](auto kw_) SIMD_INLINE_LAMBDA {
-      constexpr int kw = decltype(kw_)::value;
-      const int64_t iw = S * ow - P + kw;
-      if (iw >= 0 && iw < W) acc += load_m(rows[kh] + iw * C, m) * w[kh * K + kw];
-    });
+// Output pixels [ow0, ow1) of one row for one channel block: out[(ow - ow0) * C] = act(bias +
+// taps). rows and out are offset to the block, m its lanes, wv its K*K weight vectors; [lo, hi):
+// the interior pixels (interior()). Blocks of kPixelBlock pixels, those with a tap outside the
+// image checking their columns, then one checked block each of half, a quarter, ..., 1 pixel
+// for the rest: a short row is a few register blocks rather than single pixels.
+template <class A, int K, int S, int Act>
+SIMD_INLINE void cl_conv_block_row(const A* const* rows, int64_t C, int64_t W, int64_t ow0,
+                                   int64_t ow1, int64_t lo, int64_t hi, uint32_t m,
+                                   const V<A>* wv, V<A> bv, A* out, bool stream, int act) {
+  auto block = [&](auto r_, int64_t ow, auto checked_) SIMD_INLINE_LAMBDA {
+    constexpr int R = decltype(r_)::value;
+    V<A> acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = bv;
+    cl_conv_pixels<A, K, S, R, decltype(checked_)::value>(rows, C, W, ow, m, wv, acc);
+    for (int r = 0; r < R; ++r) {
+      const V<A> v = activate<A>(acc[r], Act == kAny ? act : Act);
+      A* p = out + (ow - ow0 + r) * C;
+      if (stream)
+        simd::vstream(p, v);
+      else
+        store_m(p, v, m);
+    }
+  };
+  constexpr int RB = kPixelBlock<K, S>;
+  constexpr std::integral_constant<int, RB> full{};
+  constexpr std::true_type checked{};
+  int64_t ow = ow0;
+  for (; ow + RB <= ow1 && ow < lo; ow += RB) block(full, ow, checked);
+  for (; ow + RB <= std::min(hi, ow1); ow += RB) block(full, ow, std::false_type{});
+  for (; ow + RB <= ow1; ow += RB) block(full, ow, checked);
+  unroll<4>([&](auto i_) SIMD_INLINE_LAMBDA {  // RB / 2, RB / 4, ..., 1
+    constexpr int R = RB >> (decltype(i_)::value + 1);
+    if constexpr (R >= 1)
+      if (ow + R <= ow1) {
+        block(std::integral_constant<int, R>{}, ow, checked);
+        ow += R;
+      }
   });
-  return acc;
 }
 
 // Output pixels [ow0, ow1) of one row of a channels-last convolution: out[ow - ow0][c] =
 // act(sum of taps + bias[c]). in_rows[kh]: input row S*oh - P + kh (nullptr: outside); C:
 // channels and pixel stride (of the input and of out); wpack: (K*K, wstride) packed weights;
-// bias: wstride values or null. Inlined where its rows are short and C is a constant (the
-// tiles of forward_tiles); cl_conv_range below is the function the other callers share.
-template <class A, int K, int S, int Act>
-SIMD_INLINE void cl_conv_range_inline(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo,
-                                      int64_t ow0, int64_t ow1, const A* wpack, int64_t wstride,
-                                      const A* bias, A* out, bool stream, int act) {
-  constexpr int R = kPixelBlock<K, S>;
-  int64_t lo, hi;
-  interior(W, Wo, K, S, lo, hi);
-  lo = std::min(std::max(lo, ow0), ow1);
-  hi = std::min(std::max(hi, lo), ow1);
-  auto put = [&](A* p, V<A> v, uint32_t m) SIMD_INLINE_LAMBDA {
-    v = activate<A>(v, Act == kAny ? act : Act);
-    if (stream)
-      simd::vstream(p, v);
-    else
-      store_m(p, v, m);
-  };
-  for (int64_t cb = 0; cb < C; cb += VL<A>) {
-    const uint32_t m = lanes<A>(0, C - cb);
-    V<A> wv[K * K];
-    for (int i = 0; i < K * K; ++i) wv[i] = simd::vload(wpack + i * wstride + cb);
-    const V<A> bv = bias ? simd::vload(bias + cb) : V<A>{};
-    const A* rows[K];
-    for (int kh = 0; kh < K; ++kh) rows[kh] = in_rows[kh] ? in_rows[kh] + cb : nullptr;
-    A* o = out + cb;
-    int64_t ow = ow0;
-    for (; ow < lo; ++ow)
-      put(o + (ow - ow0) * C, cl_conv_pixel_checked<A, K, S>(rows, C, W, ow, m, wv, bv), m);
-    for (; ow + R <= hi; ow += R) {
-      V<A> acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = bv;
-      cl_conv_pixels<A, K, S, R>(rows, C, ow, m, wv, acc);
-      for (int r = 0; r < R; ++r) put(o + (ow - ow0 + r) * C, acc[r], m);
-    }
-    for (; ow < hi; ++ow) {
-      V<A> acc[1] = {bv};
-      cl_conv_pixels<A, K, S, 1>(rows, C, ow, m, wv, acc);
-      put(o + (ow - ow0) * C, acc[0], m);
-    }
-    for (; ow < ow1; ++ow)
-      put(o + (ow - ow0) * C, cl_conv_pixel_checked<A, K, S>(rows, C, W, ow, m, wv, bv), m);
-  }
-}
-
+// bias: wstride values or null.
 template <class A, int K, int S, int Act>
 void cl_conv_range(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, int64_t ow0,
                    int64_t ow1, const A* wpack, int64_t wstride, const A* bias, A* out,
                    bool stream = false, int act = kNone) {
-  cl_conv_range_inline<A, K, S, Act>(in_rows, C, W, Wo, ow0, ow1, wpack, wstride, bias, out,
-                                     stream, act);
+  int64_t lo, hi;
+  interior(W, Wo, K, S, lo, hi);
+  for (int64_t cb = 0; cb < C; cb += VL<A>) {
+    V<A> wv[K * K];
+    for (int i = 0; i < K * K; ++i) wv[i] = simd::vload(wpack + i * wstride + cb);
+    const A* rows[K];
+    for (int kh = 0; kh < K; ++kh) rows[kh] = in_rows[kh] ? in_rows[kh] + cb : nullptr;
+    cl_conv_block_row<A, K, S, Act>(rows, C, W, ow0, ow1, lo, hi, lanes<A>(0, C - cb), wv,
+                                    bias ? simd::vload(bias + cb) : V<A>{}, out + cb, stream,
+                                    act);
+  }
 }
 
 // One whole output row: cl_conv_range over [0, Wo).
@@ -960,6 +953,39 @@ template <class A, int K, int S, int Act>
 void cl_conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, const A* wpack,
                  int64_t wstride, const A* bias, A* out, bool stream = false, int act = kNone) {
   cl_conv_range<A, K, S, Act>(in_rows, C, W, Wo, 0, Wo, wpack, wstride, bias, out, stream, act);
+}
+
+// The rows of image `img` (Hi rows of Wi * C) that output row oh reads: nullptr outside.
+template <class A>
+SIMD_INLINE void input_rows(const A* img, int64_t Hi, int64_t row_len, int64_t oh, int K, int S,
+                            const A** rows) {
+  for (int kh = 0; kh < K; ++kh) {
+    const int64_t ih = S * oh - K / 2 + kh;
+    rows[kh] = ih >= 0 && ih < Hi ? img + ih * row_len : nullptr;
+  }
+}
+
+// Output rows [oh0, oh1) of one channel block of a channels-last image: img and out at the
+// image and the block, C the pixel stride, m the block's lanes, wpack and bias (or null) at the
+// block. The K*K weight vectors stay in registers over the rows, and the K input rows that an
+// output row reads are K * W vectors, so the two it shares with the next row are still in L1
+// when that row reads them (whole rows of every channel are K * W * C values). One function for
+// every caller (forward_cl, forward_tiles).
+template <class A, int K, int S, int Act>
+SIMD_INLINE void cl_conv_block_rows(const A* img, int64_t C, int64_t H, int64_t W, int64_t Wo, int64_t oh0,
+                        int64_t oh1, uint32_t m, const A* wpack, int64_t wstride, const A* bias,
+                        A* out, bool stream, int act) {
+  int64_t lo, hi;
+  interior(W, Wo, K, S, lo, hi);
+  V<A> wv[K * K];
+  for (int i = 0; i < K * K; ++i) wv[i] = simd::vload(wpack + i * wstride);
+  const V<A> bv = bias ? simd::vload(bias) : V<A>{};
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const A* rows[K];
+    input_rows(img, H, W * C, oh, K, S, rows);
+    cl_conv_block_row<A, K, S, Act>(rows, C, W, 0, Wo, lo, hi, m, wv, bv, out + oh * Wo * C,
+                                    stream, act);
+  }
 }
 
 // cl_conv_range for a runtime k, stride and activation: each output is the bias plus the taps
@@ -1029,50 +1055,41 @@ SIMD_INLINE void prefetch_next_rows(const A* img, int64_t Hi, int64_t row_len, i
   }
 }
 
-// The rows of image `img` (Hi rows of Wi * C) that output row oh reads: nullptr outside.
-template <class A>
-SIMD_INLINE void input_rows(const A* img, int64_t Hi, int64_t row_len, int64_t oh, int K, int S,
-                            const A** rows) {
-  for (int kh = 0; kh < K; ++kh) {
-    const int64_t ih = S * oh - K / 2 + kh;
-    rows[kh] = ih >= 0 && ih < Hi ? img + ih * row_len : nullptr;
-  }
-}
-
-// One output row of the channels-last convolution, by the compiled kernel (KC != 0; Inline:
-// inlined here, see cl_conv_range_inline) or the generic one.
-template <class A, int KC, int SC, int Act, bool Inline = false>
-SIMD_INLINE void conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo,
-                          const A* wpack, int64_t wstride, const A* bias, A* out, bool stream,
-                          int act, int K, int S) {
-  if constexpr (KC != 0 && Inline)
-    cl_conv_range_inline<A, KC, SC, Act>(in_rows, C, W, Wo, 0, Wo, wpack, wstride, bias, out,
-                                         stream, act);
-  else if constexpr (KC != 0)
-    cl_conv_row<A, KC, SC, Act>(in_rows, C, W, Wo, wpack, wstride, bias, out, stream, act);
-  else
-    cl_conv_range_any<A>(in_rows, C, W, Wo, 0, Wo, wpack, wstride, bias, out, stream, act, K, S);
-}
-
-// Forward, channels-last. KC, SC as in forward_nchw.
+// Forward, channels-last. KC, SC as in forward_nchw. Compiled kernels: a task is one channel
+// block of an image over a strip of its output rows (cl_conv_block_rows), the image cut into
+// strips only where there are too few (image, block) pairs to keep the threads busy; a thread
+// takes a run of neighbouring blocks, so that threads do not take turns at the lines of a pixel.
+// Generic kernels: a task is an output row, its channel blocks one after the other.
 template <class A, int KC, int SC>
 void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A* y, int threads) {
   const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
   const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
-  const int64_t C = sh.C, Cp = padded<A>(C), tasks = sh.N * sh.Ho;
+  const int64_t C = sh.C, Cp = padded<A>(C), ncb = Cp / VL<A>;
+  const bool stream = C % VL<A> == 0 && sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A) >= kStreamBytes;
+  const int64_t strips = KC ? std::min<int64_t>(sh.Ho, (4 * threads + sh.N * ncb - 1) / (sh.N * ncb)) : 1;
+  const int64_t srows = (sh.Ho + strips - 1) / strips;
+  const int64_t tasks = KC ? sh.N * ncb * strips : sh.N * sh.Ho;
   // OpenMP's chunk size (unused without OpenMP)
-  [[maybe_unused]] const int64_t chunk = chunk_of(tasks, sh.Wo * C * K * K, threads);
-  const bool stream = C % VL<A> == 0 && tasks * sh.Wo * C * (int64_t)sizeof(A) >= kStreamBytes;
+  [[maybe_unused]] const int64_t chunk =
+      KC ? std::max<int64_t>(1, tasks / std::max(threads, 1)) : chunk_of(tasks, sh.Wo * C * K * K, threads);
   dispatch_act<A, KC>(act, [&](auto act_c) {
     constexpr int Act = decltype(act_c)::value;
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t n = t / sh.Ho, oh = t % sh.Ho;
-      const A* rows[KC ? KC : kMaxK];
-      input_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, K, S, rows);
-      prefetch_next_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, sh.Ho, K, S);
-      conv_row<A, KC, SC, Act>(rows, C, sh.W, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
-                               y + t * sh.Wo * C, stream, act, K, S);
+      if constexpr (KC != 0) {
+        const int64_t n = t / (ncb * strips), cb = t / strips % ncb * VL<A>, st = t % strips;
+        cl_conv_block_rows<A, KC, SC, Act>(
+            x + n * sh.H * sh.W * C + cb, C, sh.H, sh.W, sh.Wo, st * srows,
+            std::min(sh.Ho, (st + 1) * srows), lanes<A>(0, C - cb), wp.data() + cb, Cp,
+            b ? bp.data() + cb : nullptr, y + n * sh.Ho * sh.Wo * C + cb, stream, act);
+      } else {
+        const int64_t n = t / sh.Ho, oh = t % sh.Ho;
+        const A* rows[kMaxK];
+        input_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, K, S, rows);
+        prefetch_next_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, sh.Ho, K, S);
+        cl_conv_range_any<A>(rows, C, sh.W, sh.Wo, 0, sh.Wo, wp.data(), Cp,
+                             b ? bp.data() : nullptr, y + t * sh.Wo * C, stream, act, K, S);
+      }
     }
     if (stream) simd::stream_fence();
   });
@@ -1413,12 +1430,18 @@ void forward_tiles(const Shape& sh, const A* x, const A* w, const A* b, int act,
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t n = t / ncb, cb = (t % ncb) * L, cw = std::min<int64_t>(L, sh.C - cb);
         to_tile(x + (n * sh.C + cb) * HW, HW, HW, cw, tin.data());
-        for (int64_t oh = 0; oh < sh.Ho; ++oh) {
-          const A* rows[KC ? KC : kMaxK];
-          input_rows(tin.data(), sh.H, sh.W * L, oh, K, S, rows);
-          conv_row<A, KC, SC, Act, true>(rows, L, sh.W, sh.Wo, wp.data() + cb, Cp,
-                                   b ? bp.data() + cb : nullptr, tout.data() + oh * sh.Wo * L,
-                                   false, act, K, S);
+        if constexpr (KC != 0) {
+          cl_conv_block_rows<A, KC, SC, Act>(tin.data(), L, sh.H, sh.W, sh.Wo, 0, sh.Ho,
+                                             kFull<A>, wp.data() + cb, Cp,
+                                             b ? bp.data() + cb : nullptr, tout.data(), false, act);
+        } else {
+          for (int64_t oh = 0; oh < sh.Ho; ++oh) {
+            const A* rows[kMaxK];
+            input_rows(tin.data(), sh.H, sh.W * L, oh, K, S, rows);
+            cl_conv_range_any<A>(rows, L, sh.W, sh.Wo, 0, sh.Wo, wp.data() + cb, Cp,
+                                 b ? bp.data() + cb : nullptr, tout.data() + oh * sh.Wo * L,
+                                 false, act, K, S);
+          }
         }
         from_tile(tout.data(), HWo, cw, y + (n * sh.C + cb) * HWo, HWo);
       }

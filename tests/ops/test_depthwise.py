@@ -3,7 +3,8 @@
 ``butterfly.ops.bft_fused.activate``, in float64.
 
 Covered: stride 1 and 2, NCHW and channels_last, odd sizes (7x5, 1x1, 2x3, and sizes with
-interior row and pixel blocks), batch 1 and 3, C in {1, 8, 16, 24, 37, 64}, every activation,
+interior row and pixel blocks), batch 1 and 3, 1 and 2 threads (the image split into strips of
+rows), C in {1, 8, 16, 24, 37, 64}, every activation,
 with and without bias, k = 3, 5, 7; gradcheck; the output's memory format; deterministic weight
 gradients (1 and 2 threads, repeated calls); opcheck of the operators; torch.compile.
 """
@@ -21,7 +22,9 @@ from butterfly.ops.depthwise import (_use_kernel, depthwise_conv,
 from butterfly.ops.bft_fused import ACTIVATIONS, activate
 
 CHANNELS = (1, 8, 16, 24, 37, 64)
-SIZES = ((7, 5), (1, 1), (2, 3), (9, 12))  # (9, 12): full row blocks and pixel blocks
+# (9, 12): full row blocks and pixel blocks; (5, 37): channels-last rows with interior register
+# blocks between the checked ones at the edges, and every shorter block for the rest
+SIZES = ((7, 5), (1, 1), (2, 3), (9, 12), (5, 37))
 FORMATS = ("nchw", "cl")
 
 
@@ -98,6 +101,16 @@ def test_forward_and_gradients(channels, fmt, stride):
     for (h, w), n, bias in itertools.product(SIZES, (1, 3), (True, False)):
         x, weight, b = make(n, channels, h, w, fmt=fmt, bias=bias)
         check(x, weight, b, stride, "none", 1e-5)
+
+
+@pytest.mark.parametrize("stride", (1, 2))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_forward_two_threads(fmt, stride):
+    """Two threads: an image of few channel blocks is cut into strips of rows, one per task."""
+    torch.set_num_threads(2)
+    for c, (h, w), n in itertools.product((8, 37), ((5, 37), (9, 12), (1, 1)), (1, 2)):
+        x, weight, b = make(n, c, h, w, fmt=fmt)
+        check(x, weight, b, stride, "relu", 1e-5, grads=False)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -60,6 +60,8 @@ CASES = [
     (1, 16, 16, 1, 1, 3, 1, True, "relu", "relu", True),          # a single pixel
     (2, 17, 40, 6, 5, 3, 1, True, "hardsigmoid", "relu", False),  # channels not a vector
     (2, 96, 200, 15, 15, 7, 2, True, "relu", "relu6", False),     # k = 7, several tiles
+    (1, 32, 32, 3, 21, 3, 1, True, "relu", "none", False),        # interior register blocks
+    (2, 16, 32, 4, 37, 3, 2, False, "relu6", "relu", True),       # the same at stride 2
 ]
 
 
