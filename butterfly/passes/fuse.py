@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -71,25 +71,32 @@ def _kernels_direct() -> bool:
 
 class _PreparedCache(nn.Module):
     """A fused layer that keeps the prepared forms of itself that the CPU backend built
-    (:func:`_prepared_call`). They are not saved with the layer: a fused model loaded in another
+    (:meth:`_prepared_for`). They are not saved with the layer: a fused model loaded in another
     process (or copied) prepares them again on its first call (loading the kernels then)."""
+
+    _prepared: dict
+
+    def _prepared_for(self, x: Tensor):
+        """The layer's prepared form for inputs like ``x`` (None: the C++ kernels do not run
+        them), built by :meth:`_prepare` on the first call per backend choice, device and dtype.
+        The prepared form checked the layer's arguments once and is called without the
+        dispatcher: a fixed cost per call that matters for small layers at batch 1, and so does
+        this look-up's."""
+        key = (current_backend(), x.dtype) if x.is_cpu else \
+            (current_backend(), x.device.type, x.dtype)
+        try:
+            return self._prepared[key]
+        except KeyError:
+            layer = self._prepared[key] = self._prepare(x)
+            return layer
+
+    def _prepare(self, x: Tensor):
+        raise NotImplementedError
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_prepared"] = {}
         return state
-
-
-def _prepared_call(cache: dict, x: Tensor, build: Callable[[], Optional[Callable]]
-                   ) -> Optional[Callable]:
-    """A fused layer's prepared form for inputs like ``x`` (None: the C++ kernels do not run
-    them), built by ``build`` on the first call per backend choice, device and dtype. The prepared
-    form checked the layer's arguments once and is called without the dispatcher: a fixed cost
-    per call that matters for small layers at batch 1."""
-    key = (current_backend(), x.device.type, x.dtype)
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
 
 
 def _kernel_cast(x: Tensor, t: Optional[Tensor]) -> Optional[Tensor]:
@@ -134,29 +141,26 @@ class FusedBFT(_PreparedCache):
         self.activation, self.adds = epilogue.activation, epilogue.add
         self.register_buffer("scale", None if epilogue.scale is None else epilogue.scale.detach())
         self.register_buffer("shift", None if epilogue.shift is None else epilogue.shift.detach())
-        self._prepared: dict = {}   # see _prepared_call
+        self._prepared: dict = {}   # see _prepared_for
         self.eval()   # an inference layer: built in eval mode
 
     @property
     def epilogue(self) -> Epilogue:
         return Epilogue(self.scale, self.shift, self.activation, self.adds)
 
-    def _prepared_for(self, x: Tensor):
+    def _prepare(self, x: Tensor):
         """The layer prepared by the CPU backend for inputs like ``x``
         (:func:`butterfly.ops.dispatch.prepared`: the plan, weights and epilogue checked once,
-        called without the dispatcher), or None when the kernel does not run them
-        (:func:`_prepared_call`)."""
-        def build():
-            p = self.plan
-            w = self.weight.view(p.num_blocks, p.weights_per_block)
-            prepare = prepared("cpu", "bft_fused")
-            if x.device.type != "cpu" or backend_for(x.device, x, w, p.radices).name != "cpu" \
-                    or not kernels_loaded("cpu", x.device) or prepare is None:
-                return None
-            return prepare(_kernel_cast(x, self.weight), p, self.residual,
-                           _kernel_cast(x, self.scale), _kernel_cast(x, self.shift),
-                           self.activation, x.dtype)
-        return _prepared_call(self._prepared, x, build)
+        called without the dispatcher), or None when the kernel does not run them."""
+        p = self.plan
+        w = self.weight.view(p.num_blocks, p.weights_per_block)
+        prepare = prepared("cpu", "bft_fused")
+        if x.device.type != "cpu" or backend_for(x.device, x, w, p.radices).name != "cpu" \
+                or not kernels_loaded("cpu", x.device) or prepare is None:
+            return None
+        return prepare(_kernel_cast(x, self.weight), p, self.residual,
+                       _kernel_cast(x, self.scale), _kernel_cast(x, self.shift),
+                       self.activation, x.dtype)
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
@@ -192,20 +196,18 @@ class FusedConv(_PreparedCache):
         # kernel_geometry: what butterfly::depthwise_conv computes; depthwise: whether this layer
         # runs it (optimize_for_inference may hand it back to PyTorch's convolution)
         self.kernel_geometry = self.depthwise = is_operator_conv(conv)
-        self._prepared: dict = {}   # see _prepared_call
+        self._prepared: dict = {}   # see _prepared_for
         self.eval()   # an inference layer: built in eval mode
 
-    def _prepared_for(self, x: Tensor):
+    def _prepare(self, x: Tensor):
         """The depthwise conv prepared by the CPU backend for inputs like ``x`` (float32 or
         float64, :func:`butterfly.ops.dispatch.prepared`), or None when the kernel does not run
-        them (:func:`_prepared_call`)."""
-        def build():
-            args = kernel_args(x, self.weight, self.bias, self.stride[0], self.activation)
-            prepare = prepared("cpu", "depthwise_conv")
-            if args is None or prepare is None or x.dtype not in (torch.float32, torch.float64):
-                return None
-            return prepare(args[0], args[1], self.stride[0], self.activation, x.dtype)
-        return _prepared_call(self._prepared, x, build)
+        them."""
+        args = kernel_args(x, self.weight, self.bias, self.stride[0], self.activation)
+        prepare = prepared("cpu", "depthwise_conv")
+        if args is None or prepare is None or x.dtype not in (torch.float32, torch.float64):
+            return None
+        return prepare(args[0], args[1], self.stride[0], self.activation, x.dtype)
 
     def _onednn(self, x: Tensor) -> bool:
         return _MKLDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32 \
@@ -214,7 +216,7 @@ class FusedConv(_PreparedCache):
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
         geometry = (self.padding, self.stride, self.dilation, self.groups)
-        if self.depthwise and x.device.type == "cpu" and x.dim() == 4:
+        if self.depthwise and x.is_cpu and x.dim() == 4:
             layer = self._prepared_for(x) if _kernels_direct() else None
             if layer is not None:
                 y = layer(x)
@@ -262,31 +264,30 @@ class FusedConv(_PreparedCache):
 class FusedDepthwiseBFT(_PreparedCache):
     """A fused depthwise conv and the fused BFT that reads its output (the depthwise-separable
     block), for inference. With ``one_pass`` and an input the kernel takes, both run as one
-    ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.ops.dw_bft_fused`); otherwise, or once the BFT was
-    made dense, the two layers ``dw`` and ``pw`` run one after the other."""
+    ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.ops.dw_bft_fused`); otherwise, or once the
+    BFT was made dense, the two layers ``dw`` and ``pw`` run one after the other (on such an
+    input, in one call of the prepared block)."""
 
     def __init__(self, dw: FusedConv, pw: FusedBFT):
         super().__init__()
         self.dw, self.pw, self.one_pass = dw, pw, True
-        self._prepared: dict = {}   # see _prepared_call
+        self._prepared: dict = {}   # see _prepared_for
         self.eval()
 
-    def _prepared_for(self, x: Tensor):
-        """The block prepared by the CPU backend for inputs like ``x`` (one
-        ``butterfly::dw_bft_fused`` pass, :func:`butterfly.ops.dispatch.prepared`), or None when
-        the kernel does not run them, as decided by
-        :func:`butterfly.ops.dw_bft_fused.kernel_applies` (:func:`_prepared_call`)."""
-        def build():
-            dw, pw = self.dw, self.pw
-            prepare = prepared("cpu", "dw_bft_fused")
-            if not kernel_applies(x, dw.weight, dw.stride[0]) or prepare is None:
-                return None
-            depthwise = dw._prepared_for(x)   # the block's depthwise conv, prepared as a layer
-            if depthwise is None:
-                return None
-            return prepare(depthwise, _kernel_cast(x, pw.weight), pw.plan, pw.residual,
-                           _kernel_cast(x, pw.scale), _kernel_cast(x, pw.shift), pw.activation)
-        return _prepared_call(self._prepared, x, build)
+    def _prepare(self, x: Tensor):
+        """The block prepared by the CPU backend for inputs like ``x`` (in one
+        ``butterfly::dw_bft_fused`` pass or apart, :func:`butterfly.ops.dispatch.prepared`), or
+        None when the kernel does not run them, as decided by
+        :func:`butterfly.ops.dw_bft_fused.kernel_applies`."""
+        dw, pw = self.dw, self.pw
+        prepare = prepared("cpu", "dw_bft_fused")
+        if not kernel_applies(x, dw.weight, dw.stride[0]) or prepare is None:
+            return None
+        depthwise = dw._prepared_for(x)   # the block's depthwise conv, prepared as a layer
+        if depthwise is None:
+            return None
+        return prepare(depthwise, _kernel_cast(x, pw.weight), pw.plan, pw.residual,
+                       _kernel_cast(x, pw.scale), _kernel_cast(x, pw.shift), pw.activation)
 
     def forward(self, x: Tensor, add: Optional[Tensor] = None) -> Tensor:
         _refuse_training(self, (x, add))
@@ -295,14 +296,16 @@ class FusedDepthwiseBFT(_PreparedCache):
                 not _epilogue_add(add, (x.shape[0], pw.plan.out_channels,
                                         *[(n - 1) // dw.stride[0] + 1 for n in x.shape[2:]])):
             return self(x) + add
-        if self.one_pass and isinstance(pw, FusedBFT) and x.dim() == 4 and \
+        if isinstance(pw, FusedBFT) and x.dim() == 4 and \
                 x.is_contiguous(memory_format=torch.channels_last):
-            if not _kernels_direct():   # one traced (or counted) operator, which falls back itself
-                return dw_bft_fused(x, dw.weight, dw.bias, dw.stride[0], dw.activation,
-                                    pw.weight, pw.plan, pw.residual, pw.epilogue, add)
-            layer = self._prepared_for(x)
-            if layer is not None:
-                return layer(x, add)
+            if not _kernels_direct():
+                if self.one_pass:   # one traced (or counted) operator, which falls back itself
+                    return dw_bft_fused(x, dw.weight, dw.bias, dw.stride[0], dw.activation,
+                                        pw.weight, pw.plan, pw.residual, pw.epilogue, add)
+            else:
+                layer = self._prepared_for(x)
+                if layer is not None:   # both layers in one call, in one pass or apart
+                    return layer(x, add) if self.one_pass else layer.apart(x, add)
         return pw(dw(x), add)
 
     def extra_repr(self) -> str:

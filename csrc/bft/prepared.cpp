@@ -1,6 +1,7 @@
 // Inference layers prepared once and called from Python directly (the extension's Python module),
 // for the fused layers of butterfly/passes/fuse.py: PreparedBFT (FusedBFT), PreparedDepthwise
-// (a FusedConv on the depthwise kernel) and PreparedDepthwiseBFT (FusedDepthwiseBFT's one pass).
+// (a FusedConv on the depthwise kernel) and PreparedDepthwiseBFT (FusedDepthwiseBFT, in one pass
+// or apart).
 // Their arguments are checked and converted when they are built, and PreparedBFT's float32
 // weights are packed for the channels-as-lanes kernel once (again whenever the weight tensor's
 // version counter moves: an in-place update such as load_state_dict; an inference tensor has no
@@ -62,6 +63,10 @@ class PreparedBFT {
       forward_into(pl_, x, N, H * W, 0, weight_, &f, y, kWhat);
     return y;
   }
+
+  const Plan& plan() const { return pl_; }
+  const at::Tensor& weight() const { return weight_; }
+  const FusedArgs& fused() const { return fused_; }
 
  private:
   // the float32 weights packed for the channels-as-lanes kernel, as of their current version
@@ -155,42 +160,45 @@ class PreparedDepthwise {
   int act_, K_ = 3, S_ = 1;
 };
 
-// The depthwise -> BFT block in one pass (dw_bft_into) for channels-last float32 or float64 x:
-// the depthwise conv as in PreparedDepthwise, then the fused BFT as in PreparedBFT.
+// The depthwise -> BFT block for float32 or float64 x: in one pass (dw_bft_into, channels-last
+// x), or apart (the depthwise conv as in PreparedDepthwise, then the fused BFT as in
+// PreparedBFT, either memory format: what the block's two layers compute, without a return to
+// Python between them).
 class PreparedDepthwiseBFT {
  public:
   PreparedDepthwiseBFT(const PreparedDepthwise& dw, const at::Tensor& weight,
                        std::vector<int64_t> radices, int64_t out_channels, bool residual,
                        const std::optional<at::Tensor>& scale,
                        const std::optional<at::Tensor>& shift, const std::string& activation)
-      : dw_(dw), pl_(plan_for(dw.channels(), out_channels, radices, residual, kWhat)),
-        weight_(weight.contiguous()) {
-    check_args(at::empty({0}, at::TensorOptions().dtype(dw.dtype())), weight_, pl_, kWhat);
-    fused_ = parse_epilogue(dw.dtype(), out_channels, scale, shift, activation, kWhat);
-  }
+      : dw_(dw),
+        pw_(weight, std::move(radices), dw.channels(), out_channels, residual, scale, shift,
+            activation, dw.dtype()) {}
 
   at::Tensor run(const at::Tensor& x, const std::optional<at::Tensor>& add) const {
-    const dwconv::Shape sh = depthwise_shape(x, pl_.cin, dw_.K(), dw_.S(), dw_.dtype(), true,
+    const Plan& pl = pw_.plan();
+    const dwconv::Shape sh = depthwise_shape(x, pl.cin, dw_.K(), dw_.S(), dw_.dtype(), true,
                                              kWhat);
-    at::Tensor y = at::empty({sh.N, pl_.cout, sh.Ho, sh.Wo},
+    at::Tensor y = at::empty({sh.N, pl.cout, sh.Ho, sh.Wo},
                              x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    FusedArgs f = fused_;
+    FusedArgs f = pw_.fused();
     if (add.has_value()) {
       TORCH_CHECK(add->sizes() == y.sizes() && add->scalar_type() == dw_.dtype(), kWhat,
                   ": expected add of shape ", y.sizes(), " and dtype ", dw_.dtype(), ", got ",
                   add->sizes(), " ", add->scalar_type());
       f.add = add->contiguous(at::MemoryFormat::ChannelsLast);
     }
-    if (y.numel()) dw_bft_into(pl_, sh, x, dw_.weight(), dw_.bias(), dw_.act(), weight_, f, y);
+    if (y.numel()) dw_bft_into(pl, sh, x, dw_.weight(), dw_.bias(), dw_.act(), pw_.weight(), f, y);
     return y;
+  }
+
+  at::Tensor apart(const at::Tensor& x, const std::optional<at::Tensor>& add) const {
+    return pw_.run(dw_.run(x), add);
   }
 
  private:
   static constexpr const char* kWhat = "PreparedDepthwiseBFT";
   PreparedDepthwise dw_;
-  Plan pl_;
-  at::Tensor weight_;
-  FusedArgs fused_;
+  PreparedBFT pw_;
 };
 
 }  // namespace
@@ -212,5 +220,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           int64_t, bool, const std::optional<at::Tensor>&,
                           const std::optional<at::Tensor>&, const std::string&>())
       .def("__call__", &bft::PreparedDepthwiseBFT::run, pybind11::arg("x"),
+           pybind11::arg("add") = pybind11::none())
+      .def("apart", &bft::PreparedDepthwiseBFT::apart, pybind11::arg("x"),
            pybind11::arg("add") = pybind11::none());
 }

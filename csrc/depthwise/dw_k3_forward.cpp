@@ -15,13 +15,10 @@ void forward_k3(const Shape& sh, bool channels_last, const float* x, const float
 
 void conv_rows_k3(const Shape& sh, const float* x, const float* wpack, const float* bias, int act,
                   int64_t r0, int64_t n, float* out) {
-  dispatch_act<float, 3>(act, [&](auto act_c) {
-    constexpr int Act = decltype(act_c)::value;
-    if (sh.S == 1)
-      conv_rows_of<float, 3, 1, Act>(sh, x, wpack, bias, act, r0, n, out);
-    else
-      conv_rows_of<float, 3, 2, Act>(sh, x, wpack, bias, act, r0, n, out);
-  });
+  if (sh.S == 1)
+    conv_rows_of<float, 3, 1, kAny>(sh, x, wpack, bias, act, r0, n, out);
+  else
+    conv_rows_of<float, 3, 2, kAny>(sh, x, wpack, bias, act, r0, n, out);
 }
 
 }  // namespace dwconv

@@ -500,6 +500,23 @@ SIMD_INLINE void dispatch_act(int act, F&& f) {
   }
 }
 
+// f(std::integral_constant<int, a>{}) for the activation a: Act, or with Act == kAny the runtime
+// act (one branch per call, so that a register block's outputs take a compiled activation).
+template <int Act, class F>
+SIMD_INLINE void with_activation(int act, F&& f) {
+  if constexpr (Act != kAny) {
+    f(std::integral_constant<int, Act>{});
+  } else {
+    switch (act) {
+      case kRelu: return f(std::integral_constant<int, kRelu>{});
+      case kRelu6: return f(std::integral_constant<int, kRelu6>{});
+      case kHardswish: return f(std::integral_constant<int, kHardswish>{});
+      case kHardsigmoid: return f(std::integral_constant<int, kHardsigmoid>{});
+      default: return f(std::integral_constant<int, kNone>{});
+    }
+  }
+}
+
 // conv_plane for a runtime k, stride (cols) and activation: each output vector is the bias plus
 // the k*k taps in (kh, kw) order, those outside the image read as zeros, as in conv_plane.
 template <class A>
@@ -901,14 +918,16 @@ SIMD_INLINE void cl_conv_block_row(const A* const* rows, int64_t C, int64_t W, i
     V<A> acc[R];
     for (int r = 0; r < R; ++r) acc[r] = bv;
     cl_conv_pixels<A, K, S, R, decltype(checked_)::value>(rows, C, W, ow, m, wv, acc);
-    for (int r = 0; r < R; ++r) {
-      const V<A> v = activate<A>(acc[r], Act == kAny ? act : Act);
-      A* p = out + (ow - ow0 + r) * C;
-      if (stream)
-        simd::vstream(p, v);
-      else
-        store_m(p, v, m);
-    }
+    with_activation<Act>(act, [&](auto act_c) SIMD_INLINE_LAMBDA {
+      for (int r = 0; r < R; ++r) {
+        const V<A> v = activate<A>(acc[r], decltype(act_c)::value);
+        A* p = out + (ow - ow0 + r) * C;
+        if (stream)
+          simd::vstream(p, v);
+        else
+          store_m(p, v, m);
+      }
+    });
   };
   constexpr int RB = kPixelBlock<K, S>;
   constexpr std::integral_constant<int, RB> full{};
@@ -969,8 +988,7 @@ SIMD_INLINE void input_rows(const A* img, int64_t Hi, int64_t row_len, int64_t o
 // image and the block, C the pixel stride, m the block's lanes, wpack and bias (or null) at the
 // block. The K*K weight vectors stay in registers over the rows, and the K input rows that an
 // output row reads are K * W vectors, so the two it shares with the next row are still in L1
-// when that row reads them (whole rows of every channel are K * W * C values). One function for
-// every caller (forward_cl, forward_tiles).
+// when that row reads them (whole rows of every channel are K * W * C values).
 template <class A, int K, int S, int Act>
 SIMD_INLINE void cl_conv_block_rows(const A* img, int64_t C, int64_t H, int64_t W, int64_t Wo, int64_t oh0,
                         int64_t oh1, uint32_t m, const A* wpack, int64_t wstride, const A* bias,
@@ -1072,13 +1090,12 @@ void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A*
   // OpenMP's chunk size (unused without OpenMP)
   [[maybe_unused]] const int64_t chunk =
       KC ? std::max<int64_t>(1, tasks / std::max(threads, 1)) : chunk_of(tasks, sh.Wo * C * K * K, threads);
-  dispatch_act<A, KC>(act, [&](auto act_c) {
-    constexpr int Act = decltype(act_c)::value;
+  {
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
     for (int64_t t = 0; t < tasks; ++t) {
       if constexpr (KC != 0) {
         const int64_t n = t / (ncb * strips), cb = t / strips % ncb * VL<A>, st = t % strips;
-        cl_conv_block_rows<A, KC, SC, Act>(
+        cl_conv_block_rows<A, KC, SC, kAny>(
             x + n * sh.H * sh.W * C + cb, C, sh.H, sh.W, sh.Wo, st * srows,
             std::min(sh.Ho, (st + 1) * srows), lanes<A>(0, C - cb), wp.data() + cb, Cp,
             b ? bp.data() + cb : nullptr, y + n * sh.Ho * sh.Wo * C + cb, stream, act);
@@ -1092,7 +1109,7 @@ void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A*
       }
     }
     if (stream) simd::stream_fence();
-  });
+  }
 }
 
 // Weight gradient accumulation of output pixels ow0 + r (unchecked columns): acc[kh K + kw] +=
@@ -1421,8 +1438,7 @@ void forward_tiles(const Shape& sh, const A* x, const A* w, const A* b, int act,
   const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
   const int64_t Cp = padded<A>(sh.C), ncb = Cp / L, tasks = sh.N * ncb;
   const int64_t HW = sh.H * sh.W, HWo = sh.Ho * sh.Wo;
-  dispatch_act<A, KC>(act, [&](auto act_c) {
-    constexpr int Act = decltype(act_c)::value;
+  {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
       std::vector<A> tin((size_t)(HW * L)), tout((size_t)(HWo * L));
@@ -1430,23 +1446,22 @@ void forward_tiles(const Shape& sh, const A* x, const A* w, const A* b, int act,
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t n = t / ncb, cb = (t % ncb) * L, cw = std::min<int64_t>(L, sh.C - cb);
         to_tile(x + (n * sh.C + cb) * HW, HW, HW, cw, tin.data());
-        if constexpr (KC != 0) {
-          cl_conv_block_rows<A, KC, SC, Act>(tin.data(), L, sh.H, sh.W, sh.Wo, 0, sh.Ho,
-                                             kFull<A>, wp.data() + cb, Cp,
-                                             b ? bp.data() + cb : nullptr, tout.data(), false, act);
-        } else {
-          for (int64_t oh = 0; oh < sh.Ho; ++oh) {
-            const A* rows[kMaxK];
-            input_rows(tin.data(), sh.H, sh.W * L, oh, K, S, rows);
+        for (int64_t oh = 0; oh < sh.Ho; ++oh) {
+          const A* rows[kMaxK];
+          input_rows(tin.data(), sh.H, sh.W * L, oh, K, S, rows);
+          if constexpr (KC != 0)
+            cl_conv_row<A, KC, SC, kAny>(rows, L, sh.W, sh.Wo, wp.data() + cb, Cp,
+                                        b ? bp.data() + cb : nullptr,
+                                        tout.data() + oh * sh.Wo * L, false, act);
+          else
             cl_conv_range_any<A>(rows, L, sh.W, sh.Wo, 0, sh.Wo, wp.data() + cb, Cp,
                                  b ? bp.data() + cb : nullptr, tout.data() + oh * sh.Wo * L,
                                  false, act, K, S);
-          }
         }
         from_tile(tout.data(), HWo, cw, y + (n * sh.C + cb) * HWo, HWo);
       }
     }
-  });
+  }
 }
 
 // Backward, NCHW through tiles. KC, SC as in forward_nchw.

@@ -244,12 +244,12 @@ def test_layers_call_the_kernels_directly_after_one_checked_call():
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert _rel(second, want.double()) < 1e-5 and _rel(ref, want.double()) < 1e-5
     blocks = [m for m in gm.modules() if isinstance(m, FusedDepthwiseBFT)]
-    assert blocks and all(("auto", "cpu", torch.float32) in b._prepared for b in blocks)
+    assert blocks and all(("auto", torch.float32) in b._prepared for b in blocks)
     # under the reference each block ran its two layers, and its BFT recorded "no kernel"
     assert all(isinstance(b.pw, FusedBFT) and b.pw._prepared == {
-        ("reference", "cpu", torch.float32): None} for b in blocks)
-    assert all(b._prepared[("auto", "cpu", torch.float32)] is not None for b in blocks)
-    assert all(b._prepared[("reference", "cpu", torch.float32)] is None for b in blocks)
+        ("reference", torch.float32): None} for b in blocks)
+    assert all(b._prepared[("auto", torch.float32)] is not None for b in blocks)
+    assert all(b._prepared[("reference", torch.float32)] is None for b in blocks)
     with pytest.raises(RuntimeError, match=r"call \.eval\(\)"):
         blocks[0].train()(torch.randn(1, blocks[0].dw.weight.shape[0], 4, 4).contiguous(
             memory_format=CL))

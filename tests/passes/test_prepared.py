@@ -164,9 +164,12 @@ def test_prepared_depthwise_equals_the_reference(dtype, fmt, k, stride, activati
 @pytest.mark.parametrize("k,stride,cin,cout", [(3, 1, 64, 64), (3, 2, 32, 64), (5, 1, 48, 96),
                                                (7, 2, 64, 32)])
 @pytest.mark.parametrize("adds", [False, True])
-def test_prepared_depthwise_bft_equals_the_two_layers(dtype, k, stride, cin, cout, adds):
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_prepared_depthwise_bft_equals_the_two_layers(dtype, k, stride, cin, cout, adds, one_pass):
+    """The prepared block, in one pass or apart (one call running both layers)."""
     block = FusedDepthwiseBFT(_depthwise(cin, k, stride, dtype, "relu6"),
                               _layer(cin, cout, dtype, "hardswish", adds=adds)).eval()
+    block.one_pass = one_pass
     x = _images(2, cin, 11, 10, dtype, torch.channels_last, seed=7)
     ho, wo = (11 - 1) // stride + 1, (10 - 1) // stride + 1
     add = _images(2, cout, ho, wo, dtype, torch.channels_last, seed=8) if adds else None
