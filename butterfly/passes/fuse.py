@@ -27,6 +27,9 @@ two copies, and the reshape turns channels_last into NCHW) become :func:`concat_
 pass that keeps the format; the split (``chunk``) stays a view, which the BFT kernel reads in
 place (rows of channels at a stride).
 
+Max pools (ShuffleNetV2's stem) become :class:`FusedMaxPool`: channels_last float CPU input runs
+``butterfly_cpu::max_pool_cl`` (``csrc/pool/max_pool_cpu.cpp``), which computes no indices.
+
 What is left alone is reported with the reason: BatchNorms without running statistics (eval mode
 then normalises with batch statistics, which no fold reproduces), BatchNorms after anything else,
 activations with another use, convolutions with non-zero padding modes. Fused layers are for
@@ -312,6 +315,52 @@ class FusedDepthwiseBFT(_PreparedCache):
         return f"one_pass={self.one_pass}"
 
 
+class FusedMaxPool(nn.MaxPool2d):
+    """An ``nn.MaxPool2d`` (square kernel, stride and padding, no dilation, floor rounding, no
+    indices) for inference: channels_last float32/float64 CPU input runs
+    ``butterfly_cpu::max_pool_cl``; any other input, a traced call, the reference backend or an
+    input that needs gradients runs PyTorch's max pool."""
+
+    @staticmethod
+    def geometry(pool: nn.MaxPool2d) -> Optional[Tuple[int, int, int]]:
+        """``(kernel_size, stride, padding)`` of a pool the kernel computes, else None."""
+        def square(v):
+            v = (v, v) if isinstance(v, int) else tuple(v)
+            return v[0] if len(v) == 2 and v[0] == v[1] else None
+        k, s, p = square(pool.kernel_size), square(pool.stride or pool.kernel_size), \
+            square(pool.padding)
+        d = square(pool.dilation)
+        if None in (k, s, p) or d != 1 or pool.ceil_mode or pool.return_indices:
+            return None
+        return (k, s, p) if 2 * p <= k else None
+
+    @classmethod
+    def of(cls, pool: nn.MaxPool2d) -> "FusedMaxPool":
+        k, s, p = cls.geometry(pool)
+        return cls(k, s, p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cpu and x.dim() == 4 and x.dtype in (torch.float32, torch.float64) and \
+                x.is_contiguous(memory_format=torch.channels_last) and _kernels_direct() and \
+                not (x.requires_grad and torch.is_grad_enabled()) and \
+                backend_for(x.device).name == "cpu" and kernels_loaded("cpu", x.device):
+            return torch.ops.butterfly_cpu.max_pool_cl(x, self.kernel_size, self.stride,
+                                                       self.padding)
+        return super().forward(x)
+
+
+def _swap_max_pools(gm: fx.GraphModule) -> List[str]:
+    """Makes every ``nn.MaxPool2d`` the kernel computes a :class:`FusedMaxPool`; returns their
+    names."""
+    swapped = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.MaxPool2d and \
+                FusedMaxPool.geometry(gm.get_submodule(node.target)) is not None:
+            gm.add_submodule(node.target, FusedMaxPool.of(gm.get_submodule(node.target)))
+            swapped.append(node.target)
+    return swapped
+
+
 def merge_separable(gm: fx.GraphModule) -> List[Tuple[str, str]]:
     """Merges every fused depthwise conv (no addition in its epilogue) whose only user is a
     :class:`FusedBFT` reading it as its input into one :class:`FusedDepthwiseBFT`, at the BFT's
@@ -363,6 +412,7 @@ class FusionResult:
     fused: List[FusedLayer] = field(default_factory=list)
     unfused: List[Tuple[str, str]] = field(default_factory=list)   # (node, why it stayed)
     shuffles: List[str] = field(default_factory=list)   # cat nodes folded into concat_shuffle
+    pools: List[str] = field(default_factory=list)   # max pools made FusedMaxPool
 
 
 class _Tracer(fx.Tracer):
@@ -370,7 +420,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return is_bft(m) or isinstance(m, (FusedBFT, FusedConv, FusedDepthwiseBFT,
-                                           DepthwiseConv2d)) or \
+                                           FusedMaxPool, DepthwiseConv2d)) or \
             super().is_leaf_module(m, qualname)
 
 
@@ -520,6 +570,7 @@ def fuse(model: nn.Module, example_input) -> FusionResult:
                                         layer.padding_mode == "zeros"):
             erased |= _fuse_chain(gm, node, layer, result)
     result.shuffles = _fold_channel_shuffles(gm)
+    result.pools = _swap_max_pools(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()

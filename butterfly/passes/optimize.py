@@ -108,6 +108,7 @@ class InferenceReport(LayerReport):
         self.depthwise: List[DepthwiseChoice] = []
         self.separable: List[SeparableChoice] = []
         self.shuffles: List[str] = []   # concatenations + channel shuffles folded into one pass
+        self.pools: List[str] = []   # max pools on the max-pool kernel
 
     def title(self) -> str:
         text = (f"optimize_for_inference on {self.device}: {len(self)} BFT layers, "
@@ -126,6 +127,8 @@ class InferenceReport(LayerReport):
         if self.shuffles:
             text += (f"; {len(self.shuffles)} concatenation + channel shuffle pairs written in "
                      "one pass")
+        if self.pools:
+            text += f"; {len(self.pools)} max pools on the max-pool kernel"
         if self.separable:
             one = [c for c in self.separable if c.chosen == "one pass"]
             text += (f"; depthwise-separable blocks: {len(one)} of {len(self.separable)} in one "
@@ -191,6 +194,7 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     layers = {name: m for name, m in model.named_modules() if is_bft(m) or isinstance(m, FusedBFT)}
     report = InferenceReport(device=str(args[0].device), fused=fused, unfused=unfused)
     report.shuffles = result.shuffles if fuse else []
+    report.pools = result.pools if fuse else []
     for name, layer, xs in _reached(model, layers, args):
         dense = dense_alternative(layer)
         bft_s, dense_s = time_call(layer, xs, min_run_time), time_call(dense, xs, min_run_time)

@@ -1,0 +1,110 @@
+// Max pooling of a channels-last image batch in one pass, butterfly_cpu::max_pool_cl:
+//
+//   y[n, c, oh, ow] = max of x[n, c, s*oh - p + i, s*ow - p + j], 0 <= i, j < k, in the image
+//
+// (PyTorch's max_pool2d with dilation 1 and floor rounding: the padding is -inf, never read;
+// a NaN in a window gives NaN). A task is a run of output rows; an output pixel's channels are
+// taken a vector at a time (the last vector overlapping the one before; fewer channels than a
+// vector one by one), the maximum over the window's taps kept in a register. PyTorch's channels-last max_pool2d also computes the
+// argmax of every output (which inference discards); its NCHW kernel reads a window's taps a
+// plane at a time. The fused inference layers' MaxPool (butterfly/passes/fuse.py) call it; the
+// reference is torch.nn.functional.max_pool2d.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "common/simd.h"
+
+namespace {
+
+struct PoolShape {
+  int64_t N, C, H, W, Ho, Wo, k, s, p;
+};
+
+template <class T>
+void max_pool(const PoolShape& sh, const T* x, T* y) {
+  using V = simd::vec_t<T>;
+  constexpr int64_t VL = simd::Vec<T>::lanes;
+  const int64_t C = sh.C, rows = sh.N * sh.Ho;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, sh.Wo * C * sh.k * sh.k));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / sh.Ho, oh = r % sh.Ho;
+      const int64_t h0 = std::max<int64_t>(0, oh * sh.s - sh.p);
+      const int64_t h1 = std::min(sh.H, oh * sh.s - sh.p + sh.k);
+      const T* img = x + n * sh.H * sh.W * C;
+      for (int64_t ow = 0; ow < sh.Wo; ++ow) {
+        const int64_t w0 = std::max<int64_t>(0, ow * sh.s - sh.p);
+        const int64_t w1 = std::min(sh.W, ow * sh.s - sh.p + sh.k);
+        const T* first = img + (h0 * sh.W + w0) * C;
+        T* __restrict o = y + (r * sh.Wo + ow) * C;
+        // the window's taps for VL channels from c: the maximum stays in a register
+        auto window = [&](int64_t c) {
+          V m = simd::vload(first + c);
+          for (int64_t ih = h0; ih < h1; ++ih)
+            for (int64_t iw = w0; iw < w1; ++iw) {
+              const V v = simd::vload(img + (ih * sh.W + iw) * C + c);
+              m = (v > m) | (v != v) ? v : m;
+            }
+          simd::vstore(o + c, m);
+        };
+        int64_t c = 0;
+        for (; c + VL <= C; c += VL) window(c);
+        if (c < C && C >= VL) {
+          window(C - VL);   // the last channels: a vector that overlaps the one before
+        } else {
+          for (; c < C; ++c) {   // fewer channels than a vector: one at a time
+            T m = first[c];
+            bool nan = false;
+            for (int64_t ih = h0; ih < h1; ++ih)
+              for (int64_t iw = w0; iw < w1; ++iw) {
+                const T v = img[(ih * sh.W + iw) * C + c];
+                m = v > m ? v : m;
+                nan |= v != v;
+              }
+            o[c] = nan ? std::numeric_limits<T>::quiet_NaN() : m;
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor max_pool_cl(const at::Tensor& x, int64_t k, int64_t stride, int64_t padding) {
+  const char* what = "butterfly_cpu::max_pool_cl";
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              what, ": expected a channels_last float32 or float64 CPU tensor (N, C, H, W), got ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device(),
+              "; call .contiguous(memory_format=torch.channels_last) first");
+  TORCH_CHECK(k >= 1 && stride >= 1 && padding >= 0 && 2 * padding <= k, what,
+              ": expected kernel size >= 1, stride >= 1 and 0 <= padding <= kernel size / 2, got ",
+              k, ", ", stride, ", ", padding);
+  PoolShape sh{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, k, stride, padding};
+  sh.Ho = (sh.H + 2 * padding - k) / stride + 1;
+  sh.Wo = (sh.W + 2 * padding - k) / stride + 1;
+  TORCH_CHECK(sh.H + 2 * padding >= k && sh.W + 2 * padding >= k, what, ": the image ", sh.H,
+              "x", sh.W, " with padding ", padding, " is smaller than the kernel size ", k);
+  at::Tensor y =
+      at::empty({sh.N, sh.C, sh.Ho, sh.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  if (x.scalar_type() == at::kDouble)
+    max_pool<double>(sh, x.const_data_ptr<double>(), y.mutable_data_ptr<double>());
+  else
+    max_pool<float>(sh, x.const_data_ptr<float>(), y.mutable_data_ptr<float>());
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(butterfly_cpu, m) {
+  m.def("max_pool_cl(Tensor x, int kernel_size, int stride, int padding) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(butterfly_cpu, CPU, m) { m.impl("max_pool_cl", &max_pool_cl); }
