@@ -1073,43 +1073,56 @@ SIMD_INLINE void prefetch_next_rows(const A* img, int64_t Hi, int64_t row_len, i
   }
 }
 
-// Forward, channels-last. KC, SC as in forward_nchw. Compiled kernels: a task is one channel
-// block of an image over a strip of its output rows (cl_conv_block_rows), the image cut into
-// strips only where there are too few (image, block) pairs to keep the threads busy; a thread
-// takes a run of neighbouring blocks, so that threads do not take turns at the lines of a pixel.
-// Generic kernels: a task is an output row, its channel blocks one after the other.
+// Inputs this large (bytes) come from memory rather than cache: the channels-last forward reads
+// them in address order.
+inline constexpr int64_t kFromMemoryBytes = int64_t{8} << 20;
+
+// Forward, channels-last. KC, SC as in forward_nchw. Compiled kernels on an input that the caches
+// hold: a task is one channel block of an image over a strip of its output rows
+// (cl_conv_block_rows), the image cut into strips only where there are too few (image, block)
+// pairs to keep the threads busy; a thread takes a run of neighbouring blocks, so that threads do
+// not take turns at the lines of a pixel. Generic kernels, and inputs of kFromMemoryBytes or more
+// (a block's task would read one line of every pixel, and memory serves lines in address order
+// faster): a task is an output row, its channel blocks one after the other.
 template <class A, int KC, int SC>
 void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A* y, int threads) {
   const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
   const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
   const int64_t C = sh.C, Cp = padded<A>(C), ncb = Cp / VL<A>;
   const bool stream = C % VL<A> == 0 && sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A) >= kStreamBytes;
-  const int64_t strips = KC ? std::min<int64_t>(sh.Ho, (4 * threads + sh.N * ncb - 1) / (sh.N * ncb)) : 1;
+  const bool by_block =
+      KC != 0 && sh.N * sh.H * sh.W * C * (int64_t)sizeof(A) < kFromMemoryBytes;
+  const int64_t strips =
+      by_block ? std::min<int64_t>(sh.Ho, (4 * threads + sh.N * ncb - 1) / (sh.N * ncb)) : 1;
   const int64_t srows = (sh.Ho + strips - 1) / strips;
-  const int64_t tasks = KC ? sh.N * ncb * strips : sh.N * sh.Ho;
+  const int64_t tasks = by_block ? sh.N * ncb * strips : sh.N * sh.Ho;
   // OpenMP's chunk size (unused without OpenMP)
-  [[maybe_unused]] const int64_t chunk =
-      KC ? std::max<int64_t>(1, tasks / std::max(threads, 1)) : chunk_of(tasks, sh.Wo * C * K * K, threads);
-  {
+  [[maybe_unused]] const int64_t chunk = by_block ? std::max<int64_t>(1, tasks / std::max(threads, 1))
+                                                  : chunk_of(tasks, sh.Wo * C * K * K, threads);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
-    for (int64_t t = 0; t < tasks; ++t) {
+  for (int64_t t = 0; t < tasks; ++t) {
+    if (by_block) {
       if constexpr (KC != 0) {
         const int64_t n = t / (ncb * strips), cb = t / strips % ncb * VL<A>, st = t % strips;
         cl_conv_block_rows<A, KC, SC, kAny>(
             x + n * sh.H * sh.W * C + cb, C, sh.H, sh.W, sh.Wo, st * srows,
             std::min(sh.Ho, (st + 1) * srows), lanes<A>(0, C - cb), wp.data() + cb, Cp,
             b ? bp.data() + cb : nullptr, y + n * sh.Ho * sh.Wo * C + cb, stream, act);
-      } else {
-        const int64_t n = t / sh.Ho, oh = t % sh.Ho;
-        const A* rows[kMaxK];
-        input_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, K, S, rows);
-        prefetch_next_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, sh.Ho, K, S);
-        cl_conv_range_any<A>(rows, C, sh.W, sh.Wo, 0, sh.Wo, wp.data(), Cp,
-                             b ? bp.data() : nullptr, y + t * sh.Wo * C, stream, act, K, S);
       }
+      continue;
     }
-    if (stream) simd::stream_fence();
+    const int64_t n = t / sh.Ho, oh = t % sh.Ho;
+    const A* rows[KC ? KC : kMaxK];
+    input_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, K, S, rows);
+    prefetch_next_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, sh.Ho, K, S);
+    if constexpr (KC != 0)
+      cl_conv_row<A, KC, SC, kAny>(rows, C, sh.W, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
+                                   y + t * sh.Wo * C, stream, act);
+    else
+      cl_conv_range_any<A>(rows, C, sh.W, sh.Wo, 0, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
+                           y + t * sh.Wo * C, stream, act, K, S);
   }
+  if (stream) simd::stream_fence();
 }
 
 // Weight gradient accumulation of output pixels ow0 + r (unchecked columns): acc[kh K + kw] +=

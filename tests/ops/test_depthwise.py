@@ -103,6 +103,13 @@ def test_forward_and_gradients(channels, fmt, stride):
         check(x, weight, b, stride, "none", 1e-5)
 
 
+def test_forward_on_an_input_from_memory():
+    """An input of 8 MB or more runs a task per output row (all channel blocks), not per block."""
+    x, weight, b = make(2, 40, 150, 190, fmt="cl")   # 9.1 MB
+    for stride in (1, 2):
+        check(x, weight, b, stride, "relu6", 1e-5, grads=False)
+
+
 @pytest.mark.parametrize("stride", (1, 2))
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_forward_two_threads(fmt, stride):
