@@ -62,18 +62,28 @@ def _depthwise_operator(layer: FusedConv) -> Callable:
                                                         layer.stride[0], layer.activation)
 
 
-def _dw_bft_operator(block: FusedDepthwiseBFT) -> Callable:
-    dw, pw = block.dw, block.pw
-    p = pw.plan
-    args = (dw.weight, dw.bias, dw.stride[0], dw.activation,
-            pw.weight.view(p.num_blocks, p.weights_per_block), list(p.radices), p.out_channels,
-            pw.residual, pw.scale, pw.shift, pw.activation)
-    return lambda x, add=None: torch.ops.butterfly_cpu.dw_bft_fused(
-        x, *args, None if add is None else add.contiguous(memory_format=torch.channels_last))
+class _DwBftOperators:
+    """A depthwise -> BFT block through its operators, like the prepared block: called, in one
+    pass (``dw_bft_fused``); ``apart``, the two layers' operators one after the other."""
+
+    def __init__(self, block: FusedDepthwiseBFT):
+        dw, pw = block.dw, block.pw
+        p = pw.plan
+        self.args = (dw.weight, dw.bias, dw.stride[0], dw.activation,
+                     pw.weight.view(p.num_blocks, p.weights_per_block), list(p.radices),
+                     p.out_channels, pw.residual, pw.scale, pw.shift, pw.activation)
+        self.depthwise, self.bft = _depthwise_operator(dw), _bft_operator(pw)
+
+    def __call__(self, x, add=None):
+        return torch.ops.butterfly_cpu.dw_bft_fused(
+            x, *self.args, None if add is None else add.contiguous(memory_format=torch.channels_last))
+
+    def apart(self, x, add=None):
+        return self.bft(self.depthwise(x), add)
 
 
 _OPERATOR = {FusedBFT: _bft_operator, FusedConv: _depthwise_operator,
-             FusedDepthwiseBFT: _dw_bft_operator}
+             FusedDepthwiseBFT: _DwBftOperators}
 
 
 def use_operators(model: torch.nn.Module) -> torch.nn.Module:

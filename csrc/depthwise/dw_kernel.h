@@ -1073,25 +1073,29 @@ SIMD_INLINE void prefetch_next_rows(const A* img, int64_t Hi, int64_t row_len, i
   }
 }
 
-// Inputs this large (bytes) come from memory rather than cache: the channels-last forward reads
-// them in address order.
+// The channels-last forward by channel block (forward_cl) reads one line of every pixel: it is
+// for images up to kBlockImageBytes (bytes) whose pixels are less than a page apart, in a batch
+// under kFromMemoryBytes. Larger images and batches come from the outer caches or memory, which
+// serve lines in address order faster, and pixels a page apart defeat the prefetchers.
+inline constexpr int64_t kBlockImageBytes = int64_t{2} << 20;
 inline constexpr int64_t kFromMemoryBytes = int64_t{8} << 20;
+inline constexpr int64_t kPageBytes = 4096;
 
-// Forward, channels-last. KC, SC as in forward_nchw. Compiled kernels on an input that the caches
-// hold: a task is one channel block of an image over a strip of its output rows
+// Forward, channels-last. KC, SC as in forward_nchw. Compiled kernels on the inputs named at
+// kBlockImageBytes: a task is one channel block of an image over a strip of its output rows
 // (cl_conv_block_rows), the image cut into strips only where there are too few (image, block)
 // pairs to keep the threads busy; a thread takes a run of neighbouring blocks, so that threads do
-// not take turns at the lines of a pixel. Generic kernels, and inputs of kFromMemoryBytes or more
-// (a block's task would read one line of every pixel, and memory serves lines in address order
-// faster): a task is an output row, its channel blocks one after the other.
+// not take turns at the lines of a pixel. Otherwise, and for the generic kernels: a task is an
+// output row, its channel blocks one after the other.
 template <class A, int KC, int SC>
 void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A* y, int threads) {
   const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
   const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
   const int64_t C = sh.C, Cp = padded<A>(C), ncb = Cp / VL<A>;
   const bool stream = C % VL<A> == 0 && sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A) >= kStreamBytes;
-  const bool by_block =
-      KC != 0 && sh.N * sh.H * sh.W * C * (int64_t)sizeof(A) < kFromMemoryBytes;
+  const int64_t pixel_bytes = C * (int64_t)sizeof(A), image_bytes = sh.H * sh.W * pixel_bytes;
+  const bool by_block = KC != 0 && pixel_bytes < kPageBytes && image_bytes <= kBlockImageBytes &&
+                        sh.N * image_bytes < kFromMemoryBytes;
   const int64_t strips =
       by_block ? std::min<int64_t>(sh.Ho, (4 * threads + sh.N * ncb - 1) / (sh.N * ncb)) : 1;
   const int64_t srows = (sh.Ho + strips - 1) / strips;

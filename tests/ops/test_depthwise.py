@@ -103,11 +103,13 @@ def test_forward_and_gradients(channels, fmt, stride):
         check(x, weight, b, stride, "none", 1e-5)
 
 
-def test_forward_on_an_input_from_memory():
-    """An input of 8 MB or more runs a task per output row (all channel blocks), not per block."""
-    x, weight, b = make(2, 40, 150, 190, fmt="cl")   # 9.1 MB
-    for stride in (1, 2):
-        check(x, weight, b, stride, "relu6", 1e-5, grads=False)
+def test_forward_by_output_row():
+    """A batch of 8 MB or more, an image over 2 MB, or pixels a page apart (1024 float channels)
+    run a task per output row (all channel blocks), not per channel block."""
+    for n, c, h, w in ((2, 40, 150, 190), (1, 24, 160, 150), (2, 1024, 6, 7)):   # 9.1, 2.3 MB
+        x, weight, b = make(n, c, h, w, fmt="cl")
+        for stride in (1, 2):
+            check(x, weight, b, stride, "relu6", 1e-5, grads=False)
 
 
 @pytest.mark.parametrize("stride", (1, 2))
