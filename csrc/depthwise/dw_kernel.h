@@ -990,9 +990,10 @@ SIMD_INLINE void input_rows(const A* img, int64_t Hi, int64_t row_len, int64_t o
 // output row reads are K * W vectors, so the two it shares with the next row are still in L1
 // when that row reads them (whole rows of every channel are K * W * C values).
 template <class A, int K, int S, int Act>
-SIMD_INLINE void cl_conv_block_rows(const A* img, int64_t C, int64_t H, int64_t W, int64_t Wo, int64_t oh0,
-                        int64_t oh1, uint32_t m, const A* wpack, int64_t wstride, const A* bias,
-                        A* out, bool stream, int act) {
+SIMD_INLINE void cl_conv_block_rows(const A* img, int64_t C, int64_t H, int64_t W, int64_t Wo,
+                                    int64_t oh0, int64_t oh1, uint32_t m, const A* wpack,
+                                    int64_t wstride, const A* bias, A* out, bool stream,
+                                    int act) {
   int64_t lo, hi;
   interior(W, Wo, K, S, lo, hi);
   V<A> wv[K * K];
@@ -1092,8 +1093,8 @@ void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A*
   const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
   const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
   const int64_t C = sh.C, Cp = padded<A>(C), ncb = Cp / VL<A>;
-  const bool stream = C % VL<A> == 0 && sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A) >= kStreamBytes;
   const int64_t pixel_bytes = C * (int64_t)sizeof(A), image_bytes = sh.H * sh.W * pixel_bytes;
+  const bool stream = C % VL<A> == 0 && sh.N * sh.Ho * sh.Wo * pixel_bytes >= kStreamBytes;
   const bool by_block = KC != 0 && pixel_bytes < kPageBytes && image_bytes <= kBlockImageBytes &&
                         sh.N * image_bytes < kFromMemoryBytes;
   const int64_t strips =
@@ -1101,8 +1102,9 @@ void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A*
   const int64_t srows = (sh.Ho + strips - 1) / strips;
   const int64_t tasks = by_block ? sh.N * ncb * strips : sh.N * sh.Ho;
   // OpenMP's chunk size (unused without OpenMP)
-  [[maybe_unused]] const int64_t chunk = by_block ? std::max<int64_t>(1, tasks / std::max(threads, 1))
-                                                  : chunk_of(tasks, sh.Wo * C * K * K, threads);
+  [[maybe_unused]] const int64_t chunk =
+      by_block ? std::max<int64_t>(1, tasks / std::max(threads, 1))
+               : chunk_of(tasks, sh.Wo * C * K * K, threads);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
   for (int64_t t = 0; t < tasks; ++t) {
     if (by_block) {

@@ -5,10 +5,10 @@
 // (PyTorch's max_pool2d with dilation 1 and floor rounding: the padding is -inf, never read;
 // a NaN in a window gives NaN). A task is a run of output rows; an output pixel's channels are
 // taken a vector at a time (the last vector overlapping the one before; fewer channels than a
-// vector one by one), the maximum over the window's taps kept in a register. PyTorch's channels-last max_pool2d also computes the
-// argmax of every output (which inference discards); its NCHW kernel reads a window's taps a
-// plane at a time. The fused inference layers' MaxPool (butterfly/passes/fuse.py) call it; the
-// reference is torch.nn.functional.max_pool2d.
+// vector one by one), the maximum over the window's taps kept in a register. PyTorch's
+// channels-last max_pool2d also computes the argmax of every output, which inference discards.
+// The fused inference graph's FusedMaxPool (butterfly/passes/fuse.py) calls it; the reference is
+// torch.nn.functional.max_pool2d.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -31,7 +31,9 @@ void max_pool(const PoolShape& sh, const T* x, T* y) {
   using V = simd::vec_t<T>;
   constexpr int64_t VL = simd::Vec<T>::lanes;
   const int64_t C = sh.C, rows = sh.N * sh.Ho;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, sh.Wo * C * sh.k * sh.k));
+  // rows per task: at least ~32K comparisons
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, sh.Wo * C * sh.k * sh.k));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / sh.Ho, oh = r % sh.Ho;
@@ -91,8 +93,8 @@ at::Tensor max_pool_cl(const at::Tensor& x, int64_t k, int64_t stride, int64_t p
   sh.Wo = (sh.W + 2 * padding - k) / stride + 1;
   TORCH_CHECK(sh.H + 2 * padding >= k && sh.W + 2 * padding >= k, what, ": the image ", sh.H,
               "x", sh.W, " with padding ", padding, " is smaller than the kernel size ", k);
-  at::Tensor y =
-      at::empty({sh.N, sh.C, sh.Ho, sh.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = at::empty({sh.N, sh.C, sh.Ho, sh.Wo},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   if (x.scalar_type() == at::kDouble)
     max_pool<double>(sh, x.const_data_ptr<double>(), y.mutable_data_ptr<double>());

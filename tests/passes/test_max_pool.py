@@ -67,8 +67,9 @@ def test_kernel_refuses_bad_input():
 
 
 def test_fusion_swaps_the_pools_it_computes():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, ceil_mode=True),
-                          nn.MaxPool2d(3, 1, 1, dilation=2), nn.MaxPool2d((3, 2))).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(3, 2, 1),
+                          nn.MaxPool2d(2, ceil_mode=True), nn.MaxPool2d(3, 1, 1, dilation=2),
+                          nn.MaxPool2d((3, 2))).eval()
     x = _image(2, 3, 21, 21)
     result = fuse(model.to(memory_format=CL), x)
     kinds = [type(m) for m in result.model.children()][1:]
