@@ -28,7 +28,7 @@ pass that keeps the format; the split (``chunk``) stays a view, which the BFT ke
 place (rows of channels at a stride).
 
 Max pools (ShuffleNetV2's stem) become :class:`FusedMaxPool`: channels_last float CPU input runs
-``butterfly_cpu::max_pool_cl`` (``csrc/pool/max_pool_cpu.cpp``), which computes no indices.
+``butterfly_cpu::max_pool_cl`` (``csrc/graph/graph_ops_cpu.cpp``), which computes no indices.
 
 What is left alone is reported with the reason: BatchNorms without running statistics (eval mode
 then normalises with batch statistics, which no fold reproduces), BatchNorms after anything else,
@@ -495,8 +495,8 @@ def concat_shuffle(a: Tensor, b: Tensor) -> Tensor:
     """``torch.cat((a, b), 1)`` followed by a channel shuffle of two groups (ShuffleNetV2's):
     output channel ``2j`` is ``a[:, j]`` and ``2j + 1`` is ``b[:, j]``, written in one pass, in
     ``a``'s memory format (channels_last on CPU: ``butterfly_cpu::interleave_rows``,
-    ``csrc/shuffle_cpu.cpp``). The model's cat, view, transpose and reshape copy twice, and the
-    reshape turns channels_last into NCHW."""
+    ``csrc/graph/graph_ops_cpu.cpp``). The model's cat, view, transpose and reshape copy twice,
+    and the reshape turns channels_last into NCHW."""
     N, C, H, W = a.shape
     rows_a, rows_b = pixel_rows(a), pixel_rows(b)
     if rows_a is None or rows_b is None:   # NCHW, or mixed (a 1x1 image counts as both)

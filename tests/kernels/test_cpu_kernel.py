@@ -377,7 +377,7 @@ def built_cache(tmp_path_factory):
     elsewhere would rebuild: ninja's records hold the entry's absolute paths)."""
     root = tmp_path_factory.mktemp("cache")
     (root / "csrc").mkdir()
-    for folder in BFT_SOURCES:  # not batchnorm/ and shuffle/: a shorter build
+    for folder in BFT_SOURCES:  # not batchnorm/ and graph/: a shorter build
         shutil.copytree(cpu._source_dir() / folder, root / "csrc" / folder)
     setup = _use_sources(root / "csrc")
     proc = _python(USE_KERNEL.format(setup=setup), root / "extensions")

@@ -1,4 +1,4 @@
-"""The max-pool kernel (``butterfly_cpu::max_pool_cl``, csrc/pool/max_pool_cpu.cpp) and the fused
+"""The max-pool kernel (``butterfly_cpu::max_pool_cl``, csrc/graph/graph_ops_cpu.cpp) and the fused
 layer that runs it (``FusedMaxPool``) against ``torch.nn.functional.max_pool2d``: kernel sizes
 2-5, strides 1-3, every legal padding, odd sizes, channel counts below, at and past a vector
 (a last vector that overlaps the one before), batch 1 and 3, float32 and float64, NaN, 1 and 2

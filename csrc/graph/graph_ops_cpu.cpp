@@ -1,4 +1,17 @@
-// Max pooling of a channels-last image batch in one pass, butterfly_cpu::max_pool_cl:
+// The fused inference graph's operators that are not layers, for channels-last CPU tensors (one
+// translation unit: each op is small, and the PyTorch headers they need cost more to compile
+// than they do). The fused layers' callers are in butterfly/passes/fuse.py.
+//
+// butterfly_cpu::interleave_rows: ShuffleNetV2's concatenation and channel shuffle of two groups
+// in one pass over memory. For rows a (R, C) and b (R, C), each with contiguous channels at its
+// own row stride (the pixels of a channels-last tensor, or of a channel slice of one),
+//
+//   out[r][2j] = a[r][j],  out[r][2j + 1] = b[r][j]   (out: (R, 2C), contiguous)
+//
+// concat_shuffle calls it; the reference is torch.stack on the last dimension. The inner loop is
+// plain C++ that the compiler vectorises (loads of a and b, unpack, two stores).
+//
+// butterfly_cpu::max_pool_cl: max pooling of a channels-last image batch in one pass,
 //
 //   y[n, c, oh, ow] = max of x[n, c, s*oh - p + i, s*ow - p + j], 0 <= i, j < k, in the image
 //
@@ -7,8 +20,7 @@
 // taken a vector at a time (the last vector overlapping the one before; fewer channels than a
 // vector one by one), the maximum over the window's taps kept in a register. PyTorch's
 // channels-last max_pool2d also computes the argmax of every output, which inference discards.
-// The fused inference graph's FusedMaxPool (butterfly/passes/fuse.py) calls it; the reference is
-// torch.nn.functional.max_pool2d.
+// FusedMaxPool calls it; the reference is torch.nn.functional.max_pool2d.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,12 +28,61 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "common/simd.h"
 
 namespace {
 
+// ------------------------------------------------------------------ concatenation + shuffle
+template <class T>
+void interleave(const T* a, int64_t sa, const T* b, int64_t sb, T* out, int64_t R, int64_t C) {
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* __restrict pa = a + r * sa;
+      const T* __restrict pb = b + r * sb;
+      T* __restrict o = out + r * 2 * C;
+      for (int64_t j = 0; j < C; ++j) {
+        o[2 * j] = pa[j];
+        o[2 * j + 1] = pb[j];
+      }
+    }
+  });
+}
+
+at::Tensor interleave_rows(const at::Tensor& a, const at::Tensor& b) {
+  const char* what = "butterfly_cpu::interleave_rows";
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), what, ": expected CPU tensors, got ",
+              a.device(), " and ", b.device());
+  TORCH_CHECK(a.dim() == 2 && b.sizes() == a.sizes(), what,
+              ": expected two (rows, channels) tensors of one shape, got ", a.sizes(), " and ",
+              b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, ": the dtypes differ: ", a.scalar_type(),
+              " and ", b.scalar_type());
+  TORCH_CHECK((a.size(1) <= 1 || a.stride(1) == 1) && (b.size(1) <= 1 || b.stride(1) == 1), what,
+              ": the channels of each row must be contiguous (strides ", a.strides(), " and ",
+              b.strides(), ")");
+  const int64_t R = a.size(0), C = a.size(1);
+  at::Tensor out = at::empty({R, 2 * C}, a.options());
+  if (out.numel() == 0) return out;
+  const int64_t sa = R > 1 ? a.stride(0) : C, sb = R > 1 ? b.stride(0) : C;
+  // by element size: a copy needs no arithmetic on the values
+  switch (a.element_size()) {
+    case 1: interleave((const uint8_t*)a.data_ptr(), sa, (const uint8_t*)b.data_ptr(), sb,
+                       (uint8_t*)out.data_ptr(), R, C); break;
+    case 2: interleave((const uint16_t*)a.data_ptr(), sa, (const uint16_t*)b.data_ptr(), sb,
+                       (uint16_t*)out.data_ptr(), R, C); break;
+    case 4: interleave((const uint32_t*)a.data_ptr(), sa, (const uint32_t*)b.data_ptr(), sb,
+                       (uint32_t*)out.data_ptr(), R, C); break;
+    case 8: interleave((const uint64_t*)a.data_ptr(), sa, (const uint64_t*)b.data_ptr(), sb,
+                       (uint64_t*)out.data_ptr(), R, C); break;
+    default: TORCH_CHECK(false, what, ": unsupported dtype ", a.scalar_type());
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------ max pool
 struct PoolShape {
   int64_t N, C, H, W, Ho, Wo, k, s, p;
 };
@@ -106,7 +167,11 @@ at::Tensor max_pool_cl(const at::Tensor& x, int64_t k, int64_t stride, int64_t p
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(butterfly_cpu, m) {
+  m.def("interleave_rows(Tensor a, Tensor b) -> Tensor");
   m.def("max_pool_cl(Tensor x, int kernel_size, int stride, int padding) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(butterfly_cpu, CPU, m) { m.impl("max_pool_cl", &max_pool_cl); }
+TORCH_LIBRARY_IMPL(butterfly_cpu, CPU, m) {
+  m.impl("interleave_rows", &interleave_rows);
+  m.impl("max_pool_cl", &max_pool_cl);
+}
