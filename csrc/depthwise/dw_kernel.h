@@ -483,38 +483,37 @@ void conv_plane(const A* in, int64_t Hi, int64_t Wi, A* out, int64_t Wo, int64_t
 // convolution in the common networks. The others (hardsigmoid) take the generic kernels.
 inline constexpr bool compiled_activation(int act) { return act != kHardsigmoid; }
 
+// f(std::integral_constant<int, act>{}): the compiled_activation act as a constant.
+template <class F>
+SIMD_INLINE void with_compiled_activation(int act, F&& f) {
+  switch (act) {
+    case kRelu: return f(std::integral_constant<int, kRelu>{});
+    case kRelu6: return f(std::integral_constant<int, kRelu6>{});
+    case kHardswish: return f(std::integral_constant<int, kHardswish>{});
+    default: return f(std::integral_constant<int, kNone>{});
+  }
+}
+
 // Calls f(std::integral_constant<int, Act>) with the activation as a constant for the compiled
 // kernels (KC != 0; act: a compiled_activation), else with kAny: the activation is then a
 // runtime argument.
 template <class A, int KC, class F>
 SIMD_INLINE void dispatch_act(int act, F&& f) {
-  if constexpr (KC != 0) {
-    switch (act) {
-      case kRelu: return f(std::integral_constant<int, kRelu>{});
-      case kRelu6: return f(std::integral_constant<int, kRelu6>{});
-      case kHardswish: return f(std::integral_constant<int, kHardswish>{});
-      default: return f(std::integral_constant<int, kNone>{});
-    }
-  } else {
-    return f(std::integral_constant<int, kAny>{});
-  }
+  if constexpr (KC != 0)
+    with_compiled_activation(act, f);
+  else
+    f(std::integral_constant<int, kAny>{});
 }
 
 // f(std::integral_constant<int, a>{}) for the activation a: Act, or with Act == kAny the runtime
-// act (one branch per call, so that a register block's outputs take a compiled activation).
+// act of a compiled kernel (one branch per call, so that a register block's outputs take a
+// compiled activation).
 template <int Act, class F>
 SIMD_INLINE void with_activation(int act, F&& f) {
-  if constexpr (Act != kAny) {
+  if constexpr (Act != kAny)
     f(std::integral_constant<int, Act>{});
-  } else {
-    switch (act) {
-      case kRelu: return f(std::integral_constant<int, kRelu>{});
-      case kRelu6: return f(std::integral_constant<int, kRelu6>{});
-      case kHardswish: return f(std::integral_constant<int, kHardswish>{});
-      case kHardsigmoid: return f(std::integral_constant<int, kHardsigmoid>{});
-      default: return f(std::integral_constant<int, kNone>{});
-    }
-  }
+  else
+    with_compiled_activation(act, f);
 }
 
 // conv_plane for a runtime k, stride (cols) and activation: each output vector is the bias plus
@@ -1074,6 +1073,19 @@ SIMD_INLINE void prefetch_next_rows(const A* img, int64_t Hi, int64_t row_len, i
   }
 }
 
+// One output row of the channels-last convolution (a task of forward_cl, a tile row of
+// forward_tiles): the compiled kernel (KC != 0, the activation chosen per register block) or the
+// generic one.
+template <class A, int KC, int SC>
+SIMD_INLINE void conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo,
+                          const A* wpack, int64_t wstride, const A* bias, A* out, bool stream,
+                          int act, int K, int S) {
+  if constexpr (KC != 0)
+    cl_conv_row<A, KC, SC, kAny>(in_rows, C, W, Wo, wpack, wstride, bias, out, stream, act);
+  else
+    cl_conv_range_any<A>(in_rows, C, W, Wo, 0, Wo, wpack, wstride, bias, out, stream, act, K, S);
+}
+
 // The channels-last forward by channel block (forward_cl) reads one line of every pixel: it is
 // for images up to kBlockImageBytes (bytes) whose pixels are less than a page apart, in a batch
 // under kFromMemoryBytes. Larger images and batches come from the outer caches or memory, which
@@ -1121,12 +1133,8 @@ void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A*
     const A* rows[KC ? KC : kMaxK];
     input_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, K, S, rows);
     prefetch_next_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, sh.Ho, K, S);
-    if constexpr (KC != 0)
-      cl_conv_row<A, KC, SC, kAny>(rows, C, sh.W, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
-                                   y + t * sh.Wo * C, stream, act);
-    else
-      cl_conv_range_any<A>(rows, C, sh.W, sh.Wo, 0, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
-                           y + t * sh.Wo * C, stream, act, K, S);
+    conv_row<A, KC, SC>(rows, C, sh.W, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
+                        y + t * sh.Wo * C, stream, act, K, S);
   }
   if (stream) simd::stream_fence();
 }
@@ -1457,28 +1465,21 @@ void forward_tiles(const Shape& sh, const A* x, const A* w, const A* b, int act,
   const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
   const int64_t Cp = padded<A>(sh.C), ncb = Cp / L, tasks = sh.N * ncb;
   const int64_t HW = sh.H * sh.W, HWo = sh.Ho * sh.Wo;
-  {
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-      std::vector<A> tin((size_t)(HW * L)), tout((size_t)(HWo * L));
+  {
+    std::vector<A> tin((size_t)(HW * L)), tout((size_t)(HWo * L));
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t n = t / ncb, cb = (t % ncb) * L, cw = std::min<int64_t>(L, sh.C - cb);
-        to_tile(x + (n * sh.C + cb) * HW, HW, HW, cw, tin.data());
-        for (int64_t oh = 0; oh < sh.Ho; ++oh) {
-          const A* rows[kMaxK];
-          input_rows(tin.data(), sh.H, sh.W * L, oh, K, S, rows);
-          if constexpr (KC != 0)
-            cl_conv_row<A, KC, SC, kAny>(rows, L, sh.W, sh.Wo, wp.data() + cb, Cp,
-                                        b ? bp.data() + cb : nullptr,
-                                        tout.data() + oh * sh.Wo * L, false, act);
-          else
-            cl_conv_range_any<A>(rows, L, sh.W, sh.Wo, 0, sh.Wo, wp.data() + cb, Cp,
-                                 b ? bp.data() + cb : nullptr, tout.data() + oh * sh.Wo * L,
-                                 false, act, K, S);
-        }
-        from_tile(tout.data(), HWo, cw, y + (n * sh.C + cb) * HWo, HWo);
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = t / ncb, cb = (t % ncb) * L, cw = std::min<int64_t>(L, sh.C - cb);
+      to_tile(x + (n * sh.C + cb) * HW, HW, HW, cw, tin.data());
+      for (int64_t oh = 0; oh < sh.Ho; ++oh) {
+        const A* rows[kMaxK];
+        input_rows(tin.data(), sh.H, sh.W * L, oh, K, S, rows);
+        conv_row<A, KC, SC>(rows, L, sh.W, sh.Wo, wp.data() + cb, Cp,
+                            b ? bp.data() + cb : nullptr, tout.data() + oh * sh.Wo * L, false,
+                            act, K, S);
       }
+      from_tile(tout.data(), HWo, cw, y + (n * sh.C + cb) * HWo, HWo);
     }
   }
 }
