@@ -15,11 +15,12 @@ import statistics
 import time
 from dataclasses import dataclass
 from collections import Counter
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .batch_chunks import BatchChunks, batch_size
 from .fuse import FusedBFT, FusedConv, FusedDepthwiseBFT, FusedLayer, dense_alternative
 from .fuse import merge_separable
 from .fuse import fuse as _fuse
@@ -86,10 +87,24 @@ class SeparableChoice:
     chosen: str                # "one pass" or "apart"
 
 
+@dataclass
+class ChunkChoice:
+    """What :func:`optimize_for_inference` measured for the example's batch: the time of the
+    whole batch (ms per call) run in chunks of each size tried, the whole batch included, and
+    the chunk size kept (``batch``: not split)."""
+
+    batch: int
+    ms: Dict[int, float]
+    chosen: int
+    refused: str = ""          # why the batch is not split, when the network cannot be
+
+
 class InferenceReport(LayerReport):
     """The :class:`LayerChoice` of every BFT layer, in model order; ``str()`` gives a table.
     ``depthwise`` holds the :class:`DepthwiseChoice` of every fused depthwise conv, ``separable``
-    the :class:`SeparableChoice` of every depthwise-separable block."""
+    the :class:`SeparableChoice` of every depthwise-separable block, ``chunks`` the
+    :class:`ChunkChoice` of the batch (None when the example's batch is one sample or the model
+    was not fused). Layer names are those of the returned model."""
 
     columns = (("layer", 28, lambda c: c.name or "<model>"),
                ("shape", 11, lambda c: f"{c.in_channels}->{c.out_channels}"),
@@ -109,6 +124,7 @@ class InferenceReport(LayerReport):
         self.separable: List[SeparableChoice] = []
         self.shuffles: List[str] = []   # concatenations + channel shuffles folded into one pass
         self.pools: List[str] = []   # max pools on the max-pool kernel
+        self.chunks: Optional[ChunkChoice] = None
 
     def title(self) -> str:
         text = (f"optimize_for_inference on {self.device}: {len(self)} BFT layers, "
@@ -134,7 +150,21 @@ class InferenceReport(LayerReport):
             text += (f"; depthwise-separable blocks: {len(one)} of {len(self.separable)} in one "
                      f"pass ({sum(c.one_pass_ms for c in one):.3f} ms against "
                      f"{sum(c.apart_ms for c in one):.3f} ms apart)")
+        c = self.chunks
+        if c is not None and c.refused:
+            text += f"; the batch of {c.batch} runs whole: {c.refused}"
+        elif c is not None:
+            text += (f"; the batch of {c.batch} runs "
+                     + ("whole" if c.chosen == c.batch else f"in chunks of {c.chosen}")
+                     + " (ms per batch: " + ", ".join(
+                         f"{'whole' if k == c.batch else f'chunks of {k}'} {ms:.3f}"
+                         for k, ms in sorted(c.ms.items(), reverse=True)) + ")")
         return text
+
+    def rename(self, prefix: str) -> None:
+        """Prefix every layer name with ``prefix`` (the fused network moved into a wrapper)."""
+        for entry in (*self, *self.depthwise, *self.separable, *self.fused):
+            entry.name = prefix + entry.name
 
     def __str__(self) -> str:
         lines = [super().__str__()]
@@ -162,8 +192,8 @@ def time_call(fn: Callable[..., Tensor], x, min_run_time: float = 0.05, warmup: 
 
 
 def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
-                           inplace: bool = False,
-                           min_run_time: float = 0.05) -> Tuple[nn.Module, InferenceReport]:
+                           inplace: bool = False, min_run_time: float = 0.05,
+                           chunk_batch: bool = True) -> Tuple[nn.Module, InferenceReport]:
     """A copy of ``model`` made faster for inference on the device, dtype and memory format of
     ``example_input`` (a tensor or a tuple of inputs), and a report of what was done.
 
@@ -176,9 +206,13 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     also timed on the library's depthwise kernel and on PyTorch's convolution, and the faster
     kept (``report.depthwise``), and every depthwise conv followed by a BFT is timed as one
     ``butterfly::dw_bft_fused`` pass and as two layers (``report.separable``; channels_last
-    float CPU input only). ``print(report)`` shows each layer's times and choice, what was
-    fused, and what was left unfused and why. The outputs equal the eval-mode
-    model's up to floating-point rounding."""
+    float CPU input only). With ``fuse=True`` and ``chunk_batch=True``, an example of more than
+    one sample is also run whole and in chunks of fewer samples (powers of two), and when a chunk
+    size is faster the result is a :class:`~butterfly.passes.batch_chunks.BatchChunks` holding
+    the fused network (``.module``) that splits every larger batch into chunks of that size;
+    the layers are then timed on one chunk (``report.chunks``). ``print(report)`` shows each
+    layer's times and choice, what was fused, and what was left unfused and why. The outputs
+    equal the eval-mode model's up to floating-point rounding."""
     if fuse and inplace:
         raise ValueError("optimize_for_inference(fuse=True) returns a new, fused model and leaves "
                          "the original untouched: drop inplace=True, or pass fuse=False")
@@ -195,6 +229,11 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     report = InferenceReport(device=str(args[0].device), fused=fused, unfused=unfused)
     report.shuffles = result.shuffles if fuse else []
     report.pools = result.pools if fuse else []
+    if fuse and chunk_batch:
+        report.chunks = _choose_chunk(model, args, min_run_time)
+    chunk = report.chunks.chosen if report.chunks else None
+    if chunk is not None and chunk < report.chunks.batch:
+        args = tuple(a[:chunk] for a in args)   # the layers are chosen for the chunk's size
     for name, layer, xs in _reached(model, layers, args):
         dense = dense_alternative(layer)
         bft_s, dense_s = time_call(layer, xs, min_run_time), time_call(dense, xs, min_run_time)
@@ -208,7 +247,34 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     if fuse:
         _choose_depthwise(model, args, report, min_run_time)
         _choose_separable(model, args, report, min_run_time)
+    if chunk is not None and chunk < report.chunks.batch:
+        model = BatchChunks(model, chunk)
+        report.rename("module.")
     return model, report
+
+
+def _choose_chunk(model: nn.Module, args: tuple, min_run_time: float) -> Optional[ChunkChoice]:
+    """Time ``model`` on the example's batch whole and in chunks of 1, 2, 4, ... samples, and
+    choose a chunk size only where it is at least 5% faster than the whole batch (timing noise
+    does not wrap the model). None for an example of one sample."""
+    n = batch_size(args)
+    if n is None or n < 2:
+        return None
+    with torch.no_grad():
+        whole = model(*args)
+        if not isinstance(whole, Tensor) or whole.dim() == 0 or whole.shape[0] != n:
+            return ChunkChoice(n, {}, n, "the model does not return one tensor with the batch "
+                               "as its first dimension")
+        halves = BatchChunks(model, (n + 1) // 2)(*args)
+        scale = float(whole.abs().max()) if whole.numel() and whole.is_floating_point() else 1.0
+        if halves.shape != whole.shape or not torch.allclose(
+                halves.double(), whole.double(), rtol=1e-3, atol=1e-4 * max(scale, 1e-30)):
+            return ChunkChoice(n, {}, n, "its output on part of the batch differs from that "
+                               "on the whole batch (samples are not independent)")
+    sizes = sorted({n, *(1 << k for k in range(n.bit_length()) if 1 << k < n)}, reverse=True)
+    ms = {c: time_call(BatchChunks(model, c), args, min_run_time) * 1e3 for c in sizes}
+    best = min(ms, key=ms.get)
+    return ChunkChoice(n, ms, best if ms[best] < 0.95 * ms[n] else n)
 
 
 def _reached(model: nn.Module, layers: dict, args: tuple):
