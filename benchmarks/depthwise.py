@@ -92,7 +92,8 @@ def prepare(C: int, hw: int, stride: int, mode: str) -> Dict:
 
 def separable_blocks(name: str, res: int, batch: int):
     """(name, block, its input in the model) of every depthwise -> BFT block of
-    ``optimize_for_inference(model, x)`` (channels_last, the batch whole) that the one-pass kernel takes."""
+    ``optimize_for_inference(model, x)`` (channels_last, the batch whole) that the one-pass
+    kernel takes."""
     torch.manual_seed(0)
     model = timm.create_model(name).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, res, res).contiguous(memory_format=torch.channels_last)
