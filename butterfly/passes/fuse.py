@@ -13,9 +13,14 @@ whose intermediate results have no other use becomes one fused layer:
 * :class:`FusedConv`: the conv with the BatchNorm folded into its weights and bias
   (``torch.nn.utils.fusion.fuse_conv_bn_eval``). A depthwise conv that
   ``butterfly::depthwise_conv`` computes runs it on CPU, the bias and activation in the kernel's
-  epilogue (:mod:`butterfly.ops.depthwise`); other convs run by oneDNN with the activation (or the
-  addition) as a post-op where PyTorch exposes it (``torch.ops.mkldnn._convolution_pointwise``,
-  float32 CPU), else as ``conv2d`` followed by the activation.
+  epilogue (:mod:`butterfly.ops.depthwise`); a dense conv over at most
+  :data:`SMALL_INPUT_CHANNELS` input channels (a stem) may run
+  ``butterfly_cpu::small_input_conv_cl`` on channels_last CPU input, the bias and activation
+  fused (``csrc/graph/small_input_conv.h``);
+  other convs run by oneDNN with the activation (or the addition) as a post-op where PyTorch
+  exposes it (``torch.ops.mkldnn._convolution_pointwise``, float32 CPU), else as ``conv2d``
+  followed by the activation. :func:`butterfly.optimize_for_inference` keeps the library's
+  kernels where it measures them faster.
 
 :func:`merge_separable` then joins a fused depthwise conv and the fused BFT that reads it into a
 :class:`FusedDepthwiseBFT`, one ``butterfly::dw_bft_fused`` pass (:mod:`butterfly.ops.dw_bft_fused`)
@@ -64,6 +69,19 @@ _MKLDNN = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
 # PyTorch's activations do. oneDNN's relu, hardtanh (relu6) and hardsigmoid turn NaN into a
 # number, so those activations run after the convolution, in place, in PyTorch.
 _ONEDNN_ACT = {"none": ("none", []), "hardswish": ("hardswish", [])}
+# The most input channels of a conv that butterfly_cpu::small_input_conv_cl computes (its
+# outputs are reductions over k * k * in_channels terms: a network's first layer).
+SMALL_INPUT_CHANNELS = 4
+
+
+def is_small_input_conv(conv: nn.Conv2d) -> bool:
+    """Whether ``butterfly_cpu::small_input_conv_cl`` computes ``conv``: dense (``groups ==
+    1``), at most :data:`SMALL_INPUT_CHANNELS` input channels, a square kernel, equal strides,
+    equal integer zero paddings and dilation 1."""
+    return (conv.groups == 1 and conv.in_channels <= SMALL_INPUT_CHANNELS
+            and conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
+            and not isinstance(conv.padding, str) and conv.padding[0] == conv.padding[1]
+            and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros")
 
 
 def _kernels_direct() -> bool:
@@ -199,6 +217,9 @@ class FusedConv(_PreparedCache):
         # kernel_geometry: what butterfly::depthwise_conv computes; depthwise: whether this layer
         # runs it (optimize_for_inference may hand it back to PyTorch's convolution)
         self.kernel_geometry = self.depthwise = is_operator_conv(conv)
+        # small_input: whether this layer runs butterfly_cpu::small_input_conv_cl where it can;
+        # off until optimize_for_inference measures it faster than oneDNN
+        self.small_input_geometry, self.small_input = is_small_input_conv(conv), False
         self._prepared: dict = {}   # see _prepared_for
         self.eval()   # an inference layer: built in eval mode
 
@@ -211,6 +232,12 @@ class FusedConv(_PreparedCache):
         if args is None or prepare is None or x.dtype not in (torch.float32, torch.float64):
             return None
         return prepare(args[0], args[1], self.stride[0], self.activation, x.dtype)
+
+    def _small_input_kernel(self, x: Tensor) -> bool:
+        return self.small_input_geometry and x.is_cpu and x.dim() == 4 \
+            and x.dtype in (torch.float32, torch.float64) and self.weight.dtype == x.dtype \
+            and x.is_contiguous(memory_format=torch.channels_last) and _kernels_direct() \
+            and backend_for(x.device).name == "cpu" and kernels_loaded("cpu", x.device)
 
     def _onednn(self, x: Tensor) -> bool:
         return _MKLDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32 \
@@ -225,7 +252,10 @@ class FusedConv(_PreparedCache):
                 y = layer(x)
             else:
                 y = depthwise_conv(x, self.weight, self.bias, self.stride[0], self.activation)
-        elif self._onednn(x) and _get_current_dispatch_mode() is None:
+        elif getattr(self, "small_input", False) and self._small_input_kernel(x):
+            y = torch.ops.butterfly_cpu.small_input_conv_cl(
+                x, self.weight, self.bias, self.stride[0], self.padding[0], self.activation)
+        elif self._onednn(x) and _kernels_direct():   # traced: conv2d, which compile fuses
             if self.activation == "none" and _epilogue_add(add, _conv_output_shape(
                     x, self.weight, self.stride, self.padding, self.dilation)):
                 return _MKLDNN.binary(x, add, self.weight, self.bias, *geometry, "add", None,

@@ -64,8 +64,9 @@ class LayerChoice:
 
 @dataclass
 class DepthwiseChoice:
-    """What :func:`optimize_for_inference` measured for one fused depthwise conv: the library's
-    depthwise kernel against PyTorch's convolution (oneDNN on CPU), epilogue included."""
+    """What :func:`optimize_for_inference` measured for one fused depthwise conv (or conv over
+    few input channels): the library's kernel against PyTorch's convolution (oneDNN on CPU),
+    epilogue included."""
 
     name: str
     input_shape: Tuple[int, ...]
@@ -121,6 +122,7 @@ class InferenceReport(LayerReport):
         self.fused: List[FusedLayer] = list(fused)       # every conv/BFT given an epilogue
         self.unfused: List[Tuple[str, str]] = list(unfused)   # (graph node, why it stayed)
         self.depthwise: List[DepthwiseChoice] = []
+        self.small_input: List[DepthwiseChoice] = []   # convs over few input channels
         self.separable: List[SeparableChoice] = []
         self.shuffles: List[str] = []   # concatenations + channel shuffles folded into one pass
         self.pools: List[str] = []   # max pools on the max-pool kernel
@@ -140,6 +142,12 @@ class InferenceReport(LayerReport):
                      f"depthwise kernel ({sum(c.kernel_ms for c in kernel):.3f} ms against "
                      f"{sum(c.torch_ms for c in kernel):.3f} ms in PyTorch), the others on "
                      "PyTorch's convolution")
+        if self.small_input:
+            kernel = [c for c in self.small_input if c.chosen == "kernel"]
+            text += (f"; convs over few input channels: {len(kernel)} of "
+                     f"{len(self.small_input)} on the small-input kernel ("
+                     + ", ".join(f"{c.kernel_ms:.3f} ms against {c.torch_ms:.3f} ms"
+                                 for c in self.small_input) + " in PyTorch)")
         if self.shuffles:
             text += (f"; {len(self.shuffles)} concatenation + channel shuffle pairs written in "
                      "one pass")
@@ -163,7 +171,7 @@ class InferenceReport(LayerReport):
 
     def rename(self, prefix: str) -> None:
         """Prefix every layer name with ``prefix`` (the fused network moved into a wrapper)."""
-        for entry in (*self, *self.depthwise, *self.separable, *self.fused):
+        for entry in (*self, *self.depthwise, *self.small_input, *self.separable, *self.fused):
             entry.name = prefix + entry.name
 
     def __str__(self) -> str:
@@ -204,7 +212,8 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     the layer's real input, and the faster is kept. ``fuse=False`` does only the per-layer choice,
     on the model itself when ``inplace=True``. With ``fuse=True`` every fused depthwise conv is
     also timed on the library's depthwise kernel and on PyTorch's convolution, and the faster
-    kept (``report.depthwise``), and every depthwise conv followed by a BFT is timed as one
+    kept (``report.depthwise``; likewise a conv over few input channels on the library's kernel
+    for them, ``report.small_input``), and every depthwise conv followed by a BFT is timed as one
     ``butterfly::dw_bft_fused`` pass and as two layers (``report.separable``; channels_last
     float CPU input only). With ``fuse=True`` and ``chunk_batch=True``, an example of more than
     one sample is also run whole and in chunks of fewer samples (powers of two), and when a chunk
@@ -287,18 +296,24 @@ def _reached(model: nn.Module, layers: dict, args: tuple):
 
 def _choose_depthwise(model: nn.Module, args: tuple, report: InferenceReport,
                       min_run_time: float) -> None:
-    """Time every fused depthwise conv the example reaches with the depthwise kernel and with
-    PyTorch's convolution (each with its epilogue), on its real input, and keep the faster."""
-    layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, FusedConv) and m.depthwise}
-    for name, layer, xs in _reached(model, layers, args):
-        kernel_s = time_call(layer, xs, min_run_time)
-        layer.depthwise = False
-        torch_s = time_call(layer, xs, min_run_time)
-        layer.depthwise = torch_s >= kernel_s
-        report.depthwise.append(DepthwiseChoice(name, tuple(xs[0].shape), kernel_s * 1e3,
-                                                torch_s * 1e3,
-                                                "kernel" if layer.depthwise else "torch"))
+    """Time every fused conv that a library kernel computes (the depthwise kernel, the kernel
+    for few input channels) with that kernel and with PyTorch's convolution (each with its
+    epilogue), on its real input, and keep the faster."""
+    for attr, geometry, choices in (("depthwise", "kernel_geometry", report.depthwise),
+                                    ("small_input", "small_input_geometry", report.small_input)):
+        layers = {name: m for name, m in model.named_modules()
+                  if isinstance(m, FusedConv) and getattr(m, geometry)}
+        for name, layer, xs in _reached(model, layers, args):
+            if attr == "small_input" and not layer._small_input_kernel(xs[0]):
+                continue
+            setattr(layer, attr, True)
+            kernel_s = time_call(layer, xs, min_run_time)
+            setattr(layer, attr, False)
+            torch_s = time_call(layer, xs, min_run_time)
+            setattr(layer, attr, torch_s >= kernel_s)
+            choices.append(DepthwiseChoice(name, tuple(xs[0].shape), kernel_s * 1e3,
+                                           torch_s * 1e3, "kernel" if torch_s >= kernel_s
+                                           else "torch"))
 
 
 def _choose_separable(model: nn.Module, args: tuple, report: InferenceReport,

@@ -1,6 +1,6 @@
-// The fused inference graph's operators that are not layers, for channels-last CPU tensors (one
-// translation unit: each op is small, and the PyTorch headers they need cost more to compile
-// than they do). The fused layers' callers are in butterfly/passes/fuse.py.
+// The fused inference graph's operators outside the BFT, depthwise and BatchNorm kernels, for
+// channels-last CPU tensors (one translation unit: each op is small, and the PyTorch headers
+// they need cost more to compile than they do). Their callers are in butterfly/passes/fuse.py.
 //
 // butterfly_cpu::interleave_rows: ShuffleNetV2's concatenation and channel shuffle of two groups
 // in one pass over memory. For rows a (R, C) and b (R, C), each with contiguous channels at its
@@ -21,6 +21,12 @@
 // vector one by one), the maximum over the window's taps kept in a register. PyTorch's
 // channels-last max_pool2d also computes the argmax of every output, which inference discards.
 // FusedMaxPool calls it; the reference is torch.nn.functional.max_pool2d.
+//
+// butterfly_cpu::small_input_conv_cl: a dense convolution over few input channels (the stem),
+// its bias and activation fused (graph/small_input_conv.h). FusedConv calls it where
+// optimize_for_inference measured it faster than oneDNN; the reference is F.conv2d followed by
+// the activation.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -30,8 +36,13 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <string>
+#include <string_view>
 
+#include "common/activation.h"
 #include "common/simd.h"
+#include "graph/small_input_conv.h"
 
 namespace {
 
@@ -164,14 +175,66 @@ at::Tensor max_pool_cl(const at::Tensor& x, int64_t k, int64_t stride, int64_t p
   return y;
 }
 
+// ------------------------------------------------------- dense conv over few input channels
+at::Tensor small_input_conv_cl(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, int64_t stride,
+                               int64_t padding, c10::string_view activation) {
+  const char* what = "butterfly_cpu::small_input_conv_cl";
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              what, ": expected a channels_last float32 or float64 CPU tensor (N, C, H, W), got ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device(),
+              "; call .contiguous(memory_format=torch.channels_last) first");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == weight.size(3)
+                  && weight.scalar_type() == x.scalar_type() && weight.device().is_cpu(),
+              what, ": expected a CPU weight (out_channels, ", x.size(1),
+              ", k, k) of the input's dtype ", x.scalar_type(), ", got ", weight.scalar_type(),
+              " ", weight.sizes(), " on ", weight.device());
+  const int64_t Co = weight.size(0), K = weight.size(2);
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == Co &&
+                        bias->scalar_type() == x.scalar_type() && bias->device().is_cpu()),
+              what, ": expected a CPU bias of ", Co, " values of dtype ", x.scalar_type());
+  TORCH_CHECK(stride >= 1 && padding >= 0 && K >= 1, what,
+              ": expected stride >= 1, padding >= 0 and a kernel size >= 1, got ", stride, ", ",
+              padding, " and ", K);
+  const int act = activation::code_of(std::string_view(activation.data(), activation.size()));
+  TORCH_CHECK(act >= 0, what, ": unknown activation '", std::string(activation),
+              "'; choose one of ", activation::name_list());
+  small_input_conv::Shape s{x.size(0), x.size(1), x.size(2), x.size(3), Co, K, stride, padding,
+                            0, 0};
+  TORCH_CHECK(s.H + 2 * padding >= K && s.W + 2 * padding >= K, what, ": the image ", s.H, "x",
+              s.W, " with padding ", padding, " is smaller than the kernel size ", K);
+  s.Ho = (s.H + 2 * padding - K) / stride + 1;
+  s.Wo = (s.W + 2 * padding - K) / stride + 1;
+  at::Tensor y = at::empty({s.N, Co, s.Ho, s.Wo},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  // rows of at least ~64K multiply-adds per task
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, s.Wo * Co * K * K * s.C));
+  auto run_rows = [&](int64_t rows, auto&& fn) { at::parallel_for(0, rows, grain, fn); };
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "small_input_conv_cl", [&] {
+    small_input_conv::forward<scalar_t>(s, x.const_data_ptr<scalar_t>(),
+                                        w.const_data_ptr<scalar_t>(),
+                                        b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, act,
+                                        y.mutable_data_ptr<scalar_t>(), run_rows);
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(butterfly_cpu, m) {
   m.def("interleave_rows(Tensor a, Tensor b) -> Tensor");
   m.def("max_pool_cl(Tensor x, int kernel_size, int stride, int padding) -> Tensor");
+  m.def("small_input_conv_cl(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, "
+        "str activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(butterfly_cpu, CPU, m) {
   m.impl("interleave_rows", &interleave_rows);
   m.impl("max_pool_cl", &max_pool_cl);
+  m.impl("small_input_conv_cl", &small_input_conv_cl);
 }

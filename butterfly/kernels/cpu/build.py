@@ -26,6 +26,7 @@ import importlib.util
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import threading
@@ -112,6 +113,10 @@ def _file_digest(path: Path) -> str:
 # opposed to the command lines ninja echoes.
 _CAUSES = ("error:", "fatal error", "not found", "no such file", "cannot find", "undefined reference",
            "unrecognized", "unknown argument", "permission denied")
+
+
+# A compiler's diagnostic of an error in one of the sources (``file.cpp:12:3: error: ...``).
+_SOURCE_ERROR = re.compile(r"\.(?:cpp|h):\d+:(?:\d+:)? (?:fatal )?error:")
 
 
 def _first_error_line(text: str, limit: int = 240) -> str:
@@ -318,8 +323,9 @@ def _build_one(flags: List[str], sources: Sequence[Path], cpp_extension) -> str:
         with _environment_ninja(), _Progress(build_dir, cpp):
             try:
                 load()
-            except Exception:  # e.g. a damaged object file: start the entry afresh
-                if not any(build_dir.glob("*.o")):
+            except Exception as exc:  # e.g. a damaged object file: start the entry afresh
+                # a source that does not compile fails again: its diagnostic is the cause
+                if not any(build_dir.glob("*.o")) or _SOURCE_ERROR.search(str(exc)):
                     raise
                 for path in build_dir.iterdir():
                     if path.is_file() and path.name not in ("lock", "butterfly.lock"):

@@ -42,6 +42,20 @@ def register_fake_kernels() -> None:
     def _(a, b):
         return a.new_empty(a.shape[0], 2 * a.shape[1])
 
+    def channels_last_image(x, channels, size, k, stride, padding):
+        out = [(n + 2 * padding - k) // stride + 1 for n in size]
+        return x.new_empty(x.shape[0], channels, *out).contiguous(
+            memory_format=torch.channels_last)
+
+    @fake("butterfly_cpu::max_pool_cl")
+    def _(x, kernel_size, stride, padding):
+        return channels_last_image(x, x.shape[1], x.shape[2:], kernel_size, stride, padding)
+
+    @fake("butterfly_cpu::small_input_conv_cl")
+    def _(x, weight, bias, stride, padding, activation):
+        return channels_last_image(x, weight.shape[0], x.shape[2:], weight.shape[2], stride,
+                                   padding)
+
     @fake("butterfly_cpu::dw_forward")
     def _(x, weight, bias, stride, activation):
         return depthwise.fake_forward(x, weight, stride)
