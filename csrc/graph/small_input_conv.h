@@ -23,7 +23,6 @@ namespace small_input_conv {
 
 using dwconv::activate;
 using dwconv::lanes;
-using dwconv::splat;
 using dwconv::store_m;
 using simd::unroll;
 template <class A>
@@ -51,9 +50,10 @@ SIMD_INLINE void block_taps(const A* x, int64_t base, int64_t ps, const int64_t*
     V<A> wv[NV];
     unroll<NV>([&](auto v) SIMD_INLINE_LAMBDA { wv[v] = simd::vload(w + t * wld + v * VL<A>); });
     const A* p = x + (base + off[t]);
+    // scalar * vector: a broadcast load (splat's "0 + a" would cost an add and a shuffle)
     unroll<PB>([&](auto q) SIMD_INLINE_LAMBDA {
-      const V<A> xv = splat<A>(p[q * ps]);
-      unroll<NV>([&](auto v) SIMD_INLINE_LAMBDA { acc[q][v] += xv * wv[v]; });
+      const A xs = p[q * ps];
+      unroll<NV>([&](auto v) SIMD_INLINE_LAMBDA { acc[q][v] += xs * wv[v]; });
     });
   }
 }
@@ -112,7 +112,7 @@ void conv_row(const Shape& s, const A* x, const A* w, int64_t wld, const A* bias
       if (iw < 0 || iw >= s.W) continue;
       const A xv = x[row_base + iw0 * C + off[t]];
       unroll<NV>([&](auto v) SIMD_INLINE_LAMBDA {
-        acc[0][v] += splat<A>(xv) * simd::vload(wc + t * wld + v * VL<A>);
+        acc[0][v] += xv * simd::vload(wc + t * wld + v * VL<A>);
       });
     }
     store_block<A, NV, 1>(yrow + ow * s.Co, s.Co, bv, act, acc, last);
