@@ -65,9 +65,10 @@ using simd::unroll;
 inline constexpr int kMaxK = 7;
 
 // ------------------------------------------------------------------------------------ vectors
+// a broadcast (a - 0 is a and folds away; 0 + a is not, for a = -0, and would cost an add)
 template <class A>
 SIMD_INLINE V<A> splat(A a) {
-  return V<A>{} + a;
+  return a - V<A>{};
 }
 
 // The lanes l with lo <= l < hi, as a bit mask.

@@ -50,7 +50,7 @@ SIMD_INLINE void block_taps(const A* x, int64_t base, int64_t ps, const int64_t*
     V<A> wv[NV];
     unroll<NV>([&](auto v) SIMD_INLINE_LAMBDA { wv[v] = simd::vload(w + t * wld + v * VL<A>); });
     const A* p = x + (base + off[t]);
-    // scalar * vector: a broadcast load (splat's "0 + a" would cost an add and a shuffle)
+    // scalar * vector: a broadcast load, or an FMA's broadcast operand
     unroll<PB>([&](auto q) SIMD_INLINE_LAMBDA {
       const A xs = p[q * ps];
       unroll<NV>([&](auto v) SIMD_INLINE_LAMBDA { acc[q][v] += xs * wv[v]; });
