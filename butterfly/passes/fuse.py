@@ -34,6 +34,9 @@ place (rows of channels at a stride).
 
 Max pools (ShuffleNetV2's stem) become :class:`FusedMaxPool`: channels_last float CPU input runs
 ``butterfly_cpu::max_pool_cl`` (``csrc/graph/graph_ops_cpu.cpp``), which computes no indices.
+Linear layers on 2-d inputs (classifiers) become :class:`FusedLinear`, which can run
+``butterfly_cpu::linear_rows`` on a few rows where :func:`butterfly.optimize_for_inference`
+measures it faster.
 
 What is left alone is reported with the reason: BatchNorms without running statistics (eval mode
 then normalises with batch statistics, which no fold reproduces), BatchNorms after anything else,
@@ -379,6 +382,50 @@ class FusedMaxPool(nn.MaxPool2d):
         return super().forward(x)
 
 
+class FusedLinear(nn.Linear):
+    """An ``nn.Linear`` for inference that may run ``butterfly_cpu::linear_rows`` (a classifier
+    on a few rows: the output features split across the threads, where PyTorch reads the
+    weight on one thread): with ``rows_kernel`` set (by :func:`butterfly.optimize_for_inference`,
+    where it measures faster) and float32/float64 CPU input of at most :attr:`MAX_ROWS` rows
+    that needs no gradients. Anything else runs ``nn.Linear``'s forward."""
+
+    MAX_ROWS = 8
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "FusedLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.load_state_dict(linear.state_dict())
+        layer.rows_kernel = False
+        return layer.requires_grad_(False).eval()   # an inference layer, as the fused convs
+
+    def kernel_runs(self, x: Tensor) -> bool:
+        """Whether the kernel computes ``self(x)`` (``rows_kernel`` aside)."""
+        return x.is_cpu and x.dim() == 2 and x.shape[0] <= self.MAX_ROWS and \
+            x.dtype in (torch.float32, torch.float64) and self.weight.dtype == x.dtype and \
+            not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
+            and _kernels_direct() and backend_for(x.device).name == "cpu" and \
+            kernels_loaded("cpu", x.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if getattr(self, "rows_kernel", False) and self.kernel_runs(x):
+            return torch.ops.butterfly_cpu.linear_rows(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def _swap_linears(gm: fx.GraphModule) -> List[str]:
+    """Makes every ``nn.Linear`` that receives a 2-d input in the example a
+    :class:`FusedLinear` (its kernel off until measured); returns their names."""
+    swapped = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Linear and \
+                node.args and isinstance(node.args[0], fx.Node) and \
+                len(_shape(node.args[0]) or ()) == 2:
+            gm.add_submodule(node.target, FusedLinear.of(gm.get_submodule(node.target)))
+            swapped.append(node.target)
+    return swapped
+
+
 def _swap_max_pools(gm: fx.GraphModule) -> List[str]:
     """Makes every ``nn.MaxPool2d`` the kernel computes a :class:`FusedMaxPool`; returns their
     names."""
@@ -443,6 +490,7 @@ class FusionResult:
     unfused: List[Tuple[str, str]] = field(default_factory=list)   # (node, why it stayed)
     shuffles: List[str] = field(default_factory=list)   # cat nodes folded into concat_shuffle
     pools: List[str] = field(default_factory=list)   # max pools made FusedMaxPool
+    linears: List[str] = field(default_factory=list)   # linear layers made FusedLinear
 
 
 class _Tracer(fx.Tracer):
@@ -601,6 +649,7 @@ def fuse(model: nn.Module, example_input) -> FusionResult:
             erased |= _fuse_chain(gm, node, layer, result)
     result.shuffles = _fold_channel_shuffles(gm)
     result.pools = _swap_max_pools(gm)
+    result.linears = _swap_linears(gm)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()

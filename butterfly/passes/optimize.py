@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .batch_chunks import BatchChunks, batch_size
-from .fuse import FusedBFT, FusedConv, FusedDepthwiseBFT, FusedLayer, dense_alternative
+from .fuse import FusedBFT, FusedConv, FusedDepthwiseBFT, FusedLayer, FusedLinear
+from .fuse import dense_alternative
 from .fuse import merge_separable
 from .fuse import fuse as _fuse
 from ..nn.bft import dense_equivalent, is_bft
@@ -123,6 +124,7 @@ class InferenceReport(LayerReport):
         self.unfused: List[Tuple[str, str]] = list(unfused)   # (graph node, why it stayed)
         self.depthwise: List[DepthwiseChoice] = []
         self.small_input: List[DepthwiseChoice] = []   # convs over few input channels
+        self.linear: List[DepthwiseChoice] = []   # linear layers on few rows
         self.separable: List[SeparableChoice] = []
         self.shuffles: List[str] = []   # concatenations + channel shuffles folded into one pass
         self.pools: List[str] = []   # max pools on the max-pool kernel
@@ -148,6 +150,11 @@ class InferenceReport(LayerReport):
                      f"{len(self.small_input)} on the small-input kernel ("
                      + ", ".join(f"{c.kernel_ms:.3f} ms against {c.torch_ms:.3f} ms"
                                  for c in self.small_input) + " in PyTorch)")
+        if self.linear:
+            kernel = [c for c in self.linear if c.chosen == "kernel"]
+            text += (f"; linear layers: {len(kernel)} of {len(self.linear)} on the few-rows "
+                     "kernel (" + ", ".join(f"{c.kernel_ms:.3f} ms against {c.torch_ms:.3f} ms"
+                                            for c in self.linear) + " in PyTorch)")
         if self.shuffles:
             text += (f"; {len(self.shuffles)} concatenation + channel shuffle pairs written in "
                      "one pass")
@@ -171,7 +178,8 @@ class InferenceReport(LayerReport):
 
     def rename(self, prefix: str) -> None:
         """Prefix every layer name with ``prefix`` (the fused network moved into a wrapper)."""
-        for entry in (*self, *self.depthwise, *self.small_input, *self.separable, *self.fused):
+        for entry in (*self, *self.depthwise, *self.small_input, *self.linear, *self.separable,
+                      *self.fused):
             entry.name = prefix + entry.name
 
     def __str__(self) -> str:
@@ -213,7 +221,8 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     on the model itself when ``inplace=True``. With ``fuse=True`` every fused depthwise conv is
     also timed on the library's depthwise kernel and on PyTorch's convolution, and the faster
     kept (``report.depthwise``; likewise a conv over few input channels on the library's kernel
-    for them, ``report.small_input``), and every depthwise conv followed by a BFT is timed as one
+    for them, ``report.small_input``, and a linear layer on a few rows on its kernel,
+    ``report.linear``), and every depthwise conv followed by a BFT is timed as one
     ``butterfly::dw_bft_fused`` pass and as two layers (``report.separable``; channels_last
     float CPU input only). With ``fuse=True`` and ``chunk_batch=True``, an example of more than
     one sample is also run whole and in chunks of fewer samples (powers of two), and when a chunk
@@ -296,15 +305,18 @@ def _reached(model: nn.Module, layers: dict, args: tuple):
 
 def _choose_depthwise(model: nn.Module, args: tuple, report: InferenceReport,
                       min_run_time: float) -> None:
-    """Time every fused conv that a library kernel computes (the depthwise kernel, the kernel
-    for few input channels) with that kernel and with PyTorch's convolution (each with its
-    epilogue), on its real input, and keep the faster."""
-    for attr, geometry, choices in (("depthwise", "kernel_geometry", report.depthwise),
-                                    ("small_input", "small_input_geometry", report.small_input)):
+    """Time every fused layer that a library kernel computes (the depthwise kernel, the kernel
+    for convs over few input channels, the linear layer on few rows) with that kernel and with
+    PyTorch's (each with its epilogue), on its real input, and keep the faster."""
+    kinds = ((FusedConv, "depthwise", lambda m, x: m.kernel_geometry, report.depthwise),
+             (FusedConv, "small_input", lambda m, x: m._small_input_kernel(x),
+              report.small_input),
+             (FusedLinear, "rows_kernel", lambda m, x: m.kernel_runs(x), report.linear))
+    for cls, attr, applies, choices in kinds:
         layers = {name: m for name, m in model.named_modules()
-                  if isinstance(m, FusedConv) and getattr(m, geometry)}
+                  if isinstance(m, cls) and hasattr(m, attr)}
         for name, layer, xs in _reached(model, layers, args):
-            if attr == "small_input" and not layer._small_input_kernel(xs[0]):
+            if not applies(layer, xs[0]):
                 continue
             setattr(layer, attr, True)
             kernel_s = time_call(layer, xs, min_run_time)

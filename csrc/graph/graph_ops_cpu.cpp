@@ -22,6 +22,11 @@
 // channels-last max_pool2d also computes the argmax of every output, which inference discards.
 // FusedMaxPool calls it; the reference is torch.nn.functional.max_pool2d.
 //
+// butterfly_cpu::linear_rows: a linear layer on a few rows (a classifier at small batch): the
+// output features split across the threads, each streaming its rows of the weight, which
+// PyTorch's GEMV at one row reads on one thread. FusedLinear calls it where optimize_for_inference
+// measured it faster; the reference is F.linear.
+//
 // butterfly_cpu::small_input_conv_cl: a dense convolution over few input channels (the stem),
 // its bias and activation fused (graph/small_input_conv.h). FusedConv calls it where
 // optimize_for_inference measured it faster than oneDNN; the reference is F.conv2d followed by
@@ -175,6 +180,98 @@ at::Tensor max_pool_cl(const at::Tensor& x, int64_t k, int64_t stride, int64_t p
   return y;
 }
 
+// ------------------------------------------------------------------- linear layer, few rows
+// Sum of the lanes of v.
+template <class T>
+SIMD_INLINE T lane_sum(simd::vec_t<T> v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) return _mm512_reduce_add_ps((__m512)v);
+  if constexpr (std::is_same_v<T, double>) return _mm512_reduce_add_pd((__m512d)v);
+#endif
+  T s = 0;
+  for (int l = 0; l < simd::Vec<T>::lanes; ++l) s += v[l];
+  return s;
+}
+
+// acc[r][k] = x[r] . w[k] for NR rows of x and the kOut weight rows of a block (no of them
+// valid): each weight vector is loaded once for the NR rows.
+template <class T, int NR, int kOut>
+SIMD_INLINE void dot_block(const T* x, int64_t I, const T* w, int64_t no,
+                           simd::vec_t<T> (&acc)[NR][kOut]) {
+  using V = simd::vec_t<T>;
+  constexpr int64_t VL = simd::Vec<T>::lanes;
+  const int64_t full = I / VL * VL;
+  auto step = [&](int64_t i, auto load) SIMD_INLINE_LAMBDA {
+    V xv[NR];
+    simd::unroll<NR>([&](auto r) SIMD_INLINE_LAMBDA { xv[r] = load(x + r * I + i); });
+    simd::unroll<kOut>([&](auto k) SIMD_INLINE_LAMBDA {
+      if (k < no) {
+        const V wv = load(w + k * I + i);
+        simd::unroll<NR>([&](auto r) SIMD_INLINE_LAMBDA { acc[r][k] += xv[r] * wv; });
+      }
+    });
+  };
+  for (int64_t i = 0; i < full; i += VL)
+    step(i, [](const T* p) SIMD_INLINE_LAMBDA { return simd::vload(p); });
+  if (const uint32_t tail = dwconv::lanes<T>(0, I - full))
+    step(full, [tail](const T* p) SIMD_INLINE_LAMBDA { return dwconv::load_m(p, tail); });
+}
+
+// y (R, O) = x (R, I) w^T + b for w (O, I): blocks of kOut outputs are the parallel tasks, so
+// that every thread streams its own rows of w (the layer is bound by reading w); rows of x go
+// two at a time through a block, each weight vector loaded once for both.
+template <class T>
+void linear_rows(const T* x, int64_t R, int64_t I, const T* w, const T* b, int64_t O, T* y) {
+  using V = simd::vec_t<T>;
+  constexpr int kOut = 8;
+  const int64_t blocks = (O + kOut - 1) / kOut;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t o0 = blk * kOut, no = std::min<int64_t>(kOut, O - o0);
+      auto rows = [&](int64_t r, auto nr_c) SIMD_INLINE_LAMBDA {
+        constexpr int NR = decltype(nr_c)::value;
+        V acc[NR][kOut] = {};
+        dot_block<T, NR, kOut>(x + r * I, I, w + o0 * I, no, acc);
+        for (int q = 0; q < NR; ++q)
+          for (int64_t k = 0; k < no; ++k)
+            y[(r + q) * O + o0 + k] = lane_sum<T>(acc[q][k]) + (b ? b[o0 + k] : T(0));
+      };
+      int64_t r = 0;
+      for (; r + 2 <= R; r += 2) rows(r, std::integral_constant<int, 2>{});
+      if (r < R) rows(r, std::integral_constant<int, 1>{});
+    }
+  });
+}
+
+at::Tensor linear_rows_op(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias) {
+  const char* what = "butterfly_cpu::linear_rows";
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              what, ": expected a float32 or float64 CPU tensor (rows, in_features), got ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type() && weight.device().is_cpu(),
+              what, ": expected a CPU weight (out_features, ", x.size(1), ") of dtype ",
+              x.scalar_type(), ", got ", weight.scalar_type(), " ", weight.sizes(), " on ",
+              weight.device());
+  const int64_t O = weight.size(0), I = x.size(1), R = x.size(0);
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == O &&
+                        bias->scalar_type() == x.scalar_type() && bias->device().is_cpu()),
+              what, ": expected a CPU bias of ", O, " values of dtype ", x.scalar_type());
+  at::Tensor y = at::empty({R, O}, x.options());
+  if (y.numel() == 0) return y;
+  if (I == 0) return bias ? y.copy_(bias->expand({R, O})) : y.zero_();
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_rows", [&] {
+    linear_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), R, I, wc.const_data_ptr<scalar_t>(),
+                          bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr, O,
+                          y.mutable_data_ptr<scalar_t>());
+  });
+  return y;
+}
+
 // ------------------------------------------------------- dense conv over few input channels
 at::Tensor small_input_conv_cl(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, int64_t stride,
@@ -231,10 +328,12 @@ TORCH_LIBRARY_FRAGMENT(butterfly_cpu, m) {
   m.def("max_pool_cl(Tensor x, int kernel_size, int stride, int padding) -> Tensor");
   m.def("small_input_conv_cl(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, "
         "str activation) -> Tensor");
+  m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(butterfly_cpu, CPU, m) {
   m.impl("interleave_rows", &interleave_rows);
   m.impl("max_pool_cl", &max_pool_cl);
   m.impl("small_input_conv_cl", &small_input_conv_cl);
+  m.impl("linear_rows", &linear_rows_op);
 }

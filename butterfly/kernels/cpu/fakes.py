@@ -56,6 +56,10 @@ def register_fake_kernels() -> None:
         return channels_last_image(x, weight.shape[0], x.shape[2:], weight.shape[2], stride,
                                    padding)
 
+    @fake("butterfly_cpu::linear_rows")
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     @fake("butterfly_cpu::dw_forward")
     def _(x, weight, bias, stride, activation):
         return depthwise.fake_forward(x, weight, stride)
