@@ -99,6 +99,16 @@ at::Tensor interleave_rows(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // ------------------------------------------------------------------------------ max pool
+// The input check of the channels-last image operators.
+void check_channels_last_image(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              what, ": expected a channels_last float32 or float64 CPU tensor (N, C, H, W), got ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device(),
+              "; call .contiguous(memory_format=torch.channels_last) first");
+}
+
 struct PoolShape {
   int64_t N, C, H, W, Ho, Wo, k, s, p;
 };
@@ -156,12 +166,7 @@ void max_pool(const PoolShape& sh, const T* x, T* y) {
 
 at::Tensor max_pool_cl(const at::Tensor& x, int64_t k, int64_t stride, int64_t padding) {
   const char* what = "butterfly_cpu::max_pool_cl";
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
-                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              what, ": expected a channels_last float32 or float64 CPU tensor (N, C, H, W), got ",
-              x.scalar_type(), " ", x.sizes(), " on ", x.device(),
-              "; call .contiguous(memory_format=torch.channels_last) first");
+  check_channels_last_image(x, what);
   TORCH_CHECK(k >= 1 && stride >= 1 && padding >= 0 && 2 * padding <= k, what,
               ": expected kernel size >= 1, stride >= 1 and 0 <= padding <= kernel size / 2, got ",
               k, ", ", stride, ", ", padding);
@@ -277,12 +282,7 @@ at::Tensor small_input_conv_cl(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, int64_t stride,
                                int64_t padding, c10::string_view activation) {
   const char* what = "butterfly_cpu::small_input_conv_cl";
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
-                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              what, ": expected a channels_last float32 or float64 CPU tensor (N, C, H, W), got ",
-              x.scalar_type(), " ", x.sizes(), " on ", x.device(),
-              "; call .contiguous(memory_format=torch.channels_last) first");
+  check_channels_last_image(x, what);
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == weight.size(3)
                   && weight.scalar_type() == x.scalar_type() && weight.device().is_cpu(),
               what, ": expected a CPU weight (out_channels, ", x.size(1),

@@ -12,23 +12,15 @@ from torch import nn
 
 import butterfly
 import butterfly.passes.optimize as optimize
-from butterfly.ops.dispatch import kernels_loaded
 from butterfly.passes.fuse import FusedLinear, fuse
 
-op = None
+
+# every test: the kernels built, one thread to start with (the count restored after it)
+pytestmark = pytest.mark.usefixtures("cpu_kernels", "one_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernel():
-    global op
-    if not kernels_loaded("cpu", torch.device("cpu")):
-        pytest.fail("the CPU kernels did not build; see the warning above")
-    op = torch.ops.butterfly_cpu.linear_rows
-
-
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    """Every test starts with one thread, and the count is restored after it."""
+def op(*args):
+    return torch.ops.butterfly_cpu.linear_rows(*args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

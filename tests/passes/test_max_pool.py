@@ -11,21 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import butterfly
-from butterfly.ops.dispatch import kernels_loaded
 from butterfly.passes.fuse import FusedMaxPool, fuse
 
 CL = torch.channels_last
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernel():
-    if not kernels_loaded("cpu", torch.device("cpu")):
-        pytest.fail("the CPU kernels did not build; see the warning above")
-
-
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    """Every test starts with one thread, and the count is restored after it."""
+# every test: the kernels built, one thread to start with (the count restored after it)
+pytestmark = pytest.mark.usefixtures("cpu_kernels", "one_thread")
 
 
 def _image(n, c, h, w, dtype=torch.float32):

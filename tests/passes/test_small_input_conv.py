@@ -14,24 +14,17 @@ from torch import nn
 import butterfly
 import butterfly.passes.optimize as optimize
 from butterfly.ops.bft_fused import ACTIVATIONS, activate
-from butterfly.ops.dispatch import kernels_loaded
 from butterfly.passes.fuse import FusedConv, is_small_input_conv
 
 CL = torch.channels_last
-op = None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernel():
-    global op
-    if not kernels_loaded("cpu", torch.device("cpu")):
-        pytest.fail("the CPU kernels did not build; see the warning above")
-    op = torch.ops.butterfly_cpu.small_input_conv_cl
+# every test: the kernels built, one thread to start with (the count restored after it)
+pytestmark = pytest.mark.usefixtures("cpu_kernels", "one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _threads(one_thread):
-    """Every test starts with one thread, and the count is restored after it."""
+def op(*args):
+    return torch.ops.butterfly_cpu.small_input_conv_cl(*args)
 
 
 def _want(x, w, b, stride, padding, activation):
