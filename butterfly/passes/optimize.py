@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .batch_chunks import BatchChunks, batch_size
 from .fuse import FusedBFT, FusedConv, FusedDepthwiseBFT, FusedLayer, FusedLinear
-from .fuse import dense_alternative
+from .fuse import dense_alternative, expose_submodules
 from .fuse import merge_separable
 from .fuse import fuse as _fuse
 from ..nn.bft import dense_equivalent, is_bft
@@ -268,6 +268,8 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
     if chunk is not None and chunk < report.chunks.batch:
         model = BatchChunks(model, chunk)
         report.rename("module.")
+    if fuse:
+        expose_submodules(model)
     return model, report
 
 

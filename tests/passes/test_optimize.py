@@ -122,3 +122,29 @@ def test_time_call_measures():
     x = torch.randn(8, 8)
     t = time_call(torch.relu, x, min_run_time=0.001)
     assert 0 < t < float("inf")
+
+
+def test_optimized_layers_are_plain_attributes_and_stay_replaceable():
+    """optimize_for_inference exposes the fused graph's submodules as ordinary attributes (its
+    forward skips nn.Module.__getattr__); assignment still replaces them, and pickling keeps the
+    outputs."""
+    import io
+    import timm
+    model = timm.create_model("mobilenetv1_bft_100", num_classes=5, small_input=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    out, _ = butterfly.optimize_for_inference(model, x, min_run_time=1e-4)
+    for module in out.modules():
+        for name, child in module._modules.items():
+            assert module.__dict__[name] is child
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(out(x), want, rtol=1e-4, atol=1e-4)
+        buffer = io.BytesIO()
+        torch.save(out, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), out(x))
+        ones = nn.Linear(out.classifier.in_features, 5)
+        nn.init.zeros_(ones.weight)
+        nn.init.ones_(ones.bias)
+        out.set_submodule("classifier", ones)
+        assert out.classifier is ones and torch.equal(out(x), torch.ones(1, 5))
