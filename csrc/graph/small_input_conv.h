@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "depthwise/dw_kernel.h"
@@ -36,9 +37,11 @@ struct Shape {
   int64_t Ho, Wo;
 };
 
-// Output vectors per register block, and pixels per block for NV vectors (NV * PB <= 16
-// accumulators and the NV weights leave registers for the broadcasts).
-inline constexpr int kMaxNV = 4;
+// Output vectors per register block (float64, rare here, takes one vector at a time: fewer
+// instances to compile), and pixels per block for NV vectors (NV * PB <= 16 accumulators and
+// the NV weights leave registers for the broadcasts).
+template <class A>
+inline constexpr int kMaxNV = std::is_same_v<A, float> ? 4 : 1;
 template <int NV>
 inline constexpr int kPixels = NV == 1 ? 12 : NV == 2 ? 8 : NV == 3 ? 5 : 4;
 
@@ -59,27 +62,22 @@ SIMD_INLINE void block_taps(const A* x, int64_t base, int64_t ps, const int64_t*
 }
 
 // The bias, the activation and the store of PB pixels' NV vectors (the last vector of the
-// output channels, count lanes of it, masked). The common activations are constants of the
-// loop; the others (hardsigmoid) a runtime argument.
+// output channels, count lanes of it, masked). The activation is a runtime argument: each output
+// vector took K * K * C FMAs, next to which its branch costs nothing measurable, and a compiled
+// copy per activation would multiply the instances.
 template <class A, int NV, int PB>
 SIMD_INLINE void store_block(A* y, int64_t Co, const V<A>* bias, int act, V<A> (&acc)[PB][NV],
                              int last) {
-  auto store = [&](auto act_c) SIMD_INLINE_LAMBDA {
-    unroll<PB>([&](auto q) SIMD_INLINE_LAMBDA {
-      unroll<NV>([&](auto v) SIMD_INLINE_LAMBDA {
-        const V<A> out = activate<A>(acc[q][v] + bias[v], (int)act_c);
-        A* dst = y + q * Co + v * VL<A>;
-        if (v + 1 < NV || last == VL<A>)
-          simd::vstore(dst, out);
-        else
-          store_m(dst, out, lanes<A>(0, last));
-      });
+  unroll<PB>([&](auto q) SIMD_INLINE_LAMBDA {
+    unroll<NV>([&](auto v) SIMD_INLINE_LAMBDA {
+      const V<A> out = activate<A>(acc[q][v] + bias[v], act);
+      A* dst = y + q * Co + v * VL<A>;
+      if (v + 1 < NV || last == VL<A>)
+        simd::vstore(dst, out);
+      else
+        store_m(dst, out, lanes<A>(0, last));
     });
-  };
-  if (dwconv::compiled_activation(act))
-    dwconv::with_compiled_activation(act, store);
-  else
-    store(act);
+  });
 }
 
 // Output vectors [cv, cv + NV) of output pixels [ow0, ow1) of row oh of image n.
@@ -156,16 +154,20 @@ void forward(const Shape& s, const A* x, const A* weight, const A* bias, int act
   run_rows(s.N * s.Ho, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / s.Ho, oh = r % s.Ho;
-      for (int64_t cv = 0; cv < nv; cv += kMaxNV) {
+      for (int64_t cv = 0; cv < nv; cv += kMaxNV<A>) {
         const int64_t left = nv - cv;
         auto row = [&](auto nv_c) {
           conv_row<A, decltype(nv_c)::value>(s, x, w.data(), wld, bp, act, off.data(),
                                              col.data(), y, n, oh, cv);
         };
-        if (left >= 4) row(std::integral_constant<int, 4>{});
-        else if (left == 3) row(std::integral_constant<int, 3>{});
-        else if (left == 2) row(std::integral_constant<int, 2>{});
-        else row(std::integral_constant<int, 1>{});
+        if constexpr (kMaxNV<A> == 1) {
+          row(std::integral_constant<int, 1>{});
+        } else {
+          if (left >= 4) row(std::integral_constant<int, 4>{});
+          else if (left == 3) row(std::integral_constant<int, 3>{});
+          else if (left == 2) row(std::integral_constant<int, 2>{});
+          else row(std::integral_constant<int, 1>{});
+        }
       }
     }
   });
