@@ -93,6 +93,13 @@ def _kernels_direct() -> bool:
     return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
 
 
+def _cpu_kernel_direct(x: Tensor) -> bool:
+    """Whether a fused layer may call a CPU kernel directly on ``x``: a CPU tensor, the ``"cpu"``
+    backend chosen and its kernels loaded, and :func:`_kernels_direct`."""
+    return x.is_cpu and _kernels_direct() and backend_for(x.device).name == "cpu" and \
+        kernels_loaded("cpu", x.device)
+
+
 class _PreparedCache(nn.Module):
     """A fused layer that keeps the prepared forms of itself that the CPU backend built
     (:meth:`_prepared_for`). They are not saved with the layer: a fused model loaded in another
@@ -208,6 +215,10 @@ class FusedConv(_PreparedCache):
     """A ``Conv2d`` (BatchNorm folded in) with its epilogue: ``act(conv(x)) + add``, or with
     ``add_first`` ``act(conv(x) + add)``, for inference."""
 
+    # class defaults, so that a layer pickled before the kernel for few input channels existed
+    # still runs (on PyTorch's convolution)
+    small_input_geometry = small_input = False
+
     def __init__(self, conv: nn.Conv2d, activation: str = "none", adds: bool = False):
         super().__init__()
         self.register_buffer("weight", conv.weight.detach().clone())
@@ -237,10 +248,9 @@ class FusedConv(_PreparedCache):
         return prepare(args[0], args[1], self.stride[0], self.activation, x.dtype)
 
     def _small_input_kernel(self, x: Tensor) -> bool:
-        return self.small_input_geometry and x.is_cpu and x.dim() == 4 \
+        return self.small_input_geometry and x.dim() == 4 \
             and x.dtype in (torch.float32, torch.float64) and self.weight.dtype == x.dtype \
-            and x.is_contiguous(memory_format=torch.channels_last) and _kernels_direct() \
-            and backend_for(x.device).name == "cpu" and kernels_loaded("cpu", x.device)
+            and x.is_contiguous(memory_format=torch.channels_last) and _cpu_kernel_direct(x)
 
     def _onednn(self, x: Tensor) -> bool:
         return _MKLDNN is not None and x.device.type == "cpu" and x.dtype == torch.float32 \
@@ -255,7 +265,7 @@ class FusedConv(_PreparedCache):
                 y = layer(x)
             else:
                 y = depthwise_conv(x, self.weight, self.bias, self.stride[0], self.activation)
-        elif getattr(self, "small_input", False) and self._small_input_kernel(x):
+        elif self.small_input and self._small_input_kernel(x):
             y = torch.ops.butterfly_cpu.small_input_conv_cl(
                 x, self.weight, self.bias, self.stride[0], self.padding[0], self.activation)
         elif self._onednn(x) and _kernels_direct():   # traced: conv2d, which compile fuses
@@ -373,10 +383,9 @@ class FusedMaxPool(nn.MaxPool2d):
         return cls(k, s, p)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cpu and x.dim() == 4 and x.dtype in (torch.float32, torch.float64) and \
-                x.is_contiguous(memory_format=torch.channels_last) and _kernels_direct() and \
-                not (x.requires_grad and torch.is_grad_enabled()) and \
-                backend_for(x.device).name == "cpu" and kernels_loaded("cpu", x.device):
+        if x.dim() == 4 and x.dtype in (torch.float32, torch.float64) and \
+                x.is_contiguous(memory_format=torch.channels_last) and \
+                not (x.requires_grad and torch.is_grad_enabled()) and _cpu_kernel_direct(x):
             return torch.ops.butterfly_cpu.max_pool_cl(x, self.kernel_size, self.stride,
                                                        self.padding)
         return super().forward(x)
@@ -390,25 +399,24 @@ class FusedLinear(nn.Linear):
     that needs no gradients. Anything else runs ``nn.Linear``'s forward."""
 
     MAX_ROWS = 8
+    rows_kernel = False   # set per layer by optimize_for_inference
 
     @classmethod
     def of(cls, linear: nn.Linear) -> "FusedLinear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype)
         layer.load_state_dict(linear.state_dict())
-        layer.rows_kernel = False
         return layer.requires_grad_(False).eval()   # an inference layer, as the fused convs
 
     def kernel_runs(self, x: Tensor) -> bool:
         """Whether the kernel computes ``self(x)`` (``rows_kernel`` aside)."""
-        return x.is_cpu and x.dim() == 2 and x.shape[0] <= self.MAX_ROWS and \
+        return x.dim() == 2 and x.shape[0] <= self.MAX_ROWS and \
             x.dtype in (torch.float32, torch.float64) and self.weight.dtype == x.dtype and \
             not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
-            and _kernels_direct() and backend_for(x.device).name == "cpu" and \
-            kernels_loaded("cpu", x.device)
+            and _cpu_kernel_direct(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        if getattr(self, "rows_kernel", False) and self.kernel_runs(x):
+        if self.rows_kernel and self.kernel_runs(x):
             return torch.ops.butterfly_cpu.linear_rows(x, self.weight, self.bias)
         return super().forward(x)
 

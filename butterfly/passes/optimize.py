@@ -64,16 +64,19 @@ class LayerChoice:
 
 
 @dataclass
-class DepthwiseChoice:
-    """What :func:`optimize_for_inference` measured for one fused depthwise conv (or conv over
-    few input channels): the library's kernel against PyTorch's convolution (oneDNN on CPU),
-    epilogue included."""
+class KernelChoice:
+    """What :func:`optimize_for_inference` measured for one fused layer that a library kernel
+    computes (a depthwise conv, a conv over few input channels, a linear layer on a few rows):
+    that kernel against PyTorch's (oneDNN on CPU), epilogue included."""
 
     name: str
     input_shape: Tuple[int, ...]
     kernel_ms: float
     torch_ms: float
     chosen: str                # "kernel" or "torch"
+
+
+DepthwiseChoice = KernelChoice   # its earlier name, when it was for depthwise convs alone
 
 
 @dataclass
@@ -103,7 +106,8 @@ class ChunkChoice:
 
 class InferenceReport(LayerReport):
     """The :class:`LayerChoice` of every BFT layer, in model order; ``str()`` gives a table.
-    ``depthwise`` holds the :class:`DepthwiseChoice` of every fused depthwise conv, ``separable``
+    ``depthwise`` holds the :class:`KernelChoice` of every fused depthwise conv (``small_input``
+    and ``linear`` those of the convs over few input channels and the linear layers), ``separable``
     the :class:`SeparableChoice` of every depthwise-separable block, ``chunks`` the
     :class:`ChunkChoice` of the batch (None when the example's batch is one sample or the model
     was not fused). Layer names are those of the returned model."""
@@ -122,9 +126,9 @@ class InferenceReport(LayerReport):
         self.device = device
         self.fused: List[FusedLayer] = list(fused)       # every conv/BFT given an epilogue
         self.unfused: List[Tuple[str, str]] = list(unfused)   # (graph node, why it stayed)
-        self.depthwise: List[DepthwiseChoice] = []
-        self.small_input: List[DepthwiseChoice] = []   # convs over few input channels
-        self.linear: List[DepthwiseChoice] = []   # linear layers on few rows
+        self.depthwise: List[KernelChoice] = []
+        self.small_input: List[KernelChoice] = []   # convs over few input channels
+        self.linear: List[KernelChoice] = []   # linear layers on few rows
         self.separable: List[SeparableChoice] = []
         self.shuffles: List[str] = []   # concatenations + channel shuffles folded into one pass
         self.pools: List[str] = []   # max pools on the max-pool kernel
@@ -144,17 +148,14 @@ class InferenceReport(LayerReport):
                      f"depthwise kernel ({sum(c.kernel_ms for c in kernel):.3f} ms against "
                      f"{sum(c.torch_ms for c in kernel):.3f} ms in PyTorch), the others on "
                      "PyTorch's convolution")
-        if self.small_input:
-            kernel = [c for c in self.small_input if c.chosen == "kernel"]
-            text += (f"; convs over few input channels: {len(kernel)} of "
-                     f"{len(self.small_input)} on the small-input kernel ("
-                     + ", ".join(f"{c.kernel_ms:.3f} ms against {c.torch_ms:.3f} ms"
-                                 for c in self.small_input) + " in PyTorch)")
-        if self.linear:
-            kernel = [c for c in self.linear if c.chosen == "kernel"]
-            text += (f"; linear layers: {len(kernel)} of {len(self.linear)} on the few-rows "
-                     "kernel (" + ", ".join(f"{c.kernel_ms:.3f} ms against {c.torch_ms:.3f} ms"
-                                            for c in self.linear) + " in PyTorch)")
+        for what, kernel, choices in (("convs over few input channels", "small-input",
+                                       self.small_input),
+                                      ("linear layers", "few-rows", self.linear)):
+            if choices:
+                text += (f"; {what}: {sum(c.chosen == 'kernel' for c in choices)} of "
+                         f"{len(choices)} on the {kernel} kernel ("
+                         + ", ".join(f"{c.kernel_ms:.3f} ms against {c.torch_ms:.3f} ms"
+                                     for c in choices) + " in PyTorch)")
         if self.shuffles:
             text += (f"; {len(self.shuffles)} concatenation + channel shuffle pairs written in "
                      "one pass")
@@ -263,7 +264,7 @@ def optimize_for_inference(model: nn.Module, example_input, fuse: bool = True,
                                   layer.plan.out_channels, tuple(xs[0].shape), bft_s * 1e3,
                                   dense_s * 1e3, chosen, epilogues.get(name, "-")))
     if fuse:
-        _choose_depthwise(model, args, report, min_run_time)
+        _choose_kernels(model, args, report, min_run_time)
         _choose_separable(model, args, report, min_run_time)
     if chunk is not None and chunk < report.chunks.batch:
         model = BatchChunks(model, chunk)
@@ -305,29 +306,30 @@ def _reached(model: nn.Module, layers: dict, args: tuple):
     return [(name, layer, inputs[name]) for name, layer in layers.items() if name in inputs]
 
 
-def _choose_depthwise(model: nn.Module, args: tuple, report: InferenceReport,
-                      min_run_time: float) -> None:
+def _choose_kernels(model: nn.Module, args: tuple, report: InferenceReport,
+                    min_run_time: float) -> None:
     """Time every fused layer that a library kernel computes (the depthwise kernel, the kernel
     for convs over few input channels, the linear layer on few rows) with that kernel and with
     PyTorch's (each with its epilogue), on its real input, and keep the faster."""
-    kinds = ((FusedConv, "depthwise", lambda m, x: m.kernel_geometry, report.depthwise),
-             (FusedConv, "small_input", lambda m, x: m._small_input_kernel(x),
-              report.small_input),
-             (FusedLinear, "rows_kernel", lambda m, x: m.kernel_runs(x), report.linear))
-    for cls, attr, applies, choices in kinds:
-        layers = {name: m for name, m in model.named_modules()
-                  if isinstance(m, cls) and hasattr(m, attr)}
-        for name, layer, xs in _reached(model, layers, args):
-            if not applies(layer, xs[0]):
+    # (switch attribute, whether the kernel takes the layer's input, where the choice goes)
+    kinds = {FusedConv: (("depthwise", lambda m, x: m.kernel_geometry, report.depthwise),
+                         ("small_input", lambda m, x: m._small_input_kernel(x),
+                          report.small_input)),
+             FusedLinear: (("rows_kernel", lambda m, x: m.kernel_runs(x), report.linear),)}
+    layers = {name: m for name, m in model.named_modules() if type(m) in kinds}
+    reached = _reached(model, layers, args)   # one pass captures every layer's input
+    for cls, attr, applies, choices in ((cls, *kind) for cls, group in kinds.items()
+                                        for kind in group):
+        for name, layer, xs in reached:
+            if type(layer) is not cls or not applies(layer, xs[0]):
                 continue
             setattr(layer, attr, True)
             kernel_s = time_call(layer, xs, min_run_time)
             setattr(layer, attr, False)
             torch_s = time_call(layer, xs, min_run_time)
             setattr(layer, attr, torch_s >= kernel_s)
-            choices.append(DepthwiseChoice(name, tuple(xs[0].shape), kernel_s * 1e3,
-                                           torch_s * 1e3, "kernel" if torch_s >= kernel_s
-                                           else "torch"))
+            choices.append(KernelChoice(name, tuple(xs[0].shape), kernel_s * 1e3, torch_s * 1e3,
+                                        "kernel" if torch_s >= kernel_s else "torch"))
 
 
 def _choose_separable(model: nn.Module, args: tuple, report: InferenceReport,

@@ -186,18 +186,6 @@ at::Tensor max_pool_cl(const at::Tensor& x, int64_t k, int64_t stride, int64_t p
 }
 
 // ------------------------------------------------------------------- linear layer, few rows
-// Sum of the lanes of v.
-template <class T>
-SIMD_INLINE T lane_sum(simd::vec_t<T> v) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) return _mm512_reduce_add_ps((__m512)v);
-  if constexpr (std::is_same_v<T, double>) return _mm512_reduce_add_pd((__m512d)v);
-#endif
-  T s = 0;
-  for (int l = 0; l < simd::Vec<T>::lanes; ++l) s += v[l];
-  return s;
-}
-
 // acc[r][k] = x[r] . w[k] for NR rows of x and the kOut weight rows of a block (no of them
 // valid): each weight vector is loaded once for the NR rows.
 template <class T, int NR, int kOut>
@@ -237,9 +225,12 @@ void linear_rows(const T* x, int64_t R, int64_t I, const T* w, const T* b, int64
         constexpr int NR = decltype(nr_c)::value;
         V acc[NR][kOut] = {};
         dot_block<T, NR, kOut>(x + r * I, I, w + o0 * I, no, acc);
-        for (int q = 0; q < NR; ++q)
+        for (int q = 0; q < NR; ++q) {
+          T sums[kOut] = {};   // the lanes of the kOut accumulators, folded together
+          simd::add_lane_sums<T, kOut>(acc[q], sums);
           for (int64_t k = 0; k < no; ++k)
-            y[(r + q) * O + o0 + k] = lane_sum<T>(acc[q][k]) + (b ? b[o0 + k] : T(0));
+            y[(r + q) * O + o0 + k] = sums[k] + (b ? b[o0 + k] : T(0));
+        }
       };
       int64_t r = 0;
       for (; r + 2 <= R; r += 2) rows(r, std::integral_constant<int, 2>{});
