@@ -209,15 +209,13 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
   // channels-last pixel rows of y whose blocks of VL channels are vector-aligned
   const bool cl_aligned = reinterpret_cast<uintptr_t>(y) % SIMD_VECTOR_BYTES == 0 &&
                           (pl.cout * (int64_t)sizeof(S)) % SIMD_VECTOR_BYTES == 0;
-#pragma omp parallel num_threads(opt.threads)
-  {
+  par::region((int)std::min<int64_t>(opt.threads, tl.ntiles), [&] {
     A* ubuf = scratch<A>(0, pl.n * ld);  // the block's input
     A* buf = scratch<A>(1, pl.n * ld);   // its output
     A* acc = scratch<A>(2, sum_blocks ? pl.m * ld : 0);
     // expanding blocks of a buffered tile: all outputs, stored together (whole rows of y)
     A* gathered = scratch<A>(3, pl.expand && pl.T > 1 ? ((pl.T - 1) * pl.m + pl.n) * ld : 0);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < tl.ntiles; ++i) {
+    par::for_each(tl.ntiles, 1, [&](int64_t i) {
       const int64_t lw = (tl.used(i) + VL - 1) / VL * VL, nv = lw / VL;
       // NCHW body tiles in the compute dtype: whole vectors, read and written in place
       const bool fast = opt.direct && same && P > 1 && tl.body(i);
@@ -270,9 +268,9 @@ void forward_impl(const Plan& pl, const S* x, const A* w, S* y, int64_t B, int64
       // contracting blocks: the epilogue applies to their sum
       if (sum_blocks) store_tile<E>(y, pl.cout, 0, pl.m, tl, i, acc, ld, stream, epi, add);
       if (gather) store_tile<E>(y, pl.cout, 0, pl.cout, tl, i, gathered, ld, stream, epi, add);
-    }
+    });
     stream_fence();
-  }
+  });
 }
 
 // forward_impl with the epilogue (E = true): compiled in bft_cpu_fused.cpp, for the (S, A) of
@@ -308,8 +306,7 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
   std::vector<A> partial((size_t)std::max<int64_t>(chunks, 1) * gwn, A(0));
   std::vector<RunFn<A>> stage_fn(L);  // the forward of every stage alone (nullptr: any radix)
   for (int s = 0; s < L; ++s) stage_fn[s] = find_run<A>(&pl.radix[s], 1);
-#pragma omp parallel num_threads(opt.threads)
-  {
+  par::region((int)std::min<int64_t>(opt.threads, chunks), [&] {
     A* acts = scratch<A>(0, std::max(L, 1) * slot);  // the input of every stage
     A* gbuf = scratch<A>(1, slot);                    // the incoming gradient
     A* work = scratch<A>(2, slot);                    // the gradient between stages
@@ -354,19 +351,20 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
       }
       if (sum_blocks) store_tile(gx, pl.cin, 0, pl.m, tl, i, acc, ld, stream);
     };
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t c = 0; c < chunks; ++c)
+    par::for_each(chunks, 1, [&](int64_t c) {
       for (int64_t i = c * per; i < std::min(tl.ntiles, (c + 1) * per); ++i)
         tile(partial.data() + c * gwn, i);
+    });
     stream_fence();
-  }
+  });
   // fixed-order reduction of the chunk partials
-#pragma omp parallel for num_threads(opt.threads) schedule(static) if (gwn * chunks >= (1 << 18))
-  for (int64_t e = 0; e < gwn; ++e) {
-    A s = chunks ? partial[e] : A(0);
-    for (int64_t c = 1; c < chunks; ++c) s += partial[c * gwn + e];
-    gw[e] = s;
-  }
+  par::region(gwn * chunks >= (1 << 18) ? opt.threads : 1, [&] {
+    par::for_each<true>(gwn, 1, [&](int64_t e) {
+      A s = chunks ? partial[e] : A(0);
+      for (int64_t c = 1; c < chunks; ++c) s += partial[c * gwn + e];
+      gw[e] = s;
+    });
+  });
 }
 
 }  // namespace bft

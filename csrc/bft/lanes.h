@@ -39,7 +39,8 @@ SIMD_INLINE vec_t<A> rotate_members(vec_t<A> v, std::integer_sequence<int, L...>
 }
 
 // What the last stage does to its output vectors before storing them into y: add the residual
-// rows (res, or none), apply the epilogue (epi, or none) and add `add`'s rows (or none).
+// rows (res), apply the epilogue (epi) and add `add`'s rows, as its Finishing says, and store
+// with streaming stores or not.
 template <class A>
 struct Finish {
   const A* res = nullptr;
@@ -50,21 +51,32 @@ struct Finish {
   bool stream = false;  // streaming stores (the output rows are vector-aligned)
 };
 
+// A stage's finishing steps, fixed at compile time (a branch per output vector in the FMA loop
+// costs more than the steps): Last: the last stage (reads a Finish; Middle: any other); Res:
+// adds the residual rows; Form: the epilogue's form (kPlain: none); Add: adds `add`'s rows.
+template <bool Last, bool Res, int Form, bool Add>
+struct Finishing {
+  static constexpr bool last = Last, res = Res, add = Add;
+  static constexpr int form = Form;
+};
+using Middle = Finishing<false, false, kPlain, false>;
+
 // One stage on np pixels: pixel p's vector j at src + p * sld + j * VL, written to the same place
 // in dst (which may be src). w: the stage's packed weights (K vectors per output vector, see
-// LanePlan); nvec vectors per pixel; vs: vector stride between a group's vectors. Fin: the last
-// stage, finishing its vectors as `fin` says (channel j * VL + l of the epilogue is lane l of
-// vector j).
-template <class A, int K, int Q, int T, bool Fin>
+// LanePlan); nvec vectors per pixel; vs: vector stride between a group's vectors. F: the
+// finishing steps (see Finishing; a last stage takes them from `fin`, where channel j * VL + l
+// of the epilogue is lane l of vector j).
+template <class A, int K, int Q, int T, class F>
 void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, const A* w,
                 int64_t nvec, int64_t vs, const Finish<A>* fin) {
   using V = vec_t<A>;
   constexpr int VL = Vec<A>::lanes, NQ = K / Q;
+  constexpr bool epi = F::form != kPlain;
   constexpr auto lanes = std::make_integer_sequence<int, VL>{};
   // local copies: a store through dst may alias anything (vstore is a memcpy), so fields read
   // through fin would be reloaded for every pixel
-  [[maybe_unused]] const Finish<A> f = Fin ? *fin : Finish<A>{};
-  [[maybe_unused]] const Epilogue<A> ep = Fin && f.epi ? *f.epi : Epilogue<A>{};
+  [[maybe_unused]] const Finish<A> f = F::last ? *fin : Finish<A>{};
+  [[maybe_unused]] const Epilogue<A> ep = epi ? *f.epi : Epilogue<A>{};
   // C sets side by side from vector jb: set c's vectors are jb + c + q * vs, q < NQ (C > 1 only
   // for NQ == 1, whose sets are single vectors: the stages inside a vector)
   auto sets = [&](int64_t jb, auto count) SIMD_INLINE_LAMBDA {
@@ -79,19 +91,17 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
     });
     const A* s = src + jb * VL;
     A* d = dst + jb * VL;
-    [[maybe_unused]] const A* res = Fin && f.res ? f.res + jb * VL : nullptr;
-    [[maybe_unused]] const A* add = Fin && f.add ? f.add + jb * VL : nullptr;
+    [[maybe_unused]] const A* res = F::res ? f.res + jb * VL : nullptr;
+    [[maybe_unused]] const A* add = F::add ? f.add + jb * VL : nullptr;
     // the epilogue's factors of the sets' channels, held like the weights
-    [[maybe_unused]] V mul[C][Fin ? NQ : 1], bias[C][Fin ? NQ : 1];
-    [[maybe_unused]] const bool epi = Fin && f.epi, swish = epi && ep.swish;
-    if constexpr (Fin)
-      if (epi)
-        unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
-          unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-            mul[c][q] = vload(ep.mul + (jb + c + q * vs) * VL);
-            bias[c][q] = vload(ep.bias + (jb + c + q * vs) * VL);
-          });
+    [[maybe_unused]] V mul[C][epi ? NQ : 1], bias[C][epi ? NQ : 1];
+    if constexpr (epi)
+      unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
+        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+          mul[c][q] = vload(ep.mul + (jb + c + q * vs) * VL);
+          bias[c][q] = vload(ep.bias + (jb + c + q * vs) * VL);
         });
+      });
     for (int64_t p = 0; p < np; ++p, s += sld, d += dld) {
       V in[C][NQ][Q];
       unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
@@ -110,14 +120,12 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
             constexpr int E = decltype(e)::value + 1;
             o += wv[c][q][E] * in[c][E / Q][E % Q];
           });
-          if constexpr (Fin) {
-            if (res) o += vload(res + p * f.res_ld + at);
-            if (epi)
-              o = swish ? ep.template apply<true>(o, mul[c][q], bias[c][q])
-                        : ep.template apply<false>(o, mul[c][q], bias[c][q]);
-            if (add) o += vload(add + p * f.add_ld + at);
+          if constexpr (F::res) o += vload(res + p * f.res_ld + at);
+          if constexpr (epi)
+            o = ep.template apply<F::form == kSwish>(o, mul[c][q], bias[c][q]);
+          if constexpr (F::add) o += vload(add + p * f.add_ld + at);
+          if constexpr (F::last)
             if (f.stream) return vstream(d + at, o);
-          }
           vstore(d + at, o);
         });
       });
@@ -139,9 +147,12 @@ template <class A>
 using LaneStageFn = void (*)(const A*, int64_t, A*, int64_t, int64_t, const A*, int64_t, int64_t,
                              const Finish<A>*);
 
-// The compiled stage for (K, Q, T) in its plain or last-stage (Fin) form, or nullptr: float32
-// only, compiled once in bft/bft_lanes.cpp (the forward and the fused forward share them).
-LaneStageFn<float> find_lane_stage(int K, int Q, int T, bool fin);
+// The compiled stages, float32 only, compiled once in bft/bft_lanes.cpp (the forward and the
+// fused forward share them), or nullptr: a stage for (K, Q, T) that is not the last, and the last
+// stage of radix K (its stride is 1: Q == K, T == 1) with its finishing steps (`form` an
+// Epilogue Form; `add` only with an epilogue).
+LaneStageFn<float> find_lane_stage(int K, int Q, int T);
+LaneStageFn<float> find_lane_finish(int K, bool res, int form, bool add);
 
 // The stages as lane_stage runs them, with their weights packed per output vector: stage s's
 // block is n * K values, (n / VL) output vectors x K weight vectors (index qs * Q + d) x VL lanes.
@@ -151,7 +162,7 @@ struct LanePlan {
   struct Stage {
     int K, Q, T;                // radix, members per vector, their lane stride (Q > 1)
     int64_t t, vs, woff;        // channel stride, vector stride of a group, packed weights
-    LaneStageFn<A> fn, finish;  // the stage, and its form as the last stage (Finish)
+    LaneStageFn<A> fn;          // the stage (not the last: see find_lane_finish)
   };
   std::vector<Stage> stages;
   A* packed = nullptr;  // (T, W), W = n * sum(K), vector-aligned in `storage`
@@ -168,9 +179,9 @@ struct LanePlan {
       const int K = pl.radix[s];
       const int64_t t = pl.stride[s];
       const int Q = t >= VL ? 1 : (int)std::min<int64_t>(K, VL / t), T = t >= VL ? 1 : (int)t;
-      const LaneStageFn<A> fn = find_lane_stage(K, Q, T, false);
+      const LaneStageFn<A> fn = find_lane_stage(K, Q, T);
       if (!fn) return;
-      stages.push_back({K, Q, T, t, t >= VL ? t / VL : 1, off, fn, find_lane_stage(K, Q, T, true)});
+      stages.push_back({K, Q, T, t, t >= VL ? t / VL : 1, off, fn});
       off += pl.n * K;
     }
     // aligned to the vector size: every weight vector a stage loads is one aligned load
@@ -256,14 +267,15 @@ bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, 
   const int64_t tp = std::clamp<int64_t>(l1_budget / (ld * (int64_t)sizeof(A)), 8, 256);
   const int64_t ntiles = (rows + tp - 1) / tp;
   const int64_t nvec = pl.n / VL;
+  // the last stage when it writes y itself, with its finishing steps
+  const LaneStageFn<A> finish = find_lane_finish(lp.stages.back().K, pl.residual,
+                                                 E ? form_of(*epi) : kPlain, E && add);
   // no more threads than tiles: a thread without a tile would only add to the region's start
-#pragma omp parallel num_threads((int)std::min<int64_t>(threads, ntiles))
-  {
+  par::region((int)std::min<int64_t>(threads, ntiles), [&] {
     A* in = scratch<A>(0, tp * ld);   // a block's zero-padded input rows
     A* buf = scratch<A>(1, tp * ld);  // the stages' rows
     A* acc = scratch<A>(2, contract ? tp * ld : 0);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < ntiles; ++i) {
+    par::for_each<true>(ntiles, 1, [&](int64_t i) {
       const int64_t r0 = i * tp, np = std::min(tp, rows - r0);
       // the tile's input rows: x's, or a source's (cin per row)
       const A* xt = source ? source->fill(r0, np) : x + r0 * x_row;
@@ -292,9 +304,8 @@ bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, 
           const Epilogue<A> block_epi = E ? epi->at(out_off) : Epilogue<A>{};
           const Finish<A> fin{pl.residual ? src : nullptr, sld, E ? &block_epi : nullptr,
                               E && add ? add + r0 * pl.cout + out_off : nullptr, pl.cout, stream};
-          lp.stages[L - 1].finish(L > 1 ? buf : src, L > 1 ? ld : sld, y + r0 * pl.cout + out_off,
-                                  pl.cout, np, wb + lp.stages[L - 1].woff, nvec,
-                                  lp.stages[L - 1].vs, &fin);
+          finish(L > 1 ? buf : src, L > 1 ? ld : sld, y + r0 * pl.cout + out_off, pl.cout, np,
+                 wb + lp.stages[L - 1].woff, nvec, lp.stages[L - 1].vs, &fin);
           continue;
         }
         lp.stages[L - 1].fn(L > 1 ? buf : src, L > 1 ? ld : sld, buf, ld, np,
@@ -318,9 +329,9 @@ bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, 
         for (int64_t p = 0; p < np; ++p)
           store_lanes<A, E>(y + (r0 + p) * pl.cout, acc + p * ld, pl.m, epi, 0,
                             add ? add + (r0 + p) * pl.cout : nullptr);
-    }
+    });
     if (stream) stream_fence();
-  }
+  });
   return true;
 }
 

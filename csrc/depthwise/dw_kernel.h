@@ -583,20 +583,21 @@ void forward_nchw(const Shape& sh, const A* x, const A* w, const A* b, int act, 
                       sh.N * sh.C * sh.Ho * sh.Wo * (int64_t)sizeof(A) >= kStreamBytes;
   dispatch_act<A, KC>(act, [&](auto act_c) {
     constexpr int Act = decltype(act_c)::value;
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t plane = t / nstrip, s = t % nstrip, c = plane % sh.C;
-      const int64_t o0 = s * srows, o1 = std::min(sh.Ho, o0 + srows);
-      const A* in = x + plane * sh.H * sh.W;
-      A* out = y + plane * sh.Ho * sh.Wo;
-      const A bias = b ? b[c] : A(0);
-      if constexpr (KC != 0)
-        conv_plane<A, KC, SC, Act>(in, sh.H, sh.W, out, sh.Wo, o0, o1, cols, w + c * K * K, bias,
-                                   stream, act);
-      else
-        conv_plane_any<A>(in, sh.H, sh.W, out, sh.Wo, o0, o1, cols, w + c * K * K, bias, stream,
-                          act);
-    }
+    par::region(threads, [&] {
+      par::for_each(tasks, chunk, [&](int64_t t) {
+        const int64_t plane = t / nstrip, s = t % nstrip, c = plane % sh.C;
+        const int64_t o0 = s * srows, o1 = std::min(sh.Ho, o0 + srows);
+        const A* in = x + plane * sh.H * sh.W;
+        A* out = y + plane * sh.Ho * sh.Wo;
+        const A bias = b ? b[c] : A(0);
+        if constexpr (KC != 0)
+          conv_plane<A, KC, SC, Act>(in, sh.H, sh.W, out, sh.Wo, o0, o1, cols, w + c * K * K, bias,
+                                     stream, act);
+        else
+          conv_plane_any<A>(in, sh.H, sh.W, out, sh.Wo, o0, o1, cols, w + c * K * K, bias, stream,
+                            act);
+      });
+    });
     if (stream) simd::stream_fence();
   });
 }
@@ -817,38 +818,39 @@ void backward_nchw(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A
   std::vector<A> part(wgrad ? (size_t)(tasks * (KK + 1)) : 0);
   // OpenMP's chunk size (unused without OpenMP)
   [[maybe_unused]] const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * KK * 2, threads);
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t plane = t / nstrip, s = t % nstrip, c = plane % sh.C, n = plane / sh.C;
-    const int64_t o0 = s * srows, o1 = std::min(sh.Ho, o0 + srows);
-    const A* xp = x + plane * sh.H * sh.W;
-    const A* gp = g + plane * sh.Ho * sh.Wo;
-    if (wgrad) {
-      A* dst = part.data() + ((n * nstrip + s) * sh.C + c) * (KK + 1);
-      if constexpr (KC != 0)
-        wgrad_plane<A, KC, SC>(xp, sh.H, sh.W, gp, sh.Wo, o0, o1, cols, dst);
-      else
-        wgrad_plane_any<A>(xp, sh.H, sh.W, gp, sh.Wo, o0, o1, cols, dst);
-    }
-    if (gx) {
-      A* gxp = gx + plane * sh.H * sh.W;
-      if (S == 1) {
+  par::region(threads, [&] {
+    par::for_each(tasks, chunk, [&](int64_t t) {
+      const int64_t plane = t / nstrip, s = t % nstrip, c = plane % sh.C, n = plane / sh.C;
+      const int64_t o0 = s * srows, o1 = std::min(sh.Ho, o0 + srows);
+      const A* xp = x + plane * sh.H * sh.W;
+      const A* gp = g + plane * sh.Ho * sh.Wo;
+      if (wgrad) {
+        A* dst = part.data() + ((n * nstrip + s) * sh.C + c) * (KK + 1);
         if constexpr (KC != 0)
-          conv_plane<A, KC, 1, kNone>(gp, sh.Ho, sh.Wo, gxp, sh.W, o0, o1, gcols,
-                                      wflip.data() + c * KK, A(0), false);
+          wgrad_plane<A, KC, SC>(xp, sh.H, sh.W, gp, sh.Wo, o0, o1, cols, dst);
         else
-          conv_plane_any<A>(gp, sh.Ho, sh.Wo, gxp, sh.W, o0, o1, gcols, wflip.data() + c * KK,
-                            A(0), false, kNone);
-      } else {
-        if constexpr (KC != 0)
-          grad_input_s2_plane<A, KC>(gp, sh.Ho, sh.Wo, gxp, sh.H, sh.W, o0, o1, w + c * KK,
-                                     gcols.zero_row());
-        else
-          grad_input_s2_plane_any<A>(gp, sh.Ho, sh.Wo, gxp, sh.H, sh.W, o0, o1, K, w + c * KK,
-                                     gcols.zero_row());
+          wgrad_plane_any<A>(xp, sh.H, sh.W, gp, sh.Wo, o0, o1, cols, dst);
       }
-    }
-  }
+      if (gx) {
+        A* gxp = gx + plane * sh.H * sh.W;
+        if (S == 1) {
+          if constexpr (KC != 0)
+            conv_plane<A, KC, 1, kNone>(gp, sh.Ho, sh.Wo, gxp, sh.W, o0, o1, gcols,
+                                        wflip.data() + c * KK, A(0), false);
+          else
+            conv_plane_any<A>(gp, sh.Ho, sh.Wo, gxp, sh.W, o0, o1, gcols, wflip.data() + c * KK,
+                              A(0), false, kNone);
+        } else {
+          if constexpr (KC != 0)
+            grad_input_s2_plane<A, KC>(gp, sh.Ho, sh.Wo, gxp, sh.H, sh.W, o0, o1, w + c * KK,
+                                       gcols.zero_row());
+          else
+            grad_input_s2_plane_any<A>(gp, sh.Ho, sh.Wo, gxp, sh.H, sh.W, o0, o1, K, w + c * KK,
+                                       gcols.zero_row());
+        }
+      }
+    });
+  });
   if (wgrad) {
     // sums[c][i] over q = (n, strip) in order: vectorised over c
     std::vector<A> sums((size_t)(sh.C * (KK + 1)), A(0));
@@ -1118,25 +1120,26 @@ void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A*
   [[maybe_unused]] const int64_t chunk =
       by_block ? std::max<int64_t>(1, tasks / std::max(threads, 1))
                : chunk_of(tasks, sh.Wo * C * K * K, threads);
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (threads > 1)
-  for (int64_t t = 0; t < tasks; ++t) {
-    if (by_block) {
-      if constexpr (KC != 0) {
-        const int64_t n = t / (ncb * strips), cb = t / strips % ncb * VL<A>, st = t % strips;
-        cl_conv_block_rows<A, KC, SC, kAny>(
-            x + n * sh.H * sh.W * C + cb, C, sh.H, sh.W, sh.Wo, st * srows,
-            std::min(sh.Ho, (st + 1) * srows), lanes<A>(0, C - cb), wp.data() + cb, Cp,
-            b ? bp.data() + cb : nullptr, y + n * sh.Ho * sh.Wo * C + cb, stream, act);
+  par::region(threads, [&] {
+    par::for_each(tasks, chunk, [&](int64_t t) {
+      if (by_block) {
+        if constexpr (KC != 0) {
+          const int64_t n = t / (ncb * strips), cb = t / strips % ncb * VL<A>, st = t % strips;
+          cl_conv_block_rows<A, KC, SC, kAny>(
+              x + n * sh.H * sh.W * C + cb, C, sh.H, sh.W, sh.Wo, st * srows,
+              std::min(sh.Ho, (st + 1) * srows), lanes<A>(0, C - cb), wp.data() + cb, Cp,
+              b ? bp.data() + cb : nullptr, y + n * sh.Ho * sh.Wo * C + cb, stream, act);
+        }
+        return;  // the next task
       }
-      continue;
-    }
-    const int64_t n = t / sh.Ho, oh = t % sh.Ho;
-    const A* rows[KC ? KC : kMaxK];
-    input_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, K, S, rows);
-    prefetch_next_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, sh.Ho, K, S);
-    conv_row<A, KC, SC>(rows, C, sh.W, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
-                        y + t * sh.Wo * C, stream, act, K, S);
-  }
+      const int64_t n = t / sh.Ho, oh = t % sh.Ho;
+      const A* rows[KC ? KC : kMaxK];
+      input_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, K, S, rows);
+      prefetch_next_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, sh.Ho, K, S);
+      conv_row<A, KC, SC>(rows, C, sh.W, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
+                          y + t * sh.Wo * C, stream, act, K, S);
+    });
+  });
   if (stream) simd::stream_fence();
 }
 
@@ -1356,11 +1359,9 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
   const std::vector<A> wpack = S == 2 ? pack_weights(w, C, K, false) : std::vector<A>();
   int64_t lo, hi;
   interior(sh.W, sh.Wo, K, S, lo, hi);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
+  par::region(threads, [&] {
     if (wgrad) {
-#pragma omp for schedule(dynamic, 1) nowait
-      for (int64_t q = 0; q < nchunks; ++q) {
+      par::for_each<false, true>(nchunks, 1, [&](int64_t q) {
         const int64_t r0 = q * rows_total / nchunks, r1 = (q + 1) * rows_total / nchunks;
         // the chunk's partial (K*K + 1, Cp) stays in L1; each row is summed into it channel
         // block by channel block (rows in order, so the sums are the same whatever the threads)
@@ -1381,7 +1382,7 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
             }
             for (int i = 0; i <= KK; ++i) simd::vstore(dst + i * Cp + cb, acc[i]);
           }
-          continue;
+          return;  // the next chunk
         }
         std::fill(dst, dst + (KK + 1) * Cp, A(0));
         for (int64_t row = r0; row < r1; ++row) {
@@ -1402,24 +1403,23 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
             for (int i = 0; i <= KK; ++i) simd::vstore(dst + i * Cp + cb, acc[i]);
           }
         }
-      }
+      });
     }
     if (gx) {
       const int64_t tasks = sh.N * sh.H;
       // OpenMP's chunk size (unused without OpenMP)
       [[maybe_unused]] const int64_t chunk = chunk_of(tasks, sh.W * C * KK, threads);
       const bool stream = C % VL<A> == 0 && tasks * sh.W * C * (int64_t)sizeof(A) >= kStreamBytes;
-#pragma omp for schedule(dynamic, chunk)
-      for (int64_t t = 0; t < tasks; ++t) {
+      par::for_each(tasks, chunk, [&](int64_t t) {
         const int64_t n = t / sh.H, ih = t % sh.H;
         const A* g_img = g + n * sh.Ho * sh.Wo * C;
         if (S == 1) prefetch_next_rows(g_img, sh.Ho, sh.Wo * C, ih, sh.H, K, 1);
         grad_input_row<A, KC, SC>(g_img, C, sh.Ho, sh.Wo, ih, sh.W, wflip.data(), wpack.data(), Cp,
                                   gx + t * sh.W * C, stream, K, S);
-      }
+      });
       if (stream) simd::stream_fence();
     }
-  }
+  });
   if (wgrad) reduce_partials(part, nchunks, C, KK, gw, gb);
 }
 
@@ -1466,11 +1466,9 @@ void forward_tiles(const Shape& sh, const A* x, const A* w, const A* b, int act,
   const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
   const int64_t Cp = padded<A>(sh.C), ncb = Cp / L, tasks = sh.N * ncb;
   const int64_t HW = sh.H * sh.W, HWo = sh.Ho * sh.Wo;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
+  par::region(threads, [&] {
     std::vector<A> tin((size_t)(HW * L)), tout((size_t)(HWo * L));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
+    par::for_each(tasks, 1, [&](int64_t t) {
       const int64_t n = t / ncb, cb = (t % ncb) * L, cw = std::min<int64_t>(L, sh.C - cb);
       to_tile(x + (n * sh.C + cb) * HW, HW, HW, cw, tin.data());
       for (int64_t oh = 0; oh < sh.Ho; ++oh) {
@@ -1481,8 +1479,8 @@ void forward_tiles(const Shape& sh, const A* x, const A* w, const A* b, int act,
                             act, K, S);
       }
       from_tile(tout.data(), HWo, cw, y + (n * sh.C + cb) * HWo, HWo);
-    }
-  }
+    });
+  });
 }
 
 // Backward, NCHW through tiles. KC, SC as in forward_nchw.
@@ -1500,12 +1498,10 @@ void backward_tiles(const Shape& sh, const A* g, const A* x, const A* w, A* gx, 
   const std::vector<A> wpack = S == 2 ? pack_weights(w, sh.C, K, false) : std::vector<A>();
   int64_t lo, hi;
   interior(sh.W, sh.Wo, K, S, lo, hi);
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
+  par::region(threads, [&] {
     std::vector<A> tx(wgrad ? (size_t)(HW * L) : 0), tg((size_t)(HWo * L));
     std::vector<A> tgx(gx ? (size_t)(HW * L) : 0);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
+    par::for_each(tasks, 1, [&](int64_t t) {
       const int64_t n = t / ncb, cb = (t % ncb) * L, cw = std::min<int64_t>(L, sh.C - cb);
       to_tile(g + (n * sh.C + cb) * HWo, HWo, HWo, cw, tg.data());
       if (wgrad) {
@@ -1527,8 +1523,8 @@ void backward_tiles(const Shape& sh, const A* g, const A* x, const A* w, A* gx, 
                                     S);
         from_tile(tgx.data(), HW, cw, gx + (n * sh.C + cb) * HW, HW);
       }
-    }
-  }
+    });
+  });
   if (wgrad) reduce_partials(part, sh.N, sh.C, KK, gw, gb);
 }
 
