@@ -270,6 +270,7 @@ bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, 
   // the last stage when it writes y itself, with its finishing steps
   const LaneStageFn<A> finish = find_lane_finish(lp.stages.back().K, pl.residual,
                                                  E ? form_of(*epi) : kPlain, E && add);
+  if (!finish) return false;  // a combination not compiled: the tile kernels run it
   // no more threads than tiles: a thread without a tile would only add to the region's start
   par::region((int)std::min<int64_t>(threads, ntiles), [&] {
     A* in = scratch<A>(0, tp * ld);   // a block's zero-padded input rows
