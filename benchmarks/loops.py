@@ -64,7 +64,9 @@ double best_seconds(F f, int64_t reps) {
 }
 
 // Per stage of the lanes forward of an n-channel base-4 layer on np pixels in L1:
-// (radix, members per vector, their lane stride, multiply-adds per second).
+// (radix, members per vector, their lane stride, multiply-adds per second, what was timed: 0 the
+// stage in place, 1 the last stage as the forward runs it, adding the residual and applying a
+// ReLU epilogue on its way to separate output rows, 2 the whole forward of the np pixels).
 std::vector<std::vector<double>> lane_stages(int64_t n, int64_t np, int64_t reps) {
   using namespace bft;
   std::vector<int64_t> radices;
@@ -85,8 +87,24 @@ std::vector<std::vector<double>> lane_stages(int64_t n, int64_t np, int64_t reps
     const double sec = best_seconds([&] {
       st.fn(buf.data(), ld, buf.data(), ld, np, lp.packed + st.woff, n / VL, st.vs, nullptr);
     }, reps);
-    out.push_back({(double)st.K, (double)st.Q, (double)st.T, (double)n * st.K * np / sec});
+    out.push_back({(double)st.K, (double)st.Q, (double)st.T, (double)n * st.K * np / sec, 0});
   }
+  const auto& last = lp.stages.back();
+  const EpilogueData<float> relu(n, nullptr, nullptr, activation::kRelu);
+  std::vector<float> x(np * n + VL), y(np * n + VL);
+  for (auto& v : x) v = 0.1f * d(g);
+  const Finish<float> fin{buf.data(), ld, &relu.e, nullptr, 0, false};
+  const LaneStageFn<float> finish = find_lane_finish(last.K, true, kClamp, false);
+  const double fsec = best_seconds([&] {
+    finish(buf.data(), ld, y.data(), n, np, lp.packed + last.woff, n / VL, last.vs, &fin);
+  }, reps);
+  out.push_back({(double)last.K, (double)last.Q, (double)last.T,
+                 (double)n * last.K * np / fsec, 1});
+  const double lsec = best_seconds([&] {
+    forward_lanes<float, true>(pl, x.data(), n, w.data(), y.data(), np, 1, 16 << 10, false,
+                               &relu.e, nullptr, nullptr, &lp);
+  }, reps);
+  out.push_back({0, 0, 0, (double)pl.W * np / lsec, 2});
   return out;
 }
 
@@ -134,18 +152,26 @@ def fma_step(threads: int, iters: int = 1 << 18) -> Optional[Tuple[Callable[[], 
 
 def stage_rates(quick: bool = False) -> List[Dict]:
     """One thread, data in L1: GMAC/s of every stage of the lanes forward of a 256- and a
-    1024-channel base-4 layer, and of the NCHW (4, 4) run at 3 and 12 vectors a row."""
+    1024-channel base-4 layer, of its last stage as the fused forward runs it and of the whole
+    forward on one tile, and of the NCHW (4, 4) run at 3 and 12 vectors a row."""
     module = _loaded()
     if module is None:
         return []
     reps = 200 if quick else 2000
     rows = []
     for n, pixels in ((256, 15), (1024, 8)):  # the kernel's tiles (bft/lanes.h)
-        for s, (k, q, t, rate) in enumerate(module.lane_stages(n, pixels, reps)):
+        timed = module.lane_stages(n, pixels, reps)
+        for s, (k, q, t, rate, what) in enumerate(timed):
             kind = ("vertical (members in one lane of 4 vectors)" if q == 1 else
                     f"in one vector (stride {int(t)}: {int(q) - 1} permutes per 4 FMAs)"
                     if q == k else f"across {int(k // q)} vectors, {int(q)} members each")
-            rows.append({"kernel": f"lanes, {n} channels, {pixels} pixels", "step": f"stage {s}",
+            step = f"stage {s}"
+            if what == 1:
+                step, kind = f"stage {s - 1}, finished", ("the last stage adding the residual "
+                                                          "and a ReLU epilogue, to output rows")
+            elif what == 2:
+                step, kind = "the whole forward", "every stage, one tile, input and output rows"
+            rows.append({"kernel": f"lanes, {n} channels, {pixels} pixels", "step": step,
                          "kind": kind, "GMACs": rate / 1e9})
     for nv in (3, 12):
         rows.append({"kernel": "NCHW (4, 4) run, 16 rows", "step": f"{nv} vectors a row",
