@@ -160,8 +160,7 @@ def stage_rates(quick: bool = False) -> List[Dict]:
     reps = 200 if quick else 2000
     rows = []
     for n, pixels in ((256, 15), (1024, 8)):  # the kernel's tiles (bft/lanes.h)
-        timed = module.lane_stages(n, pixels, reps)
-        for s, (k, q, t, rate, what) in enumerate(timed):
+        for s, (k, q, t, rate, what) in enumerate(module.lane_stages(n, pixels, reps)):
             kind = ("vertical (members in one lane of 4 vectors)" if q == 1 else
                     f"in one vector (stride {int(t)}: {int(q) - 1} permutes per 4 FMAs)"
                     if q == k else f"across {int(k // q)} vectors, {int(q)} members each")

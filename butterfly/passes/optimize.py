@@ -311,15 +311,15 @@ def _choose_kernels(model: nn.Module, args: tuple, report: InferenceReport,
     """Time every fused layer that a library kernel computes (the depthwise kernel, the kernel
     for convs over few input channels, the linear layer on few rows) with that kernel and with
     PyTorch's (each with its epilogue), on its real input, and keep the faster."""
-    # (switch attribute, whether the kernel takes the layer's input, where the choice goes)
-    kinds = {FusedConv: (("depthwise", lambda m, x: m.kernel_geometry, report.depthwise),
-                         ("small_input", lambda m, x: m._small_input_kernel(x),
-                          report.small_input)),
-             FusedLinear: (("rows_kernel", lambda m, x: m.kernel_runs(x), report.linear),)}
-    layers = {name: m for name, m in model.named_modules() if type(m) in kinds}
+    # (layer class, switch attribute, whether the kernel takes the layer's input, the choices)
+    kinds = [(FusedConv, "depthwise", lambda m, x: m.kernel_geometry, report.depthwise),
+             (FusedConv, "small_input", lambda m, x: m._small_input_kernel(x),
+              report.small_input),
+             (FusedLinear, "rows_kernel", lambda m, x: m.kernel_runs(x), report.linear)]
+    classes = {cls for cls, *_ in kinds}
+    layers = {name: m for name, m in model.named_modules() if type(m) in classes}
     reached = _reached(model, layers, args)   # one pass captures every layer's input
-    for cls, attr, applies, choices in ((cls, *kind) for cls, group in kinds.items()
-                                        for kind in group):
+    for cls, attr, applies, choices in kinds:
         for name, layer, xs in reached:
             if type(layer) is not cls or not applies(layer, xs[0]):
                 continue

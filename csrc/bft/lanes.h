@@ -148,9 +148,9 @@ using LaneStageFn = void (*)(const A*, int64_t, A*, int64_t, int64_t, const A*, 
                              const Finish<A>*);
 
 // The compiled stages, float32 only, compiled once in bft/bft_lanes.cpp (the forward and the
-// fused forward share them), or nullptr: a stage for (K, Q, T) that is not the last, and the last
-// stage of radix K (its stride is 1: Q == K, T == 1) with its finishing steps (`form` an
-// Epilogue Form; `add` only with an epilogue).
+// fused forward share them), or nullptr: a stage for (K, Q, T) storing its outputs as they are,
+// and the last stage of radix K (its stride is 1: Q == K, T == 1) writing y with its finishing
+// steps (`form` an Epilogue Form; `add` only with an epilogue).
 LaneStageFn<float> find_lane_stage(int K, int Q, int T);
 LaneStageFn<float> find_lane_finish(int K, bool res, int form, bool add);
 
@@ -162,7 +162,7 @@ struct LanePlan {
   struct Stage {
     int K, Q, T;                // radix, members per vector, their lane stride (Q > 1)
     int64_t t, vs, woff;        // channel stride, vector stride of a group, packed weights
-    LaneStageFn<A> fn;          // the stage (not the last: see find_lane_finish)
+    LaneStageFn<A> fn;          // the stage, its outputs stored as they are
   };
   std::vector<Stage> stages;
   A* packed = nullptr;  // (T, W), W = n * sum(K), vector-aligned in `storage`

@@ -577,8 +577,8 @@ void forward_nchw(const Shape& sh, const A* x, const A* w, const A* b, int act, 
   const int64_t srows = strip_rows(sh.Ho, sh.Wo, row_block(K, S));
   const int64_t nstrip = (sh.Ho + srows - 1) / srows;
   const int64_t tasks = sh.N * sh.C * nstrip;
-  // OpenMP's chunk size (unused without OpenMP)
-  [[maybe_unused]] const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * K * K, threads);
+  // tasks handed out at a time (par::for_each)
+  const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * K * K, threads);
   const bool stream = sh.Wo % VL<A> == 0 &&
                       sh.N * sh.C * sh.Ho * sh.Wo * (int64_t)sizeof(A) >= kStreamBytes;
   dispatch_act<A, KC>(act, [&](auto act_c) {
@@ -816,8 +816,8 @@ void backward_nchw(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A
   const int64_t tasks = sh.N * sh.C * nstrip;
   const bool wgrad = gw || gb;
   std::vector<A> part(wgrad ? (size_t)(tasks * (KK + 1)) : 0);
-  // OpenMP's chunk size (unused without OpenMP)
-  [[maybe_unused]] const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * KK * 2, threads);
+  // tasks handed out at a time (par::for_each)
+  const int64_t chunk = chunk_of(tasks, srows * cols.n * VL<A> * KK * 2, threads);
   par::region(threads, [&] {
     par::for_each(tasks, chunk, [&](int64_t t) {
       const int64_t plane = t / nstrip, s = t % nstrip, c = plane % sh.C, n = plane / sh.C;
@@ -1116,8 +1116,8 @@ void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A*
       by_block ? std::min<int64_t>(sh.Ho, (4 * threads + sh.N * ncb - 1) / (sh.N * ncb)) : 1;
   const int64_t srows = (sh.Ho + strips - 1) / strips;
   const int64_t tasks = by_block ? sh.N * ncb * strips : sh.N * sh.Ho;
-  // OpenMP's chunk size (unused without OpenMP)
-  [[maybe_unused]] const int64_t chunk =
+  // tasks handed out at a time (par::for_each)
+  const int64_t chunk =
       by_block ? std::max<int64_t>(1, tasks / std::max(threads, 1))
                : chunk_of(tasks, sh.Wo * C * K * K, threads);
   par::region(threads, [&] {
@@ -1407,8 +1407,8 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
     }
     if (gx) {
       const int64_t tasks = sh.N * sh.H;
-      // OpenMP's chunk size (unused without OpenMP)
-      [[maybe_unused]] const int64_t chunk = chunk_of(tasks, sh.W * C * KK, threads);
+      // tasks handed out at a time (par::for_each)
+      const int64_t chunk = chunk_of(tasks, sh.W * C * KK, threads);
       const bool stream = C % VL<A> == 0 && tasks * sh.W * C * (int64_t)sizeof(A) >= kStreamBytes;
       par::for_each(tasks, chunk, [&](int64_t t) {
         const int64_t n = t / sh.H, ih = t % sh.H;
