@@ -133,7 +133,7 @@ def test_structure_of_square_power(n, k):
 
 
 def test_macs_for_every_shape_class():
-    assert make_plan(1024, 1024, 4).macs_per_pixel == 20480  # BFT.md: n=1024, k=4
+    assert make_plan(1024, 1024, 4).macs_per_pixel == 20480  # n * k * log_k(n) = 1024 * 4 * 5
     assert make_plan(24, 24, 4).macs_per_pixel == 24 * (4 + 3 + 2)  # mixed radix 4*3*2
     plan = make_plan(116, 232, 4)  # 116 pads to 120 = 4*5*3*2, two blocks
     assert (plan.size, plan.num_blocks, plan.macs_per_pixel) == (120, 2, 2 * 120 * 14)
