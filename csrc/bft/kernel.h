@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "bft/lanes.h"
+#include "bft/lanes_backward.h"
 #include "bft/stages.h"
 #include "bft/tiles.h"
 
@@ -287,6 +288,11 @@ void backward_impl(const Plan& pl, const S* grad, const S* x, const A* w, S* gx,
   constexpr bool same = std::is_same_v<S, A>;
   const int L = pl.stages();
   if (B * P == 0) return (void)std::fill(gw, gw + pl.T * pl.W, A(0));
+  // rows of channels in float32: the channels-as-lanes backward, when it runs the plan
+  if constexpr (same && std::is_same_v<A, float>)
+    if (P == 1 && opt.lanes && backward_lanes(pl, grad, x, w, gx, gw, B, opt.threads,
+                                              opt.l1_budget))
+      return;
   // tiles cut for the machine's processor count, not opt.threads: the weight-gradient partials
   // follow the tiles, and the same inputs must give the same gradients on any number of threads
   static const int procs = (int)std::max(1u, std::thread::hardware_concurrency());

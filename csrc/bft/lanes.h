@@ -143,6 +143,72 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
   }
 }
 
+// A stage's weight gradient over np pixels, added to dw (packed like the stage's weights, see
+// LanePlan): weight vector e of output vector j gains, per lane, the sum over the pixels of the
+// output gradient (g's vector j) times the input vector lane_stage multiplies that weight with
+// (x's, rotated). The sums stay in registers over the tile's pixels and are added to dw once.
+template <class A, int K, int Q, int T>
+void lane_wgrad(const A* x, int64_t xld, const A* g, int64_t gld, int64_t np, A* dw,
+                int64_t nvec, int64_t vs) {
+  using V = vec_t<A>;
+  constexpr int NQ = K / Q;
+  constexpr auto lanes = std::make_integer_sequence<int, Vec<A>::lanes>{};
+  constexpr int64_t VL = Vec<A>::lanes;
+  // the sets of lane_stage, C side by side
+  auto sets = [&](int64_t jb, auto count) SIMD_INLINE_LAMBDA {
+    constexpr int C = decltype(count)::value;
+    V acc[C][NQ][K];
+    unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
+      unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+        unroll<K>([&](auto e) SIMD_INLINE_LAMBDA { acc[c][q][e] = V{}; });
+      });
+    });
+    const A* s = x + jb * VL;
+    const A* gs = g + jb * VL;
+    for (int64_t p = 0; p < np; ++p, s += xld, gs += gld) {
+      V in[C][NQ][Q];
+      unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
+        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+          const V v = vload(s + (c + q * vs) * VL);
+          unroll<Q>([&](auto r) SIMD_INLINE_LAMBDA {
+            in[c][q][r] = rotate_members<A, Q, T, decltype(r)::value>(v, lanes);
+          });
+        });
+      });
+      unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
+        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+          const V gv = vload(gs + (c + q * vs) * VL);
+          unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
+            constexpr int E = decltype(e)::value;
+            acc[c][q][E] += gv * in[c][E / Q][E % Q];
+          });
+        });
+      });
+    }
+    unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
+      unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+        unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
+          A* d = dw + ((jb + c + q * vs) * K + e) * VL;
+          vstore(d, vload(d) + acc[c][q][e]);
+        });
+      });
+    });
+  };
+  if constexpr (NQ == 1) {
+    // 8 / K single-vector sets side by side: 8 sums, which the FMA latency needs in flight
+    constexpr int C = 8 / K;
+    int64_t jb = 0;
+    for (; jb + C <= nvec; jb += C) sets(jb, std::integral_constant<int, C>{});
+    for (; jb < nvec; ++jb) sets(jb, std::integral_constant<int, 1>{});
+  } else {
+    for (int64_t s0 = 0; s0 < nvec; s0 += NQ * vs)
+      for (int64_t r = 0; r < vs; ++r) sets(s0 + r, std::integral_constant<int, 1>{});
+  }
+}
+
+template <class A>
+using LaneWgradFn = void (*)(const A*, int64_t, const A*, int64_t, int64_t, A*, int64_t, int64_t);
+
 template <class A>
 using LaneStageFn = void (*)(const A*, int64_t, A*, int64_t, int64_t, const A*, int64_t, int64_t,
                              const Finish<A>*);
@@ -153,6 +219,8 @@ using LaneStageFn = void (*)(const A*, int64_t, A*, int64_t, int64_t, const A*, 
 // steps (`form` an Epilogue Form; `add` only with an epilogue).
 LaneStageFn<float> find_lane_stage(int K, int Q, int T);
 LaneStageFn<float> find_lane_finish(int K, bool res, int form, bool add);
+// The weight gradient of the stage find_lane_stage(K, Q, T) returns, or nullptr.
+LaneWgradFn<float> find_lane_wgrad(int K, int Q, int T);
 
 // The stages as lane_stage runs them, with their weights packed per output vector: stage s's
 // block is n * K values, (n / VL) output vectors x K weight vectors (index qs * Q + d) x VL lanes.
@@ -189,13 +257,29 @@ struct LanePlan {
     storage.resize((size_t)(pl.T * pl.W + align));
     packed = storage.data();
     packed += (align - (int64_t)(reinterpret_cast<uintptr_t>(packed) / sizeof(A) % align)) % align;
+    each_weight(pl, [&](int64_t at, int64_t from) { packed[at] = w[from]; });
+    ok = true;
+  }
+
+  // Weights packed like `packed` (e.g. their gradients) back in the plan's layout (T, W).
+  void unpack(const Plan& pl, const A* from, A* to) const {
+    each_weight(pl, [&](int64_t at, int64_t orig) { to[orig] = from[at]; });
+  }
+
+ private:
+  std::vector<A> storage;
+
+  // f(index in the packed weights, index in the plan's layout) for every weight: one to one
+  template <class F>
+  void each_weight(const Plan& pl, F&& f) const {
+    constexpr int64_t VL = Vec<A>::lanes;
     for (int64_t b = 0; b < pl.T; ++b)
       for (int s = 0; s < pl.stages(); ++s) {
         const Stage& st = stages[s];
         const int K = st.K, Q = st.Q;
         const int64_t t = st.t;
-        const A* ws = w + b * pl.W + pl.woff[s];  // (n / K, K, K)
-        A* out = packed + b * pl.W + st.woff;
+        const int64_t ws = b * pl.W + pl.woff[s];  // w_s: (n / K, K, K)
+        const int64_t out = b * pl.W + st.woff;
         // K, t and Q are powers of two: c = (seg * K + i) * t + r in shifts and masks
         const int lt = __builtin_ctzll(t), lk = __builtin_ctz(K);
         int src[8][8];  // [i % Q][e]: the input member of weight vector e for output member i
@@ -205,16 +289,11 @@ struct LanePlan {
           for (int64_t l = 0; l < VL; ++l) {
             const int64_t c = j * VL + l, i = (c >> lt) & (K - 1), r = c & (t - 1);
             const int64_t g = ((c >> (lt + lk)) << lt) | r;
-            const A* wi = ws + (g * K + i) * K;  // w_s[g, i, :]
             const int* si = src[i & (Q - 1)];
-            for (int e = 0; e < K; ++e) out[(j * K + e) * VL + l] = wi[si[e]];
+            for (int e = 0; e < K; ++e) f(out + (j * K + e) * VL + l, ws + (g * K + i) * K + si[e]);
           }
       }
-    ok = true;
   }
-
- private:
-  std::vector<A> storage;
 };
 
 // dst[c] = src[c], or with E epi(src[c]) (channel c0 + c of the epilogue) + add[c], for c < count.

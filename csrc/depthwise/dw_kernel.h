@@ -59,6 +59,7 @@
 
 namespace dwconv {
 
+using simd::prefetch_bytes;
 using simd::unroll;
 
 // The largest kernel size: the size of the generic kernels' arrays.
@@ -82,32 +83,6 @@ SIMD_INLINE uint32_t lanes(int64_t lo, int64_t hi) {
 
 template <class A>
 inline constexpr uint32_t kFull = (uint32_t)((uint64_t{1} << VL<A>) - 1);
-
-// Prefetches [p, p + bytes): the rows that the next task reads first. The hardware prefetcher,
-// fed one cache line of every C-channel pixel at a time, brings them in too late. Into L1 when
-// they fit (`near`, up to 32 KB), else into L2.
-// The prefetches are volatile asm on x86: GCC deletes a loop of __builtin_prefetch calls once
-// it is inlined (-ffinite-loops treats the loop as free of side effects).
-template <int Hint>
-SIMD_INLINE void prefetch_line(const char* p) {
-#if defined(__x86_64__) || defined(__i386__)
-  if constexpr (Hint == 3)
-    asm volatile("prefetcht0 %0" : : "m"(*p));
-  else
-    asm volatile("prefetcht1 %0" : : "m"(*p));
-#else
-  __builtin_prefetch(p, 0, Hint);
-#endif
-}
-
-inline void prefetch_bytes(const void* p, int64_t bytes, bool near = true) {
-  const char* c = static_cast<const char*>(p);
-  if (near && bytes <= (32 << 10)) {
-    for (int64_t off = 0; off < bytes; off += 64) prefetch_line<3>(c + off);
-  } else {
-    for (int64_t off = 0; off < bytes; off += 64) prefetch_line<2>(c + off);
-  }
-}
 
 // Outputs this large (bytes) are written with streaming stores: they do not fit the caches, and
 // a streaming store does not read the line before writing it.

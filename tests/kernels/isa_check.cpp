@@ -1,6 +1,7 @@
 // Cross-check of the CPU kernels under one ISA (the test compiles this file with -march=haswell,
 // x86-64-v2, ...): for rows of channels, the channels-as-lanes forward (bft/lanes.h) against the
-// transposing tile kernels (bft/kernel.h with Options::lanes off), plain and with the epilogue.
+// transposing tile kernels (bft/kernel.h with Options::lanes off), plain and with the epilogue,
+// and the channels-as-lanes backward (bft/lanes_backward.h) against the tile backward.
 // Prints one line per case and exits 1 on a mismatch.
 #include <cmath>
 #include <cstdio>
@@ -55,6 +56,25 @@ int main() {
       std::printf("%s %ld->%ld rows %ld %s: max |diff| %.3g (max |y| %.3g)\n", ok ? "ok" : "MISMATCH",
                   (long)c.cin, (long)c.cout, (long)c.rows, form ? "epilogue" : "plain", err, scale);
     }
+    // the backward: input and weight gradients (add stands in for the output gradient)
+    std::vector<float> gx[2] = {std::vector<float>(x.size()), std::vector<float>(x.size())};
+    std::vector<float> gw[2] = {std::vector<float>(w.size()), std::vector<float>(w.size())};
+    for (int use_lanes : {0, 1}) {
+      Options opt;
+      opt.lanes = use_lanes;
+      backward_impl<float, float>(pl, add.data(), x.data(), w.data(), gx[use_lanes].data(),
+                                  gw[use_lanes].data(), c.rows, 1, opt);
+    }
+    double err = 0, scale = 0;
+    for (const auto* pair : {gx, gw})
+      for (size_t i = 0; i < pair[0].size(); ++i) {
+        err = std::max(err, (double)std::fabs(pair[0][i] - pair[1][i]));
+        scale = std::max(scale, (double)std::fabs(pair[0][i]));
+      }
+    const bool ok = err <= 2e-5 * (1 + scale);
+    bad += !ok;
+    std::printf("%s %ld->%ld rows %ld backward: max |diff| %.3g (max |grad| %.3g)\n",
+                ok ? "ok" : "MISMATCH", (long)c.cin, (long)c.cout, (long)c.rows, err, scale);
   }
   return bad ? 1 : 0;
 }

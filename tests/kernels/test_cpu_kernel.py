@@ -218,8 +218,8 @@ def test_non_contiguous_input():
     assert_close([got], [bft_reference(xt, w, (4, 3, 2), 24, True)], torch.float64)
 
 
-@pytest.mark.parametrize("batch,channels,pixels", [(16, 64, 400), (200, 48, 1)],
-                         ids=["nchw", "rows"])
+@pytest.mark.parametrize("batch,channels,pixels", [(16, 64, 400), (200, 48, 1), (3000, 64, 1)],
+                         ids=["nchw", "rows", "rows-lanes"])
 def test_weight_gradient_is_deterministic(batch, channels, pixels):
     """Bit-identical weight gradients over repeated runs and for any thread count (the tiles, and
     so the partial sums, do not depend on it)."""
