@@ -7,8 +7,8 @@ stage kernels on a tile that stays in L1.
   can exceed it: a layer's GMAC/s over this rate is its fraction of the FMA peak.
 * :func:`stage_rates`: one thread, the library's own kernels (``csrc/``, with the library's
   compile flags) on data in L1: each stage of the channels-as-lanes forward (``bft/lanes.h``) of a
-  base-4 layer on a tile of pixels, and the NCHW tile kernels' (4, 4) run (``bft/stages.h``) on 16
-  rows. Their rate against the FMA peak is the kernels' own ceiling, before any memory traffic.
+  base-4 layer on a tile of pixels and its weight gradient (``bft/lanes_backward.h``), and the NCHW
+  tile kernels' (4, 4) run (``bft/stages.h``) on 16 rows. Their rate against the FMA peak is the kernels' own ceiling, before any memory traffic.
 
 Both compile on first use with ``torch.utils.cpp_extension.load_inline`` (cached like the
 library's kernels), and are left out, with a warning, where they cannot be compiled.
@@ -66,7 +66,8 @@ double best_seconds(F f, int64_t reps) {
 // Per stage of the lanes forward of an n-channel base-4 layer on np pixels in L1:
 // (radix, members per vector, their lane stride, multiply-adds per second, what was timed: 0 the
 // stage in place, 1 the last stage as the forward runs it, adding the residual and applying a
-// ReLU epilogue on its way to separate output rows, 2 the whole forward of the np pixels).
+// ReLU epilogue on its way to separate output rows, 2 the whole forward of the np pixels, 3 the
+// stage's weight gradient as the backward runs it (bft/lanes_backward.h)).
 std::vector<std::vector<double>> lane_stages(int64_t n, int64_t np, int64_t reps) {
   using namespace bft;
   std::vector<int64_t> radices;
@@ -88,6 +89,15 @@ std::vector<std::vector<double>> lane_stages(int64_t n, int64_t np, int64_t reps
       st.fn(buf.data(), ld, buf.data(), ld, np, lp.packed + st.woff, n / VL, st.vs, nullptr);
     }, reps);
     out.push_back({(double)st.K, (double)st.Q, (double)st.T, (double)n * st.K * np / sec, 0});
+  }
+  std::vector<float> grad(np * ld + VL), dw(pl.W + VL);
+  for (auto& v : grad) v = 0.1f * d(g);
+  for (const auto& st : lp.stages) {
+    const LaneWgradFn<float> wgrad = find_lane_wgrad(st.K, st.Q, st.T);
+    const double sec = best_seconds([&] {
+      wgrad(buf.data(), ld, grad.data(), ld, np, dw.data() + st.woff, n / VL, st.vs);
+    }, reps);
+    out.push_back({(double)st.K, (double)st.Q, (double)st.T, (double)n * st.K * np / sec, 3});
   }
   const auto& last = lp.stages.back();
   const EpilogueData<float> relu(n, nullptr, nullptr, activation::kRelu);
@@ -152,24 +162,29 @@ def fma_step(threads: int, iters: int = 1 << 18) -> Optional[Tuple[Callable[[], 
 
 def stage_rates(quick: bool = False) -> List[Dict]:
     """One thread, data in L1: GMAC/s of every stage of the lanes forward of a 256- and a
-    1024-channel base-4 layer, of its last stage as the fused forward runs it and of the whole
-    forward on one tile, and of the NCHW (4, 4) run at 3 and 12 vectors a row."""
+    1024-channel base-4 layer, of its last stage as the fused forward runs it, of the whole
+    forward on one tile and of every stage's weight gradient as the backward runs it, and of the
+    NCHW (4, 4) run at 3 and 12 vectors a row."""
     module = _loaded()
     if module is None:
         return []
     reps = 200 if quick else 2000
     rows = []
     for n, pixels in ((256, 15), (1024, 8)):  # the kernel's tiles (bft/lanes.h)
-        for s, (k, q, t, rate, what) in enumerate(module.lane_stages(n, pixels, reps)):
+        results = module.lane_stages(n, pixels, reps)
+        seen = {0: 0, 3: 0}  # stages timed so far, forward and weight gradient
+        for k, q, t, rate, what in results:
             kind = ("vertical (members in one lane of 4 vectors)" if q == 1 else
                     f"in one vector (stride {int(t)}: {int(q) - 1} permutes per 4 FMAs)"
                     if q == k else f"across {int(k // q)} vectors, {int(q)} members each")
-            step = f"stage {s}"
             if what == 1:
-                step, kind = f"stage {s - 1}, finished", ("the last stage adding the residual "
-                                                          "and a ReLU epilogue, to output rows")
+                step, kind = f"stage {seen[0] - 1}, finished", (
+                    "the last stage adding the residual and a ReLU epilogue, to output rows")
             elif what == 2:
                 step, kind = "the whole forward", "every stage, one tile, input and output rows"
+            else:
+                step = f"stage {seen[what]}" + (", weight gradient" if what == 3 else "")
+                seen[what] += 1
             rows.append({"kernel": f"lanes, {n} channels, {pixels} pixels", "step": step,
                          "kind": kind, "GMACs": rate / 1e9})
     for nv in (3, 12):

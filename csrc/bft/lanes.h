@@ -106,7 +106,7 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
       V in[C][NQ][Q];
       unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
         unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-          const V v = vload(s + (c + q * vs) * VL);
+          const V v = vload_once(s + (c + q * vs) * VL);
           unroll<Q>([&](auto r) SIMD_INLINE_LAMBDA {
             in[c][q][r] = rotate_members<A, Q, T, decltype(r)::value>(v, lanes);
           });
@@ -169,7 +169,7 @@ void lane_wgrad(const A* x, int64_t xld, const A* g, int64_t gld, int64_t np, A*
       V in[C][NQ][Q];
       unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
         unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-          const V v = vload(s + (c + q * vs) * VL);
+          const V v = vload_once(s + (c + q * vs) * VL);
           unroll<Q>([&](auto r) SIMD_INLINE_LAMBDA {
             in[c][q][r] = rotate_members<A, Q, T, decltype(r)::value>(v, lanes);
           });
@@ -177,7 +177,7 @@ void lane_wgrad(const A* x, int64_t xld, const A* g, int64_t gld, int64_t np, A*
       });
       unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
         unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-          const V gv = vload(gs + (c + q * vs) * VL);
+          const V gv = vload_once(gs + (c + q * vs) * VL);
           unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
             constexpr int E = decltype(e)::value;
             acc[c][q][E] += gv * in[c][E / Q][E % Q];

@@ -44,6 +44,20 @@ SIMD_INLINE void vstore(A* p, vec_t<A> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// vload, into a register the compiler must keep: a vector that several instructions use is then
+// loaded once, instead of being folded into each of them as a memory operand (which the
+// compiler prefers, and which makes a loop of FMAs bound by its loads).
+template <class A>
+SIMD_INLINE vec_t<A> vload_once(const A* p) {
+  vec_t<A> v = vload(p);
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+  return v;
+}
+
 // A store that bypasses the caches (p aligned to the vector size): for outputs too large to
 // stay in cache, it saves reading every output line before writing it.
 template <class A>
