@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from butterfly import BFT, BFTLinear, use_backend
 from butterfly.kernels.cpu import build as cpu
@@ -157,6 +158,29 @@ def test_rows_of_channels_lanes_kernel(name, cin, cout, radices, residual, one_t
     got = torch.ops.butterfly_cpu.forward(x, w, list(radices), cout, residual)
     want = bft_reference(x.contiguous(), w, radices, cout, residual)
     assert_close([got], [want], torch.float32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), log_n=st.integers(4, 8), rows=st.integers(1, 200),
+       residual=st.booleans())
+def test_lanes_kernel_fuzz(data, log_n, rows, residual):
+    """Property: for random rows of channels that the channels-as-lanes kernels run (radices 2
+    and 4 in any order, n = 16 .. 256, square, padded, expanding or contracting), the forward and
+    both gradients match the reference."""
+    radices, n = [], 1
+    while n < 2 ** log_n:
+        k = data.draw(st.sampled_from([2, 4] if n * 4 <= 2 ** log_n else [2]))
+        radices.append(k)
+        n *= k
+    m = data.draw(st.integers(n // 2 + 1, n))  # the smaller side: its block is n channels
+    other = data.draw(st.sampled_from([m, 2 * m, m + 8, 3 * m]))
+    cin, cout = data.draw(st.sampled_from([(m, other), (other, m)]))
+    plan = BFTPlan(cin, cout, tuple(radices))
+    w = torch.randn(plan.num_blocks, plan.weights_per_block) / 2
+    x = torch.randn(rows, cin, 1)
+    g = torch.randn(rows, cout, 1)
+    assert_close(kernel(x, w, radices, cout, residual, g),
+                 oracle(x, w, radices, cout, residual, g), torch.float32)
 
 
 @pytest.mark.parametrize("cin,cout,pixels",
