@@ -38,6 +38,22 @@ SIMD_INLINE vec_t<A> rotate_members(vec_t<A> v, std::integer_sequence<int, L...>
   else return shuffle2<A, (L / (Q * T)) * (Q * T) + ((L / T % Q + D) % Q) * T + L % T...>(v, v);
 }
 
+// The input vectors of C sets side by side for one pixel row s (set c's vectors c + q * vs, q <
+// NQ), each loaded once and rotated to every member position: in[c][q][r] = rotate_r(vector).
+template <class A, int Q, int T, int C, int NQ>
+SIMD_INLINE void load_members(const A* s, int64_t vs, vec_t<A> (&in)[C][NQ][Q]) {
+  constexpr int VL = Vec<A>::lanes;
+  constexpr auto lanes = std::make_integer_sequence<int, VL>{};
+  unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
+    unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
+      const vec_t<A> v = vload_once(s + (c + q * vs) * VL);
+      unroll<Q>([&](auto r) SIMD_INLINE_LAMBDA {
+        in[c][q][r] = rotate_members<A, Q, T, decltype(r)::value>(v, lanes);
+      });
+    });
+  });
+}
+
 // What the last stage does to its output vectors before storing them into y: add the residual
 // rows (res), apply the epilogue (epi) and add `add`'s rows, as its Finishing says, and store
 // with streaming stores or not.
@@ -72,7 +88,6 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
   using V = vec_t<A>;
   constexpr int VL = Vec<A>::lanes, NQ = K / Q;
   constexpr bool epi = F::form != kPlain;
-  constexpr auto lanes = std::make_integer_sequence<int, VL>{};
   // local copies: a store through dst may alias anything (vstore is a memcpy), so fields read
   // through fin would be reloaded for every pixel
   [[maybe_unused]] const Finish<A> f = F::last ? *fin : Finish<A>{};
@@ -104,14 +119,7 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
       });
     for (int64_t p = 0; p < np; ++p, s += sld, d += dld) {
       V in[C][NQ][Q];
-      unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
-        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-          const V v = vload_once(s + (c + q * vs) * VL);
-          unroll<Q>([&](auto r) SIMD_INLINE_LAMBDA {
-            in[c][q][r] = rotate_members<A, Q, T, decltype(r)::value>(v, lanes);
-          });
-        });
-      });
+      load_members<A, Q, T>(s, vs, in);
       unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
         unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
           const int64_t at = (c + q * vs) * VL;
@@ -152,7 +160,6 @@ void lane_wgrad(const A* x, int64_t xld, const A* g, int64_t gld, int64_t np, A*
                 int64_t nvec, int64_t vs) {
   using V = vec_t<A>;
   constexpr int NQ = K / Q;
-  constexpr auto lanes = std::make_integer_sequence<int, Vec<A>::lanes>{};
   constexpr int64_t VL = Vec<A>::lanes;
   // the sets of lane_stage, C side by side
   auto sets = [&](int64_t jb, auto count) SIMD_INLINE_LAMBDA {
@@ -167,14 +174,7 @@ void lane_wgrad(const A* x, int64_t xld, const A* g, int64_t gld, int64_t np, A*
     const A* gs = g + jb * VL;
     for (int64_t p = 0; p < np; ++p, s += xld, gs += gld) {
       V in[C][NQ][Q];
-      unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
-        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-          const V v = vload_once(s + (c + q * vs) * VL);
-          unroll<Q>([&](auto r) SIMD_INLINE_LAMBDA {
-            in[c][q][r] = rotate_members<A, Q, T, decltype(r)::value>(v, lanes);
-          });
-        });
-      });
+      load_members<A, Q, T>(s, vs, in);
       unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
         unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
           const V gv = vload_once(gs + (c + q * vs) * VL);
