@@ -8,7 +8,8 @@ stage kernels on a tile that stays in L1.
 * :func:`stage_rates`: one thread, the library's own kernels (``csrc/``, with the library's
   compile flags) on data in L1: each stage of the channels-as-lanes forward (``bft/lanes.h``) of a
   base-4 layer on a tile of pixels and its weight gradient (``bft/lanes_backward.h``), and the NCHW
-  tile kernels' (4, 4) run (``bft/stages.h``) on 16 rows. Their rate against the FMA peak is the kernels' own ceiling, before any memory traffic.
+  tile kernels' (4, 4) run (``bft/stages.h``) on 16 rows. Their rate against the FMA peak is the
+  kernels' own ceiling, before any memory traffic.
 
 Both compile on first use with ``torch.utils.cpp_extension.load_inline`` (cached like the
 library's kernels), and are left out, with a warning, where they cannot be compiled.
@@ -67,7 +68,7 @@ double best_seconds(F f, int64_t reps) {
 // (radix, members per vector, their lane stride, multiply-adds per second, what was timed: 0 the
 // stage in place, 1 the last stage as the forward runs it, adding the residual and applying a
 // ReLU epilogue on its way to separate output rows, 2 the whole forward of the np pixels, 3 the
-// stage's weight gradient as the backward runs it (bft/lanes_backward.h)).
+// stage's weight gradient as the backward runs it (bft/lanes_backward.h), the stage's index).
 std::vector<std::vector<double>> lane_stages(int64_t n, int64_t np, int64_t reps) {
   using namespace bft;
   std::vector<int64_t> radices;
@@ -84,20 +85,25 @@ std::vector<std::vector<double>> lane_stages(int64_t n, int64_t np, int64_t reps
   std::vector<float> buf(np * ld + VL);
   for (auto& v : buf) v = 0.1f * d(g);
   std::vector<std::vector<double>> out;
-  for (const auto& st : lp.stages) {
+  const int L = (int)lp.stages.size();
+  for (int s = 0; s < L; ++s) {
+    const auto& st = lp.stages[s];
     const double sec = best_seconds([&] {
       st.fn(buf.data(), ld, buf.data(), ld, np, lp.packed + st.woff, n / VL, st.vs, nullptr);
     }, reps);
-    out.push_back({(double)st.K, (double)st.Q, (double)st.T, (double)n * st.K * np / sec, 0});
+    out.push_back({(double)st.K, (double)st.Q, (double)st.T, (double)n * st.K * np / sec, 0,
+                   (double)s});
   }
   std::vector<float> grad(np * ld + VL), dw(pl.W + VL);
   for (auto& v : grad) v = 0.1f * d(g);
-  for (const auto& st : lp.stages) {
+  for (int s = 0; s < L; ++s) {
+    const auto& st = lp.stages[s];
     const LaneWgradFn<float> wgrad = find_lane_wgrad(st.K, st.Q, st.T);
     const double sec = best_seconds([&] {
       wgrad(buf.data(), ld, grad.data(), ld, np, dw.data() + st.woff, n / VL, st.vs);
     }, reps);
-    out.push_back({(double)st.K, (double)st.Q, (double)st.T, (double)n * st.K * np / sec, 3});
+    out.push_back({(double)st.K, (double)st.Q, (double)st.T, (double)n * st.K * np / sec, 3,
+                   (double)s});
   }
   const auto& last = lp.stages.back();
   const EpilogueData<float> relu(n, nullptr, nullptr, activation::kRelu);
@@ -109,12 +115,12 @@ std::vector<std::vector<double>> lane_stages(int64_t n, int64_t np, int64_t reps
     finish(buf.data(), ld, y.data(), n, np, lp.packed + last.woff, n / VL, last.vs, &fin);
   }, reps);
   out.push_back({(double)last.K, (double)last.Q, (double)last.T,
-                 (double)n * last.K * np / fsec, 1});
+                 (double)n * last.K * np / fsec, 1, (double)(L - 1)});
   const double lsec = best_seconds([&] {
     forward_lanes<float, true>(pl, x.data(), n, w.data(), y.data(), np, 1, 16 << 10, false,
                                &relu.e, nullptr, nullptr, &lp);
   }, reps);
-  out.push_back({0, 0, 0, (double)pl.W * np / lsec, 2});
+  out.push_back({0, 0, 0, (double)pl.W * np / lsec, 2, 0});
   return out;
 }
 
@@ -171,20 +177,16 @@ def stage_rates(quick: bool = False) -> List[Dict]:
     reps = 200 if quick else 2000
     rows = []
     for n, pixels in ((256, 15), (1024, 8)):  # the kernel's tiles (bft/lanes.h)
-        results = module.lane_stages(n, pixels, reps)
-        seen = {0: 0, 3: 0}  # stages timed so far, forward and weight gradient
-        for k, q, t, rate, what in results:
+        for k, q, t, rate, what, s in module.lane_stages(n, pixels, reps):
             kind = ("vertical (members in one lane of 4 vectors)" if q == 1 else
                     f"in one vector (stride {int(t)}: {int(q) - 1} permutes per 4 FMAs)"
                     if q == k else f"across {int(k // q)} vectors, {int(q)} members each")
+            suffix = {1: ", finished", 3: ", weight gradient"}.get(what, "")
+            step = f"stage {int(s)}{suffix}"
             if what == 1:
-                step, kind = f"stage {seen[0] - 1}, finished", (
-                    "the last stage adding the residual and a ReLU epilogue, to output rows")
+                kind = "the last stage adding the residual and a ReLU epilogue, to output rows"
             elif what == 2:
                 step, kind = "the whole forward", "every stage, one tile, input and output rows"
-            else:
-                step = f"stage {seen[what]}" + (", weight gradient" if what == 3 else "")
-                seen[what] += 1
             rows.append({"kernel": f"lanes, {n} channels, {pixels} pixels", "step": step,
                          "kind": kind, "GMACs": rate / 1e9})
     for nv in (3, 12):

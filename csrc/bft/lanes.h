@@ -54,6 +54,20 @@ SIMD_INLINE void load_members(const A* s, int64_t vs, vec_t<A> (&in)[C][NQ][Q]) 
   });
 }
 
+// sets(jb, C) over a stage's sets of NQ vectors vs apart, nvec vectors in all: single-vector
+// sets (NQ == 1) C side by side (the rest one by one), other sets one at a time.
+template <int NQ, int C, class F>
+SIMD_INLINE void each_set(int64_t nvec, int64_t vs, F&& sets) {
+  if constexpr (NQ == 1) {
+    int64_t jb = 0;
+    for (; jb + C <= nvec; jb += C) sets(jb, std::integral_constant<int, C>{});
+    for (; jb < nvec; ++jb) sets(jb, std::integral_constant<int, 1>{});
+  } else {
+    for (int64_t s0 = 0; s0 < nvec; s0 += NQ * vs)
+      for (int64_t r = 0; r < vs; ++r) sets(s0 + r, std::integral_constant<int, 1>{});
+  }
+}
+
 // What the last stage does to its output vectors before storing them into y: add the residual
 // rows (res), apply the epilogue (epi) and add `add`'s rows, as its Finishing says, and store
 // with streaming stores or not.
@@ -139,16 +153,9 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
       });
     }
   };
-  if constexpr (NQ == 1) {
-    // single-vector sets two at a time: two independent vectors per pixel, and half the passes
-    // over the tile's pixels
-    int64_t jb = 0;
-    for (; jb + 2 <= nvec; jb += 2) sets(jb, std::integral_constant<int, 2>{});
-    if (jb < nvec) sets(jb, std::integral_constant<int, 1>{});
-  } else {
-    for (int64_t s0 = 0; s0 < nvec; s0 += NQ * vs)
-      for (int64_t r = 0; r < vs; ++r) sets(s0 + r, std::integral_constant<int, 1>{});
-  }
+  // single-vector sets two at a time: two independent vectors per pixel, and half the passes
+  // over the tile's pixels
+  each_set<NQ, 2>(nvec, vs, sets);
 }
 
 // A stage's weight gradient over np pixels, added to dw (packed like the stage's weights, see
@@ -194,16 +201,8 @@ void lane_wgrad(const A* x, int64_t xld, const A* g, int64_t gld, int64_t np, A*
       });
     });
   };
-  if constexpr (NQ == 1) {
-    // 8 / K single-vector sets side by side: 8 sums, which the FMA latency needs in flight
-    constexpr int C = 8 / K;
-    int64_t jb = 0;
-    for (; jb + C <= nvec; jb += C) sets(jb, std::integral_constant<int, C>{});
-    for (; jb < nvec; ++jb) sets(jb, std::integral_constant<int, 1>{});
-  } else {
-    for (int64_t s0 = 0; s0 < nvec; s0 += NQ * vs)
-      for (int64_t r = 0; r < vs; ++r) sets(s0 + r, std::integral_constant<int, 1>{});
-  }
+  // single-vector sets 8 / K at a time: 8 sums, which the FMA latency needs in flight
+  each_set<NQ, 8 / K>(nvec, vs, sets);
 }
 
 template <class A>
@@ -253,10 +252,7 @@ struct LanePlan {
       off += pl.n * K;
     }
     // aligned to the vector size: every weight vector a stage loads is one aligned load
-    constexpr int64_t align = SIMD_VECTOR_BYTES / (int64_t)sizeof(A);
-    storage.resize((size_t)(pl.T * pl.W + align));
-    packed = storage.data();
-    packed += (align - (int64_t)(reinterpret_cast<uintptr_t>(packed) / sizeof(A) % align)) % align;
+    packed = aligned_elements(storage, pl.T * pl.W);
     each_weight(pl, [&](int64_t at, int64_t from) { packed[at] = w[from]; });
     ok = true;
   }
@@ -295,6 +291,17 @@ struct LanePlan {
       }
   }
 };
+
+// Rows of n channels in dst (ld apart): the first `count` channels of each of np rows of src
+// (sld apart), then zeros.
+template <class A>
+inline void pad_rows(A* dst, int64_t ld, const A* src, int64_t sld, int64_t count, int64_t n,
+                     int64_t np) {
+  for (int64_t p = 0; p < np; ++p) {
+    std::copy(src + p * sld, src + p * sld + count, dst + p * ld);
+    std::fill(dst + p * ld + count, dst + p * ld + n, A(0));
+  }
+}
 
 // dst[c] = src[c], or with E epi(src[c]) (channel c0 + c of the epilogue) + add[c], for c < count.
 template <class A, bool E>
@@ -365,11 +372,7 @@ bool forward_lanes(const Plan& pl, const A* x, int64_t x_row, const A* w, A* y, 
         const A* src = xt + off;
         int64_t sld = x_row;
         if (valid < pl.n) {
-          if (b == 0 || !pl.expand)
-            for (int64_t p = 0; p < np; ++p) {
-              std::copy(xt + p * x_row + off, xt + p * x_row + off + valid, in + p * ld);
-              std::fill(in + p * ld + valid, in + p * ld + pl.n, A(0));
-            }
+          if (b == 0 || !pl.expand) pad_rows(in, ld, xt + off, x_row, valid, pl.n, np);
           src = in, sld = ld;
         }
         const A* wb = lp.packed + b * pl.W;

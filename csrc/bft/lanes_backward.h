@@ -50,9 +50,8 @@ bool backward_lanes(const Plan& pl, const A* gy, const A* x, const A* w, A* gx, 
   // the packed weight gradients of each chunk, vector-aligned
   constexpr int64_t align = SIMD_VECTOR_BYTES / (int64_t)sizeof(A);
   const int64_t pitch = (gwn + align - 1) / align * align;
-  std::vector<A> storage((size_t)(chunks * pitch + align), A(0));
-  A* partial = storage.data();
-  partial += (align - (int64_t)(reinterpret_cast<uintptr_t>(partial) / sizeof(A) % align)) % align;
+  std::vector<A> storage;
+  A* partial = aligned_elements(storage, chunks * pitch);
   par::region((int)std::min<int64_t>(threads, chunks), [&] {
     A* acts = scratch<A>(0, std::max(L - 1, 1) * tp * ld);  // the inputs of stages 1 .. L - 1
     A* in = scratch<A>(1, tp * ld);    // a block's zero-padded input rows
@@ -75,11 +74,7 @@ bool backward_lanes(const Plan& pl, const A* gy, const A* x, const A* w, A* gx, 
         const A* src = xt + off;
         int64_t sld = pl.cin;
         if (valid < pl.n) {
-          if (b == 0 || !pl.expand)
-            for (int64_t p = 0; p < np; ++p) {
-              std::copy(xt + p * pl.cin + off, xt + p * pl.cin + off + valid, in + p * ld);
-              std::fill(in + p * ld + valid, in + p * ld + pl.n, A(0));
-            }
+          if (b == 0 || !pl.expand) pad_rows(in, ld, xt + off, pl.cin, valid, pl.n, np);
           src = in, sld = ld;
         }
         const A* wb = fwd.packed + b * pl.W;
@@ -91,11 +86,7 @@ bool backward_lanes(const Plan& pl, const A* gy, const A* x, const A* w, A* gx, 
         const A* g = gt + out_off;
         int64_t gld = pl.cout;
         if (out_rows < pl.n) {
-          for (int64_t p = 0; p < np; ++p) {
-            std::copy(gt + p * pl.cout + out_off, gt + p * pl.cout + out_off + out_rows,
-                      gin + p * ld);
-            std::fill(gin + p * ld + out_rows, gin + p * ld + pl.n, A(0));
-          }
+          pad_rows(gin, ld, g, gld, out_rows, pl.n, np);
           g = gin, gld = ld;
         }
         // the last stage's input gradient goes straight into gx's rows when they are the
@@ -111,9 +102,9 @@ bool backward_lanes(const Plan& pl, const A* gy, const A* x, const A* w, A* gx, 
           wgrad[s](s ? act(s) : src, s ? ld : sld, gs, gsld, np, dw + b * pl.W + st.woff, nvec,
                    st.vs);
           A* o = s ? work : dx;
-          const int64_t old = s ? ld : dxld;
-          bwd.stages[s].fn(gs, gsld, o, old, np, wtb + st.woff, nvec, st.vs, nullptr);
-          gs = o, gsld = old;
+          const int64_t o_ld = s ? ld : dxld;
+          bwd.stages[s].fn(gs, gsld, o, o_ld, np, wtb + st.woff, nvec, st.vs, nullptr);
+          gs = o, gsld = o_ld;
         }
         if (pl.residual)  // y = B(x) + x: the output gradient passes to the input too
           for (int64_t p = 0; p < np; ++p) {

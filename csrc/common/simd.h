@@ -7,6 +7,7 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -56,6 +57,16 @@ SIMD_INLINE vec_t<A> vload_once(const A* p) {
   asm("" : "+w"(v));
 #endif
   return v;
+}
+
+// The first vector-aligned element of v after resizing it to hold n elements from there (zeros
+// where it grew): storage for arrays read with aligned vector loads.
+template <class A>
+inline A* aligned_elements(std::vector<A>& v, int64_t n) {
+  constexpr int64_t align = SIMD_VECTOR_BYTES / (int64_t)sizeof(A);
+  v.resize((size_t)(n + align));
+  const int64_t off = (int64_t)(reinterpret_cast<uintptr_t>(v.data()) / sizeof(A) % align);
+  return v.data() + (align - off) % align;
 }
 
 // A store that bypasses the caches (p aligned to the vector size): for outputs too large to
