@@ -14,7 +14,11 @@ A layer ``in_channels -> out_channels`` follows the paper's tiling rule with blo
 * contract (``in > out``): the zero-padded input is split into ``T`` chunks of ``m``; outputs summed.
 
 Each block is a square butterfly of size ``n >= m``: ``n == m`` factored into mixed radices, or a
-zero-padded larger size that factors better, whichever executes fewer multiply-adds.
+zero-padded larger size that factors better, whichever executes fewer multiply-adds, except that a
+size filling whole vectors of ``VECTOR_CHANNELS`` channels is taken when it costs at most
+``VECTOR_TOLERANCE`` times the cheapest. Odd radices come first: their stages then mix channels a
+whole number of vectors apart, so that the CPU kernels run every stage with the channels as SIMD
+lanes (``docs/kernel_cpu.md``).
 """
 from __future__ import annotations
 
@@ -37,15 +41,17 @@ def prime_factors(n: int) -> list[int]:
 
 
 def factor_radices(n: int, base: int) -> Tuple[int, ...]:
-    """Radices for a butterfly of size ``n``: as many stages of ``base`` as divide ``n``, then the
-    remaining prime factors (largest first). ``factor_radices(64, 4) == (4, 4, 4)``,
-    ``factor_radices(24, 4) == (4, 3, 2)``, ``factor_radices(1, k) == ()``."""
-    radices = []
+    """Radices for a butterfly of size ``n``: as many stages of ``base`` as divide ``n``, after the
+    odd prime factors they leave (largest first) and before the twos they leave.
+    ``factor_radices(64, 4) == (4, 4, 4)``, ``factor_radices(160, 4) == (5, 4, 4, 2)``,
+    ``factor_radices(24, 4) == (3, 4, 2)``, ``factor_radices(1, k) == ()``."""
+    stages = 0
     while n % base == 0 and n > 1:
-        radices.append(base)
+        stages += 1
         n //= base
-    radices.extend(sorted(prime_factors(n), reverse=True) if n > 1 else [])
-    return tuple(radices)
+    rest = prime_factors(n) if n > 1 else []
+    odd = sorted((p for p in rest if p % 2), reverse=True)
+    return tuple(odd + [base] * stages + [p for p in rest if p == 2])
 
 
 def butterfly_macs(radices: Tuple[int, ...]) -> int:
@@ -53,20 +59,29 @@ def butterfly_macs(radices: Tuple[int, ...]) -> int:
     return math.prod(radices) * sum(radices)
 
 
+VECTOR_CHANNELS = 16  # float32 lanes of an AVX-512 vector (two of AVX2's)
+VECTOR_TOLERANCE = 1.1  # the multiply-adds a whole-vector size may cost over the cheapest
+
+
 @lru_cache(maxsize=None)
 def choose_radices(m: int, base: int) -> Tuple[int, ...]:
-    """Cheapest butterfly covering ``m`` channels: searches sizes ``m <= n <= `` the next power of
-    ``base`` and keeps the one with the fewest multiply-adds (ties go to the smaller size)."""
+    """Radices covering ``m`` channels: of the sizes ``m <= n <=`` the next power of ``base``, the
+    one with the fewest multiply-adds (ties go to the smaller size), unless it is not a multiple
+    of ``VECTOR_CHANNELS`` and one that is costs at most ``VECTOR_TOLERANCE`` times as much."""
     if m < 1 or base < 2:
         raise ValueError(f"need m >= 1 and base >= 2, got m={m}, base={base}")
     limit = base ** math.ceil(math.log(m, base) - 1e-9) if m > 1 else 1
-    best = None
+    cheapest = whole = None
     for n in range(m, max(limit, m) + 1):
         radices = factor_radices(n, base)
         cost = butterfly_macs(radices)
-        if best is None or cost < best[0]:
-            best = (cost, radices)
-    return best[1]
+        if cheapest is None or cost < cheapest[0]:
+            cheapest = (cost, radices)
+        if n % VECTOR_CHANNELS == 0 and (whole is None or cost < whole[0]):
+            whole = (cost, radices)
+    if whole is not None and whole[0] <= VECTOR_TOLERANCE * cheapest[0]:
+        return whole[1]
+    return cheapest[1]
 
 
 @dataclass(frozen=True)

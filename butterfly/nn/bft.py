@@ -50,7 +50,9 @@ class _BFTBase(nn.Module):
 
     Besides its tensors the ``state_dict`` holds the layout that gives the weights their meaning
     (``_extra_state``: channels, radices, residual; see :meth:`get_extra_state`), so that loading
-    a checkpoint into a layer of another layout fails instead of computing another function."""
+    a checkpoint into a layer of another layout fails instead of computing another function. A
+    checkpoint that differs only in its radices (saved when :func:`butterfly.plan.choose_radices`
+    chose others for these channels) is loaded with them: the layer takes the checkpoint's plan."""
 
     def __init__(self, in_channels: int, out_channels: int, base: int = 4, residual: bool = True,
                  bias: bool = False, init: str = "paper", device=None, dtype=None):
@@ -131,7 +133,27 @@ class _BFTBase(nn.Module):
                     f"another function; build the layer with the checkpoint's base and residual")
         return ""
 
+    def _adopt_radices(self, state) -> None:
+        """Re-plans the layer with the radices of ``state`` (a saved extra state) when they are
+        all that differs from its layout and they are a plan for its channels."""
+        values = state.tolist() if isinstance(state, Tensor) else list(state)
+        if len(values) < 4 or values[0] != LAYOUT_FORMAT:
+            return
+        cin, cout, residual, *radices = (int(v) for v in values[1:])
+        p = self.plan
+        if ((cin, cout, residual) != (p.in_channels, p.out_channels, int(self.residual))
+                or tuple(radices) == p.radices or not radices or min(radices) < 2):
+            return
+        plan = BFTPlan(cin, cout, tuple(radices))
+        if plan.size < plan.block:
+            return
+        self.plan = plan
+        w = self.weight
+        w.data = w.data.new_zeros(self._weight_shape())  # the checkpoint's weights fill it
+        w.grad = None
+
     def set_extra_state(self, state) -> None:
+        self._adopt_radices(state)
         problem = self._layout_mismatch(state)
         if problem:
             raise ValueError(problem)
@@ -140,6 +162,7 @@ class _BFTBase(nn.Module):
                               unexpected_keys, error_msgs):
         key = prefix + "_extra_state"
         if key in state_dict:
+            self._adopt_radices(state_dict[key])
             problem = self._layout_mismatch(state_dict[key])
             if problem:  # reported like a shape mismatch; this layer's tensors are left as they are
                 error_msgs.append(f"layout mismatch for {key}: {problem}")

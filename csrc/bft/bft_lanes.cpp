@@ -1,20 +1,21 @@
 // The channels-as-lanes stages (bft/lanes.h), float32, compiled once for the forward, the fused
 // forward and the backward: every (radix K, members per vector Q, lane stride T) of radices 2
-// and 4 (the radices of base 2 and base 4; other radices run the transposing tile kernels) with
-// its weight gradient, and the last stage of each radix with each set of finishing steps the
-// forwards use.
+// and 4 (the radices of base 2 and base 4), radices 3 and 5 between whole vectors (Q == 1: the
+// odd radices of mixed-radix plans, which come first), each with its weight gradient, and the
+// last stage of radices 2 and 4 with each set of finishing steps the forwards use. Other stages
+// run the transposing tile kernels.
 #include "bft/lanes.h"
 
 namespace bft {
 
-// the stage kinds (K, Q, T) of radices 2 and 4, each as BFT_LANE_CASE(K, Q, T) (Q * T <= VL)
+// the stage kinds (K, Q, T), each as BFT_LANE_CASE(K, Q, T) (Q * T <= VL)
 #define BFT_LANE_KIND(k, q, t, fn)                 \
   if constexpr ((q) * (t) <= VL && (q) <= (k))     \
     if (K == (k) && Q == (q) && T == (t)) return fn;
 #define BFT_LANE_T(k, q) \
   BFT_LANE_CASE(k, q, 1) BFT_LANE_CASE(k, q, 2) BFT_LANE_CASE(k, q, 4) BFT_LANE_CASE(k, q, 8)
-#define BFT_LANE_KINDS                          \
-  BFT_LANE_CASE(2, 1, 1) BFT_LANE_CASE(4, 1, 1) \
+#define BFT_LANE_KINDS                                                                 \
+  BFT_LANE_CASE(2, 1, 1) BFT_LANE_CASE(3, 1, 1) BFT_LANE_CASE(4, 1, 1) BFT_LANE_CASE(5, 1, 1) \
   BFT_LANE_T(2, 2) BFT_LANE_T(4, 2) BFT_LANE_T(4, 4)
 
 LaneStageFn<float> find_lane_stage(int K, int Q, int T) {

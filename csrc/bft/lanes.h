@@ -13,8 +13,10 @@
 // L1-sized tile of pixels: per set of K / Q vectors, its K * K / Q weight vectors are loaded once
 // and held in registers while the pixels stream past (a load and a store per K FMAs).
 //
-// Runs when every radix is 2 or 4 and n is a multiple of the vector length (forward_impl
-// tries it first for P == 1 and falls back to the transposing tile kernels otherwise).
+// Runs when n is a multiple of the vector length and every stage is one of those compiled (see
+// find_lane_stage): radix 2 or 4 at any stride; radix 3 or 5 at a stride of whole vectors (the
+// plan puts odd radices first, so their strides are). forward_impl tries it first for P == 1 and
+// falls back to the transposing tile kernels otherwise.
 #pragma once
 
 #include <algorithm>
@@ -245,7 +247,9 @@ struct LanePlan {
     for (int s = 0; s < pl.stages(); ++s) {
       const int K = pl.radix[s];
       const int64_t t = pl.stride[s];
+      if (t >= VL ? t % VL : VL % t) return;  // members neither whole vectors nor lanes apart
       const int Q = t >= VL ? 1 : (int)std::min<int64_t>(K, VL / t), T = t >= VL ? 1 : (int)t;
+      if (Q > 1 && K % Q) return;
       const LaneStageFn<A> fn = find_lane_stage(K, Q, T);
       if (!fn) return;
       stages.push_back({K, Q, T, t, t >= VL ? t / VL : 1, off, fn});
@@ -276,16 +280,14 @@ struct LanePlan {
         const int64_t t = st.t;
         const int64_t ws = b * pl.W + pl.woff[s];  // w_s: (n / K, K, K)
         const int64_t out = b * pl.W + st.woff;
-        // K, t and Q are powers of two: c = (seg * K + i) * t + r in shifts and masks
-        const int lt = __builtin_ctzll(t), lk = __builtin_ctz(K);
         int src[8][8];  // [i % Q][e]: the input member of weight vector e for output member i
         for (int a = 0; a < Q; ++a)
-          for (int e = 0; e < K; ++e) src[a][e] = (e & ~(Q - 1)) | ((a + (e & (Q - 1))) & (Q - 1));
+          for (int e = 0; e < K; ++e) src[a][e] = e / Q * Q + (a + e % Q) % Q;
         for (int64_t j = 0; j < pl.n / VL; ++j)
           for (int64_t l = 0; l < VL; ++l) {
-            const int64_t c = j * VL + l, i = (c >> lt) & (K - 1), r = c & (t - 1);
-            const int64_t g = ((c >> (lt + lk)) << lt) | r;
-            const int* si = src[i & (Q - 1)];
+            // channel c = (seg * K + i) * t + r
+            const int64_t c = j * VL + l, i = c / t % K, r = c % t, g = c / (t * K) * t + r;
+            const int* si = src[i % Q];
             for (int e = 0; e < K; ++e) f(out + (j * K + e) * VL + l, ws + (g * K + i) * K + si[e]);
           }
       }

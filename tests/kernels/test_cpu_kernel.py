@@ -5,6 +5,7 @@ must match for every shape class of the layer (square power, mixed radix, padded
 contract), both layouts (NCHW: P > 1; channels-last and linear: P == 1), odd spatial sizes, and
 float64 / float32 / bfloat16. The first test to run compiles the kernel (cached afterwards).
 """
+import math
 import os
 import shutil
 import subprocess
@@ -124,9 +125,10 @@ def test_float32_whole_vector_blocks(cin, cout):
 
 
 # Rows of channels (P == 1) in float32 run the channels-as-lanes kernel (csrc/bft/lanes.h) when
-# every radix is 2 or 4 and n is a multiple of the vector length: its three kinds of stage
-# (members in one lane of several vectors, in one vector, across a few vectors), every radix at
-# every stride, padded inputs, expanding and contracting blocks, tiles of every fill.
+# n is a multiple of the vector length and every radix is 2 or 4, or 3 or 5 at a stride of whole
+# vectors: its three kinds of stage (members in one lane of several vectors, in one vector,
+# across a few vectors), every radix at every stride, padded inputs, expanding and contracting
+# blocks, tiles of every fill.
 LANE_SHAPES = [
     ("base4-64", 64, 64, (4, 4, 4)),
     ("base4-256", 256, 256, (4, 4, 4, 4)),
@@ -139,6 +141,12 @@ LANE_SHAPES = [
     ("expand-64-128", 64, 128, (4, 4, 4)),
     ("expand-48-160", 48, 160, (4, 4, 4)),
     ("contract-160-48", 160, 48, (4, 4, 4)),
+    ("radix5-first-80", 80, 80, (5, 4, 4)),
+    ("radix3-first-144", 144, 144, (3, 3, 4, 4)),
+    ("odd-first-240", 240, 240, (5, 3, 4, 4)),
+    ("odd-first-padded-90", 90, 90, (3, 4, 4, 2)),
+    ("expand-80-320", 80, 320, (5, 4, 4)),
+    ("contract-288-48", 288, 48, (3, 4, 4)),
 ]
 
 
@@ -165,13 +173,15 @@ def test_rows_of_channels_lanes_kernel(name, cin, cout, radices, residual, one_t
        residual=st.booleans())
 def test_lanes_kernel_fuzz(data, log_n, rows, residual):
     """Property: for random rows of channels that the channels-as-lanes kernels run (radices 2
-    and 4 in any order, n = 16 .. 256, square, padded, expanding or contracting), the forward and
-    both gradients match the reference."""
-    radices, n = [], 1
+    and 4 in any order, n = 16 .. 256, after up to two radices 3 or 5; square, padded, expanding
+    or contracting), the forward and both gradients match the reference."""
+    radices = data.draw(st.lists(st.sampled_from([3, 5]), max_size=2))
+    n = 1
     while n < 2 ** log_n:
         k = data.draw(st.sampled_from([2, 4] if n * 4 <= 2 ** log_n else [2]))
         radices.append(k)
         n *= k
+    n = math.prod(radices)
     m = data.draw(st.integers(n // 2 + 1, n))  # the smaller side: its block is n channels
     other = data.draw(st.sampled_from([m, 2 * m, m + 8, 3 * m]))
     cin, cout = data.draw(st.sampled_from([(m, other), (other, m)]))

@@ -53,4 +53,4 @@ def test_lanes_and_tile_kernels_agree(march, tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok ") == 24, run.stdout
+    assert run.stdout.count("ok ") == 36, run.stdout

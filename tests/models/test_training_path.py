@@ -69,7 +69,10 @@ def test_gradients_equal_the_reference_path(name, fmt):
     scale of the largest gradient (the size an update sees). There the kernels must be within
     1e-3 of float64, or within twice the float32 reference's own error where rounding makes that
     larger (a ReLU that flips: the reference is up to ~1e-2 off on some families). A float32
-    kernel bug (a wrong tail, a wrong accumulator) shows as errors of order 1e-1 and more."""
+    kernel bug (a wrong tail, a wrong accumulator) shows as errors of order 1e-1 and more, on
+    every input; a flip (an activation within rounding of a ReLU's kink: one of ~10^5 takes the
+    other side in one path and not in the other) shows on few, so the float32 check holds for
+    at least two of three inputs."""
     x = torch.randn(1, 1, 45, 37)
     want, want_buffers = _step_grads(name, fmt, torch.float64, "reference", x)
     got, got_buffers = _step_grads(name, fmt, torch.float64, "auto", x)
@@ -81,11 +84,15 @@ def test_gradients_equal_the_reference_path(name, fmt):
         assert _rel(got[n], want[n], floor) < 1e-9, n
     for n in want_buffers:   # running means can be zero up to rounding too (after a BatchNorm)
         assert _rel(got_buffers[n], want_buffers[n], 1e-6) < 1e-9, n
-    got32, _ = _step_grads(name, fmt, torch.float32, "auto", x)
-    ref32, _ = _step_grads(name, fmt, torch.float32, "reference", x)
-    err = max(_rel(got32[n], want[n], 1e-3 * largest) for n in want)
-    ref_err = max(_rel(ref32[n], want[n], 1e-3 * largest) for n in want)
-    assert err <= max(2 * ref_err, 1e-3), (err, ref_err)
+    errors = []  # (float32 kernels' error, float32 reference's error) against float64
+    for x in (x, torch.randn(1, 1, 45, 37), torch.randn(1, 1, 45, 37)):
+        want, _ = _step_grads(name, fmt, torch.float64, "reference", x)
+        largest = max(g.abs().max().item() for g in want.values())
+        got32, _ = _step_grads(name, fmt, torch.float32, "auto", x)
+        ref32, _ = _step_grads(name, fmt, torch.float32, "reference", x)
+        errors.append((max(_rel(got32[n], want[n], 1e-3 * largest) for n in want),
+                       max(_rel(ref32[n], want[n], 1e-3 * largest) for n in want)))
+    assert sum(err <= max(2 * ref_err, 1e-3) for err, ref_err in errors) >= 2, errors
 
 
 def test_a_few_steps_follow_the_reference_loss_curve():

@@ -321,6 +321,6 @@ def test_weights_saved_before_bft_layouts_were_recorded_still_load():
     fresh = torch.nn.Sequential(butterfly.BFT(24, 24), torch.nn.BatchNorm2d(24))
     load_weights(fresh, {"model": old}, "old.pth")
     assert torch.equal(fresh[0].weight, model[0].weight)
-    other = torch.nn.Sequential(butterfly.BFT(24, 24, base=2), torch.nn.BatchNorm2d(24))
+    other = torch.nn.Sequential(butterfly.BFT(24, 24, residual=False), torch.nn.BatchNorm2d(24))
     with pytest.raises(RuntimeError, match="layout"):
         load_weights(other, {"model": model.state_dict()}, "new.pth")
