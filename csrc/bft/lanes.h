@@ -283,13 +283,16 @@ struct LanePlan {
         int src[8][8];  // [i % Q][e]: the input member of weight vector e for output member i
         for (int a = 0; a < Q; ++a)
           for (int e = 0; e < K; ++e) src[a][e] = e / Q * Q + (a + e % Q) % Q;
-        for (int64_t j = 0; j < pl.n / VL; ++j)
-          for (int64_t l = 0; l < VL; ++l) {
-            // channel c = (seg * K + i) * t + r
-            const int64_t c = j * VL + l, i = c / t % K, r = c % t, g = c / (t * K) * t + r;
-            const int* si = src[i % Q];
-            for (int e = 0; e < K; ++e) f(out + (j * K + e) * VL + l, ws + (g * K + i) * K + si[e]);
-          }
+        // channel c = (seg * K + i) * t + r, in order: lane c % VL of output vector c / VL
+        int64_t c = 0;
+        for (int64_t seg = 0; seg < pl.n / (K * t); ++seg)
+          for (int i = 0; i < K; ++i)
+            for (int64_t r = 0; r < t; ++r, ++c) {
+              const int64_t j = c / VL, l = c % VL, g = seg * t + r;
+              const int* si = src[i % Q];
+              for (int e = 0; e < K; ++e)
+                f(out + (j * K + e) * VL + l, ws + (g * K + i) * K + si[e]);
+            }
       }
   }
 };

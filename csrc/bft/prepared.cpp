@@ -59,8 +59,8 @@ class PreparedBFT {
     }
     if (rows)
       forward_into(pl_, x, N * H * W, 1, s[3], weight_, &f, y, kWhat, lane_plan());
-    else
-      forward_into(pl_, x, N, H * W, 0, weight_, &f, y, kWhat);
+    else  // one pixel per image: rows of channels too, which the lanes kernel runs
+      forward_into(pl_, x, N, H * W, 0, weight_, &f, y, kWhat, H * W == 1 ? lane_plan() : nullptr);
     return y;
   }
 

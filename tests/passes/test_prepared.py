@@ -54,7 +54,7 @@ def _images(n, c, h, w, dtype, fmt, seed=0):
 @pytest.mark.parametrize("cin,cout,activation", [
     (64, 64, "relu"), (256, 256, "hardswish"), (24, 144, "relu6"),   # radix 3: tile kernels
     (144, 24, "none"), (48, 160, "hardsigmoid"), (160, 48, "relu")])
-@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 7), (3, 5, 3)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 1, 1), (1, 7, 7), (3, 5, 3)])
 def test_prepared_layer_equals_the_reference(dtype, fmt, cin, cout, activation, shape):
     fused = _layer(cin, cout, dtype, activation)
     x = _images(shape[0], cin, shape[1], shape[2], dtype, fmt)
@@ -96,11 +96,12 @@ def test_prepared_layer_reads_a_channel_slice_in_place():
         torch.testing.assert_close(got, _oracle(fused, x.contiguous()), rtol=1e-5, atol=1e-5)
 
 
-def test_prepared_layer_sees_in_place_weight_updates():
+@pytest.mark.parametrize("hw", [4, 1])   # 1x1 images: rows of channels in either format
+def test_prepared_layer_sees_in_place_weight_updates(hw):
     """The float32 weights are packed once for the channels-as-lanes kernel; an in-place update
     (load_state_dict) moves the tensor's version counter and they are packed again."""
     fused = _layer(64, 64, torch.float32, "relu").eval()
-    x = _images(2, 64, 4, 4, torch.float32, torch.channels_last, seed=4)
+    x = _images(2, 64, hw, hw, torch.float32, torch.channels_last, seed=4)
     with torch.no_grad():
         before = fused(x)
         state = {k: v.clone() for k, v in fused.state_dict().items()}
