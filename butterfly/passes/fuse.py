@@ -93,11 +93,22 @@ def _kernels_direct() -> bool:
     return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
 
 
+_CPU_CHOICES: Set[str] = set()   # use_backend choices under which the "cpu" kernels ran
+
+
 def _cpu_kernel_direct(x: Tensor) -> bool:
     """Whether a fused layer may call a CPU kernel directly on ``x``: a CPU tensor, the ``"cpu"``
-    backend chosen and its kernels loaded, and :func:`_kernels_direct`."""
-    return x.is_cpu and _kernels_direct() and backend_for(x.device).name == "cpu" and \
-        kernels_loaded("cpu", x.device)
+    backend chosen and its kernels loaded, and :func:`_kernels_direct`. The backend decision is
+    taken once per :func:`butterfly.use_backend` choice (as the prepared layers take theirs): the
+    graph's small operators run in a few microseconds at batch 1."""
+    if not (x.is_cpu and _kernels_direct()):
+        return False
+    choice = current_backend()
+    if choice not in _CPU_CHOICES:
+        if backend_for(x.device).name != "cpu" or not kernels_loaded("cpu", x.device):
+            return False
+        _CPU_CHOICES.add(choice)
+    return True
 
 
 class _PreparedCache(nn.Module):
@@ -580,18 +591,17 @@ def _bn_affine(bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
 def concat_shuffle(a: Tensor, b: Tensor) -> Tensor:
     """``torch.cat((a, b), 1)`` followed by a channel shuffle of two groups (ShuffleNetV2's):
     output channel ``2j`` is ``a[:, j]`` and ``2j + 1`` is ``b[:, j]``, written in one pass, in
-    ``a``'s memory format (channels_last on CPU: ``butterfly_cpu::interleave_rows``,
+    ``a``'s memory format (channels_last on CPU: ``butterfly_cpu::interleave_channels``,
     ``csrc/graph/graph_ops_cpu.cpp``). The model's cat, view, transpose and reshape copy twice,
     and the reshape turns channels_last into NCHW."""
+    if not a.is_contiguous() and _cpu_kernel_direct(a):   # channels_last (or a slice of it)
+        return torch.ops.butterfly_cpu.interleave_channels(a, b)
     N, C, H, W = a.shape
     rows_a, rows_b = pixel_rows(a), pixel_rows(b)
     if rows_a is None or rows_b is None:   # NCHW, or mixed (a 1x1 image counts as both)
         return torch.stack((a, b), dim=2).reshape(N, 2 * C, H, W)
-    if a.device.type == "cpu" and not torch.compiler.is_compiling() and \
-            backend_for(a.device).name == "cpu" and kernels_loaded("cpu", a.device):
-        out = torch.ops.butterfly_cpu.interleave_rows(rows_a.squeeze(2), rows_b.squeeze(2))
-    else:   # channels_last in PyTorch (inductor fuses this into one loop)
-        out = torch.stack((rows_a.squeeze(2), rows_b.squeeze(2)), dim=2)
+    # channels_last in PyTorch (inductor fuses this into one loop)
+    out = torch.stack((rows_a.squeeze(2), rows_b.squeeze(2)), dim=2)
     return out.view(N, H, W, 2 * C).permute(0, 3, 1, 2)
 
 

@@ -2,14 +2,16 @@
 // channels-last CPU tensors (one translation unit: each op is small, and the PyTorch headers
 // they need cost more to compile than they do). Their callers are in butterfly/passes/fuse.py.
 //
-// butterfly_cpu::interleave_rows: ShuffleNetV2's concatenation and channel shuffle of two groups
-// in one pass over memory. For rows a (R, C) and b (R, C), each with contiguous channels at its
-// own row stride (the pixels of a channels-last tensor, or of a channel slice of one),
+// butterfly_cpu::interleave_channels: ShuffleNetV2's concatenation and channel shuffle of two
+// groups in one pass over memory. For images a and b (N, C, H, W) whose pixels are rows of
+// contiguous channels, each at its own stride (channels-last, a channel slice of a channels-last
+// tensor, or 1x1 images),
 //
-//   out[r][2j] = a[r][j],  out[r][2j + 1] = b[r][j]   (out: (R, 2C), contiguous)
+//   out[n, 2j, h, w] = a[n, j, h, w],  out[n, 2j + 1, h, w] = b[n, j, h, w]
 //
-// concat_shuffle calls it; the reference is torch.stack on the last dimension. The inner loop is
-// plain C++ that the compiler vectorises (loads of a and b, unpack, two stores).
+// with out (N, 2C, H, W) channels-last; other layouts are stacked by PyTorch (the same values).
+// concat_shuffle calls it; the reference is torch.stack((a, b), 2).reshape(N, 2C, H, W). The
+// inner loop is plain C++ that the compiler vectorises (loads of a and b, unpack, two stores).
 //
 // butterfly_cpu::max_pool_cl: max pooling of a channels-last image batch in one pass,
 //
@@ -35,6 +37,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,22 +70,34 @@ void interleave(const T* a, int64_t sa, const T* b, int64_t sb, T* out, int64_t 
   });
 }
 
-at::Tensor interleave_rows(const at::Tensor& a, const at::Tensor& b) {
-  const char* what = "butterfly_cpu::interleave_rows";
+// The stride between the pixels of image batch x (N, C, H, W) when they are rows of contiguous
+// channels at one stride (0: they are not).
+int64_t pixel_stride(const at::Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const at::IntArrayRef s = x.strides();
+  if (C > 1 && s[1] != 1) return 0;
+  if (H * W == 1) return N == 1 ? C : (s[0] >= C ? s[0] : 0);
+  const int64_t p = W > 1 ? s[3] : s[2];
+  const bool rows = p >= C && (H == 1 || s[2] == W * p) && (N == 1 || s[0] == H * W * p);
+  return rows ? p : 0;
+}
+
+at::Tensor interleave_channels(const at::Tensor& a, const at::Tensor& b) {
+  const char* what = "butterfly_cpu::interleave_channels";
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), what, ": expected CPU tensors, got ",
               a.device(), " and ", b.device());
-  TORCH_CHECK(a.dim() == 2 && b.sizes() == a.sizes(), what,
-              ": expected two (rows, channels) tensors of one shape, got ", a.sizes(), " and ",
+  TORCH_CHECK(a.dim() == 4 && b.sizes() == a.sizes(), what,
+              ": expected two (N, C, H, W) images of one shape, got ", a.sizes(), " and ",
               b.sizes());
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, ": the dtypes differ: ", a.scalar_type(),
               " and ", b.scalar_type());
-  TORCH_CHECK((a.size(1) <= 1 || a.stride(1) == 1) && (b.size(1) <= 1 || b.stride(1) == 1), what,
-              ": the channels of each row must be contiguous (strides ", a.strides(), " and ",
-              b.strides(), ")");
-  const int64_t R = a.size(0), C = a.size(1);
-  at::Tensor out = at::empty({R, 2 * C}, a.options());
+  const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
+  const int64_t sa = pixel_stride(a), sb = pixel_stride(b);
+  if (!sa || !sb) return at::stack({a, b}, 2).reshape({N, 2 * C, H, W});
+  at::Tensor out =
+      at::empty({N, 2 * C, H, W}, a.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;
-  const int64_t sa = R > 1 ? a.stride(0) : C, sb = R > 1 ? b.stride(0) : C;
+  const int64_t R = N * H * W;
   // by element size: a copy needs no arithmetic on the values
   switch (a.element_size()) {
     case 1: interleave((const uint8_t*)a.data_ptr(), sa, (const uint8_t*)b.data_ptr(), sb,
@@ -315,7 +330,7 @@ at::Tensor small_input_conv_cl(const at::Tensor& x, const at::Tensor& weight,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(butterfly_cpu, m) {
-  m.def("interleave_rows(Tensor a, Tensor b) -> Tensor");
+  m.def("interleave_channels(Tensor a, Tensor b) -> Tensor");
   m.def("max_pool_cl(Tensor x, int kernel_size, int stride, int padding) -> Tensor");
   m.def("small_input_conv_cl(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, "
         "str activation) -> Tensor");
@@ -323,7 +338,7 @@ TORCH_LIBRARY_FRAGMENT(butterfly_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(butterfly_cpu, CPU, m) {
-  m.impl("interleave_rows", &interleave_rows);
+  m.impl("interleave_channels", &interleave_channels);
   m.impl("max_pool_cl", &max_pool_cl);
   m.impl("small_input_conv_cl", &small_input_conv_cl);
   m.impl("linear_rows", &linear_rows_op);

@@ -212,21 +212,38 @@ def test_concat_shuffle_equals_the_models_cat_and_shuffle(fmt, dtype, backend):
     a, b = full[:, 17:], torch.randn(2, 17, 5, 3).to(dtype).contiguous(memory_format=fmt)
     cat = torch.cat((a, b), 1)
     want = cat.view(2, 2, 17, 5, 3).transpose(1, 2).reshape(2, 34, 5, 3)
-    with butterfly.use_backend(backend):   # auto, channels_last: butterfly_cpu::interleave_rows
+    with butterfly.use_backend(backend):   # auto, channels_last: interleave_channels
         got = concat_shuffle(a, b)
     assert torch.equal(got, want)
     assert got.is_contiguous(memory_format=fmt)
 
 
-def test_interleave_rows_refuses_what_it_cannot_lay_out():
+@pytest.mark.parametrize("n,c,h,w", [(2, 17, 5, 3), (3, 8, 1, 1), (1, 6, 4, 1), (1, 5, 1, 7)])
+def test_interleave_channels_equals_the_stack_in_every_layout(n, c, h, w):
+    """The kernel on channels-last images, channel slices of them and 1x1 images; PyTorch's stack
+    on the layouts whose pixels are not rows of channels (NCHW, mixed)."""
     butterfly.kernels.cpu.load_extension()
-    a = torch.randn(4, 6)
+    cl = torch.channels_last
+    full = torch.randn(n, 2 * c, h, w).contiguous(memory_format=cl)
+    images = {"cl": torch.randn(n, c, h, w).contiguous(memory_format=cl), "slice": full[:, c:],
+              "nchw": torch.randn(n, c, h, w)}
+    for a in images.values():
+        for b in images.values():
+            got = torch.ops.butterfly_cpu.interleave_channels(a, b)
+            assert torch.equal(got, torch.stack((a, b), 2).reshape(n, 2 * c, h, w))
+            if h * w == 1 or (a is not images["nchw"] and b is not images["nchw"]):
+                assert got.is_contiguous(memory_format=cl)
+
+
+def test_interleave_channels_refuses_what_it_cannot_take():
+    butterfly.kernels.cpu.load_extension()
+    a = torch.randn(1, 6, 2, 2).contiguous(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="one shape"):
-        torch.ops.butterfly_cpu.interleave_rows(a, torch.randn(4, 5))
-    with pytest.raises(RuntimeError, match="must be contiguous"):
-        torch.ops.butterfly_cpu.interleave_rows(a.t().contiguous().t()[:, :6], a)
+        torch.ops.butterfly_cpu.interleave_channels(a, torch.randn(1, 5, 2, 2))
+    with pytest.raises(RuntimeError, match="one shape"):
+        torch.ops.butterfly_cpu.interleave_channels(a[0], a[0])
     with pytest.raises(RuntimeError, match="dtypes differ"):
-        torch.ops.butterfly_cpu.interleave_rows(a, a.double())
+        torch.ops.butterfly_cpu.interleave_channels(a, a.double())
 
 
 def test_shufflenet_shuffles_fold_and_keep_channels_last():

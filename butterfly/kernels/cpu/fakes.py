@@ -38,9 +38,10 @@ def register_fake_kernels() -> None:
     def _(x, weight, radices, out_channels, residual, scale, shift, activation, add):
         return x.new_empty(x.shape[0], out_channels, x.shape[2])
 
-    @fake("butterfly_cpu::interleave_rows")
+    @fake("butterfly_cpu::interleave_channels")
     def _(a, b):
-        return a.new_empty(a.shape[0], 2 * a.shape[1])
+        N, C, H, W = a.shape
+        return a.new_empty(N, 2 * C, H, W).contiguous(memory_format=torch.channels_last)
 
     def channels_last_image(x, channels, size, k, stride, padding):
         out = [(n + 2 * padding - k) // stride + 1 for n in size]
