@@ -119,14 +119,22 @@ class _BFTBase(nn.Module):
         that code treating a ``state_dict`` as tensors (EMA, checksums, shape checks) takes it."""
         return torch.tensor((LAYOUT_FORMAT, *self.layout()), dtype=torch.int64)
 
-    def _layout_mismatch(self, state) -> str:
-        """Why ``state`` (a saved extra state) does not describe this layer (``""`` if it does)."""
+    @staticmethod
+    def _saved_layout(state) -> Optional[Tuple[int, ...]]:
+        """The layout ``state`` (a saved extra state) records, or None if it records none this
+        version reads."""
         values: List[int] = (state.tolist() if isinstance(state, Tensor)
                              else list(state) if isinstance(state, (list, tuple)) else [])
         if len(values) < 4 or values[0] != LAYOUT_FORMAT:
+            return None
+        return tuple(int(v) for v in values[1:])
+
+    def _layout_mismatch(self, state) -> str:
+        """Why ``state`` (a saved extra state) does not describe this layer (``""`` if it does)."""
+        saved = self._saved_layout(state)
+        if saved is None:
             return (f"the saved layout {state!r} is not one this version of butterfly reads "
                     f"(expected [{LAYOUT_FORMAT}, in, out, residual, *radices])")
-        saved = tuple(int(v) for v in values[1:])
         if saved != self.layout():
             return (f"the checkpoint's {type(self).__name__} is {self.describe_layout(saved)}, but "
                     f"this layer is {self.describe_layout(self.layout())}: the weights would compute "
@@ -135,11 +143,12 @@ class _BFTBase(nn.Module):
 
     def _adopt_radices(self, state) -> None:
         """Re-plans the layer with the radices of ``state`` (a saved extra state) when they are
-        all that differs from its layout and they are a plan for its channels."""
-        values = state.tolist() if isinstance(state, Tensor) else list(state)
-        if len(values) < 4 or values[0] != LAYOUT_FORMAT:
+        all that differs from its layout and they are a plan for its channels; its weight is
+        then zeros of the new shape, for the checkpoint's weights to fill."""
+        saved = self._saved_layout(state)
+        if saved is None:
             return
-        cin, cout, residual, *radices = (int(v) for v in values[1:])
+        cin, cout, residual, *radices = saved
         p = self.plan
         if ((cin, cout, residual) != (p.in_channels, p.out_channels, int(self.residual))
                 or tuple(radices) == p.radices or not radices or min(radices) < 2):
@@ -153,7 +162,6 @@ class _BFTBase(nn.Module):
         w.grad = None
 
     def set_extra_state(self, state) -> None:
-        self._adopt_radices(state)
         problem = self._layout_mismatch(state)
         if problem:
             raise ValueError(problem)

@@ -14,6 +14,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "bft/binding.h"
+#include "common/pixel_rows.h"
 #include "depthwise/dw_bft.h"
 
 namespace bft {
@@ -42,10 +43,9 @@ class PreparedBFT {
                 kWhat, ": expected a CPU ", dtype_, " tensor of shape (N, ", pl_.cin,
                 ", H, W), got ", x_in.scalar_type(), " ", x_in.sizes(), " on ", x_in.device());
     const int64_t N = x_in.size(0), H = x_in.size(2), W = x_in.size(3);
-    const at::IntArrayRef s = x_in.strides();
-    // pixels at one stride s[3] >= cin, channels contiguous (not NCHW-contiguous)
-    const bool rows = !x_in.is_contiguous() && s[1] == 1 && s[3] >= pl_.cin &&
-                      (H == 1 || s[2] == W * s[3]) && (N == 1 || s[0] == H * W * s[3]);
+    // rows of channels (channels-last pixels, a channel slice of them, 1x1 images), or NCHW
+    const int64_t pixel_stride = layout::pixel_stride(x_in);
+    const bool rows = pixel_stride != 0;
     const auto format = rows ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
     at::Tensor x = rows ? x_in : x_in.contiguous();
     at::Tensor y = at::empty({N, pl_.cout, H, W}, x.options().memory_format(format));
@@ -58,9 +58,9 @@ class PreparedBFT {
       f.active = true;
     }
     if (rows)
-      forward_into(pl_, x, N * H * W, 1, s[3], weight_, &f, y, kWhat, lane_plan());
-    else  // one pixel per image: rows of channels too, which the lanes kernel runs
-      forward_into(pl_, x, N, H * W, 0, weight_, &f, y, kWhat, H * W == 1 ? lane_plan() : nullptr);
+      forward_into(pl_, x, N * H * W, 1, pixel_stride, weight_, &f, y, kWhat, lane_plan());
+    else
+      forward_into(pl_, x, N, H * W, 0, weight_, &f, y, kWhat);
     return y;
   }
 

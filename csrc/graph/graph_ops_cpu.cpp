@@ -49,6 +49,7 @@
 #include <string_view>
 
 #include "common/activation.h"
+#include "common/pixel_rows.h"
 #include "common/simd.h"
 #include "graph/small_input_conv.h"
 
@@ -70,18 +71,6 @@ void interleave(const T* a, int64_t sa, const T* b, int64_t sb, T* out, int64_t 
   });
 }
 
-// The stride between the pixels of image batch x (N, C, H, W) when they are rows of contiguous
-// channels at one stride (0: they are not).
-int64_t pixel_stride(const at::Tensor& x) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const at::IntArrayRef s = x.strides();
-  if (C > 1 && s[1] != 1) return 0;
-  if (H * W == 1) return N == 1 ? C : (s[0] >= C ? s[0] : 0);
-  const int64_t p = W > 1 ? s[3] : s[2];
-  const bool rows = p >= C && (H == 1 || s[2] == W * p) && (N == 1 || s[0] == H * W * p);
-  return rows ? p : 0;
-}
-
 at::Tensor interleave_channels(const at::Tensor& a, const at::Tensor& b) {
   const char* what = "butterfly_cpu::interleave_channels";
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), what, ": expected CPU tensors, got ",
@@ -92,7 +81,7 @@ at::Tensor interleave_channels(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, ": the dtypes differ: ", a.scalar_type(),
               " and ", b.scalar_type());
   const int64_t N = a.size(0), C = a.size(1), H = a.size(2), W = a.size(3);
-  const int64_t sa = pixel_stride(a), sb = pixel_stride(b);
+  const int64_t sa = layout::pixel_stride(a), sb = layout::pixel_stride(b);
   if (!sa || !sb) return at::stack({a, b}, 2).reshape({N, 2 * C, H, W});
   at::Tensor out =
       at::empty({N, 2 * C, H, W}, a.options().memory_format(at::MemoryFormat::ChannelsLast));
