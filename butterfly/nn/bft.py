@@ -137,8 +137,9 @@ class _BFTBase(nn.Module):
                     f"(expected [{LAYOUT_FORMAT}, in, out, residual, *radices])")
         if saved != self.layout():
             return (f"the checkpoint's {type(self).__name__} is {self.describe_layout(saved)}, but "
-                    f"this layer is {self.describe_layout(self.layout())}: the weights would compute "
-                    f"another function; build the layer with the checkpoint's base and residual")
+                    f"this layer is {self.describe_layout(self.layout())}: the weights would "
+                    f"compute another function; build the layer with the checkpoint's channels "
+                    f"and residual")
         return ""
 
     def _adopt_radices(self, state) -> None:
