@@ -123,17 +123,4 @@ struct EpilogueData {
   EpilogueData& operator=(const EpilogueData&) = delete;
 };
 
-// The first `count` (< VL) lanes from p, the others zero (never reads past p + count).
-template <class A>
-SIMD_INLINE vec_t<A> vload_part(const A* p, int count) {
-#if defined(__AVX512F__)
-  const __mmask16 m = (__mmask16)((1u << count) - 1);
-  if constexpr (std::is_same_v<A, float>) return (vec_t<A>)_mm512_maskz_loadu_ps(m, p);
-  if constexpr (std::is_same_v<A, double>) return (vec_t<A>)_mm512_maskz_loadu_pd((__mmask8)m, p);
-#endif
-  vec_t<A> v{};
-  for (int l = 0; l < count; ++l) v[l] = p[l];
-  return v;
-}
-
 }  // namespace bft

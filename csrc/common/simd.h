@@ -83,15 +83,64 @@ SIMD_INLINE void vstream(A* p, vec_t<A> v) {
   vstore(p, v);
 }
 
+// The lanes l of a vector with bit l of m set, as AVX2's masked loads and stores take them (a
+// lane of all ones where set).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+template <class A>
+SIMD_INLINE __m256i lane_mask(uint32_t m) {
+  if constexpr (sizeof(A) == 4) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)m), bit), bit);
+  } else {
+    const __m256i bit = _mm256_setr_epi64x(1, 2, 4, 8);
+    return _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(m), bit), bit);
+  }
+}
+#endif
+
+// p[l] for the lanes l of m (bit l), zero elsewhere; p + l need not be addressable outside m. One
+// masked load with AVX-512 or AVX2, lane by lane otherwise.
+template <class A>
+SIMD_INLINE vec_t<A> vload_mask(const A* p, uint32_t m) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float>) return (vec_t<A>)_mm512_maskz_loadu_ps((__mmask16)m, p);
+  if constexpr (std::is_same_v<A, double>) return (vec_t<A>)_mm512_maskz_loadu_pd((__mmask8)m, p);
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<A, float>) return (vec_t<A>)_mm256_maskload_ps(p, lane_mask<A>(m));
+  if constexpr (std::is_same_v<A, double>) return (vec_t<A>)_mm256_maskload_pd(p, lane_mask<A>(m));
+#endif
+  vec_t<A> v{};
+  for (int l = 0; l < Vec<A>::lanes; ++l)
+    if (m >> l & 1) v[l] = p[l];
+  return v;
+}
+
+// Stores the lanes l of m (bit l) of v to p + l, nothing else.
+template <class A>
+SIMD_INLINE void vstore_mask(A* p, vec_t<A> v, uint32_t m) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float>) return _mm512_mask_storeu_ps(p, (__mmask16)m, (__m512)v);
+  if constexpr (std::is_same_v<A, double>)
+    return _mm512_mask_storeu_pd(p, (__mmask8)m, (__m512d)v);
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<A, float>) return _mm256_maskstore_ps(p, lane_mask<A>(m), (__m256)v);
+  if constexpr (std::is_same_v<A, double>)
+    return _mm256_maskstore_pd(p, lane_mask<A>(m), (__m256d)v);
+#endif
+  for (int l = 0; l < Vec<A>::lanes; ++l)
+    if (m >> l & 1) p[l] = v[l];
+}
+
+// The first `count` (< VL) lanes from p, the others zero (never reads past p + count).
+template <class A>
+SIMD_INLINE vec_t<A> vload_part(const A* p, int count) {
+  return vload_mask(p, (1u << count) - 1);
+}
+
 // Stores the first `count` (< VL) lanes of v to p.
 template <class A>
 SIMD_INLINE void vstore_part(A* p, vec_t<A> v, int count) {
-#if defined(__AVX512F__)
-  const __mmask16 m = (__mmask16)((1u << count) - 1);
-  if constexpr (std::is_same_v<A, float>) return _mm512_mask_storeu_ps(p, m, (__m512)v);
-  if constexpr (std::is_same_v<A, double>) return _mm512_mask_storeu_pd(p, (__mmask8)m, (__m512d)v);
-#endif
-  for (int l = 0; l < count; ++l) p[l] = v[l];
+  vstore_mask(p, v, (1u << count) - 1);
 }
 
 // The functor of a plain copy: returns the vector it is given.

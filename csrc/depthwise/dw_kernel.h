@@ -91,27 +91,18 @@ inline constexpr int64_t kStreamBytes = int64_t{16} << 20;
 // p[l] for the lanes of m, zero elsewhere. p + l need not be addressable for lanes outside m.
 template <class A>
 SIMD_INLINE V<A> load_m(const A* p, uint32_t m) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<A, float>) return (V<A>)_mm512_maskz_loadu_ps((__mmask16)m, p);
-  if constexpr (std::is_same_v<A, double>) return (V<A>)_mm512_maskz_loadu_pd((__mmask8)m, p);
-#endif
+#if !defined(__AVX512F__)
   if (m == kFull<A>) return simd::vload(p);
-  V<A> v{};
-  for (int l = 0; l < VL<A>; ++l)
-    if (m >> l & 1) v[l] = p[l];
-  return v;
+#endif
+  return simd::vload_mask(p, m);
 }
 
 template <class A>
 SIMD_INLINE void store_m(A* p, V<A> v, uint32_t m) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<A, float>) return _mm512_mask_storeu_ps(p, (__mmask16)m, (__m512)v);
-  if constexpr (std::is_same_v<A, double>)
-    return _mm512_mask_storeu_pd(p, (__mmask8)m, (__m512d)v);
-#endif
+#if !defined(__AVX512F__)
   if (m == kFull<A>) return simd::vstore(p, v);
-  for (int l = 0; l < VL<A>; ++l)
-    if (m >> l & 1) p[l] = v[l];
+#endif
+  simd::vstore_mask(p, v, m);
 }
 
 // The activations of the Python side's `activate` (butterfly/ops/bft_fused.py); NaN stays NaN,

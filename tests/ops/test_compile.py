@@ -83,7 +83,9 @@ def test_training_over_sizes_and_memory_formats():
     torch._dynamo.reset()
     eager = _net()
     compiled = torch.compile(copy.deepcopy(eager))
-    sizes = [((3, 16, 7, 5), NCHW), ((2, 16, 9, 9), CL), ((2, 16, 6, 6), NCHW), ((2, 16, 1, 1), CL),
+    # 1x1 images in a batch of 8: BatchNorm's statistics over 2 values would make its gradient so
+    # ill-conditioned that float32 eager and compiled both land far from float64
+    sizes = [((3, 16, 7, 5), NCHW), ((2, 16, 9, 9), CL), ((2, 16, 6, 6), NCHW), ((8, 16, 1, 1), CL),
              ((3, 16, 6, 4), CL)]
     _train_like_eager(eager, compiled, [torch.randn(s).to(memory_format=f) for s, f in sizes])
 

@@ -197,7 +197,8 @@ def test_bft_reads_a_channel_slice_of_a_channels_last_tensor_in_place(dtype):
         assert pixel_rows(x) is not None and pixel_rows(x).stride(0) == 80
         with torch.no_grad():
             got = bft_fused_image(x, layer.weight, layer.plan, True, epilogue)
-            want = bft_fused_image(x.contiguous(), layer.weight, layer.plan, True, epilogue)
+            want = bft_fused_image(x.contiguous(memory_format=torch.channels_last), layer.weight,
+                                   layer.plan, True, epilogue)
         assert got.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert pixel_rows(full.contiguous()) is None   # NCHW stays NCHW
