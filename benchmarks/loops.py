@@ -3,7 +3,8 @@ stage kernels on a tile that stays in L1.
 
 * :func:`fma_step`: a loop of independent fused multiply-adds on the widest vectors the compiler
   targets here (``-march=native``), on every thread of an OpenMP region. Sixteen accumulator
-  chains per thread keep both FMA pipes of a core busy through the FMA latency. Nothing in a run
+  chains per thread (twelve where the ISA has 16 vector registers: AVX2, SSE) keep both FMA pipes
+  of a core busy through the FMA latency without spilling. Nothing in a run
   can exceed it: a layer's GMAC/s over this rate is its fraction of the FMA peak.
 * :func:`stage_rates`: one thread, the library's own kernels (``csrc/``, with the library's
   compile flags) on data in L1: each stage of the channels-as-lanes forward (``bft/lanes.h``) of a
@@ -33,7 +34,9 @@ SOURCE = r"""
 #include "bft/stages.h"
 
 typedef float vfloat __attribute__((vector_size(SIMD_VECTOR_BYTES)));
-constexpr int kChains = 16;
+// Enough independent chains to cover the FMA latency on both pipes, and few enough to stay in
+// the registers (16 on AVX2: 16 chains would spill, and the loop would measure the spills)
+constexpr int kChains = SIMD_VECTOR_REGISTERS >= 32 ? 16 : 12;
 constexpr int kLanes = SIMD_VECTOR_BYTES / sizeof(float);
 
 // iters x kChains x kLanes multiply-adds on each of `threads` threads; returns their count.

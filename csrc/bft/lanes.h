@@ -160,6 +160,17 @@ void lane_stage(const A* src, int64_t sld, A* dst, int64_t dld, int64_t np, cons
   each_set<NQ, 2>(nvec, vs, sets);
 }
 
+// The output vectors of a set whose weight gradients lane_wgrad sums in one pass over the pixels:
+// all NQ of them when their NQ * K sums, the set's NQ * Q input vectors and an output gradient
+// fit the registers; else the largest divisor of NQ that fits (each pass reloads the inputs).
+template <int K, int Q, int C>
+constexpr int wgrad_outputs_per_pass() {
+  constexpr int NQ = K / Q;
+  for (int qb = NQ; qb > 1; --qb)
+    if (NQ % qb == 0 && C * (qb * K + NQ * Q + 1) <= SIMD_VECTOR_REGISTERS) return qb;
+  return 1;
+}
+
 // A stage's weight gradient over np pixels, added to dw (packed like the stage's weights, see
 // LanePlan): weight vector e of output vector j gains, per lane, the sum over the pixels of the
 // output gradient (g's vector j) times the input vector lane_stage multiplies that weight with
@@ -170,35 +181,38 @@ void lane_wgrad(const A* x, int64_t xld, const A* g, int64_t gld, int64_t np, A*
   using V = vec_t<A>;
   constexpr int NQ = K / Q;
   constexpr int64_t VL = Vec<A>::lanes;
-  // the sets of lane_stage, C side by side
+  // the sets of lane_stage, C side by side, QB of a set's output vectors per pass
   auto sets = [&](int64_t jb, auto count) SIMD_INLINE_LAMBDA {
-    constexpr int C = decltype(count)::value;
-    V acc[C][NQ][K];
-    unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
-      unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-        unroll<K>([&](auto e) SIMD_INLINE_LAMBDA { acc[c][q][e] = V{}; });
-      });
-    });
-    const A* s = x + jb * VL;
-    const A* gs = g + jb * VL;
-    for (int64_t p = 0; p < np; ++p, s += xld, gs += gld) {
-      V in[C][NQ][Q];
-      load_members<A, Q, T>(s, vs, in);
+    constexpr int C = decltype(count)::value, QB = wgrad_outputs_per_pass<K, Q, C>();
+    unroll<NQ / QB>([&](auto pass) SIMD_INLINE_LAMBDA {
+      constexpr int q0 = decltype(pass)::value * QB;
+      V acc[C][QB][K];
       unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
-        unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-          const V gv = vload_once(gs + (c + q * vs) * VL);
-          unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
-            constexpr int E = decltype(e)::value;
-            acc[c][q][E] += gv * in[c][E / Q][E % Q];
-          });
+        unroll<QB>([&](auto q) SIMD_INLINE_LAMBDA {
+          unroll<K>([&](auto e) SIMD_INLINE_LAMBDA { acc[c][q][e] = V{}; });
         });
       });
-    }
-    unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
-      unroll<NQ>([&](auto q) SIMD_INLINE_LAMBDA {
-        unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
-          A* d = dw + ((jb + c + q * vs) * K + e) * VL;
-          vstore(d, vload(d) + acc[c][q][e]);
+      const A* s = x + jb * VL;
+      const A* gs = g + jb * VL;
+      for (int64_t p = 0; p < np; ++p, s += xld, gs += gld) {
+        V in[C][NQ][Q];
+        load_members<A, Q, T>(s, vs, in);
+        unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
+          unroll<QB>([&](auto q) SIMD_INLINE_LAMBDA {
+            const V gv = vload_once(gs + (c + (q0 + q) * vs) * VL);
+            unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
+              constexpr int E = decltype(e)::value;
+              acc[c][q][E] += gv * in[c][E / Q][E % Q];
+            });
+          });
+        });
+      }
+      unroll<C>([&](auto c) SIMD_INLINE_LAMBDA {
+        unroll<QB>([&](auto q) SIMD_INLINE_LAMBDA {
+          unroll<K>([&](auto e) SIMD_INLINE_LAMBDA {
+            A* d = dw + ((jb + c + (q0 + q) * vs) * K + e) * VL;
+            vstore(d, vload(d) + acc[c][q][e]);
+          });
         });
       });
     });

@@ -20,6 +20,14 @@
 #define SIMD_VECTOR_BYTES 16
 #endif
 
+// The vector registers the ISA has: a kernel that holds more values than these in a loop spills
+// them to the stack, and an accumulator on the stack costs a load and a store per FMA.
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define SIMD_VECTOR_REGISTERS 32
+#else
+#define SIMD_VECTOR_REGISTERS 16
+#endif
+
 #define SIMD_INLINE inline __attribute__((always_inline))
 #define SIMD_INLINE_LAMBDA __attribute__((always_inline))
 
