@@ -227,8 +227,10 @@ class FusedConv(_PreparedCache):
     ``add_first`` ``act(conv(x) + add)``, for inference."""
 
     # class defaults, so that a layer pickled before the kernel for few input channels existed
-    # still runs (on PyTorch's convolution)
+    # still runs (on PyTorch's convolution), and one pickled before the choice of the oneDNN
+    # call still makes it
     small_input_geometry = small_input = False
+    onednn_call = True
 
     def __init__(self, conv: nn.Conv2d, activation: str = "none", adds: bool = False):
         super().__init__()
@@ -245,6 +247,10 @@ class FusedConv(_PreparedCache):
         # small_input: whether this layer runs butterfly_cpu::small_input_conv_cl where it can;
         # off until optimize_for_inference measures it faster than oneDNN
         self.small_input_geometry, self.small_input = is_small_input_conv(conv), False
+        # onednn_call: whether a float32 CPU conv calls oneDNN's fused convolution directly
+        # (the epilogue a post-op) rather than PyTorch's conv2d; optimize_for_inference keeps
+        # the faster of the two for each layer
+        self.onednn_call = True
         self._prepared: dict = {}   # see _prepared_for
         self.eval()   # an inference layer: built in eval mode
 
@@ -279,7 +285,7 @@ class FusedConv(_PreparedCache):
         elif self.small_input and self._small_input_kernel(x):
             y = torch.ops.butterfly_cpu.small_input_conv_cl(
                 x, self.weight, self.bias, self.stride[0], self.padding[0], self.activation)
-        elif self._onednn(x) and _kernels_direct():   # traced: conv2d, which compile fuses
+        elif self.onednn_call and self._onednn(x) and _kernels_direct():   # traced: conv2d
             if self.activation == "none" and _epilogue_add(add, _conv_output_shape(
                     x, self.weight, self.stride, self.padding, self.dilation)):
                 return _MKLDNN.binary(x, add, self.weight, self.bias, *geometry, "add", None,

@@ -107,7 +107,8 @@ class ChunkChoice:
 class InferenceReport(LayerReport):
     """The :class:`LayerChoice` of every BFT layer, in model order; ``str()`` gives a table.
     ``depthwise`` holds the :class:`KernelChoice` of every fused depthwise conv (``small_input``
-    and ``linear`` those of the convs over few input channels and the linear layers), ``separable``
+    and ``linear`` those of the convs over few input channels and the linear layers, ``onednn``
+    those of the other float32 convs: oneDNN called directly or PyTorch's conv2d), ``separable``
     the :class:`SeparableChoice` of every depthwise-separable block, ``chunks`` the
     :class:`ChunkChoice` of the batch (None when the example's batch is one sample or the model
     was not fused). Layer names are those of the returned model."""
@@ -129,6 +130,7 @@ class InferenceReport(LayerReport):
         self.depthwise: List[KernelChoice] = []
         self.small_input: List[KernelChoice] = []   # convs over few input channels
         self.linear: List[KernelChoice] = []   # linear layers on few rows
+        self.onednn: List[KernelChoice] = []   # other convs: oneDNN called directly or not
         self.separable: List[SeparableChoice] = []
         self.shuffles: List[str] = []   # concatenations + channel shuffles folded into one pass
         self.pools: List[str] = []   # max pools on the max-pool kernel
@@ -150,7 +152,8 @@ class InferenceReport(LayerReport):
                      "PyTorch's convolution")
         for what, kernel, choices in (("convs over few input channels", "small-input",
                                        self.small_input),
-                                      ("linear layers", "few-rows", self.linear)):
+                                      ("linear layers", "few-rows", self.linear),
+                                      ("other convs", "direct oneDNN", self.onednn)):
             if choices:
                 text += (f"; {what}: {sum(c.chosen == 'kernel' for c in choices)} of "
                          f"{len(choices)} on the {kernel} kernel ("
@@ -179,8 +182,8 @@ class InferenceReport(LayerReport):
 
     def rename(self, prefix: str) -> None:
         """Prefix every layer name with ``prefix`` (the fused network moved into a wrapper)."""
-        for entry in (*self, *self.depthwise, *self.small_input, *self.linear, *self.separable,
-                      *self.fused):
+        for entry in (*self, *self.depthwise, *self.small_input, *self.linear, *self.onednn,
+                      *self.separable, *self.fused):
             entry.name = prefix + entry.name
 
     def __str__(self) -> str:
@@ -309,13 +312,18 @@ def _reached(model: nn.Module, layers: dict, args: tuple):
 def _choose_kernels(model: nn.Module, args: tuple, report: InferenceReport,
                     min_run_time: float) -> None:
     """Time every fused layer that a library kernel computes (the depthwise kernel, the kernel
-    for convs over few input channels, the linear layer on few rows) with that kernel and with
-    PyTorch's (each with its epilogue), on its real input, and keep the faster."""
+    for convs over few input channels, the linear layer on few rows, oneDNN's fused convolution
+    called directly for the other convs) with that kernel and with PyTorch's (each with its
+    epilogue), on its real input, and keep the faster."""
     # (layer class, switch attribute, whether the kernel takes the layer's input, the choices)
     kinds = [(FusedConv, "depthwise", lambda m, x: m.kernel_geometry, report.depthwise),
              (FusedConv, "small_input", lambda m, x: m._small_input_kernel(x),
               report.small_input),
-             (FusedLinear, "rows_kernel", lambda m, x: m.kernel_runs(x), report.linear)]
+             (FusedLinear, "rows_kernel", lambda m, x: m.kernel_runs(x), report.linear),
+             # after small_input: a conv that kernel runs never reaches the oneDNN call
+             (FusedConv, "onednn_call",
+              lambda m, x: not m.depthwise and not m.small_input and m._onednn(x),
+              report.onednn)]
     classes = {cls for cls, *_ in kinds}
     layers = {name: m for name, m in model.named_modules() if type(m) in classes}
     reached = _reached(model, layers, args)   # one pass captures every layer's input

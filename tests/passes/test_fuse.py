@@ -266,3 +266,65 @@ def test_shufflenet_shuffles_fold_and_keep_channels_last():
         for h in hooks:
             h.remove()
     assert formats and all(formats)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_conv_gives_the_same_result_through_onednn_and_conv2d(monkeypatch, memory_format):
+    """The two ways a float32 FusedConv runs (oneDNN's fused convolution called directly, and
+    PyTorch's conv2d with the epilogue after it), with and without the added input."""
+    from butterfly.passes import fuse as fuse_module
+    calls = []
+    onednn = fuse_module._MKLDNN
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append("conv")
+            return onednn(*args)
+
+        def binary(self, *args):
+            calls.append("binary")
+            return onednn.binary(*args)
+    monkeypatch.setattr(fuse_module, "_MKLDNN", Spy())
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 40, 1)
+    x = torch.randn(2, 24, 9, 7).contiguous(memory_format=memory_format)
+    add = torch.randn(2, 40, 9, 7).contiguous(memory_format=memory_format)
+    for activation, adds in (("relu6", False), ("hardswish", False), ("none", True)):
+        layer = FusedConv(conv, activation, adds)
+        with torch.no_grad():
+            y = conv(x)
+            want = torch.clamp(y, 0, 6) if activation == "relu6" else \
+                torch.nn.functional.hardswish(y) if activation == "hardswish" else y + add
+            got = []
+            for direct in (True, False):
+                layer.onednn_call = direct
+                calls.clear()
+                got.append(layer(x, add) if adds else layer(x))
+                assert len(calls) == direct   # one oneDNN call, or none
+                torch.testing.assert_close(got[-1], want, rtol=1e-5, atol=1e-5)
+            assert got[0].is_contiguous(memory_format=memory_format)
+            assert got[1].is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("direct_faster", [True, False])
+def test_optimize_keeps_the_faster_way_to_run_a_dense_conv(monkeypatch, direct_faster):
+    from butterfly.passes import optimize
+
+    def fake_time(fn, inp, min_run_time=0.0, warmup=0):
+        if isinstance(fn, FusedConv) and not fn.depthwise:
+            return 1.0 if fn.onednn_call == direct_faster else 2.0
+        return 1.0
+    monkeypatch.setattr(optimize, "time_call", fake_time)
+    model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                          butterfly.BFT(32, 32)).eval()
+    x = torch.randn(1, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    out, report = butterfly.optimize_for_inference(model, x)
+    (choice,) = report.onednn
+    assert choice.chosen == ("kernel" if direct_faster else "torch")
+    assert out.get_submodule(choice.name).onednn_call == direct_faster
+    assert "other convs: " + ("1" if direct_faster else "0") + " of 1" in str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-5)
+    # float64: oneDNN's call does not apply, nothing is timed
+    _, f64 = butterfly.optimize_for_inference(copy.deepcopy(model).double(), x.double())
+    assert f64.onednn == []
