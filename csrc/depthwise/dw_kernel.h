@@ -848,70 +848,104 @@ inline void interior(int64_t W, int64_t Wo, int K, int S, int64_t& lo, int64_t& 
 }
 
 // acc[r] += taps of output pixels ow0 + r. rows[kh]: the input row of tap row kh (nullptr:
-// outside), each offset to the channel block; C: the pixel stride. Checked: the taps in columns
-// outside [0, W) are left out of the sums (as the generic kernels leave them out); otherwise
-// every column must be inside.
-template <class A, int K, int S, int R, bool Checked>
+// outside), each offset to the channel block; C: the pixel stride; w: the block's K*K weight
+// vectors, at a stride of ws values. Checked: the taps in columns outside [0, W) are left out of
+// the sums (as the generic kernels leave them out); otherwise every column must be inside.
+// Full: the block's lanes are all of m (plain loads), otherwise masked loads of m.
+//
+// A kernel row's K weight vectors are loaded for it, not kept over the block: with the R
+// accumulators, one input vector and K weights in registers nothing spills on 16 registers, and
+// the K loads per (R - 1) * S + K input loads and K * R FMAs are few. The input columns are one
+// pointer stepped by C, so that no column offset waits in a spilled register.
+template <class A, int K, int S, int R, bool Checked, bool Full>
 SIMD_INLINE void cl_conv_pixels(const A* const* rows, int64_t C, int64_t W, int64_t ow0,
-                               uint32_t m, const V<A>* w, V<A>* acc) {
+                               uint32_t m, const A* w, int64_t ws, V<A>* acc) {
   constexpr int P = K / 2, NQ = (R - 1) * S + K;
   const int64_t col0 = S * ow0 - P;
   unroll<K>([&](auto kh_) SIMD_INLINE_LAMBDA {
     constexpr int kh = decltype(kh_)::value;
     if (!rows[kh]) return;
-    const A* base = rows[kh] + col0 * C;
+    V<A> wk[K];
+    unroll<K>([&](auto kw) SIMD_INLINE_LAMBDA { wk[kw] = simd::vload(w + (kh * K + kw) * ws); });
+    const A* p = rows[kh] + col0 * C;
     unroll<NQ>([&](auto q_) SIMD_INLINE_LAMBDA {
       constexpr int q = decltype(q_)::value;
-      if (Checked && (col0 + q < 0 || col0 + q >= W)) return;
-      const V<A> v = load_m(base + (int64_t)q * C, m);
-      unroll<R>([&](auto r_) SIMD_INLINE_LAMBDA {
-        constexpr int r = decltype(r_)::value, kw = q - S * r;
-        if constexpr (kw >= 0 && kw < K) acc[r] += v * w[kh * K + kw];
-      });
+      if (!Checked || (col0 + q >= 0 && col0 + q < W)) {
+        const V<A> v = Full ? simd::vload(p) : simd::vload_mask(p, m);
+        unroll<R>([&](auto r_) SIMD_INLINE_LAMBDA {
+          constexpr int r = decltype(r_)::value, kw = q - S * r;
+          if constexpr (kw >= 0 && kw < K) acc[r] += v * wk[kw];
+        });
+      }
+      p += C;
     });
   });
 }
 
+// Whether a channels-last block whose lanes are m loads them with plain loads: all lanes, on
+// ISAs whose masked loads cost more than plain ones (AVX2's vmaskmovps; AVX-512's k-masks cost
+// nothing, and one form compiles instead of two).
+template <class A>
+SIMD_INLINE bool plain_loads(uint32_t m) {
+#if defined(__AVX512F__)
+  (void)m;
+  return false;
+#else
+  return m == kFull<A>;
+#endif
+}
+
 // Output pixels [ow0, ow1) of one row for one channel block: out[(ow - ow0) * C] = act(bias +
-// taps). rows and out are offset to the block, m its lanes, wv its K*K weight vectors; [lo, hi):
-// the interior pixels (interior()). Blocks of kPixelBlock pixels, those with a tap outside the
-// image checking their columns, then one checked block each of half, a quarter, ..., 1 pixel
+// taps). rows and out are offset to the block, m its lanes, w its K*K weight vectors (stride
+// ws); [lo, hi): the interior pixels (interior()). Blocks of kPixelBlock pixels, those with a tap
+// outside the image checking their columns, then checked blocks of half, a quarter, ..., 1 pixel
 // for the rest: a short row is a few register blocks rather than single pixels.
 template <class A, int K, int S, int Act>
 SIMD_INLINE void cl_conv_block_row(const A* const* rows, int64_t C, int64_t W, int64_t ow0,
                                    int64_t ow1, int64_t lo, int64_t hi, uint32_t m,
-                                   const V<A>* wv, V<A> bv, A* out, bool stream, int act) {
-  auto block = [&](auto r_, int64_t ow, auto checked_) SIMD_INLINE_LAMBDA {
-    constexpr int R = decltype(r_)::value;
-    V<A> acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = bv;
-    cl_conv_pixels<A, K, S, R, decltype(checked_)::value>(rows, C, W, ow, m, wv, acc);
-    with_activation<Act>(act, [&](auto act_c) SIMD_INLINE_LAMBDA {
-      for (int r = 0; r < R; ++r) {
-        const V<A> v = activate<A>(acc[r], decltype(act_c)::value);
-        A* p = out + (ow - ow0 + r) * C;
-        if (stream)
-          simd::vstream(p, v);
-        else
-          store_m(p, v, m);
-      }
+                                   const A* w, int64_t ws, V<A> bv, A* out, bool stream,
+                                   int act) {
+  auto run = [&](auto full_) SIMD_INLINE_LAMBDA {
+    constexpr bool Full = decltype(full_)::value;
+    auto block = [&](auto r_, int64_t ow, auto checked_) SIMD_INLINE_LAMBDA {
+      constexpr int R = decltype(r_)::value;
+      V<A> acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = bv;
+      cl_conv_pixels<A, K, S, R, decltype(checked_)::value, Full>(rows, C, W, ow, m, w, ws,
+                                                                  acc);
+      with_activation<Act>(act, [&](auto act_c) SIMD_INLINE_LAMBDA {
+        for (int r = 0; r < R; ++r) {
+          const V<A> v = activate<A>(acc[r], decltype(act_c)::value);
+          A* p = out + (ow - ow0 + r) * C;
+          if (stream)
+            simd::vstream(p, v);
+          else if (Full)
+            simd::vstore(p, v);
+          else
+            simd::vstore_mask(p, v, m);
+        }
+      });
+    };
+    constexpr int RB = kPixelBlock<K, S>;
+    constexpr std::integral_constant<int, RB> full{};
+    constexpr std::true_type checked{};
+    int64_t ow = ow0;
+    for (; ow + RB <= ow1 && ow < lo; ow += RB) block(full, ow, checked);
+    for (; ow + RB <= std::min(hi, ow1); ow += RB) block(full, ow, std::false_type{});
+    for (; ow + RB <= ow1; ow += RB) block(full, ow, checked);
+    unroll<4>([&](auto i_) SIMD_INLINE_LAMBDA {  // RB / 2, RB / 4, ..., 1
+      constexpr int R = RB >> (decltype(i_)::value + 1);
+      if constexpr (R >= 1)
+        if (ow + R <= ow1) {
+          block(std::integral_constant<int, R>{}, ow, checked);
+          ow += R;
+        }
     });
   };
-  constexpr int RB = kPixelBlock<K, S>;
-  constexpr std::integral_constant<int, RB> full{};
-  constexpr std::true_type checked{};
-  int64_t ow = ow0;
-  for (; ow + RB <= ow1 && ow < lo; ow += RB) block(full, ow, checked);
-  for (; ow + RB <= std::min(hi, ow1); ow += RB) block(full, ow, std::false_type{});
-  for (; ow + RB <= ow1; ow += RB) block(full, ow, checked);
-  unroll<4>([&](auto i_) SIMD_INLINE_LAMBDA {  // RB / 2, RB / 4, ..., 1
-    constexpr int R = RB >> (decltype(i_)::value + 1);
-    if constexpr (R >= 1)
-      if (ow + R <= ow1) {
-        block(std::integral_constant<int, R>{}, ow, checked);
-        ow += R;
-      }
-  });
+  if (plain_loads<A>(m))
+    run(std::true_type{});
+  else
+    run(std::false_type{});
 }
 
 // Output pixels [ow0, ow1) of one row of a channels-last convolution: out[ow - ow0][c] =
@@ -925,11 +959,10 @@ void cl_conv_range(const A* const* in_rows, int64_t C, int64_t W, int64_t Wo, in
   int64_t lo, hi;
   interior(W, Wo, K, S, lo, hi);
   for (int64_t cb = 0; cb < C; cb += VL<A>) {
-    V<A> wv[K * K];
-    for (int i = 0; i < K * K; ++i) wv[i] = simd::vload(wpack + i * wstride + cb);
     const A* rows[K];
     for (int kh = 0; kh < K; ++kh) rows[kh] = in_rows[kh] ? in_rows[kh] + cb : nullptr;
-    cl_conv_block_row<A, K, S, Act>(rows, C, W, ow0, ow1, lo, hi, lanes<A>(0, C - cb), wv,
+    cl_conv_block_row<A, K, S, Act>(rows, C, W, ow0, ow1, lo, hi, lanes<A>(0, C - cb),
+                                    wpack + cb, wstride,
                                     bias ? simd::vload(bias + cb) : V<A>{}, out + cb, stream,
                                     act);
   }
@@ -949,29 +982,6 @@ SIMD_INLINE void input_rows(const A* img, int64_t Hi, int64_t row_len, int64_t o
   for (int kh = 0; kh < K; ++kh) {
     const int64_t ih = S * oh - K / 2 + kh;
     rows[kh] = ih >= 0 && ih < Hi ? img + ih * row_len : nullptr;
-  }
-}
-
-// Output rows [oh0, oh1) of one channel block of a channels-last image: img and out at the
-// image and the block, C the pixel stride, m the block's lanes, wpack and bias (or null) at the
-// block. The K*K weight vectors stay in registers over the rows, and the K input rows that an
-// output row reads are K * W vectors, so the two it shares with the next row are still in L1
-// when that row reads them (whole rows of every channel are K * W * C values).
-template <class A, int K, int S, int Act>
-SIMD_INLINE void cl_conv_block_rows(const A* img, int64_t C, int64_t H, int64_t W, int64_t Wo,
-                                    int64_t oh0, int64_t oh1, uint32_t m, const A* wpack,
-                                    int64_t wstride, const A* bias, A* out, bool stream,
-                                    int act) {
-  int64_t lo, hi;
-  interior(W, Wo, K, S, lo, hi);
-  V<A> wv[K * K];
-  for (int i = 0; i < K * K; ++i) wv[i] = simd::vload(wpack + i * wstride);
-  const V<A> bv = bias ? simd::vload(bias) : V<A>{};
-  for (int64_t oh = oh0; oh < oh1; ++oh) {
-    const A* rows[K];
-    input_rows(img, H, W * C, oh, K, S, rows);
-    cl_conv_block_row<A, K, S, Act>(rows, C, W, 0, Wo, lo, hi, m, wv, bv, out + oh * Wo * C,
-                                    stream, act);
   }
 }
 
@@ -1055,55 +1065,196 @@ SIMD_INLINE void conv_row(const A* const* in_rows, int64_t C, int64_t W, int64_t
     cl_conv_range_any<A>(in_rows, C, W, Wo, 0, Wo, wpack, wstride, bias, out, stream, act, K, S);
 }
 
-// The channels-last forward by channel block (forward_cl) reads one line of every pixel: it is
-// for images up to kBlockImageBytes (bytes) whose pixels are less than a page apart, in a batch
-// under kFromMemoryBytes. Larger images and batches come from the outer caches or memory, which
-// serve lines in address order faster, and pixels a page apart defeat the prefetchers.
-inline constexpr int64_t kBlockImageBytes = int64_t{2} << 20;
-inline constexpr int64_t kFromMemoryBytes = int64_t{8} << 20;
-inline constexpr int64_t kPageBytes = 4096;
+// ------------------------------------------------- channels-last forward through padded planes
+// The compiled kernels' channels-last forward. A task is one channel block of an image over a
+// strip of output rows. It first copies the input rows the strip reads, that block's lanes, into
+// a plane of one vector per pixel with a zero border of P pixels (a per-thread buffer):
+//
+//   plane[j][P + iw] = x[n, ih0 + j, iw, cb .. cb + VL)   (zero lanes past C, zero rows outside)
+//
+// and then every register block of R output pixels is the same code wherever it lies: its K*K
+// taps are loads at constant offsets from K row pointers, with no column checks at the border,
+// no masked loads past C, and no pixel stride of C values between taps (a stride that is a
+// multiple of the cache's set span maps every pixel's line to the same set). The copy is one
+// load and one store per input vector, against K*K / S^2 FMAs per input vector.
 
-// Forward, channels-last. KC, SC as in forward_nchw. Compiled kernels on the inputs named at
-// kBlockImageBytes: a task is one channel block of an image over a strip of its output rows
-// (cl_conv_block_rows), the image cut into strips only where there are too few (image, block)
-// pairs to keep the threads busy; a thread takes a run of neighbouring blocks, so that threads do
-// not take turns at the lines of a pixel. Otherwise, and for the generic kernels: a task is an
-// output row, its channel blocks one after the other.
+// acc[r] = bias + taps of output pixels ow0 + r: rows[kh] the plane row of tap row kh at column
+// S * ow0 (the block's first tap), w the channel block's K*K weight vectors, one after the other
+// (pack_weight_blocks).
+template <class A, int K, int S, int R>
+SIMD_INLINE void plane_block(const A* const* rows, const A* w, V<A> bv, V<A>* acc) {
+  constexpr int NQ = (R - 1) * S + K, L = VL<A>;
+  for (int r = 0; r < R; ++r) acc[r] = bv;
+  unroll<K>([&](auto kh_) SIMD_INLINE_LAMBDA {
+    constexpr int kh = decltype(kh_)::value;
+    V<A> wk[K];  // this tap row's weights: R accumulators + K weights + 1 input fit 16 registers
+    unroll<K>([&](auto kw) SIMD_INLINE_LAMBDA { wk[kw] = simd::vload(w + (kh * K + kw) * L); });
+    unroll<NQ>([&](auto q_) SIMD_INLINE_LAMBDA {
+      constexpr int q = decltype(q_)::value;
+      const V<A> v = simd::vload(rows[kh] + q * L);
+      unroll<R>([&](auto r_) SIMD_INLINE_LAMBDA {
+        constexpr int r = decltype(r_)::value, kw = q - S * r;
+        if constexpr (kw >= 0 && kw < K) acc[r] += v * wk[kw];
+      });
+    });
+  });
+}
+
+// The planes (rows ih0 .. ih0 + nrows of image img, columns -P .. W + P) of G channel blocks
+// from channel cb on, one after the other at a stride of ps values: each pixel's G * VL channels
+// are read in address order. img at the image, C its channels and pixel stride.
+template <class A>
+void fill_planes(const A* img, int64_t C, int64_t H, int64_t W, int P, int64_t ih0, int64_t nrows,
+                 int64_t cb, int64_t G, A* planes, int64_t ps) {
+  constexpr int L = VL<A>;
+  const int64_t Wp = W + 2 * P;
+  const V<A> zero{};
+  for (int64_t j = 0; j < nrows; ++j) {
+    const int64_t ih = ih0 + j;
+    for (int64_t g = 0; g < G; ++g) {  // the border, or the whole row outside the image
+      A* row = planes + g * ps + j * Wp * L;
+      const bool outside = ih < 0 || ih >= H;
+      for (int64_t c = 0; c < Wp; c += outside || c + 1 != P ? 1 : W + 1)
+        simd::vstore(row + c * L, zero);
+    }
+    if (ih < 0 || ih >= H) continue;
+    const A* src = img + ih * W * C + cb;
+    A* dst = planes + (j * Wp + P) * L;
+    const int64_t full = std::min(G, (C - cb) / L);  // blocks with every lane inside C
+    for (int64_t iw = 0; iw < W; ++iw) {
+      const A* px = src + iw * C;
+      A* d = dst + iw * L;
+      for (int64_t g = 0; g < full; ++g) simd::vstore(d + g * ps, simd::vload(px + g * L));
+      for (int64_t g = full; g < G; ++g)
+        simd::vstore(d + g * ps, simd::vload_mask(px + g * L, lanes<A>(0, C - cb - g * L)));
+    }
+  }
+}
+
+// Plane bytes a task aims at (its strip's rows): the rows an output row reads stay in L1 as
+// they are read, and the plane in L2 between its fill and its last read.
+inline constexpr int64_t kPlaneBytes = int64_t{128} << 10;
+
+// One task's output rows [oh0, oh1) of the channel block at out (pixel stride C, lanes m): R
+// pixels at a time, then one block each of R/2, ..., 1 for the rest of a row; plane holds input
+// rows from S * oh0 - P on.
+template <class A, int K, int S, int Act>
+void plane_rows(const A* plane, int64_t Wp, int64_t Wo, int64_t oh0, int64_t oh1, const A* w,
+                V<A> bv, A* out, int64_t C, uint32_t m, bool stream, int act) {
+  constexpr int L = VL<A>, RB = kPixelBlock<K, S>;
+  auto block = [&](auto r_, const A* const* rows, int64_t ow, A* orow) SIMD_INLINE_LAMBDA {
+    constexpr int R = decltype(r_)::value;
+    const A* at[K];
+    for (int kh = 0; kh < K; ++kh) at[kh] = rows[kh] + S * ow * L;
+    V<A> acc[R];
+    plane_block<A, K, S, R>(at, w, bv, acc);
+    with_activation<Act>(act, [&](auto act_c) SIMD_INLINE_LAMBDA {
+      for (int r = 0; r < R; ++r) {
+        const V<A> v = activate<A>(acc[r], decltype(act_c)::value);
+        A* p = orow + (ow + r) * C;
+        if (stream)
+          simd::vstream(p, v);
+        else
+          store_m(p, v, m);
+      }
+    });
+  };
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    const A* rows[K];
+    for (int kh = 0; kh < K; ++kh) rows[kh] = plane + (S * (oh - oh0) + kh) * Wp * L;
+    A* orow = out + oh * Wo * C;
+    int64_t ow = 0;
+    for (; ow + RB <= Wo; ow += RB) block(std::integral_constant<int, RB>{}, rows, ow, orow);
+    unroll<4>([&](auto i_) SIMD_INLINE_LAMBDA {  // RB / 2, RB / 4, ..., 1
+      constexpr int R = RB >> (decltype(i_)::value + 1);
+      if constexpr (R >= 1)
+        if (ow + R <= Wo) {
+          block(std::integral_constant<int, R>{}, rows, ow, orow);
+          ow += R;
+        }
+    });
+  }
+}
+
+// Forward, channels-last, by the compiled kernels of K, S (see "padded planes" above). A task is
+// a strip of an image's output rows for a group of G channel blocks, whose planes it fills in one
+// pass over each pixel's G * VL channels and then runs one after the other: kGroupBytes of
+// channels, or fewer where the planes of a strip whose shared rows (K - S of them) are 1/8 of its
+// rows would pass kPlaneBytes, or where the tasks would be too few for the threads. Strips are
+// cut to about kPlaneBytes of planes, and finer where the tasks are still too few.
+inline constexpr int64_t kGroupBytes = 512;
+
+template <class A, int K, int S>
+void forward_cl_planes(const Shape& sh, const A* x, const A* w, const A* b, int act, A* y,
+                       int threads) {
+  constexpr int L = VL<A>, P = K / 2;
+  const std::vector<A> wb = pack_weight_blocks(w, sh.C, K), bp = pack_bias(b, sh.C);
+  const int64_t C = sh.C, ncb = padded<A>(C) / L, Wp = sh.W + 2 * P;
+  const int64_t row_bytes = Wp * L * (int64_t)sizeof(A), want = threads > 1 ? 4 * threads : 1;
+  const bool stream = C % L == 0 && sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A) >= kStreamBytes;
+  // planes of at least kStripRows output rows within kPlaneBytes: the strips' shared rows are
+  // filled once per strip
+  const int64_t strip_rows = (8 * (K - S) + S - 1) / S;  // output rows: a halo of 1/8 or less
+  int64_t G = std::min<int64_t>({ncb, kGroupBytes / (L * (int64_t)sizeof(A)),
+                                 kPlaneBytes / (row_bytes * ((strip_rows - 1) * S + K))});
+  G = std::max<int64_t>(G, 1);
+  while (G > 1 && sh.N * ((ncb + G - 1) / G) < want) G = (G + 1) / 2;
+  const int64_t groups = (ncb + G - 1) / G;
+  // output rows per strip: the planes' budget, then enough tasks for the threads
+  int64_t srows = std::max<int64_t>(1, (kPlaneBytes / (G * row_bytes) - K) / S + 1);
+  const int64_t min_strips = (want + sh.N * groups - 1) / (sh.N * groups);
+  srows = std::min(srows, (sh.Ho + min_strips - 1) / min_strips);
+  const int64_t strips = (sh.Ho + srows - 1) / srows, tasks = sh.N * strips * groups;
+  const int64_t chunk = std::max<int64_t>(1, tasks / std::max(threads, 1));
+  const int64_t ps = ((srows - 1) * S + K) * Wp * L;  // one plane's values
+  par::region(threads, [&] {
+    thread_local std::vector<A> planes;
+    if (planes.size() < (size_t)(G * ps)) planes.resize((size_t)(G * ps));
+    par::for_each(tasks, chunk, [&](int64_t t) {
+      const int64_t gi = t % groups, st = t / groups % strips, n = t / (groups * strips);
+      const int64_t cb0 = gi * G * L, g1 = std::min(G, ncb - gi * G);
+      const int64_t oh0 = st * srows, oh1 = std::min(sh.Ho, oh0 + srows);
+      fill_planes(x + n * sh.H * sh.W * C, C, sh.H, sh.W, P, S * oh0 - P,
+                  (oh1 - oh0 - 1) * S + K, cb0, g1, planes.data(), ps);
+      for (int64_t g = 0; g < g1; ++g) {
+        const int64_t cb = cb0 + g * L;
+        plane_rows<A, K, S, kAny>(planes.data() + g * ps, Wp, sh.Wo, oh0, oh1,
+                                  wb.data() + cb * K * K, b ? simd::vload(bp.data() + cb) : V<A>{},
+                                  y + n * sh.Ho * sh.Wo * C + cb, C, lanes<A>(0, C - cb), stream,
+                                  act);
+      }
+    });
+  });
+  if (stream) simd::stream_fence();
+}
+
+// Batches from this many bytes on come from memory: there the planes' copy costs more than it
+// saves, and tasks of one output row (its channel blocks one after the other) read the lines in
+// address order.
+inline constexpr int64_t kFromMemoryBytes = int64_t{8} << 20;
+
+// Forward, channels-last. KC, SC as in forward_nchw: the compiled kernels through padded planes
+// (forward_cl_planes) on batches under kFromMemoryBytes; otherwise, and for the generic kernels,
+// tasks of one output row.
 template <class A, int KC, int SC>
 void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A* y, int threads) {
+  const int64_t C = sh.C, batch_bytes = sh.N * sh.H * sh.W * C * (int64_t)sizeof(A);
+  if constexpr (KC != 0)
+    if (batch_bytes < kFromMemoryBytes) return forward_cl_planes<A, KC, SC>(sh, x, w, b, act, y,
+                                                                           threads);
   const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
-  const std::vector<A> wp = pack_weights(w, sh.C, K, false), bp = pack_bias(b, sh.C);
-  const int64_t C = sh.C, Cp = padded<A>(C), ncb = Cp / VL<A>;
-  const int64_t pixel_bytes = C * (int64_t)sizeof(A), image_bytes = sh.H * sh.W * pixel_bytes;
-  const bool stream = C % VL<A> == 0 && sh.N * sh.Ho * sh.Wo * pixel_bytes >= kStreamBytes;
-  const bool by_block = KC != 0 && pixel_bytes < kPageBytes && image_bytes <= kBlockImageBytes &&
-                        sh.N * image_bytes < kFromMemoryBytes;
-  const int64_t strips =
-      by_block ? std::min<int64_t>(sh.Ho, (4 * threads + sh.N * ncb - 1) / (sh.N * ncb)) : 1;
-  const int64_t srows = (sh.Ho + strips - 1) / strips;
-  const int64_t tasks = by_block ? sh.N * ncb * strips : sh.N * sh.Ho;
-  // tasks handed out at a time (par::for_each)
-  const int64_t chunk =
-      by_block ? std::max<int64_t>(1, tasks / std::max(threads, 1))
-               : chunk_of(tasks, sh.Wo * C * K * K, threads);
+  const std::vector<A> wp = pack_weights(w, C, K, false), bp = pack_bias(b, C);
+  const bool stream = C % VL<A> == 0 && sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A) >=
+                                            kStreamBytes;
+  const int64_t tasks = sh.N * sh.Ho, chunk = chunk_of(tasks, sh.Wo * C * K * K, threads);
   par::region(threads, [&] {
     par::for_each(tasks, chunk, [&](int64_t t) {
-      if (by_block) {
-        if constexpr (KC != 0) {
-          const int64_t n = t / (ncb * strips), cb = t / strips % ncb * VL<A>, st = t % strips;
-          cl_conv_block_rows<A, KC, SC, kAny>(
-              x + n * sh.H * sh.W * C + cb, C, sh.H, sh.W, sh.Wo, st * srows,
-              std::min(sh.Ho, (st + 1) * srows), lanes<A>(0, C - cb), wp.data() + cb, Cp,
-              b ? bp.data() + cb : nullptr, y + n * sh.Ho * sh.Wo * C + cb, stream, act);
-        }
-        return;  // the next task
-      }
       const int64_t n = t / sh.Ho, oh = t % sh.Ho;
       const A* rows[KC ? KC : kMaxK];
       input_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, K, S, rows);
       prefetch_next_rows(x + n * sh.H * sh.W * C, sh.H, sh.W * C, oh, sh.Ho, K, S);
-      conv_row<A, KC, SC>(rows, C, sh.W, sh.Wo, wp.data(), Cp, b ? bp.data() : nullptr,
-                          y + t * sh.Wo * C, stream, act, K, S);
+      conv_row<A, KC, SC>(rows, C, sh.W, sh.Wo, wp.data(), padded<A>(C),
+                          b ? bp.data() : nullptr, y + t * sh.Wo * C, stream, act, K, S);
     });
   });
   if (stream) simd::stream_fence();

@@ -58,6 +58,17 @@ std::vector<A> pack_weights(const A* w, int64_t C, int K, bool flip) {
   return p;
 }
 
+// (C, K*K) weights -> (Cp / VL, K*K, VL): each channel block's K*K weight vectors one after the
+// other, zeros past C.
+template <class A>
+std::vector<A> pack_weight_blocks(const A* w, int64_t C, int K) {
+  const int KK = K * K;
+  std::vector<A> p((size_t)(KK * padded<A>(C)), A(0));
+  for (int64_t c = 0; c < C; ++c)
+    for (int t = 0; t < KK; ++t) p[(c / VL<A> * KK + t) * VL<A> + c % VL<A>] = w[c * KK + t];
+  return p;
+}
+
 template <class A>
 std::vector<A> pack_bias(const A* b, int64_t C) {
   std::vector<A> p((size_t)padded<A>(C), A(0));

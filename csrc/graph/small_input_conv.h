@@ -38,12 +38,13 @@ struct Shape {
 };
 
 // Output vectors per register block (float64, rare here, takes one vector at a time: fewer
-// instances to compile), and pixels per block for NV vectors (NV * PB <= 16 accumulators and
-// the NV weights leave registers for the broadcasts).
+// instances to compile), and pixels per block for NV vectors: at most 12 pixels and 16
+// accumulators, and the NV * PB accumulators, the NV weights and one broadcast fit the vector
+// registers (a spilled accumulator costs a store and a load per tap).
 template <class A>
 inline constexpr int kMaxNV = std::is_same_v<A, float> ? 4 : 1;
 template <int NV>
-inline constexpr int kPixels = NV == 1 ? 12 : NV == 2 ? 8 : NV == 3 ? 5 : 4;
+inline constexpr int kPixels = std::min({12, 16 / NV, (SIMD_VECTOR_REGISTERS - 1 - NV) / NV});
 
 // acc[q][v] += sum over taps t in [t0, t1) of x[base + off[t] + q * ps] * w[t][v].
 template <class A, int NV, int PB>

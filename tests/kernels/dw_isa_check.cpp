@@ -102,6 +102,12 @@ int main() {
           bad += check<float>(shape_of(2, C, H, W, K, S), cl, K == 3 ? kRelu6 : kNone, gen);
           ++cases;
         }
+  // channels-last images cut into strips and groups of channel blocks, the last one partial
+  for (int S : {1, 2}) {
+    bad += check<float>(shape_of(3, 37, 41, 29, 3, S), true, kRelu, gen);
+    bad += check<float>(shape_of(1, 300, 9, 7, 3, S), true, kNone, gen);
+    cases += 2;
+  }
   bad += check<double>(shape_of(2, 5, 6, 11, 3, 1), false, kRelu, gen);
   bad += check<double>(shape_of(2, 5, 6, 11, 3, 2), true, kNone, gen);
   std::printf("%d cases, %d mismatches\n", cases + 2, bad);
