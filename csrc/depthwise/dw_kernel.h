@@ -4,10 +4,12 @@
 // y[n, c] = act(conv(x[n, c], w[c]) + b[c]), padding k / 2, stride 1 or 2, odd k = 3, 5, 7.
 // Layouts (docs/depthwise.md):
 //
-// * Channels-last: the channels are the SIMD lanes. A task is one channel block of an image over
-//   a strip of its output rows, the k*k weight vectors of the block in registers; along a row,
-//   blocks of R pixels share the input vectors they read (stride 1, k = 3, R = 8: 30 loads for
-//   72 FMAs). A block with a tap outside the image (at the first and last columns) checks its
+// * Channels-last: the channels are the SIMD lanes. The compiled kernels on batches in cache
+//   copy a task's input rows into zero-bordered planes of one vector per pixel (see "padded
+//   planes" below), so every register block of R pixels is loads at constant offsets; otherwise
+//   a task is an output row, its channel blocks one after the other. Along a row, blocks of R
+//   pixels share the input vectors they read (stride 1, k = 3, R = 8: 30 loads for 72 FMAs); in
+//   the row tasks a block with a tap outside the image (at the first and last columns) checks its
 //   columns, and the rest of a row is one block each of R/2, R/4, ..., 1 pixels.
 // * NCHW with output rows of a vector or more: the pixels of a row are the lanes. A task is
 //   (image, channel, strip of output rows); the k taps of an input row are k (stride 1) or 3
