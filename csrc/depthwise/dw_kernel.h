@@ -90,6 +90,16 @@ inline constexpr uint32_t kFull = (uint32_t)((uint64_t{1} << VL<A>) - 1);
 // a streaming store does not read the line before writing it.
 inline constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
+// Whether a channels-last output of `bytes` bytes and C channels is written with streaming
+// stores. Its vectors must be whole cache lines (AVX-512 floats): a channels-last task writes one
+// channel block at a pixel stride, and the half-line streaming stores of 256-bit vectors leave
+// the write-combining buffers with partial lines, each a separate write to memory (several
+// times slower than plain stores).
+template <class A>
+inline bool cl_stream(int64_t C, int64_t bytes) {
+  return VL<A> * sizeof(A) >= 64 && C % VL<A> == 0 && bytes >= kStreamBytes;
+}
+
 // p[l] for the lanes of m, zero elsewhere. p + l need not be addressable for lanes outside m.
 template <class A>
 SIMD_INLINE V<A> load_m(const A* p, uint32_t m) {
@@ -1193,7 +1203,7 @@ void forward_cl_planes(const Shape& sh, const A* x, const A* w, const A* b, int 
   const std::vector<A> wb = pack_weight_blocks(w, sh.C, K), bp = pack_bias(b, sh.C);
   const int64_t C = sh.C, ncb = padded<A>(C) / L, Wp = sh.W + 2 * P;
   const int64_t row_bytes = Wp * L * (int64_t)sizeof(A), want = threads > 1 ? 4 * threads : 1;
-  const bool stream = C % L == 0 && sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A) >= kStreamBytes;
+  const bool stream = cl_stream<A>(C, sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A));
   // planes of at least kStripRows output rows within kPlaneBytes: the strips' shared rows are
   // filled once per strip
   const int64_t strip_rows = (8 * (K - S) + S - 1) / S;  // output rows: a halo of 1/8 or less
@@ -1246,8 +1256,7 @@ void forward_cl(const Shape& sh, const A* x, const A* w, const A* b, int act, A*
                                                                            threads);
   const int K = KC ? KC : sh.K, S = SC ? SC : sh.S;
   const std::vector<A> wp = pack_weights(w, C, K, false), bp = pack_bias(b, C);
-  const bool stream = C % VL<A> == 0 && sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A) >=
-                                            kStreamBytes;
+  const bool stream = cl_stream<A>(C, sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A));
   const int64_t tasks = sh.N * sh.Ho, chunk = chunk_of(tasks, sh.Wo * C * K * K, threads);
   par::region(threads, [&] {
     par::for_each(tasks, chunk, [&](int64_t t) {
@@ -1528,7 +1537,7 @@ void backward_cl(const Shape& sh, const A* g, const A* x, const A* w, A* gx, A* 
       const int64_t tasks = sh.N * sh.H;
       // tasks handed out at a time (par::for_each)
       const int64_t chunk = chunk_of(tasks, sh.W * C * KK, threads);
-      const bool stream = C % VL<A> == 0 && tasks * sh.W * C * (int64_t)sizeof(A) >= kStreamBytes;
+      const bool stream = cl_stream<A>(C, tasks * sh.W * C * (int64_t)sizeof(A));
       par::for_each(tasks, chunk, [&](int64_t t) {
         const int64_t n = t / sh.H, ih = t % sh.H;
         const A* g_img = g + n * sh.Ho * sh.Wo * C;
