@@ -1204,11 +1204,11 @@ void forward_cl_planes(const Shape& sh, const A* x, const A* w, const A* b, int 
   const int64_t C = sh.C, ncb = padded<A>(C) / L, Wp = sh.W + 2 * P;
   const int64_t row_bytes = Wp * L * (int64_t)sizeof(A), want = threads > 1 ? 4 * threads : 1;
   const bool stream = cl_stream<A>(C, sh.N * sh.Ho * sh.Wo * C * (int64_t)sizeof(A));
-  // planes of at least kStripRows output rows within kPlaneBytes: the strips' shared rows are
-  // filled once per strip
-  const int64_t strip_rows = (8 * (K - S) + S - 1) / S;  // output rows: a halo of 1/8 or less
+  // the planes of a strip whose K - S rows shared with the next are 1/8 of its rows or less fit
+  // kPlaneBytes (min_srows output rows)
+  const int64_t min_srows = (8 * (K - S) + S - 1) / S;
   int64_t G = std::min<int64_t>({ncb, kGroupBytes / (L * (int64_t)sizeof(A)),
-                                 kPlaneBytes / (row_bytes * ((strip_rows - 1) * S + K))});
+                                 kPlaneBytes / (row_bytes * ((min_srows - 1) * S + K))});
   G = std::max<int64_t>(G, 1);
   while (G > 1 && sh.N * ((ncb + G - 1) / G) < want) G = (G + 1) / 2;
   const int64_t groups = (ncb + G - 1) / G;
